@@ -1,0 +1,109 @@
+//! Request extractors: the session-token check every `/sessions/{id}/...`
+//! route goes through, and a JSON body reader whose errors are JSON too.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::{FromRequest, FromRequestParts, Path, Query, Request};
+use axum::http::header::AUTHORIZATION;
+use axum::http::request::Parts;
+use axum::http::StatusCode;
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+use sse_scale::SessionId;
+
+use crate::error::AppError;
+use crate::state::AppState;
+
+/// A session whose token the request proved it holds.
+///
+/// The token comes from `Authorization: Bearer <token>` or, for browsers'
+/// `EventSource` (which cannot set headers), `?token=<token>`.
+#[derive(Debug, Clone)]
+pub struct AuthedSession(pub SessionId);
+
+#[derive(Deserialize)]
+struct TokenQuery {
+    token: Option<String>,
+}
+
+impl FromRequestParts<Arc<AppState>> for AuthedSession {
+    type Rejection = AppError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &Arc<AppState>,
+    ) -> Result<Self, Self::Rejection> {
+        let Path(params) =
+            Path::<HashMap<String, String>>::from_request_parts(parts, state).await?;
+        let raw = params
+            .get("id")
+            .ok_or_else(|| AppError::not_found("no session in path"))?;
+        let session = SessionId::parse(raw)?;
+
+        let bearer = parts
+            .headers
+            .get(AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(|t| t.trim().to_owned());
+        let token = match bearer {
+            Some(t) => Some(t),
+            None => Query::<TokenQuery>::try_from_uri(&parts.uri)
+                .ok()
+                .and_then(|q| q.0.token),
+        };
+        let Some(token) = token else {
+            return Err(AppError::new(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "missing session token: send `Authorization: Bearer <token>` or `?token=<token>`",
+            ));
+        };
+        if !state.signer.verify(&session, &token) {
+            return Err(AppError::new(
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                "the token does not grant access to this session",
+            ));
+        }
+        Ok(Self(session))
+    }
+}
+
+/// A JSON request body. Unlike `axum::Json` it does not insist on a
+/// `Content-Type` (so `curl -d` works) and every rejection is a JSON error.
+/// The size limit is the router's `DefaultBodyLimit` (413 beyond it).
+#[derive(Debug)]
+pub struct JsonBody<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
+    type Rejection = AppError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let bytes = Bytes::from_request(req, state).await?;
+        parse_json(&bytes).map(JsonBody)
+    }
+}
+
+/// Like [`JsonBody`], but an empty body means `T::default()`.
+#[derive(Debug)]
+pub struct JsonOrDefault<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned + Default> FromRequest<S> for JsonOrDefault<T> {
+    type Rejection = AppError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let bytes = Bytes::from_request(req, state).await?;
+        if bytes.iter().all(u8::is_ascii_whitespace) {
+            return Ok(JsonOrDefault(T::default()));
+        }
+        parse_json(&bytes).map(JsonOrDefault)
+    }
+}
+
+fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, AppError> {
+    serde_json::from_slice(bytes)
+        .map_err(|e| AppError::bad_request("invalid_json", format!("invalid JSON body: {e}")))
+}

@@ -1,0 +1,83 @@
+//! The sse-scale reference server: session, pipeline and workflow routes
+//! modelled on an AI résumé-writing agent whose pipeline streams progress to
+//! the browser.
+//!
+//! - [`sessions`] — create a session, open its event stream, publish chat
+//!   messages and generic events.
+//! - [`pipeline`] — background pipeline runs with an optional approval gate.
+//! - [`workflow`] — replanning and preference updates.
+//! - [`health`] — `/healthz`, `/readyz`, `/stats`.
+//! - [`extract`] — the session-token check and JSON body extractors.
+//! - [`error`] — [`error::AppError`], JSON errors at the HTTP edge.
+//! - [`state`] — [`state::AppState`], shared by every handler.
+//!
+//! [`app`] builds the router, so tests and embedding applications reuse it.
+
+pub mod error;
+pub mod extract;
+pub mod health;
+pub mod pipeline;
+pub mod sessions;
+pub mod state;
+pub mod workflow;
+
+use std::sync::Arc;
+
+use axum::extract::DefaultBodyLimit;
+use axum::http::{HeaderName, HeaderValue};
+use axum::routing::{delete, get, post, put};
+use axum::Router;
+use tower_http::set_header::SetResponseHeaderLayer;
+use tower_http::trace::TraceLayer;
+
+use crate::error::AppError;
+use crate::state::AppState;
+
+/// Room for the JSON envelope around an event payload of `MAX_EVENT_BYTES`.
+const BODY_OVERHEAD: usize = 4096;
+
+pub const INSTANCE_HEADER: HeaderName = HeaderName::from_static("x-instance-id");
+
+/// Builds the router. Fails only if the instance id cannot be a header value.
+pub fn app(state: Arc<AppState>) -> Result<Router, axum::http::header::InvalidHeaderValue> {
+    let instance = HeaderValue::from_str(&state.instance_id)?;
+    let body_limit = state.max_event_bytes + BODY_OVERHEAD;
+    let sessions = Router::new()
+        .route("/", post(sessions::create))
+        .route(
+            "/{id}/events",
+            get(sessions::stream).post(sessions::publish),
+        )
+        .route("/{id}/messages", post(sessions::message))
+        .route("/{id}/pipeline", post(pipeline::start))
+        .route("/{id}/pipeline/{run_id}", delete(pipeline::cancel))
+        .route("/{id}/pipeline/{run_id}/gate", post(pipeline::gate))
+        .route("/{id}/workflow/replan", post(workflow::replan))
+        .route("/{id}/workflow/preferences", put(workflow::preferences));
+    Ok(Router::new()
+        .nest("/sessions", sessions)
+        .route("/healthz", get(health::healthz))
+        .route("/readyz", get(health::readyz))
+        .route("/stats", get(health::stats))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(body_limit))
+        .layer(SetResponseHeaderLayer::overriding(
+            INSTANCE_HEADER,
+            instance,
+        ))
+        .layer(TraceLayer::new_for_http())
+        .with_state(state))
+}
+
+async fn not_found() -> AppError {
+    AppError::not_found("no such route")
+}
+
+async fn method_not_allowed() -> AppError {
+    AppError::new(
+        axum::http::StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "method not allowed on this route",
+    )
+}

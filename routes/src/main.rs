@@ -1,0 +1,133 @@
+//! The `sse-scale` server binary: reads the configuration, picks the
+//! broadcaster, serves until SIGTERM/SIGINT, then shuts down within
+//! `SHUTDOWN_GRACE_SECS`.
+
+use std::io::IsTerminal;
+use std::process::ExitCode;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::Parser;
+use sse_scale::config::Adapter;
+use sse_scale::{Broadcaster, Config, LocalBroadcaster, TokenSigner};
+use sse_scale_server::state::AppState;
+use tokio::net::TcpListener;
+use tracing_subscriber::EnvFilter;
+
+fn main() -> ExitCode {
+    // clap prints the problem and exits with code 2 on a bad value.
+    let config = Config::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr)
+        .init();
+    if let Err(e) = config.validate() {
+        eprintln!("error: {e}");
+        return ExitCode::from(2);
+    }
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = format!("{e:#}"), "server failed");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(config: Config) -> anyhow::Result<()> {
+    let listener = TcpListener::bind((config.host.as_str(), config.port))
+        .await
+        .with_context(|| format!("cannot listen on {}:{}", config.host, config.port))?;
+    let addr = listener.local_addr()?;
+    let instance_id = config.instance_id.clone().unwrap_or_else(|| {
+        format!(
+            "{}:{}",
+            gethostname::gethostname().to_string_lossy(),
+            addr.port()
+        )
+    });
+    let signer = match &config.session_secret {
+        Some(secret) => TokenSigner::new(secret),
+        None => {
+            tracing::warn!(
+                "SESSION_SECRET is not set: using a random secret; every instance of a \
+                 multi-instance deployment must share one SESSION_SECRET"
+            );
+            TokenSigner::random()
+        }
+    };
+    let broadcaster: Arc<dyn Broadcaster> = match config.sse_adapter {
+        Adapter::Memory => Arc::new(LocalBroadcaster::new(config.sse_client_queue as usize)),
+        other => anyhow::bail!("SSE_ADAPTER={other:?} is not available in this build"),
+    };
+    let state = Arc::new(AppState::new(&config, broadcaster, signer, instance_id));
+    let app =
+        sse_scale_server::app(state.clone()).context("INSTANCE_ID is not a valid header value")?;
+
+    tracing::info!(%addr, instance_id = %state.instance_id, mode = state.broadcaster.stats().mode, "listening");
+    let signal_state = state.clone();
+    state.tasks.spawn(async move {
+        tokio::select! {
+            () = shutdown_signal() => {}
+            () = signal_state.shutdown.cancelled() => {}
+        }
+        signal_state.draining.store(true, Ordering::Release);
+        signal_state.shutdown.cancel();
+    });
+
+    let serve = axum::serve(listener, app.into_make_service())
+        .with_graceful_shutdown(state.shutdown.clone().cancelled_owned());
+    let grace = config.shutdown_grace();
+    let served = async {
+        serve.await?;
+        tracing::info!("stopped accepting; closing the broadcaster");
+        state.broadcaster.shutdown().await;
+        state.tasks.close();
+        state.tasks.wait().await;
+        Ok::<(), std::io::Error>(())
+    };
+    tokio::pin!(served);
+    tokio::select! {
+        r = &mut served => r?,
+        () = async { state.shutdown.cancelled().await; tokio::time::sleep(grace).await } => {
+            tracing::warn!(grace_secs = grace.as_secs(), "shutdown grace period elapsed; exiting");
+        }
+    }
+    tracing::info!("shut down");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(e) = tokio::signal::ctrl_c().await {
+            tracing::error!(error = %e, "cannot listen for SIGINT");
+            std::future::pending::<()>().await;
+        }
+    };
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    tokio::select! {
+        () = ctrl_c => tracing::info!("SIGINT received; shutting down"),
+        () = term => tracing::info!("SIGTERM received; shutting down"),
+    }
+}

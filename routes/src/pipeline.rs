@@ -1,0 +1,314 @@
+//! Pipeline runs: the résumé agent's multi-stage job that streams progress to
+//! the browser.
+//!
+//! A run executes in the background on the instance that accepted it and
+//! emits `stage_start`, one `section_draft` per section, `stage_complete` for
+//! each stage; with `gate`, it then emits `gate_waiting` and pauses until the
+//! gate is answered (`gate_resolved`); it ends with `pipeline_complete`,
+//! `pipeline_failed` or `pipeline_cancelled`.
+//!
+//! Every run is a task owned by the server's [`TaskTracker`](tokio_util::task::TaskTracker)
+//! with a child of the shutdown token, and is bounded in time: a gate left
+//! unanswered for [`GATE_TIMEOUT`] cancels the run.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use sse_scale::{EventType, OutgoingEvent, SessionId};
+use tokio::sync::oneshot;
+use tokio_util::sync::CancellationToken;
+
+use crate::error::AppError;
+use crate::extract::{AuthedSession, JsonBody, JsonOrDefault};
+use crate::state::AppState;
+
+/// How long a run waits at its gate before it is cancelled.
+pub const GATE_TIMEOUT: Duration = Duration::from_secs(30 * 60);
+/// Runs one instance executes at once; more → 503.
+pub const MAX_RUNS: usize = 1024;
+const MAX_STAGES: usize = 20;
+const MAX_SECTIONS: u32 = 100;
+const MAX_STEP_MS: u64 = 60_000;
+
+/// Body of `POST /sessions/{id}/pipeline`; every field is optional.
+#[derive(Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PipelineRequest {
+    pub stages: Vec<String>,
+    pub sections_per_stage: u32,
+    pub step_ms: u64,
+    pub gate: bool,
+    /// Makes the named stage fail, to exercise a UI's error path.
+    pub fail_stage: Option<String>,
+}
+
+impl Default for PipelineRequest {
+    fn default() -> Self {
+        Self {
+            stages: ["research", "outline", "draft", "review"]
+                .map(String::from)
+                .to_vec(),
+            sections_per_stage: 3,
+            step_ms: 200,
+            gate: false,
+            fail_stage: None,
+        }
+    }
+}
+
+impl PipelineRequest {
+    fn validate(&self) -> Result<(), AppError> {
+        let bad = |m: String| Err(AppError::bad_request("invalid_pipeline", m));
+        if self.stages.is_empty() || self.stages.len() > MAX_STAGES {
+            return bad(format!("stages must hold 1-{MAX_STAGES} names"));
+        }
+        if self.stages.iter().any(|s| s.is_empty() || s.len() > 64) {
+            return bad("stage names must be 1-64 characters".into());
+        }
+        if self.sections_per_stage > MAX_SECTIONS {
+            return bad(format!("sections_per_stage must be at most {MAX_SECTIONS}"));
+        }
+        if self.step_ms > MAX_STEP_MS {
+            return bad(format!("step_ms must be at most {MAX_STEP_MS}"));
+        }
+        Ok(())
+    }
+}
+
+/// A reviewer's answer at the gate.
+#[derive(Debug, Deserialize)]
+pub struct GateDecision {
+    pub approve: bool,
+    #[serde(default)]
+    pub feedback: String,
+}
+
+struct Run {
+    session: SessionId,
+    /// Present while the run waits at its gate.
+    gate: Option<oneshot::Sender<GateDecision>>,
+    cancel: CancellationToken,
+}
+
+/// Runs executing on this instance, by run id.
+#[derive(Default)]
+pub struct PipelineRegistry {
+    runs: Mutex<HashMap<String, Run>>,
+}
+
+impl PipelineRegistry {
+    fn lock(&self) -> MutexGuard<'_, HashMap<String, Run>> {
+        // Critical sections are single map operations; a poisoned map is intact.
+        self.runs.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// `POST /sessions/{id}/pipeline` → `202 {"run_id"}`.
+pub async fn start(
+    State(state): State<Arc<AppState>>,
+    AuthedSession(session): AuthedSession,
+    JsonOrDefault(req): JsonOrDefault<PipelineRequest>,
+) -> Result<Response, AppError> {
+    req.validate()?;
+    if state.is_draining() {
+        return Err(AppError::unavailable("this instance is draining", 1));
+    }
+    let run_id = uuid::Uuid::new_v4().simple().to_string();
+    let cancel = state.shutdown.child_token();
+    {
+        let mut runs = state.pipelines.lock();
+        if runs.len() >= MAX_RUNS {
+            return Err(AppError::unavailable(
+                "too many pipeline runs on this instance",
+                5,
+            ));
+        }
+        runs.insert(
+            run_id.clone(),
+            Run {
+                session: session.clone(),
+                gate: None,
+                cancel: cancel.clone(),
+            },
+        );
+    }
+    let task_state = state.clone();
+    let task_run = run_id.clone();
+    state.tasks.spawn(async move {
+        let outcome = execute(&task_state, &session, &task_run, &req, &cancel).await;
+        task_state.pipelines.lock().remove(&task_run);
+        if let Err(e) = outcome {
+            tracing::warn!(run_id = %task_run, error = %e.message, "pipeline run stopped: publish failed");
+        }
+    });
+    Ok((StatusCode::ACCEPTED, Json(json!({ "run_id": run_id }))).into_response())
+}
+
+/// `POST /sessions/{id}/pipeline/{run_id}/gate` `{"approve", "feedback"}` → 202.
+pub async fn gate(
+    State(state): State<Arc<AppState>>,
+    AuthedSession(session): AuthedSession,
+    Path((_, run_id)): Path<(String, String)>,
+    JsonBody(decision): JsonBody<GateDecision>,
+) -> Result<Response, AppError> {
+    let tx = {
+        let mut runs = state.pipelines.lock();
+        let run = runs
+            .get_mut(&run_id)
+            .filter(|r| r.session == session)
+            .ok_or_else(|| unknown_run(&run_id))?;
+        run.gate.take().ok_or_else(|| {
+            AppError::new(
+                StatusCode::CONFLICT,
+                "not_at_gate",
+                "the run is not waiting at a gate",
+            )
+        })?
+    };
+    // The run may have been cancelled between the lookup and here.
+    tx.send(decision).map_err(|_| unknown_run(&run_id))?;
+    Ok((StatusCode::ACCEPTED, Json(json!({ "run_id": run_id }))).into_response())
+}
+
+/// `DELETE /sessions/{id}/pipeline/{run_id}` → 202; the run emits
+/// `pipeline_cancelled`.
+pub async fn cancel(
+    State(state): State<Arc<AppState>>,
+    AuthedSession(session): AuthedSession,
+    Path((_, run_id)): Path<(String, String)>,
+) -> Result<Response, AppError> {
+    let runs = state.pipelines.lock();
+    let run = runs
+        .get(&run_id)
+        .filter(|r| r.session == session)
+        .ok_or_else(|| unknown_run(&run_id))?;
+    run.cancel.cancel();
+    Ok((StatusCode::ACCEPTED, Json(json!({ "run_id": run_id }))).into_response())
+}
+
+fn unknown_run(run_id: &str) -> AppError {
+    AppError::not_found(format!("no pipeline run {run_id} on this session"))
+}
+
+/// How a run ended, when it did not end normally.
+enum Stop {
+    Cancelled(&'static str),
+    Failed(String),
+}
+
+async fn execute(
+    state: &AppState,
+    session: &SessionId,
+    run_id: &str,
+    req: &PipelineRequest,
+    cancel: &CancellationToken,
+) -> Result<(), AppError> {
+    let emit = |ty: &'static str, data: Value| {
+        state.publish(
+            session,
+            OutgoingEvent::json(EventType::from_static(ty), &data),
+        )
+    };
+    let step = Duration::from_millis(req.step_ms);
+    let total = req.stages.len();
+    let body = async {
+        for (index, stage) in req.stages.iter().enumerate() {
+            emit(
+                "stage_start",
+                json!({ "run_id": run_id, "stage": stage, "index": index, "total_stages": total }),
+            )
+            .await?;
+            for section in 0..req.sections_per_stage {
+                pause(state, step, cancel).await?;
+                let text = format!(
+                    "{stage}: section {} of {}",
+                    section + 1,
+                    req.sections_per_stage
+                );
+                emit(
+                    "section_draft",
+                    json!({ "run_id": run_id, "stage": stage, "section": section, "text": text }),
+                )
+                .await?;
+            }
+            if req.fail_stage.as_deref() == Some(stage.as_str()) {
+                return Err(Stop::Failed(format!("stage {stage} failed")));
+            }
+            emit(
+                "stage_complete",
+                json!({ "run_id": run_id, "stage": stage, "index": index }),
+            )
+            .await?;
+        }
+        if req.gate {
+            let (tx, rx) = oneshot::channel();
+            if let Some(run) = state.pipelines.lock().get_mut(run_id) {
+                run.gate = Some(tx);
+            }
+            emit("gate_waiting", json!({ "run_id": run_id })).await?;
+            let decision = tokio::select! {
+                d = rx => d.map_err(|_| Stop::Cancelled("cancelled"))?,
+                () = cancel.cancelled() => return Err(Stop::Cancelled(cancel_reason(state))),
+                () = tokio::time::sleep(GATE_TIMEOUT) => return Err(Stop::Cancelled("gate_timeout")),
+            };
+            emit("gate_resolved", json!({ "run_id": run_id, "approved": decision.approve, "feedback": decision.feedback })).await?;
+            if !decision.approve {
+                return Err(Stop::Cancelled("rejected_at_gate"));
+            }
+        }
+        Ok::<(), Stop>(())
+    };
+    match body.await {
+        Ok(()) => emit("pipeline_complete", json!({ "run_id": run_id }))
+            .await
+            .map(drop),
+        Err(Stop::Cancelled(reason)) => emit(
+            "pipeline_cancelled",
+            json!({ "run_id": run_id, "reason": reason }),
+        )
+        .await
+        .map(drop),
+        Err(Stop::Failed(error)) => emit(
+            "pipeline_failed",
+            json!({ "run_id": run_id, "error": error }),
+        )
+        .await
+        .map(drop),
+    }
+}
+
+impl From<AppError> for Stop {
+    fn from(e: AppError) -> Self {
+        Stop::Failed(e.message)
+    }
+}
+
+fn cancel_reason(state: &AppState) -> &'static str {
+    if state.shutdown.is_cancelled() {
+        "shutdown"
+    } else {
+        "cancelled"
+    }
+}
+
+async fn pause(state: &AppState, step: Duration, cancel: &CancellationToken) -> Result<(), Stop> {
+    tokio::select! {
+        () = tokio::time::sleep(step) => Ok(()),
+        () = cancel.cancelled() => Err(Stop::Cancelled(cancel_reason(state))),
+    }
+}

@@ -1,0 +1,156 @@
+//! Session routes: create a session, open its event stream, publish chat
+//! messages and generic events.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use bytes::BytesMut;
+use serde::Deserialize;
+use serde_json::{json, value::RawValue};
+use sse_scale::sse::{encode_event, encode_retry};
+use sse_scale::stream::StreamEnd;
+use sse_scale::{EventType, OutgoingEvent, SessionId, SseStream};
+
+use crate::error::AppError;
+use crate::extract::{AuthedSession, JsonBody};
+use crate::state::AppState;
+
+/// `POST /sessions` → `201 {"id", "token"}`.
+pub async fn create(State(state): State<Arc<AppState>>) -> Response {
+    let raw = uuid::Uuid::new_v4().simple().to_string();
+    // A simple UUID is 32 hex digits, always a valid session id.
+    let Ok(id) = SessionId::parse(&raw) else {
+        unreachable!("uuid is a valid session id")
+    };
+    let token = state.signer.sign(&id);
+    (
+        StatusCode::CREATED,
+        Json(json!({ "id": id.as_str(), "token": token })),
+    )
+        .into_response()
+}
+
+/// `GET /sessions/{id}/events` → `text/event-stream`.
+pub async fn stream(
+    State(state): State<Arc<AppState>>,
+    AuthedSession(session): AuthedSession,
+) -> Result<Response, AppError> {
+    if state.is_draining() {
+        return Err(AppError::unavailable(
+            "this instance is draining; reconnect",
+            1,
+        ));
+    }
+    // Subscribe before anything is sent, so every event published after the
+    // client sees `connected` is delivered.
+    let subscription = state.broadcaster.subscribe(&session).await?;
+
+    let connected = OutgoingEvent::json(
+        EventType::from_static("connected"),
+        &json!({ "instance_id": state.instance_id, "session_id": session.as_str() }),
+    );
+    let mut prelude = BytesMut::new();
+    prelude.extend_from_slice(&encode_retry(state.retry));
+    // `connected` is a per-connection control event, not part of the
+    // session's sequence: it has no `id:`, so it never moves the client's
+    // Last-Event-ID.
+    prelude.extend_from_slice(&encode_event(None, &connected.event_type, &connected.data));
+
+    let guard = OpenStream::new(state.clone());
+    let ended = state.clone();
+    let body = SseStream::new(
+        prelude.freeze(),
+        subscription,
+        state.heartbeat,
+        state.shutdown.clone(),
+    )
+    .on_end(move |why| {
+        if why == StreamEnd::Lagged {
+            ended.slow_consumers_cut.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(session = %session, "stream cut: client fell behind its queue");
+        }
+    });
+    let body = futures::StreamExt::map(body, move |chunk| {
+        let _ = &guard;
+        chunk
+    });
+
+    let mut res = Response::new(Body::from_stream(body));
+    let headers = res.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    Ok(res)
+}
+
+/// Counts an open stream for `/stats` while it lives.
+struct OpenStream(Arc<AppState>);
+
+impl OpenStream {
+    fn new(state: Arc<AppState>) -> Self {
+        state.open_streams.fetch_add(1, Ordering::Relaxed);
+        Self(state)
+    }
+}
+
+impl Drop for OpenStream {
+    fn drop(&mut self) {
+        self.0.open_streams.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// The `202 {"id": "<event id>"}` every publishing route answers with.
+pub fn accepted(id: String) -> Response {
+    (StatusCode::ACCEPTED, Json(json!({ "id": id }))).into_response()
+}
+
+#[derive(Deserialize)]
+pub struct MessageBody {
+    text: String,
+}
+
+/// `POST /sessions/{id}/messages` `{"text"}` → 202, event `chat_message`.
+pub async fn message(
+    State(state): State<Arc<AppState>>,
+    AuthedSession(session): AuthedSession,
+    JsonBody(body): JsonBody<MessageBody>,
+) -> Result<Response, AppError> {
+    let event = OutgoingEvent::json(
+        EventType::from_static("chat_message"),
+        &json!({ "text": body.text }),
+    );
+    state.publish(&session, event).await.map(accepted)
+}
+
+#[derive(Deserialize)]
+pub struct PublishBody {
+    #[serde(rename = "type")]
+    event_type: String,
+    data: Option<Box<RawValue>>,
+}
+
+/// `POST /sessions/{id}/events` `{"type", "data"}` → 202: the generic publish
+/// used by background workers. `data` is sent exactly as given.
+pub async fn publish(
+    State(state): State<Arc<AppState>>,
+    AuthedSession(session): AuthedSession,
+    JsonBody(body): JsonBody<PublishBody>,
+) -> Result<Response, AppError> {
+    let event_type = EventType::parse(&body.event_type)?;
+    let data = body.data.map_or_else(
+        || "null".to_owned(),
+        |raw| String::from(Box::<str>::from(raw)),
+    );
+    state
+        .publish(&session, OutgoingEvent::new(event_type, data))
+        .await
+        .map(accepted)
+}

@@ -1,0 +1,184 @@
+//! Configuration from the environment (or the equivalent flags), validated at
+//! start-up. A bad value stops the process with a message naming the variable
+//! and exit code 2; `--help` lists every variable.
+
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+
+/// Which broadcaster the server uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+#[non_exhaustive]
+pub enum Adapter {
+    /// In-process connection map; one instance, or several behind sticky sessions.
+    Memory,
+    /// Redis Pub/Sub fan-out across instances (needs `REDIS_URL`).
+    Redis,
+}
+
+/// Server configuration. `Debug` redacts the session secret and any password
+/// in `REDIS_URL`.
+#[derive(Clone, Parser)]
+#[command(
+    name = "sse-scale",
+    version,
+    about = "Server-Sent Events server that scales from one instance to many without losing events"
+)]
+#[non_exhaustive]
+pub struct Config {
+    /// Address to bind.
+    #[arg(long, env = "HOST", default_value = "0.0.0.0")]
+    pub host: String,
+
+    /// TCP port to listen on (0 picks a free one).
+    #[arg(long, env = "PORT", default_value_t = 3000)]
+    pub port: u16,
+
+    /// Name of this instance in `X-Instance-Id`, the `connected` event and
+    /// logs [default: <hostname>:<port>].
+    #[arg(long, env = "INSTANCE_ID")]
+    pub instance_id: Option<String>,
+
+    /// Key for session tokens. Every instance of a deployment must share it;
+    /// when unset a random one is generated (single instance only).
+    #[arg(long, env = "SESSION_SECRET", hide_env_values = true)]
+    pub session_secret: Option<String>,
+
+    /// Seconds between heartbeat comments on open streams.
+    #[arg(long, env = "SSE_HEARTBEAT_SECS", default_value_t = 15,
+          value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub sse_heartbeat_secs: u64,
+
+    /// Reconnect delay hint (`retry:`) sent to clients, in milliseconds.
+    #[arg(long, env = "SSE_RETRY_MS", default_value_t = 2000,
+          value_parser = clap::value_parser!(u64).range(100..=600_000))]
+    pub sse_retry_ms: u64,
+
+    /// Events a stream may fall behind before it is cut (it then reconnects
+    /// and resumes).
+    #[arg(long, env = "SSE_CLIENT_QUEUE", default_value_t = 256,
+          value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub sse_client_queue: u64,
+
+    /// Largest accepted event payload in bytes (larger → 413).
+    #[arg(long, env = "MAX_EVENT_BYTES", default_value_t = 65_536,
+          value_parser = clap::value_parser!(u64).range(1..=16 * 1024 * 1024))]
+    pub max_event_bytes: u64,
+
+    /// Broadcaster: `memory` (default) or `redis`.
+    #[arg(long, env = "SSE_ADAPTER", value_enum, default_value_t = Adapter::Memory)]
+    pub sse_adapter: Adapter,
+
+    /// Redis URL (`redis://[:password@]host:port[/db]`, or `rediss://`).
+    #[arg(long, env = "REDIS_URL", hide_env_values = true)]
+    pub redis_url: Option<String>,
+
+    /// Seconds a graceful shutdown may take before the process exits anyway.
+    #[arg(long, env = "SHUTDOWN_GRACE_SECS", default_value_t = 30,
+          value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub shutdown_grace_secs: u64,
+}
+
+/// A configuration that parsed but does not make sense as a whole.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    #[error("SSE_ADAPTER=redis needs REDIS_URL to be set")]
+    RedisUrlMissing,
+}
+
+impl Config {
+    /// Checks rules that span several variables.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.sse_adapter == Adapter::Redis && self.redis_url.is_none() {
+            return Err(ConfigError::RedisUrlMissing);
+        }
+        Ok(())
+    }
+
+    pub fn heartbeat(&self) -> Duration {
+        Duration::from_secs(self.sse_heartbeat_secs)
+    }
+
+    pub fn retry(&self) -> Duration {
+        Duration::from_millis(self.sse_retry_ms)
+    }
+
+    pub fn shutdown_grace(&self) -> Duration {
+        Duration::from_secs(self.shutdown_grace_secs)
+    }
+}
+
+/// `redis://user:secret@host/0` → `redis://user:***@host/0`.
+pub fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let auth = &url[scheme + 3..at];
+            let user = auth.split_once(':').map_or("", |(u, _)| u);
+            format!("{}{user}:***{}", &url[..scheme + 3], &url[at..])
+        }
+        _ => url.to_owned(),
+    }
+}
+
+impl std::fmt::Debug for Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Config")
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("instance_id", &self.instance_id)
+            .field(
+                "session_secret",
+                &self.session_secret.as_ref().map(|_| "<redacted>"),
+            )
+            .field("sse_heartbeat_secs", &self.sse_heartbeat_secs)
+            .field("sse_retry_ms", &self.sse_retry_ms)
+            .field("sse_client_queue", &self.sse_client_queue)
+            .field("max_event_bytes", &self.max_event_bytes)
+            .field("sse_adapter", &self.sse_adapter)
+            .field("redis_url", &self.redis_url.as_deref().map(redact_url))
+            .field("shutdown_grace_secs", &self.shutdown_grace_secs)
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Config, clap::Error> {
+        Config::try_parse_from(std::iter::once("sse-scale").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn defaults_and_validation() {
+        let c = parse(&[]).unwrap();
+        assert_eq!(c.port, 3000);
+        assert_eq!(c.sse_heartbeat_secs, 15);
+        assert_eq!(c.max_event_bytes, 65_536);
+        assert!(c.validate().is_ok());
+        assert!(parse(&["--sse-heartbeat-secs", "0"]).is_err());
+        assert!(parse(&["--port", "http"]).is_err());
+        assert!(parse(&["--sse-adapter", "kafka"]).is_err());
+        let redis = parse(&["--sse-adapter", "redis"]).unwrap();
+        assert!(redis
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("REDIS_URL"));
+    }
+
+    #[test]
+    fn debug_hides_secrets() {
+        let c = parse(&[
+            "--session-secret",
+            "hunter2",
+            "--redis-url",
+            "redis://:pw@h:6379/1",
+        ])
+        .unwrap();
+        let s = format!("{c:?}");
+        assert!(!s.contains("hunter2") && !s.contains("pw@"), "{s}");
+        assert!(s.contains("redis://:***@h:6379/1"), "{s}");
+    }
+}

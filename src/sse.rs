@@ -1,0 +1,119 @@
+//! The SSE wire encoder: WHATWG `text/event-stream` framing.
+//!
+//! An event becomes `id:`, `event:` and one `data:` line per line of its
+//! payload, then a blank line. Payload lines are split on CR LF, CR and LF,
+//! exactly the line ends the browser's parser recognises, so no payload can
+//! end a field early or start a new one.
+//!
+//! axum ships an `Event` type of its own, but it builds the bytes per
+//! response; this encoder runs once per publish and the result is shared by
+//! every subscriber.
+
+use std::fmt::Write as _;
+use std::time::Duration;
+
+use bytes::{BufMut, Bytes, BytesMut};
+
+use crate::event::{EventId, EventType};
+
+/// Encodes one event. `id` is omitted for per-connection control events that
+/// must not move the client's `Last-Event-ID`.
+pub fn encode_event(id: Option<EventId>, event_type: &EventType, data: &str) -> Bytes {
+    let mut buf = BytesMut::with_capacity(data.len() + event_type.as_str().len() + 48);
+    if let Some(id) = id {
+        // Writing into a BytesMut cannot fail.
+        let _ = write!(Writer(&mut buf), "id: {id}\n");
+    }
+    buf.put_slice(b"event: ");
+    buf.put_slice(event_type.as_str().as_bytes());
+    buf.put_u8(b'\n');
+    for line in split_lines(data) {
+        buf.put_slice(b"data: ");
+        buf.put_slice(line.as_bytes());
+        buf.put_u8(b'\n');
+    }
+    buf.put_u8(b'\n');
+    buf.freeze()
+}
+
+/// The reconnection-delay hint sent when a stream opens.
+pub fn encode_retry(delay: Duration) -> Bytes {
+    Bytes::from(format!("retry: {}\n\n", delay.as_millis()))
+}
+
+/// A comment line: ignored by clients, keeps proxies from timing the stream out.
+pub const HEARTBEAT: Bytes = Bytes::from_static(b": heartbeat\n\n");
+
+/// Splits on CR LF, CR and LF. An empty payload still yields one (empty)
+/// `data:` line so the event is dispatched.
+fn split_lines(data: &str) -> impl Iterator<Item = &str> {
+    let mut rest = Some(data);
+    std::iter::from_fn(move || {
+        let s = rest?;
+        match s.find(['\r', '\n']) {
+            None => {
+                rest = None;
+                Some(s)
+            }
+            Some(i) => {
+                let skip = if s[i..].starts_with("\r\n") { 2 } else { 1 };
+                rest = Some(&s[i + skip..]);
+                Some(&s[..i])
+            }
+        }
+    })
+}
+
+struct Writer<'a>(&'a mut BytesMut);
+
+impl std::fmt::Write for Writer<'_> {
+    fn write_str(&mut self, s: &str) -> std::fmt::Result {
+        self.0.put_slice(s.as_bytes());
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ty(s: &str) -> EventType {
+        EventType::parse(s).unwrap()
+    }
+
+    #[test]
+    fn encodes_id_event_and_data() {
+        let b = encode_event(
+            Some(EventId { ms: 5, seq: 1 }),
+            &ty("stage_start"),
+            "{\"a\":1}",
+        );
+        assert_eq!(&b[..], b"id: 5-1\nevent: stage_start\ndata: {\"a\":1}\n\n");
+    }
+
+    #[test]
+    fn multiline_data_becomes_several_data_lines() {
+        let b = encode_event(None, &ty("t"), "a\nb\r\nc\rd");
+        assert_eq!(&b[..], b"event: t\ndata: a\ndata: b\ndata: c\ndata: d\n\n");
+    }
+
+    #[test]
+    fn empty_and_trailing_newline_data() {
+        assert_eq!(
+            &encode_event(None, &ty("t"), "")[..],
+            b"event: t\ndata: \n\n"
+        );
+        assert_eq!(
+            &encode_event(None, &ty("t"), "x\n")[..],
+            b"event: t\ndata: x\ndata: \n\n"
+        );
+    }
+
+    #[test]
+    fn retry_hint() {
+        assert_eq!(
+            &encode_retry(Duration::from_millis(2500))[..],
+            b"retry: 2500\n\n"
+        );
+    }
+}

@@ -1,0 +1,578 @@
+//! Phase 1 end to end: a real `sse-scale` process, real HTTP, real streams.
+
+mod support;
+
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use support::*;
+
+const T: Duration = Duration::from_secs(5);
+
+#[tokio::test]
+async fn stream_opens_with_headers_retry_and_connected() {
+    let server = Server::start(&[("INSTANCE_ID", "node-a"), ("SSE_RETRY_MS", "1500")]);
+    let (id, token) = new_session(&server).await;
+    let mut sse = SseClient::open(&server, &id, &token).await;
+    let h = &sse.response_headers;
+    assert_eq!(h["content-type"], "text/event-stream");
+    assert_eq!(h["cache-control"], "no-cache");
+    assert_eq!(h["x-accel-buffering"], "no");
+    assert_eq!(h["x-instance-id"], "node-a");
+    let retry = sse.next_block(T).await.unwrap();
+    assert_eq!(retry.retry, Some(1500));
+    let connected = sse.next_event(T).await.unwrap();
+    assert_eq!(connected.event.as_deref(), Some("connected"));
+    assert_eq!(
+        connected.json(),
+        json!({ "instance_id": "node-a", "session_id": id })
+    );
+    assert_eq!(connected.id, None, "connected must not move Last-Event-ID");
+}
+
+#[tokio::test]
+async fn every_route_delivers_in_publish_order_with_correct_framing() {
+    let server = Server::start(&[]);
+    let (id, token) = new_session(&server).await;
+    let mut sse = SseClient::open(&server, &id, &token).await;
+    sse.expect_connected().await;
+
+    let base = format!("/sessions/{id}");
+    let r = post(
+        &server,
+        &token,
+        &format!("{base}/messages"),
+        json!({ "text": "hello\nworld" }),
+    )
+    .await;
+    assert_eq!(r.status(), 202);
+    let published_id = r.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    // Pretty-printed data spans lines: it must arrive as several data: lines
+    // that reassemble to exactly what was sent.
+    let raw = "{\n  \"n\": 1,\n  \"s\": \"a:b\"\n}";
+    let r = client()
+        .post(server.url(&format!("{base}/events")))
+        .bearer_auth(&token)
+        .body(format!("{{\"type\": \"worker_done\", \"data\": {raw}}}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    assert_eq!(
+        post(
+            &server,
+            &token,
+            &format!("{base}/workflow/replan"),
+            json!({ "reason": "new job ad" })
+        )
+        .await
+        .status(),
+        202
+    );
+    let r = client()
+        .put(server.url(&format!("{base}/workflow/preferences")))
+        .bearer_auth(&token)
+        .json(&json!({ "tone": "formal" }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    let r = post(
+        &server,
+        &token,
+        &format!("{base}/pipeline"),
+        json!({ "stages": ["research", "draft"], "sections_per_stage": 2, "step_ms": 0 }),
+    )
+    .await;
+    assert_eq!(r.status(), 202);
+    let run_id = r.json::<Value>().await.unwrap()["run_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+
+    let mut events = Vec::new();
+    loop {
+        let ev = sse.next_event(T).await.expect("stream ended early");
+        let done = ev.event.as_deref() == Some("pipeline_complete");
+        events.push(ev);
+        if done {
+            break;
+        }
+    }
+    let types: Vec<_> = events.iter().map(|e| e.event.clone().unwrap()).collect();
+    assert_eq!(
+        types,
+        [
+            "chat_message",
+            "worker_done",
+            "replan",
+            "preferences_updated",
+            "stage_start",
+            "section_draft",
+            "section_draft",
+            "stage_complete",
+            "stage_start",
+            "section_draft",
+            "section_draft",
+            "stage_complete",
+            "pipeline_complete",
+        ]
+    );
+    assert_eq!(events[0].id.as_deref(), Some(published_id.as_str()));
+    assert_eq!(
+        events[0]
+            .raw
+            .lines()
+            .filter(|l| l.starts_with("data:"))
+            .count(),
+        1,
+        "JSON escapes the newline: {:?}",
+        events[0].raw
+    );
+    assert_eq!(events[0].json(), json!({ "text": "hello\nworld" }));
+    assert_eq!(
+        events[1].data.as_deref(),
+        Some(raw),
+        "generic data arrives as given"
+    );
+    assert_eq!(
+        events[1]
+            .raw
+            .lines()
+            .filter(|l| l.starts_with("data:"))
+            .count(),
+        4
+    );
+    assert_eq!(events[2].json(), json!({ "reason": "new job ad" }));
+    assert_eq!(
+        events[3].json(),
+        json!({ "preferences": { "tone": "formal" } })
+    );
+    assert_eq!(events[5].json()["run_id"], run_id.as_str());
+    assert!(events[5].json()["text"]
+        .as_str()
+        .unwrap()
+        .contains("research"));
+
+    // Every event has an id; ids increase in publish order.
+    let ids: Vec<(u64, u64)> = events
+        .iter()
+        .map(|e| {
+            let (ms, seq) = e.id.as_deref().unwrap().split_once('-').unwrap();
+            (ms.parse().unwrap(), seq.parse().unwrap())
+        })
+        .collect();
+    assert!(ids.windows(2).all(|w| w[0] < w[1]), "{ids:?}");
+}
+
+#[tokio::test]
+async fn sessions_do_not_see_each_other() {
+    let server = Server::start(&[]);
+    let (a, ta) = new_session(&server).await;
+    let (b, tb) = new_session(&server).await;
+    let mut sa = SseClient::open(&server, &a, &ta).await;
+    let mut sb = SseClient::open(&server, &b, &tb).await;
+    sa.expect_connected().await;
+    sb.expect_connected().await;
+    post(
+        &server,
+        &ta,
+        &format!("/sessions/{a}/messages"),
+        json!({ "text": "for a" }),
+    )
+    .await;
+    post(
+        &server,
+        &tb,
+        &format!("/sessions/{b}/messages"),
+        json!({ "text": "for b" }),
+    )
+    .await;
+    assert_eq!(sa.next_event(T).await.unwrap().json()["text"], "for a");
+    assert_eq!(sb.next_event(T).await.unwrap().json()["text"], "for b");
+    sa.expect_silence(Duration::from_millis(300)).await;
+    sb.expect_silence(Duration::from_millis(300)).await;
+}
+
+async fn error_of(res: reqwest::Response) -> (u16, String) {
+    let status = res.status().as_u16();
+    let ct = res
+        .headers()
+        .get("content-type")
+        .map(|v| v.to_str().unwrap().to_owned());
+    assert_eq!(ct.as_deref(), Some("application/json"), "errors are JSON");
+    let body: Value = res.json().await.unwrap();
+    (
+        status,
+        body["error"]["code"]
+            .as_str()
+            .expect("error.code")
+            .to_owned(),
+    )
+}
+
+#[tokio::test]
+async fn auth_is_required_and_bound_to_the_session() {
+    let server = Server::start(&[]);
+    let (a, ta) = new_session(&server).await;
+    let (b, _) = new_session(&server).await;
+    let c = client();
+    let url = server.url(&format!("/sessions/{a}/messages"));
+    let body = json!({ "text": "x" });
+    assert_eq!(
+        error_of(c.post(&url).json(&body).send().await.unwrap()).await,
+        (401, "unauthorized".into())
+    );
+    let other = server.url(&format!("/sessions/{b}/messages"));
+    assert_eq!(
+        error_of(
+            c.post(&other)
+                .bearer_auth(&ta)
+                .json(&body)
+                .send()
+                .await
+                .unwrap()
+        )
+        .await,
+        (403, "forbidden".into())
+    );
+    assert_eq!(
+        error_of(
+            c.post(&url)
+                .bearer_auth("abc")
+                .json(&body)
+                .send()
+                .await
+                .unwrap()
+        )
+        .await,
+        (403, "forbidden".into())
+    );
+    // A token from a server with another secret is refused too.
+    let stream = server.url(&format!("/sessions/{b}/events"));
+    assert_eq!(
+        error_of(c.get(&stream).send().await.unwrap()).await,
+        (401, "unauthorized".into())
+    );
+    assert_eq!(
+        error_of(c.get(format!("{stream}?token={ta}")).send().await.unwrap()).await,
+        (403, "forbidden".into())
+    );
+    let bad = server.url("/sessions/not%20valid/events?token=x");
+    assert_eq!(
+        error_of(c.get(&bad).send().await.unwrap()).await,
+        (400, "invalid_session_id".into())
+    );
+    assert_eq!(
+        c.post(&url)
+            .bearer_auth(&ta)
+            .json(&body)
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        202
+    );
+}
+
+#[tokio::test]
+async fn bad_bodies_get_clear_json_errors() {
+    let server = Server::start(&[("MAX_EVENT_BYTES", "1024")]);
+    let (id, token) = new_session(&server).await;
+    let mut sse = SseClient::open(&server, &id, &token).await;
+    sse.expect_connected().await;
+    let c = client();
+    let events = server.url(&format!("/sessions/{id}/events"));
+    let send = |body: String| c.post(&events).bearer_auth(&token).body(body).send();
+
+    let big = json!({ "type": "t", "data": "x".repeat(2000) }).to_string();
+    assert_eq!(
+        error_of(send(big).await.unwrap()).await,
+        (413, "payload_too_large".into())
+    );
+    // Larger than the body limit itself: refused on Content-Length alone.
+    let huge = json!({ "type": "t", "data": "x".repeat(6000) }).to_string();
+    assert_eq!(
+        error_of(send(huge).await.unwrap()).await,
+        (413, "payload_too_large".into())
+    );
+    assert_eq!(
+        error_of(send("{not json".into()).await.unwrap()).await,
+        (400, "invalid_json".into())
+    );
+    assert_eq!(
+        error_of(send(json!({ "data": 1 }).to_string()).await.unwrap()).await,
+        (400, "invalid_json".into())
+    );
+    for ty in ["a\nb", "a\rb", "id:1", ""] {
+        let body = json!({ "type": ty, "data": 1 }).to_string();
+        assert_eq!(
+            error_of(send(body).await.unwrap()).await,
+            (400, "invalid_event_type".into()),
+            "{ty:?}"
+        );
+    }
+    let pipe = server.url(&format!("/sessions/{id}/pipeline"));
+    let r = c
+        .post(&pipe)
+        .bearer_auth(&token)
+        .json(&json!({ "stages": [] }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(error_of(r).await, (400, "invalid_pipeline".into()));
+    assert_eq!(
+        error_of(c.get(server.url("/nope")).send().await.unwrap()).await,
+        (404, "not_found".into())
+    );
+    // Nothing bad reached the stream, and it is still up.
+    sse.expect_silence(Duration::from_millis(200)).await;
+    assert_eq!(
+        send(json!({ "type": "ok", "data": 1 }).to_string())
+            .await
+            .unwrap()
+            .status(),
+        202
+    );
+    assert_eq!(
+        sse.next_event(T).await.unwrap().event.as_deref(),
+        Some("ok")
+    );
+}
+
+#[tokio::test]
+async fn a_dropped_client_frees_its_entry() {
+    let server = Server::start(&[]);
+    let (id, token) = new_session(&server).await;
+    let mut sse = SseClient::open(&server, &id, &token).await;
+    sse.expect_connected().await;
+    let stats = server.stats().await;
+    assert_eq!(
+        (
+            stats["open_streams"].as_u64(),
+            stats["sessions_with_subscribers"].as_u64()
+        ),
+        (Some(1), Some(1))
+    );
+    drop(sse);
+    // The server notices the closed socket on its next write (a heartbeat or
+    // an event); publish to make that happen now.
+    let freed = eventually(T, || async {
+        post(
+            &server,
+            &token,
+            &format!("/sessions/{id}/messages"),
+            json!({ "text": "x" }),
+        )
+        .await;
+        let s = server.stats().await;
+        s["open_streams"] == 0 && s["sessions_with_subscribers"] == 0 && s["subscribers"] == 0
+    })
+    .await;
+    assert!(freed, "entry not freed: {}", server.stats().await);
+}
+
+#[tokio::test]
+async fn heartbeats_arrive_on_idle_streams() {
+    let server = Server::start(&[("SSE_HEARTBEAT_SECS", "1")]);
+    let (id, token) = new_session(&server).await;
+    let mut sse = SseClient::open(&server, &id, &token).await;
+    sse.expect_connected().await;
+    for _ in 0..2 {
+        let block = sse.next_block(Duration::from_millis(2500)).await.unwrap();
+        assert!(block.comment && block.event.is_none(), "{block:?}");
+    }
+}
+
+#[tokio::test]
+async fn pipeline_gate_pauses_and_resumes() {
+    let server = Server::start(&[]);
+    let (id, token) = new_session(&server).await;
+    let mut sse = SseClient::open(&server, &id, &token).await;
+    sse.expect_connected().await;
+    let pipeline = format!("/sessions/{id}/pipeline");
+    let start = |gate: bool| {
+        post(
+            &server,
+            &token,
+            &pipeline,
+            json!({ "stages": ["draft"], "sections_per_stage": 1, "step_ms": 0, "gate": gate }),
+        )
+    };
+    let run: Value = start(true).await.json().await.unwrap();
+    let run_id = run["run_id"].as_str().unwrap();
+    let gate_url = format!("/sessions/{id}/pipeline/{run_id}/gate");
+    let mut seen = Vec::new();
+    while seen.last().map(String::as_str) != Some("gate_waiting") {
+        seen.push(sse.next_event(T).await.unwrap().event.unwrap());
+    }
+    assert_eq!(
+        seen,
+        [
+            "stage_start",
+            "section_draft",
+            "stage_complete",
+            "gate_waiting"
+        ]
+    );
+    sse.expect_silence(Duration::from_millis(400)).await;
+
+    let unknown = post(
+        &server,
+        &token,
+        &format!("/sessions/{id}/pipeline/nope/gate"),
+        json!({ "approve": true }),
+    )
+    .await;
+    assert_eq!(error_of(unknown).await, (404, "not_found".into()));
+    let r = post(
+        &server,
+        &token,
+        &gate_url,
+        json!({ "approve": true, "feedback": "ship it" }),
+    )
+    .await;
+    assert_eq!(r.status(), 202);
+    let resolved = sse.next_event(T).await.unwrap();
+    assert_eq!(resolved.event.as_deref(), Some("gate_resolved"));
+    assert_eq!(resolved.json()["feedback"], "ship it");
+    assert_eq!(
+        sse.next_event(T).await.unwrap().event.as_deref(),
+        Some("pipeline_complete")
+    );
+    // The run is over: its gate is gone.
+    let again = post(&server, &token, &gate_url, json!({ "approve": true })).await;
+    assert_eq!(error_of(again).await, (404, "not_found".into()));
+
+    // Rejection cancels the run.
+    let run: Value = start(true).await.json().await.unwrap();
+    let run_id = run["run_id"].as_str().unwrap();
+    while sse.next_event(T).await.unwrap().event.as_deref() != Some("gate_waiting") {}
+    let r = post(
+        &server,
+        &token,
+        &format!("/sessions/{id}/pipeline/{run_id}/gate"),
+        json!({ "approve": false }),
+    )
+    .await;
+    assert_eq!(r.status(), 202);
+    assert_eq!(
+        sse.next_event(T).await.unwrap().event.as_deref(),
+        Some("gate_resolved")
+    );
+    let cancelled = sse.next_event(T).await.unwrap();
+    assert_eq!(cancelled.event.as_deref(), Some("pipeline_cancelled"));
+    assert_eq!(cancelled.json()["reason"], "rejected_at_gate");
+}
+
+#[tokio::test]
+async fn gate_before_the_run_reaches_it_is_a_conflict() {
+    let server = Server::start(&[]);
+    let (id, token) = new_session(&server).await;
+    let run: Value = post(
+        &server,
+        &token,
+        &format!("/sessions/{id}/pipeline"),
+        json!({ "stages": ["a"], "sections_per_stage": 50, "step_ms": 100, "gate": true }),
+    )
+    .await
+    .json()
+    .await
+    .unwrap();
+    let run_id = run["run_id"].as_str().unwrap();
+    let r = post(
+        &server,
+        &token,
+        &format!("/sessions/{id}/pipeline/{run_id}/gate"),
+        json!({ "approve": true }),
+    )
+    .await;
+    assert_eq!(error_of(r).await, (409, "not_at_gate".into()));
+    let r = client()
+        .delete(server.url(&format!("/sessions/{id}/pipeline/{run_id}")))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    assert!(eventually(T, || async { server.stats().await["pipeline_runs"] == 0 }).await);
+}
+
+#[tokio::test]
+async fn sigterm_ends_streams_and_exits() {
+    let mut server = Server::start(&[("SHUTDOWN_GRACE_SECS", "5")]);
+    let (id, token) = new_session(&server).await;
+    let mut sse = SseClient::open(&server, &id, &token).await;
+    sse.expect_connected().await;
+    let started = std::time::Instant::now();
+    server.signal("TERM");
+    assert!(
+        sse.next_event(T).await.is_none(),
+        "stream must end on shutdown"
+    );
+    assert_eq!(server.wait_exit(Duration::from_secs(5)), Some(0));
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "took {:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn health_ready_and_stats() {
+    let server = Server::start(&[("INSTANCE_ID", "node-s")]);
+    let c = client();
+    assert_eq!(
+        c.get(server.url("/healthz")).send().await.unwrap().status(),
+        200
+    );
+    let ready = c.get(server.url("/readyz")).send().await.unwrap();
+    assert_eq!(ready.status(), 200);
+    assert_eq!(ready.headers()["x-instance-id"], "node-s");
+    let stats = server.stats().await;
+    assert_eq!(stats["instance_id"], "node-s");
+    assert_eq!(stats["mode"], "local");
+    assert_eq!(stats["open_streams"], 0);
+}
+
+#[test]
+fn bad_configuration_exits_with_code_2_and_names_the_variable() {
+    let run = |env: &[(&str, &str)]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_sse-scale"))
+            .env_clear()
+            .envs(env.iter().copied())
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, err) = run(&[("PORT", "eighty")]);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("PORT") || err.contains("--port"), "{err}");
+    let (code, err) = run(&[("SSE_HEARTBEAT_SECS", "0")]);
+    assert_eq!(code, Some(2), "{err}");
+    let (code, err) = run(&[("SSE_ADAPTER", "redis")]);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("REDIS_URL"), "{err}");
+    let help = std::process::Command::new(env!("CARGO_BIN_EXE_sse-scale"))
+        .arg("--help")
+        .output()
+        .unwrap();
+    let help = String::from_utf8_lossy(&help.stdout);
+    for var in [
+        "PORT",
+        "INSTANCE_ID",
+        "SESSION_SECRET",
+        "SSE_HEARTBEAT_SECS",
+        "MAX_EVENT_BYTES",
+        "SSE_ADAPTER",
+        "REDIS_URL",
+    ] {
+        assert!(help.contains(var), "--help lists {var}");
+    }
+}
