@@ -35,4 +35,13 @@ fi
 # Streams and test processes need many descriptors; take what the hard limit allows.
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 
-cargo test --workspace --locked "$@"
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+set +e
+cargo test --workspace --locked "$@" 2>&1 | tee "$log"
+status=${PIPESTATUS[0]}
+set -e
+# One summary line over every test binary.
+awk '/^test result:/ { p += $4; f += $6; s += $8 }
+     END { printf "\nsse-scale: %d passed, %d failed, %d skipped\n", p, f, s }' "$log"
+exit "$status"
