@@ -73,6 +73,16 @@ pub struct Config {
     #[arg(long, env = "REDIS_URL", hide_env_values = true)]
     pub redis_url: Option<String>,
 
+    /// Name of the affinity cookie naming the instance that served the
+    /// client (for cookie→upstream maps in load balancers); empty disables it.
+    #[arg(long, env = "AFFINITY_COOKIE", default_value = "sse_affinity")]
+    pub affinity_cookie: String,
+
+    /// Always mark the affinity cookie `Secure` (it is also marked when the
+    /// request arrived with `X-Forwarded-Proto: https`).
+    #[arg(long, env = "AFFINITY_COOKIE_SECURE", default_value_t = false, action = clap::ArgAction::Set)]
+    pub affinity_cookie_secure: bool,
+
     /// Seconds a graceful shutdown may take before the process exits anyway.
     #[arg(long, env = "SHUTDOWN_GRACE_SECS", default_value_t = 30,
           value_parser = clap::value_parser!(u64).range(1..=3600))]
@@ -137,6 +147,8 @@ impl std::fmt::Debug for Config {
             .field("max_event_bytes", &self.max_event_bytes)
             .field("sse_adapter", &self.sse_adapter)
             .field("redis_url", &self.redis_url.as_deref().map(redact_url))
+            .field("affinity_cookie", &self.affinity_cookie)
+            .field("affinity_cookie_secure", &self.affinity_cookie_secure)
             .field("shutdown_grace_secs", &self.shutdown_grace_secs)
             .finish()
     }

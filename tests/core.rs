@@ -576,3 +576,33 @@ fn bad_configuration_exits_with_code_2_and_names_the_variable() {
         assert!(help.contains(var), "--help lists {var}");
     }
 }
+
+#[tokio::test]
+async fn affinity_cookie_names_the_instance() {
+    let server = Server::start(&[("INSTANCE_ID", "node-c")]);
+    let c = client();
+    let res = c.post(server.url("/sessions")).send().await.unwrap();
+    let cookie = res.headers()["set-cookie"].to_str().unwrap().to_owned();
+    assert!(cookie.starts_with("sse_affinity=node-c"), "{cookie}");
+    for attr in ["HttpOnly", "SameSite=Lax", "Path=/"] {
+        assert!(cookie.contains(attr), "{attr} in {cookie}");
+    }
+    assert!(!cookie.contains("Secure"), "{cookie}");
+    let body: Value = res.json().await.unwrap();
+    let (id, token) = (body["id"].as_str().unwrap(), body["token"].as_str().unwrap());
+
+    // Behind TLS, and on stream open (re-pinning a client that was on another instance).
+    let res = c
+        .get(server.url(&format!("/sessions/{id}/events?token={token}")))
+        .header("x-forwarded-proto", "https")
+        .header("cookie", "sse_affinity=node-dead")
+        .send()
+        .await
+        .unwrap();
+    let cookie = res.headers()["set-cookie"].to_str().unwrap();
+    assert!(cookie.starts_with("sse_affinity=node-c") && cookie.contains("Secure"), "{cookie}");
+
+    let off = Server::start(&[("AFFINITY_COOKIE", "")]);
+    let res = c.post(off.url("/sessions")).send().await.unwrap();
+    assert!(res.headers().get("set-cookie").is_none());
+}

@@ -9,10 +9,12 @@
 //! - [`health`] — `/healthz`, `/readyz`, `/stats`.
 //! - [`extract`] — the session-token check and JSON body extractors.
 //! - [`error`] — [`error::AppError`], JSON errors at the HTTP edge.
+//! - [`affinity`] — the cookie naming the instance that served the client.
 //! - [`state`] — [`state::AppState`], shared by every handler.
 //!
 //! [`app`] builds the router, so tests and embedding applications reuse it.
 
+pub mod affinity;
 pub mod error;
 pub mod extract;
 pub mod health;

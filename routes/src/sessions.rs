@@ -6,9 +6,10 @@ use std::sync::Arc;
 
 use axum::body::Body;
 use axum::extract::State;
-use axum::http::{header, HeaderValue, StatusCode};
+use axum::http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use axum_extra::extract::cookie::CookieJar;
 use bytes::BytesMut;
 use serde::Deserialize;
 use serde_json::{json, value::RawValue};
@@ -21,15 +22,21 @@ use crate::extract::{AuthedSession, JsonBody};
 use crate::state::AppState;
 
 /// `POST /sessions` → `201 {"id", "token"}`.
-pub async fn create(State(state): State<Arc<AppState>>) -> Response {
+pub async fn create(
+    State(state): State<Arc<AppState>>,
+    jar: CookieJar,
+    headers: HeaderMap,
+) -> Response {
     let raw = uuid::Uuid::new_v4().simple().to_string();
     // A simple UUID is 32 hex digits, always a valid session id.
     let Ok(id) = SessionId::parse(&raw) else {
         unreachable!("uuid is a valid session id")
     };
     let token = state.signer.sign(&id);
+    let jar = state.affinity.pin(jar, &headers);
     (
         StatusCode::CREATED,
+        jar,
         Json(json!({ "id": id.as_str(), "token": token })),
     )
         .into_response()
@@ -39,6 +46,8 @@ pub async fn create(State(state): State<Arc<AppState>>) -> Response {
 pub async fn stream(
     State(state): State<Arc<AppState>>,
     AuthedSession(session): AuthedSession,
+    jar: CookieJar,
+    headers: HeaderMap,
 ) -> Result<Response, AppError> {
     if state.is_draining() {
         return Err(AppError::unavailable(
@@ -80,15 +89,19 @@ pub async fn stream(
         chunk
     });
 
-    let mut res = Response::new(Body::from_stream(body));
-    let headers = res.headers_mut();
-    headers.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/event-stream"),
-    );
-    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-    headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
-    Ok(res)
+    let jar = state.affinity.pin(jar, &headers);
+    let sse_headers = [
+        (
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/event-stream"),
+        ),
+        (header::CACHE_CONTROL, HeaderValue::from_static("no-cache")),
+        (
+            HeaderName::from_static("x-accel-buffering"),
+            HeaderValue::from_static("no"),
+        ),
+    ];
+    Ok((sse_headers, jar, Body::from_stream(body)).into_response())
 }
 
 /// Counts an open stream for `/stats` while it lives.

@@ -10,6 +10,7 @@ use sse_scale::{Broadcaster, Config, OutgoingEvent, SessionId, TokenSigner};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::affinity::Affinity;
 use crate::error::AppError;
 use crate::pipeline::PipelineRegistry;
 
@@ -20,6 +21,7 @@ pub struct AppState {
     /// Sent in `X-Instance-Id` and the `connected` event, so a client (and a
     /// load-balancer test) can tell which instance served it.
     pub instance_id: String,
+    pub affinity: Affinity,
     pub heartbeat: Duration,
     pub retry: Duration,
     pub max_event_bytes: usize,
@@ -48,6 +50,11 @@ impl AppState {
         Self {
             broadcaster,
             signer,
+            affinity: Affinity::new(
+                &config.affinity_cookie,
+                config.affinity_cookie_secure,
+                &instance_id,
+            ),
             instance_id,
             heartbeat: config.heartbeat(),
             retry: config.retry(),

@@ -1,0 +1,3 @@
+//! Load-balancer configs from `lb-config/`, run against the real balancers.
+
+mod support;
