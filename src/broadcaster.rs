@@ -39,6 +39,9 @@ pub struct BroadcasterStats {
     pub subscribers: usize,
     /// Events published through this instance.
     pub published: u64,
+    /// Redis counters, when the broadcaster uses Redis.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub redis: Option<crate::redis_broadcaster::RedisCounters>,
 }
 
 /// Publishes events to sessions and hands out subscriptions.

@@ -65,13 +65,49 @@ pub struct Config {
           value_parser = clap::value_parser!(u64).range(1..=16 * 1024 * 1024))]
     pub max_event_bytes: u64,
 
-    /// Broadcaster: `memory` (default) or `redis`.
-    #[arg(long, env = "SSE_ADAPTER", value_enum, default_value_t = Adapter::Memory)]
-    pub sse_adapter: Adapter,
+    /// Broadcaster: `memory` or `redis` [default: `redis` when REDIS_URL is
+    /// set, else `memory`].
+    #[arg(long, env = "SSE_ADAPTER", value_enum)]
+    pub sse_adapter: Option<Adapter>,
 
-    /// Redis URL (`redis://[:password@]host:port[/db]`, or `rediss://`).
+    /// Redis URL (`redis://[:password@]host:port[/db]`, or `rediss://`). One
+    /// client is built from it and shared by rate limiting and broadcasting.
     #[arg(long, env = "REDIS_URL", hide_env_values = true)]
     pub redis_url: Option<String>,
+
+    /// Prefix of every Redis key and channel.
+    #[arg(long, env = "REDIS_PREFIX", default_value = "sse:")]
+    pub redis_prefix: String,
+
+    /// Send events through Redis to other instances (needs the redis
+    /// adapter). Read at start-up; a flag service can change it at run time.
+    #[arg(long, env = "FF_REDIS_SSE_BROADCAST", action = clap::ArgAction::Set,
+          value_parser = clap::builder::BoolishValueParser::new())]
+    pub ff_redis_sse_broadcast: Option<bool>,
+
+    /// Approximate number of events kept per session in Redis history.
+    #[arg(long, env = "HISTORY_MAXLEN", default_value_t = 1000,
+          value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub history_maxlen: u64,
+
+    /// Seconds a session's Redis history lives after its last event.
+    #[arg(long, env = "HISTORY_TTL_SECS", default_value_t = 3600,
+          value_parser = clap::value_parser!(u64).range(1..=30 * 86_400))]
+    pub history_ttl_secs: u64,
+
+    /// Publishes per second per session on the publishing routes (0: no limit).
+    #[arg(long, env = "RATE_LIMIT_PUBLISH_PER_SEC", default_value_t = 50)]
+    pub rate_limit_publish_per_sec: u64,
+
+    /// Streams opened per minute per client IP (0: no limit).
+    #[arg(long, env = "RATE_LIMIT_STREAMS_PER_MIN", default_value_t = 600)]
+    pub rate_limit_streams_per_min: u64,
+
+    /// Take the client IP from the first `X-Forwarded-For` address (only
+    /// behind a proxy that sets it).
+    #[arg(long, env = "TRUST_FORWARDED_FOR", default_value_t = false, action = clap::ArgAction::Set,
+          value_parser = clap::builder::BoolishValueParser::new())]
+    pub trust_forwarded_for: bool,
 
     /// Name of the affinity cookie naming the instance that served the
     /// client (for cookie→upstream maps in load balancers); empty disables it.
@@ -95,15 +131,31 @@ pub struct Config {
 pub enum ConfigError {
     #[error("SSE_ADAPTER=redis needs REDIS_URL to be set")]
     RedisUrlMissing,
+    #[error("REDIS_URL is not a valid Redis URL: {0}")]
+    RedisUrlInvalid(String),
 }
 
 impl Config {
     /// Checks rules that span several variables.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        if self.sse_adapter == Adapter::Redis && self.redis_url.is_none() {
+        if self.sse_adapter == Some(Adapter::Redis) && self.redis_url.is_none() {
             return Err(ConfigError::RedisUrlMissing);
         }
+        if let Some(url) = &self.redis_url {
+            redis::Client::open(url.as_str())
+                .map_err(|e| ConfigError::RedisUrlInvalid(e.to_string()))?;
+        }
         Ok(())
+    }
+
+    /// The broadcaster to use: as configured, else `redis` when
+    /// `REDIS_URL` is set.
+    pub fn adapter(&self) -> Adapter {
+        self.sse_adapter.unwrap_or(if self.redis_url.is_some() {
+            Adapter::Redis
+        } else {
+            Adapter::Memory
+        })
     }
 
     pub fn heartbeat(&self) -> Duration {
@@ -147,6 +199,19 @@ impl std::fmt::Debug for Config {
             .field("max_event_bytes", &self.max_event_bytes)
             .field("sse_adapter", &self.sse_adapter)
             .field("redis_url", &self.redis_url.as_deref().map(redact_url))
+            .field("redis_prefix", &self.redis_prefix)
+            .field("ff_redis_sse_broadcast", &self.ff_redis_sse_broadcast)
+            .field("history_maxlen", &self.history_maxlen)
+            .field("history_ttl_secs", &self.history_ttl_secs)
+            .field(
+                "rate_limit_publish_per_sec",
+                &self.rate_limit_publish_per_sec,
+            )
+            .field(
+                "rate_limit_streams_per_min",
+                &self.rate_limit_streams_per_min,
+            )
+            .field("trust_forwarded_for", &self.trust_forwarded_for)
             .field("affinity_cookie", &self.affinity_cookie)
             .field("affinity_cookie_secure", &self.affinity_cookie_secure)
             .field("shutdown_grace_secs", &self.shutdown_grace_secs)

@@ -16,6 +16,14 @@
 //! - [`broadcaster`] — the [`Broadcaster`] trait and [`Subscription`], the
 //!   owned stream a subscriber reads (dropping it unsubscribes).
 //! - [`local`] — [`LocalBroadcaster`], the in-process connection map.
+//! - [`redis_broadcaster`] — [`RedisBroadcaster`], cross-instance fan-out
+//!   on `sse:session:<id>` channels, gated per publish by the flag.
+//! - [`redis_client`] — [`SharedRedis`], the one Redis client of the process,
+//!   shared by the rate limiter and the broadcaster.
+//! - [`ratelimit`] — per-session publish and per-IP stream-open limits,
+//!   enforced in Redis with an in-process fallback.
+//! - [`flags`] — [`flags::FlagSource`] and `FF_REDIS_SSE_BROADCAST`.
+//! - [`envelope`] — the versioned JSON envelope on the Redis wire.
 //! - [`event`] — event types, ids and validation shared by every
 //!   broadcaster.
 //! - [`sse`] — the SSE wire encoder (WHATWG `text/event-stream` framing).
@@ -27,8 +35,13 @@
 
 pub mod broadcaster;
 pub mod config;
+pub mod envelope;
 pub mod event;
+pub mod flags;
 pub mod local;
+pub mod ratelimit;
+pub mod redis_broadcaster;
+pub mod redis_client;
 pub mod sse;
 pub mod stream;
 pub mod token;
@@ -37,5 +50,7 @@ pub use broadcaster::{BroadcastError, Broadcaster, BroadcasterStats, Subscriptio
 pub use config::Config;
 pub use event::{EventId, EventType, Frame, OutgoingEvent, SessionId};
 pub use local::LocalBroadcaster;
+pub use redis_broadcaster::RedisBroadcaster;
+pub use redis_client::SharedRedis;
 pub use stream::SseStream;
 pub use token::TokenSigner;

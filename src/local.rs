@@ -44,6 +44,15 @@ struct Inner {
     closed: AtomicBool,
     subscribers: AtomicUsize,
     published: AtomicU64,
+    /// Told when a session gains its first subscriber or loses its last
+    /// (the Redis broadcaster subscribes and unsubscribes channels on it).
+    hook: Option<Arc<dyn SessionHook>>,
+}
+
+/// Observes sessions appearing in and leaving the map. Called with the map
+/// lock held, so it must not block or call back into the broadcaster.
+pub trait SessionHook: Send + Sync + 'static {
+    fn session_changed(&self, session: &SessionId);
 }
 
 impl Default for LocalBroadcaster {
@@ -56,6 +65,15 @@ impl LocalBroadcaster {
     /// `queue` is how many events a subscriber may fall behind before it is
     /// cut (at least 1).
     pub fn new(queue: usize) -> Self {
+        Self::build(queue, None)
+    }
+
+    /// A broadcaster that tells `hook` about first and last subscribers.
+    pub fn with_hook(queue: usize, hook: Arc<dyn SessionHook>) -> Self {
+        Self::build(queue, Some(hook))
+    }
+
+    fn build(queue: usize, hook: Option<Arc<dyn SessionHook>>) -> Self {
         Self {
             inner: Arc::new(Inner {
                 sessions: Mutex::new(HashMap::new()),
@@ -64,6 +82,7 @@ impl LocalBroadcaster {
                 closed: AtomicBool::new(false),
                 subscribers: AtomicUsize::new(0),
                 published: AtomicU64::new(0),
+                hook,
             }),
         }
     }
@@ -113,6 +132,9 @@ impl LocalBroadcaster {
             None => {
                 let (tx, rx) = broadcast::channel(self.inner.queue);
                 sessions.insert(session.clone(), tx);
+                if let Some(hook) = &self.inner.hook {
+                    hook.session_changed(session);
+                }
                 rx
             }
         };
@@ -125,6 +147,51 @@ impl LocalBroadcaster {
                 session: session.clone(),
             },
         ))
+    }
+
+    /// Delivers a frame that already has its id (an event published on
+    /// another instance) to this instance's subscribers of `session`.
+    pub fn deliver(&self, session: &SessionId, frame: Frame) {
+        if let Some(tx) = self.inner.lock().get(session) {
+            let _ = tx.send(frame);
+        }
+    }
+
+    /// Delivers a frame that already has its id to every local session.
+    pub fn deliver_all(&self, frame: &Frame) {
+        for tx in self.inner.lock().values() {
+            let _ = tx.send(frame.clone());
+        }
+    }
+
+    /// A fresh local id (for events that get no id from elsewhere).
+    pub fn next_id(&self) -> EventId {
+        self.inner.ids.next_id()
+    }
+
+    /// Whether `session` has a live subscriber here.
+    pub fn has_session(&self, session: &SessionId) -> bool {
+        self.inner.lock().contains_key(session)
+    }
+
+    /// Sessions with live subscribers here.
+    pub fn sessions(&self) -> Vec<SessionId> {
+        self.inner.lock().keys().cloned().collect()
+    }
+
+    pub(crate) fn subscriber_count(&self) -> usize {
+        self.inner.subscribers.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn published_count(&self) -> u64 {
+        self.inner.published.load(Ordering::Relaxed)
+    }
+
+    /// Marks closed and ends every subscription.
+    pub fn close(&self) {
+        self.inner.closed.store(true, Ordering::Release);
+        // Dropping every sender ends every subscription stream.
+        self.inner.lock().clear();
     }
 
     /// Number of sessions with live subscribers.
@@ -167,6 +234,9 @@ impl Drop for Unsubscribe {
             .is_some_and(|tx| tx.receiver_count() == 0)
         {
             sessions.remove(&self.session);
+            if let Some(hook) = &self.inner.hook {
+                hook.session_changed(&self.session);
+            }
         }
     }
 }
@@ -192,9 +262,7 @@ impl Broadcaster for LocalBroadcaster {
     }
 
     fn shutdown(&self) -> BoxFuture<'_, ()> {
-        self.inner.closed.store(true, Ordering::Release);
-        // Dropping every sender ends every subscription stream.
-        self.inner.lock().clear();
+        self.close();
         future::ready(()).boxed()
     }
 
@@ -202,8 +270,9 @@ impl Broadcaster for LocalBroadcaster {
         BroadcasterStats {
             mode: "local",
             sessions: self.session_count(),
-            subscribers: self.inner.subscribers.load(Ordering::Relaxed),
-            published: self.inner.published.load(Ordering::Relaxed),
+            subscribers: self.subscriber_count(),
+            published: self.published_count(),
+            redis: None,
         }
     }
 }

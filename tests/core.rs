@@ -589,7 +589,10 @@ async fn affinity_cookie_names_the_instance() {
     }
     assert!(!cookie.contains("Secure"), "{cookie}");
     let body: Value = res.json().await.unwrap();
-    let (id, token) = (body["id"].as_str().unwrap(), body["token"].as_str().unwrap());
+    let (id, token) = (
+        body["id"].as_str().unwrap(),
+        body["token"].as_str().unwrap(),
+    );
 
     // Behind TLS, and on stream open (re-pinning a client that was on another instance).
     let res = c
@@ -600,7 +603,10 @@ async fn affinity_cookie_names_the_instance() {
         .await
         .unwrap();
     let cookie = res.headers()["set-cookie"].to_str().unwrap();
-    assert!(cookie.starts_with("sse_affinity=node-c") && cookie.contains("Secure"), "{cookie}");
+    assert!(
+        cookie.starts_with("sse_affinity=node-c") && cookie.contains("Secure"),
+        "{cookie}"
+    );
 
     let off = Server::start(&[("AFFINITY_COOKIE", "")]);
     let res = c.post(off.url("/sessions")).send().await.unwrap();

@@ -42,5 +42,8 @@ pub async fn stats(State(state): State<Arc<AppState>>) -> Json<serde_json::Value
         "slow_consumers_cut": state.slow_consumers_cut.load(Ordering::Relaxed),
         "pipeline_runs": state.pipelines.len(),
         "draining": state.is_draining(),
+        "flag": { "name": sse_scale::flags::REDIS_SSE_BROADCAST, "state": state.flags.state() },
+        "redis": b.redis,
+        "rate_limit_fallback_checks": state.limiter.fallback_checks.load(Ordering::Relaxed),
     }))
 }

@@ -3,6 +3,7 @@
 //! `SHUTDOWN_GRACE_SECS`.
 
 use std::io::IsTerminal;
+use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -10,9 +11,17 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::Parser;
 use sse_scale::config::Adapter;
-use sse_scale::{Broadcaster, Config, LocalBroadcaster, TokenSigner};
-use sse_scale_server::state::AppState;
+use sse_scale::flags::{EnvFlags, FlagSource};
+use sse_scale::ratelimit::RateLimiter;
+use sse_scale::redis_broadcaster::RedisSettings;
+use sse_scale::{
+    Broadcaster, Config, LocalBroadcaster, RedisBroadcaster, SharedRedis, TokenSigner,
+};
+use sse_scale_server::pipeline;
+use sse_scale_server::state::{AppState, Services};
 use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
@@ -67,11 +76,65 @@ async fn run(config: Config) -> anyhow::Result<()> {
             TokenSigner::random()
         }
     };
-    let broadcaster: Arc<dyn Broadcaster> = match config.sse_adapter {
-        Adapter::Memory => Arc::new(LocalBroadcaster::new(config.sse_client_queue as usize)),
-        other => anyhow::bail!("SSE_ADAPTER={other:?} is not available in this build"),
+    let shutdown = CancellationToken::new();
+    let tasks = TaskTracker::new();
+    let node_id = format!("{instance_id}#{:08x}", rand::random::<u32>());
+
+    // One Redis client for the whole process, shared by the rate limiter and
+    // the broadcaster.
+    let redis = match &config.redis_url {
+        Some(url) => {
+            let redis = SharedRedis::open(url)?;
+            redis.connect(&tasks, shutdown.clone());
+            Some(redis)
+        }
+        None => None,
     };
-    let state = Arc::new(AppState::new(&config, broadcaster, signer, instance_id));
+    let limiter = RateLimiter::new(redis.clone(), &config.redis_prefix);
+    let env_flags = Arc::new(EnvFlags::new(config.ff_redis_sse_broadcast));
+    let flags: Arc<dyn FlagSource> = env_flags;
+
+    let (broadcaster, redis_broadcaster): (Arc<dyn Broadcaster>, _) =
+        match (config.adapter(), &redis) {
+            (Adapter::Redis, Some(redis)) => {
+                let mut settings = RedisSettings::new(&config.redis_prefix, &node_id);
+                settings.queue = config.sse_client_queue as usize;
+                settings.history_maxlen = config.history_maxlen;
+                settings.history_ttl_secs = config.history_ttl_secs;
+                let b = RedisBroadcaster::start(
+                    redis.clone(),
+                    flags.clone(),
+                    settings,
+                    &tasks,
+                    shutdown.clone(),
+                );
+                (Arc::new(b.clone()), Some(b))
+            }
+            _ => (
+                Arc::new(LocalBroadcaster::new(config.sse_client_queue as usize)),
+                None,
+            ),
+        };
+    let control = redis_broadcaster
+        .as_ref()
+        .and_then(RedisBroadcaster::take_control_receiver);
+    let services = Services {
+        broadcaster,
+        redis_broadcaster,
+        flags,
+        limiter,
+        signer,
+        instance_id,
+        node_id,
+        shutdown,
+        tasks,
+    };
+    let state = Arc::new(AppState::new(&config, services));
+    if let Some(rx) = control {
+        state
+            .tasks
+            .spawn(pipeline::serve_control(state.clone(), rx));
+    }
     let app =
         sse_scale_server::app(state.clone()).context("INSTANCE_ID is not a valid header value")?;
 
@@ -86,8 +149,11 @@ async fn run(config: Config) -> anyhow::Result<()> {
         signal_state.shutdown.cancel();
     });
 
-    let serve = axum::serve(listener, app.into_make_service())
-        .with_graceful_shutdown(state.shutdown.clone().cancelled_owned());
+    let serve = axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(state.shutdown.clone().cancelled_owned());
     let grace = config.shutdown_grace();
     let served = async {
         serve.await?;

@@ -19,10 +19,10 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use sse_scale::{EventType, OutgoingEvent, SessionId};
-use tokio::sync::oneshot;
+use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use crate::error::AppError;
@@ -83,7 +83,7 @@ impl PipelineRequest {
 }
 
 /// A reviewer's answer at the gate.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct GateDecision {
     pub approve: bool,
     #[serde(default)]
@@ -125,6 +125,7 @@ pub async fn start(
     JsonOrDefault(req): JsonOrDefault<PipelineRequest>,
 ) -> Result<Response, AppError> {
     req.validate()?;
+    state.limit_publish(&session).await?;
     if state.is_draining() {
         return Err(AppError::unavailable("this instance is draining", 1));
     }
@@ -160,29 +161,209 @@ pub async fn start(
 }
 
 /// `POST /sessions/{id}/pipeline/{run_id}/gate` `{"approve", "feedback"}` → 202.
+///
+/// The run may live on another instance (the gate answer reached an instance
+/// other than the one running the pipeline). With Redis and the flag on, the
+/// answer is relayed to the owner over the control channel and this answers
+/// once the owner accepted it (404 if no instance owns the run within
+/// [`RELAY_TIMEOUT`]). With the flag off, a run found elsewhere is a 409: the
+/// balancer sent this session to the wrong instance.
 pub async fn gate(
     State(state): State<Arc<AppState>>,
     AuthedSession(session): AuthedSession,
     Path((_, run_id)): Path<(String, String)>,
     JsonBody(decision): JsonBody<GateDecision>,
 ) -> Result<Response, AppError> {
+    state.limit_publish(&session).await?;
+    let outcome = match resolve_local(&state, &session, &run_id, Some(decision.clone())) {
+        GateOutcome::Unknown => relay(&state, &session, &run_id, decision).await?,
+        local => local,
+    };
+    match outcome {
+        GateOutcome::Accepted => {
+            Ok((StatusCode::ACCEPTED, Json(json!({ "run_id": run_id }))).into_response())
+        }
+        GateOutcome::NotAtGate => Err(AppError::new(
+            StatusCode::CONFLICT,
+            "not_at_gate",
+            "the run is not waiting at a gate",
+        )),
+        GateOutcome::Elsewhere => Err(AppError::new(
+            StatusCode::CONFLICT,
+            "run_on_other_instance",
+            "this run executes on another instance and cross-instance delivery \
+             (FF_REDIS_SSE_BROADCAST) is off for this session: the load balancer must keep \
+             the session on one instance (check its sticky-session configuration)",
+        )),
+        GateOutcome::Unknown => Err(unknown_run(&run_id)),
+    }
+}
+
+/// How long a relayed gate answer waits for the owning instance.
+pub const RELAY_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// What became of a gate answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GateOutcome {
+    Accepted,
+    NotAtGate,
+    /// The run exists on the answering instance, which was only asked.
+    Elsewhere,
+    Unknown,
+}
+
+/// Applies `decision` to a run of this instance (or, with `None`, only says
+/// whether the run is here).
+fn resolve_local(
+    state: &AppState,
+    session: &SessionId,
+    run_id: &str,
+    decision: Option<GateDecision>,
+) -> GateOutcome {
     let tx = {
         let mut runs = state.pipelines.lock();
-        let run = runs
-            .get_mut(&run_id)
-            .filter(|r| r.session == session)
-            .ok_or_else(|| unknown_run(&run_id))?;
-        run.gate.take().ok_or_else(|| {
-            AppError::new(
-                StatusCode::CONFLICT,
-                "not_at_gate",
-                "the run is not waiting at a gate",
-            )
-        })?
+        let Some(run) = runs.get_mut(run_id).filter(|r| &r.session == session) else {
+            return GateOutcome::Unknown;
+        };
+        let Some(decision) = decision else {
+            return GateOutcome::Elsewhere;
+        };
+        match run.gate.take() {
+            Some(tx) => (tx, decision),
+            None => return GateOutcome::NotAtGate,
+        }
     };
     // The run may have been cancelled between the lookup and here.
-    tx.send(decision).map_err(|_| unknown_run(&run_id))?;
-    Ok((StatusCode::ACCEPTED, Json(json!({ "run_id": run_id }))).into_response())
+    match tx.0.send(tx.1) {
+        Ok(()) => GateOutcome::Accepted,
+        Err(_) => GateOutcome::Unknown,
+    }
+}
+
+/// Messages on the Redis control channel.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+enum Control {
+    GateRequest {
+        req: String,
+        from: String,
+        run_id: String,
+        session: String,
+        /// Apply the decision (flag on), or only ask who owns the run.
+        decision: Option<GateDecision>,
+    },
+    GateReply {
+        req: String,
+        to: String,
+        outcome: GateOutcome,
+    },
+}
+
+/// Gate answers this instance relayed and is waiting on, by request id.
+#[derive(Default)]
+pub struct GateRelay {
+    pending: Mutex<HashMap<String, oneshot::Sender<GateOutcome>>>,
+}
+
+impl GateRelay {
+    fn lock(&self) -> MutexGuard<'_, HashMap<String, oneshot::Sender<GateOutcome>>> {
+        self.pending.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Removes a pending request however the wait ends.
+struct PendingGuard<'a>(&'a GateRelay, String);
+
+impl Drop for PendingGuard<'_> {
+    fn drop(&mut self) {
+        self.0.lock().remove(&self.1);
+    }
+}
+
+async fn relay(
+    state: &AppState,
+    session: &SessionId,
+    run_id: &str,
+    decision: GateDecision,
+) -> Result<GateOutcome, AppError> {
+    let Some(bus) = &state.redis_broadcaster else {
+        return Ok(GateOutcome::Unknown);
+    };
+    let apply = state.flags.redis_broadcast(session);
+    let req = uuid::Uuid::new_v4().simple().to_string();
+    let (tx, rx) = oneshot::channel();
+    state.gates.lock().insert(req.clone(), tx);
+    let _pending = PendingGuard(&state.gates, req.clone());
+    let msg = Control::GateRequest {
+        req,
+        from: state.node_id.clone(),
+        run_id: run_id.to_owned(),
+        session: session.to_string(),
+        decision: apply.then_some(decision),
+    };
+    let payload = serde_json::to_string(&msg).unwrap_or_default();
+    if let Err(error) = bus.send_control(payload).await {
+        tracing::warn!(backend = "redis", error, "cannot relay a gate answer");
+        return Err(AppError::unavailable(
+            "the run is not on this instance and Redis is unreachable to find it",
+            1,
+        ));
+    }
+    Ok(tokio::time::timeout(RELAY_TIMEOUT, rx)
+        .await
+        .ok()
+        .and_then(Result::ok)
+        .unwrap_or(GateOutcome::Unknown))
+}
+
+/// Serves the control channel: answers gate requests for runs of this
+/// instance, and hands replies to the requests waiting here. Runs until
+/// shutdown.
+pub async fn serve_control(state: Arc<AppState>, mut rx: mpsc::Receiver<bytes::Bytes>) {
+    loop {
+        let payload = tokio::select! {
+            () = state.shutdown.cancelled() => return,
+            msg = rx.recv() => match msg { Some(p) => p, None => return },
+        };
+        match serde_json::from_slice::<Control>(&payload) {
+            Ok(Control::GateRequest {
+                req,
+                from,
+                run_id,
+                session,
+                decision,
+            }) => {
+                let Ok(session) = SessionId::parse(&session) else {
+                    continue;
+                };
+                let outcome = resolve_local(&state, &session, &run_id, decision);
+                if outcome == GateOutcome::Unknown {
+                    continue; // Not ours; the owner (if any) answers.
+                }
+                let reply = Control::GateReply {
+                    req,
+                    to: from,
+                    outcome,
+                };
+                if let Some(bus) = &state.redis_broadcaster {
+                    let payload = serde_json::to_string(&reply).unwrap_or_default();
+                    if let Err(error) = bus.send_control(payload).await {
+                        tracing::warn!(backend = "redis", error, "cannot send a gate reply");
+                    }
+                }
+            }
+            Ok(Control::GateReply { req, to, outcome }) if to == state.node_id => {
+                if let Some(tx) = state.gates.lock().remove(&req) {
+                    let _ = tx.send(outcome);
+                }
+            }
+            Ok(Control::GateReply { .. }) => {}
+            Err(error) => {
+                tracing::warn!(backend = "redis", %error, "malformed control message dropped");
+            }
+        }
+    }
 }
 
 /// `DELETE /sessions/{id}/pipeline/{run_id}` → 202; the run emits

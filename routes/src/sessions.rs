@@ -18,7 +18,7 @@ use sse_scale::stream::StreamEnd;
 use sse_scale::{EventType, OutgoingEvent, SessionId, SseStream};
 
 use crate::error::AppError;
-use crate::extract::{AuthedSession, JsonBody};
+use crate::extract::{AuthedSession, ClientIp, JsonBody};
 use crate::state::AppState;
 
 /// `POST /sessions` → `201 {"id", "token"}`.
@@ -46,9 +46,11 @@ pub async fn create(
 pub async fn stream(
     State(state): State<Arc<AppState>>,
     AuthedSession(session): AuthedSession,
+    ClientIp(ip): ClientIp,
     jar: CookieJar,
     headers: HeaderMap,
 ) -> Result<Response, AppError> {
+    state.limit_stream_open(ip).await?;
     if state.is_draining() {
         return Err(AppError::unavailable(
             "this instance is draining; reconnect",
@@ -136,6 +138,7 @@ pub async fn message(
     AuthedSession(session): AuthedSession,
     JsonBody(body): JsonBody<MessageBody>,
 ) -> Result<Response, AppError> {
+    state.limit_publish(&session).await?;
     let event = OutgoingEvent::json(
         EventType::from_static("chat_message"),
         &json!({ "text": body.text }),
@@ -157,6 +160,7 @@ pub async fn publish(
     AuthedSession(session): AuthedSession,
     JsonBody(body): JsonBody<PublishBody>,
 ) -> Result<Response, AppError> {
+    state.limit_publish(&session).await?;
     let event_type = EventType::parse(&body.event_type)?;
     let data = body.data.map_or_else(
         || "null".to_owned(),

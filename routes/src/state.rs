@@ -1,32 +1,65 @@
-//! [`AppState`]: what every handler shares — the broadcaster, the token
-//! signer, the pipeline registry, and the shutdown machinery that owns every
-//! spawned task.
+//! [`AppState`]: what every handler shares — the broadcaster, the flag
+//! source, the rate limiter, the token signer, the pipeline registry, and the
+//! shutdown machinery that owns every spawned task.
 
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use sse_scale::{Broadcaster, Config, OutgoingEvent, SessionId, TokenSigner};
+use sse_scale::flags::FlagSource;
+use sse_scale::ratelimit::{Decision, Limit, RateLimiter};
+use sse_scale::{Broadcaster, Config, OutgoingEvent, RedisBroadcaster, SessionId, TokenSigner};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::affinity::Affinity;
 use crate::error::AppError;
-use crate::pipeline::PipelineRegistry;
+use crate::pipeline::{GateRelay, PipelineRegistry};
+
+/// What `main` builds before the state: the chosen broadcaster and the
+/// services around it.
+pub struct Services {
+    pub broadcaster: Arc<dyn Broadcaster>,
+    /// The same broadcaster when it is the Redis one (for the control
+    /// channel and `/stats`).
+    pub redis_broadcaster: Option<RedisBroadcaster>,
+    pub flags: Arc<dyn FlagSource>,
+    /// Built on the process's shared Redis client when there is one.
+    pub limiter: RateLimiter,
+    pub signer: TokenSigner,
+    pub instance_id: String,
+    /// This process's unique name on the Redis wire (instance id plus a
+    /// random suffix, so two processes never take each other's messages as
+    /// their own even if their instance ids collide).
+    pub node_id: String,
+    pub shutdown: CancellationToken,
+    pub tasks: TaskTracker,
+}
 
 pub struct AppState {
     /// The one path every route publishes and subscribes through.
     pub broadcaster: Arc<dyn Broadcaster>,
+    pub redis_broadcaster: Option<RedisBroadcaster>,
+    /// Decides per publish whether an event also goes through Redis.
+    pub flags: Arc<dyn FlagSource>,
+    pub limiter: RateLimiter,
+    pub publish_limit: Limit,
+    pub stream_limit: Limit,
+    pub trust_forwarded_for: bool,
     pub signer: TokenSigner,
     /// Sent in `X-Instance-Id` and the `connected` event, so a client (and a
     /// load-balancer test) can tell which instance served it.
     pub instance_id: String,
+    pub node_id: String,
     pub affinity: Affinity,
     pub heartbeat: Duration,
     pub retry: Duration,
     pub max_event_bytes: usize,
     /// Pipeline runs executing on this instance.
     pub pipelines: PipelineRegistry,
+    /// Gate answers relayed to and from other instances.
+    pub gates: GateRelay,
     /// Fired on SIGTERM/SIGINT: streams end, runs stop.
     pub shutdown: CancellationToken,
     /// Owns every task spawned on behalf of a request, so shutdown can wait
@@ -41,14 +74,26 @@ pub struct AppState {
 }
 
 impl AppState {
-    pub fn new(
-        config: &Config,
-        broadcaster: Arc<dyn Broadcaster>,
-        signer: TokenSigner,
-        instance_id: String,
-    ) -> Self {
+    pub fn new(config: &Config, services: Services) -> Self {
+        let Services {
+            broadcaster,
+            redis_broadcaster,
+            flags,
+            limiter,
+            signer,
+            instance_id,
+            node_id,
+            shutdown,
+            tasks,
+        } = services;
         Self {
             broadcaster,
+            redis_broadcaster,
+            flags,
+            limiter,
+            publish_limit: Limit::per_second(config.rate_limit_publish_per_sec),
+            stream_limit: Limit::per_minute(config.rate_limit_streams_per_min),
+            trust_forwarded_for: config.trust_forwarded_for,
             signer,
             affinity: Affinity::new(
                 &config.affinity_cookie,
@@ -56,12 +101,14 @@ impl AppState {
                 &instance_id,
             ),
             instance_id,
+            node_id,
             heartbeat: config.heartbeat(),
             retry: config.retry(),
             max_event_bytes: config.max_event_bytes as usize,
             pipelines: PipelineRegistry::default(),
-            shutdown: CancellationToken::new(),
-            tasks: TaskTracker::new(),
+            gates: GateRelay::default(),
+            shutdown,
+            tasks,
             draining: AtomicBool::new(false),
             open_streams: AtomicUsize::new(0),
             slow_consumers_cut: AtomicU64::new(0),
@@ -83,5 +130,26 @@ impl AppState {
         }
         let id = self.broadcaster.publish(session, event).await?;
         Ok(id.to_string())
+    }
+
+    /// The per-session limit of the publishing routes.
+    pub async fn limit_publish(&self, session: &SessionId) -> Result<(), AppError> {
+        let key = format!("publish:{session}");
+        limited(self.limiter.check(&key, self.publish_limit).await)
+    }
+
+    /// The per-client-IP limit on opening streams.
+    pub async fn limit_stream_open(&self, ip: IpAddr) -> Result<(), AppError> {
+        let key = format!("streams:{ip}");
+        limited(self.limiter.check(&key, self.stream_limit).await)
+    }
+}
+
+fn limited(decision: Decision) -> Result<(), AppError> {
+    match decision {
+        Decision::Allowed => Ok(()),
+        Decision::Limited { retry_after } => Err(AppError::too_many_requests(
+            retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0),
+        )),
     }
 }
