@@ -1,0 +1,3 @@
+//! Fan-out benchmark (see docs/benchmarks.md).
+
+fn main() {}
