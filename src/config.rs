@@ -123,6 +123,24 @@ pub struct Config {
     #[arg(long, env = "SHUTDOWN_GRACE_SECS", default_value_t = 30,
           value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub shutdown_grace_secs: u64,
+
+    /// Seconds over which open streams are closed on shutdown (each at a
+    /// random moment in the window), so their reconnects do not arrive at
+    /// the next instance all at once. Must be shorter than the grace period.
+    #[arg(long, env = "SHUTDOWN_DRAIN_SECS", default_value_t = 10,
+          value_parser = clap::value_parser!(u64).range(0..=3600))]
+    pub shutdown_drain_secs: u64,
+
+    /// Open streams this instance accepts; more → 503 with `Retry-After`.
+    #[arg(long, env = "MAX_STREAMS", default_value_t = 15_000,
+          value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
+    pub max_streams: u64,
+
+    /// Events held while Redis is unreachable, published (and written to
+    /// history) in order once it is back; more are dropped and counted.
+    #[arg(long, env = "OUTBOX_MAX", default_value_t = 10_000,
+          value_parser = clap::value_parser!(u64).range(0..=10_000_000))]
+    pub outbox_max: u64,
 }
 
 /// A configuration that parsed but does not make sense as a whole.
@@ -133,6 +151,8 @@ pub enum ConfigError {
     RedisUrlMissing,
     #[error("REDIS_URL is not a valid Redis URL: {0}")]
     RedisUrlInvalid(String),
+    #[error("SHUTDOWN_DRAIN_SECS must be shorter than SHUTDOWN_GRACE_SECS")]
+    DrainLongerThanGrace,
 }
 
 impl Config {
@@ -140,6 +160,9 @@ impl Config {
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.sse_adapter == Some(Adapter::Redis) && self.redis_url.is_none() {
             return Err(ConfigError::RedisUrlMissing);
+        }
+        if self.shutdown_drain_secs >= self.shutdown_grace_secs {
+            return Err(ConfigError::DrainLongerThanGrace);
         }
         if let Some(url) = &self.redis_url {
             redis::Client::open(url.as_str())
@@ -168,6 +191,10 @@ impl Config {
 
     pub fn shutdown_grace(&self) -> Duration {
         Duration::from_secs(self.shutdown_grace_secs)
+    }
+
+    pub fn shutdown_drain(&self) -> Duration {
+        Duration::from_secs(self.shutdown_drain_secs)
     }
 }
 
@@ -215,6 +242,9 @@ impl std::fmt::Debug for Config {
             .field("affinity_cookie", &self.affinity_cookie)
             .field("affinity_cookie_secure", &self.affinity_cookie_secure)
             .field("shutdown_grace_secs", &self.shutdown_grace_secs)
+            .field("shutdown_drain_secs", &self.shutdown_drain_secs)
+            .field("max_streams", &self.max_streams)
+            .field("outbox_max", &self.outbox_max)
             .finish()
     }
 }

@@ -2,9 +2,12 @@
 //!
 //! It yields the connect prelude (a `retry:` hint and the `connected` event),
 //! then every frame of its [`Subscription`], with a comment heartbeat on a
-//! fixed interval, and ends itself when the shutdown token fires — an SSE body
-//! never finishes on its own, so a graceful shutdown would otherwise wait
-//! forever (axum issue #2673).
+//! fixed interval, and ends itself when its [`CloseSignal`] fires — an SSE
+//! body never finishes on its own, so a graceful shutdown would otherwise wait
+//! forever (axum issue #2673). On that signal each stream waits a random
+//! moment within the drain window, sends a jittered `retry:` hint and ends:
+//! the clients of a draining instance reconnect spread out over time instead
+//! of all at once.
 //!
 //! A subscriber that lags behind its queue is cut: the stream ends and the
 //! client reconnects (resuming by `Last-Event-ID`), rather than the server
@@ -22,7 +25,7 @@ use tokio::time::{Instant, Interval, MissedTickBehavior};
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 use crate::broadcaster::{Subscription, SubscriptionError};
-use crate::sse::HEARTBEAT;
+use crate::sse::{encode_retry, HEARTBEAT};
 
 /// Why a stream ended, reported to the `on_end` callback.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -30,7 +33,7 @@ use crate::sse::HEARTBEAT;
 pub enum StreamEnd {
     /// The subscription closed (broadcaster shut down).
     Closed,
-    /// The shutdown token fired.
+    /// The close signal fired (the instance drains).
     Shutdown,
     /// The client fell behind its queue and was cut.
     Lagged,
@@ -41,8 +44,27 @@ pub struct SseStream {
     prelude: Option<Bytes>,
     subscription: Subscription,
     heartbeat: Interval,
-    shutdown: Pin<Box<WaitForCancellationFutureOwned>>,
+    close: Closing,
     on_end: Option<Box<dyn FnOnce(StreamEnd) + Send + Sync>>,
+}
+
+/// When and how streams end on shutdown.
+#[derive(Debug, Clone)]
+pub struct CloseSignal {
+    /// Fires when the instance starts draining.
+    pub token: CancellationToken,
+    /// Streams close at a uniformly random moment within this window.
+    pub window: Duration,
+    /// Base of the `retry:` hint sent before closing; a random extra of up
+    /// to the same amount is added.
+    pub retry: Duration,
+}
+
+enum Closing {
+    Waiting(Pin<Box<WaitForCancellationFutureOwned>>, CloseSignal),
+    Delaying(Pin<Box<tokio::time::Sleep>>, Duration),
+    /// The final `retry:` hint was sent; the stream ends next.
+    Done,
 }
 
 impl SseStream {
@@ -52,7 +74,7 @@ impl SseStream {
         prelude: Bytes,
         subscription: Subscription,
         heartbeat: Duration,
-        shutdown: CancellationToken,
+        close: CloseSignal,
     ) -> Self {
         let mut interval = tokio::time::interval_at(Instant::now() + heartbeat, heartbeat);
         // After a stall, one heartbeat is enough; no burst of missed ticks.
@@ -61,7 +83,7 @@ impl SseStream {
             prelude: Some(prelude),
             subscription,
             heartbeat: interval,
-            shutdown: Box::pin(shutdown.cancelled_owned()),
+            close: Closing::Waiting(Box::pin(close.token.clone().cancelled_owned()), close),
             on_end: None,
         }
     }
@@ -89,8 +111,26 @@ impl Stream for SseStream {
         if let Some(prelude) = this.prelude.take() {
             return Poll::Ready(Some(Ok(prelude)));
         }
-        if this.shutdown.as_mut().poll(cx).is_ready() {
-            return this.end(StreamEnd::Shutdown);
+        loop {
+            match &mut this.close {
+                Closing::Waiting(fired, signal) => {
+                    if fired.as_mut().poll(cx).is_pending() {
+                        break;
+                    }
+                    let delay = signal.window.mul_f64(rand::random::<f64>());
+                    let retry = signal.retry + signal.retry.mul_f64(rand::random::<f64>());
+                    this.close = Closing::Delaying(Box::pin(tokio::time::sleep(delay)), retry);
+                }
+                Closing::Delaying(sleep, retry) => {
+                    if sleep.as_mut().poll(cx).is_pending() {
+                        break;
+                    }
+                    let hint = encode_retry(*retry);
+                    this.close = Closing::Done;
+                    return Poll::Ready(Some(Ok(hint)));
+                }
+                Closing::Done => return this.end(StreamEnd::Shutdown),
+            }
         }
         match Pin::new(&mut this.subscription).poll_next(cx) {
             Poll::Ready(Some(Ok(frame))) => return Poll::Ready(Some(Ok(frame.bytes))),

@@ -502,23 +502,97 @@ async fn gate_before_the_run_reaches_it_is_a_conflict() {
 }
 
 #[tokio::test]
-async fn sigterm_ends_streams_and_exits() {
-    let mut server = Server::start(&[("SHUTDOWN_GRACE_SECS", "5")]);
+async fn sigterm_drains_then_closes_streams_with_retry_hints_and_exits() {
+    let mut server = Server::start(&[
+        ("SHUTDOWN_GRACE_SECS", "5"),
+        ("SHUTDOWN_DRAIN_SECS", "1"),
+        ("SSE_RETRY_MS", "1000"),
+    ]);
     let (id, token) = new_session(&server).await;
-    let mut sse = SseClient::open(&server, &id, &token).await;
-    sse.expect_connected().await;
+    let mut streams = Vec::new();
+    for _ in 0..4 {
+        let mut sse = SseClient::open(&server, &id, &token).await;
+        sse.expect_connected().await;
+        streams.push(sse);
+    }
     let started = std::time::Instant::now();
     server.signal("TERM");
+    // Unready at once; new streams refused; publishing still works.
+    let c = client();
     assert!(
-        sse.next_event(T).await.is_none(),
-        "stream must end on shutdown"
+        eventually(T, || async {
+            c.get(server.url("/readyz"))
+                .send()
+                .await
+                .map(|r| r.status() == 503)
+                .unwrap_or(false)
+        })
+        .await
+    );
+    let refused = c
+        .get(server.url(&format!("/sessions/{id}/events?token={token}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 503);
+    assert!(refused.headers().contains_key("retry-after"));
+    assert_eq!(
+        post(
+            &server,
+            &token,
+            &format!("/sessions/{id}/messages"),
+            json!({ "text": "late" })
+        )
+        .await
+        .status(),
+        202
+    );
+    for sse in &mut streams {
+        assert_eq!(sse.next_event(T).await.unwrap().json()["text"], "late");
+        // A jittered retry hint (between 1x and 2x SSE_RETRY_MS), then the end.
+        let hint = sse.next_block(T).await.expect("retry hint before close");
+        let retry = hint.retry.expect("retry field");
+        assert!((1000..=2000).contains(&retry), "{retry}");
+        assert!(
+            sse.next_block(T).await.is_none(),
+            "stream must end after the hint"
+        );
+    }
+    assert!(
+        started.elapsed() < Duration::from_millis(1900),
+        "closed within the window: {:?}",
+        started.elapsed()
     );
     assert_eq!(server.wait_exit(Duration::from_secs(5)), Some(0));
     assert!(
-        started.elapsed() < Duration::from_secs(3),
+        started.elapsed() < Duration::from_secs(5),
         "took {:?}",
         started.elapsed()
     );
+}
+
+#[tokio::test]
+async fn streams_beyond_max_streams_get_503() {
+    let server = Server::start(&[("MAX_STREAMS", "2")]);
+    let (id, token) = new_session(&server).await;
+    let mut a = SseClient::open(&server, &id, &token).await;
+    let mut b = SseClient::open(&server, &id, &token).await;
+    a.expect_connected().await;
+    b.expect_connected().await;
+    let res = client()
+        .get(server.url(&format!("/sessions/{id}/events?token={token}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        res.headers()
+            .get("retry-after")
+            .map(|v| v.to_str().unwrap().to_owned())
+            .as_deref(),
+        Some("2")
+    );
+    assert_eq!(error_of(res).await, (503, "unavailable".into()));
+    assert_eq!(server.stats().await["streams_refused"], 1);
 }
 
 #[tokio::test]

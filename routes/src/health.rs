@@ -36,6 +36,8 @@ pub async fn stats(State(state): State<Arc<AppState>>) -> Json<serde_json::Value
         "instance_id": state.instance_id,
         "mode": b.mode,
         "open_streams": state.open_streams.load(Ordering::Relaxed),
+        "max_streams": state.max_streams,
+        "streams_refused": state.streams_refused.load(Ordering::Relaxed),
         "sessions_with_subscribers": b.sessions,
         "subscribers": b.subscribers,
         "published": b.published,

@@ -5,7 +5,6 @@
 use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::process::ExitCode;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use anyhow::Context;
@@ -139,13 +138,23 @@ async fn run(config: Config) -> anyhow::Result<()> {
         sse_scale_server::app(state.clone()).context("INSTANCE_ID is not a valid header value")?;
 
     tracing::info!(%addr, instance_id = %state.instance_id, mode = state.broadcaster.stats().mode, "listening");
+    // SIGTERM: unready at once, streams close spread over the drain window
+    // (publishes keep working meanwhile), then the server stops.
     let signal_state = state.clone();
     state.tasks.spawn(async move {
         tokio::select! {
             () = shutdown_signal() => {}
             () = signal_state.shutdown.cancelled() => {}
         }
-        signal_state.draining.store(true, Ordering::Release);
+        signal_state.start_drain();
+        tracing::info!(
+            window_secs = signal_state.drain_window.as_secs_f64(),
+            "draining"
+        );
+        tokio::select! {
+            () = tokio::time::sleep(signal_state.drain_window) => {}
+            () = signal_state.shutdown.cancelled() => {}
+        }
         signal_state.shutdown.cancel();
     });
 
@@ -166,7 +175,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
     tokio::pin!(served);
     tokio::select! {
         r = &mut served => r?,
-        () = async { state.shutdown.cancelled().await; tokio::time::sleep(grace).await } => {
+        () = async { state.drain.cancelled().await; tokio::time::sleep(grace).await } => {
             tracing::warn!(grace_secs = grace.as_secs(), "shutdown grace period elapsed; exiting");
         }
     }

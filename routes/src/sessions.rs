@@ -57,6 +57,7 @@ pub async fn stream(
             1,
         ));
     }
+    let guard = OpenStream::try_new(state.clone())?;
     // Subscribe before anything is sent, so every event published after the
     // client sees `connected` is delivered.
     let subscription = state.broadcaster.subscribe(&session).await?;
@@ -72,13 +73,12 @@ pub async fn stream(
     // Last-Event-ID.
     prelude.extend_from_slice(&encode_event(None, &connected.event_type, &connected.data));
 
-    let guard = OpenStream::new(state.clone());
     let ended = state.clone();
     let body = SseStream::new(
         prelude.freeze(),
         subscription,
         state.heartbeat,
-        state.shutdown.clone(),
+        state.close_signal(),
     )
     .on_end(move |why| {
         if why == StreamEnd::Lagged {
@@ -106,13 +106,21 @@ pub async fn stream(
     Ok((sse_headers, jar, Body::from_stream(body)).into_response())
 }
 
-/// Counts an open stream for `/stats` while it lives.
+/// Holds one of the instance's `MAX_STREAMS` slots while a stream lives.
 struct OpenStream(Arc<AppState>);
 
 impl OpenStream {
-    fn new(state: Arc<AppState>) -> Self {
-        state.open_streams.fetch_add(1, Ordering::Relaxed);
-        Self(state)
+    fn try_new(state: Arc<AppState>) -> Result<Self, AppError> {
+        let before = state.open_streams.fetch_add(1, Ordering::Relaxed);
+        let slot = Self(state);
+        if before >= slot.0.max_streams {
+            slot.0.streams_refused.fetch_add(1, Ordering::Relaxed);
+            return Err(AppError::unavailable(
+                "this instance holds its maximum number of streams (MAX_STREAMS)",
+                2,
+            ));
+        }
+        Ok(slot)
     }
 }
 

@@ -60,7 +60,11 @@ pub struct AppState {
     pub pipelines: PipelineRegistry,
     /// Gate answers relayed to and from other instances.
     pub gates: GateRelay,
-    /// Fired on SIGTERM/SIGINT: streams end, runs stop.
+    /// Fired on SIGTERM/SIGINT: streams start closing, spread over the
+    /// drain window.
+    pub drain: CancellationToken,
+    pub drain_window: Duration,
+    /// Fired after the drain window: the server stops, runs are cancelled.
     pub shutdown: CancellationToken,
     /// Owns every task spawned on behalf of a request, so shutdown can wait
     /// for them.
@@ -69,6 +73,10 @@ pub struct AppState {
     /// refused.
     pub draining: AtomicBool,
     pub open_streams: AtomicUsize,
+    /// Cap on `open_streams` (`MAX_STREAMS`).
+    pub max_streams: usize,
+    /// Stream opens refused because of the cap.
+    pub streams_refused: AtomicU64,
     /// Streams cut because the client fell behind its queue.
     pub slow_consumers_cut: AtomicU64,
 }
@@ -107,16 +115,36 @@ impl AppState {
             max_event_bytes: config.max_event_bytes as usize,
             pipelines: PipelineRegistry::default(),
             gates: GateRelay::default(),
+            drain: CancellationToken::new(),
+            drain_window: config.shutdown_drain(),
             shutdown,
             tasks,
             draining: AtomicBool::new(false),
             open_streams: AtomicUsize::new(0),
+            max_streams: config.max_streams as usize,
+            streams_refused: AtomicU64::new(0),
             slow_consumers_cut: AtomicU64::new(0),
         }
     }
 
     pub fn is_draining(&self) -> bool {
         self.draining.load(Ordering::Acquire)
+    }
+
+    /// Starts draining: `/readyz` turns unready, new streams are refused and
+    /// open ones close spread over the drain window.
+    pub fn start_drain(&self) {
+        self.draining.store(true, Ordering::Release);
+        self.drain.cancel();
+    }
+
+    /// How open streams end on shutdown.
+    pub fn close_signal(&self) -> sse_scale::stream::CloseSignal {
+        sse_scale::stream::CloseSignal {
+            token: self.drain.clone(),
+            window: self.drain_window,
+            retry: self.retry,
+        }
     }
 
     /// Checks the payload limit, then publishes. Returns the event id.
