@@ -81,6 +81,9 @@ pub struct RedisSettings {
     pub history_maxlen: u64,
     /// Seconds a session's history lives after its last event.
     pub history_ttl_secs: u64,
+    /// Events held while Redis is unreachable (published in order once it
+    /// is back); more are dropped and counted.
+    pub outbox_max: usize,
 }
 
 impl RedisSettings {
@@ -91,6 +94,7 @@ impl RedisSettings {
             queue: crate::local::DEFAULT_QUEUE,
             history_maxlen: 1000,
             history_ttl_secs: 3600,
+            outbox_max: 10_000,
         }
     }
 }

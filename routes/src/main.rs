@@ -100,6 +100,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
                 settings.queue = config.sse_client_queue as usize;
                 settings.history_maxlen = config.history_maxlen;
                 settings.history_ttl_secs = config.history_ttl_secs;
+            settings.outbox_max = config.outbox_max as usize;
                 let b = RedisBroadcaster::start(
                     redis.clone(),
                     flags.clone(),
