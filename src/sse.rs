@@ -22,7 +22,7 @@ pub fn encode_event(id: Option<EventId>, event_type: &EventType, data: &str) -> 
     let mut buf = BytesMut::with_capacity(data.len() + event_type.as_str().len() + 48);
     if let Some(id) = id {
         // Writing into a BytesMut cannot fail.
-        let _ = write!(Writer(&mut buf), "id: {id}\n");
+        let _ = writeln!(Writer(&mut buf), "id: {id}");
     }
     buf.put_slice(b"event: ");
     buf.put_slice(event_type.as_str().as_bytes());

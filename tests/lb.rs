@@ -1,3 +1,637 @@
-//! Load-balancer configs from `lb-config/`, run against the real balancers.
+//! Load-balancer configs from `lb-config/`, run against the real balancers
+//! (HAProxy, nginx, Caddy) in front of three real `sse-scale` instances.
+//!
+//! Phase 1 of the migration only works if the balancer keeps every client
+//! on the instance that holds its stream, passes events through at once,
+//! keeps idle streams open, never compresses them, moves clients off a dead
+//! instance and lets an instance drain. Each test checks that for one
+//! shipped file, unchanged.
 
 mod support;
+
+#[path = "support/balancer.rs"]
+mod balancer;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
+
+use balancer::Balancer;
+use reqwest::header::{HeaderMap, ACCEPT_ENCODING, CONTENT_ENCODING, COOKIE, SET_COOKIE};
+use serde_json::{json, Value};
+use support::{Server, SseClient};
+
+const IDS: [&str; 3] = ["app1", "app2", "app3"];
+/// How many follow-up requests must all land on the pinned instance.
+const FOLLOW_UPS: usize = 20;
+/// An event must cross the balancer well within this.
+const FAST: Duration = Duration::from_secs(1);
+
+/// Three instances named app1..app3 (the INSTANCE_IDs the configs expect),
+/// heartbeating every second so idle-stream tests stay short.
+struct Apps {
+    servers: Vec<Option<Server>>,
+}
+
+impl Apps {
+    fn start() -> Apps {
+        let servers = IDS
+            .iter()
+            .map(|id| {
+                Some(Server::start(&[
+                    ("INSTANCE_ID", id),
+                    ("SSE_HEARTBEAT_SECS", "1"),
+                ]))
+            })
+            .collect();
+        Apps { servers }
+    }
+
+    fn addrs(&self) -> [&str; 3] {
+        let addr = |i: usize| self.servers[i].as_ref().unwrap().addr.as_str();
+        [addr(0), addr(1), addr(2)]
+    }
+
+    /// The address of the instance named `id`.
+    fn addr_of(&self, id: &str) -> String {
+        let i = IDS.iter().position(|x| *x == id).expect("known id");
+        self.servers[i].as_ref().unwrap().addr.clone()
+    }
+
+    /// Kills the instance named `id` (SIGKILL: no graceful shutdown).
+    fn kill(&mut self, id: &str) {
+        let i = IDS.iter().position(|x| *x == id).expect("known id");
+        drop(self.servers[i].take().expect("instance still running"));
+    }
+}
+
+/// The cookies a browser would hold, filled from Set-Cookie by hand (the
+/// reqwest cookie store is not enabled in this workspace).
+#[derive(Debug, Default, Clone)]
+struct Jar(BTreeMap<String, String>);
+
+impl Jar {
+    fn store(&mut self, headers: &HeaderMap) {
+        self.0.extend(set_cookies(headers));
+    }
+
+    fn header(&self) -> String {
+        self.0
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join("; ")
+    }
+
+    fn get(&self, name: &str) -> Option<&str> {
+        self.0.get(name).map(String::as_str)
+    }
+}
+
+/// name -> value of every Set-Cookie header.
+fn set_cookies(headers: &HeaderMap) -> BTreeMap<String, String> {
+    headers
+        .get_all(SET_COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .filter_map(|v| v.split(';').next())
+        .filter_map(|pair| pair.split_once('='))
+        .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
+        .collect()
+}
+
+fn instance_of(headers: &HeaderMap) -> String {
+    headers
+        .get("x-instance-id")
+        .expect("every response names its instance")
+        .to_str()
+        .unwrap()
+        .to_owned()
+}
+
+fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap()
+}
+
+/// Streams must not have a whole-response timeout; SseClient times each
+/// block instead.
+fn stream_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(5))
+        .build()
+        .unwrap()
+}
+
+struct Session {
+    id: String,
+    token: String,
+}
+
+/// `POST /sessions` through the balancer; stores the cookies it sets.
+async fn create_session(lb: &Balancer, jar: &mut Jar) -> (Session, String) {
+    let mut req = client().post(lb.url("/sessions"));
+    if !jar.0.is_empty() {
+        req = req.header(COOKIE, jar.header());
+    }
+    let res = req.send().await.unwrap();
+    assert_eq!(res.status(), 201, "{}", lb.log());
+    jar.store(res.headers());
+    let instance = instance_of(res.headers());
+    let body: Value = res.json().await.unwrap();
+    let session = Session {
+        id: body["id"].as_str().unwrap().to_owned(),
+        token: body["token"].as_str().unwrap().to_owned(),
+    };
+    (session, instance)
+}
+
+/// One request carrying the jar's cookies (and `extra` headers); returns
+/// the instance that answered. Alternates between routes so both GETs and
+/// POSTs with bodies are covered.
+async fn follow_up(
+    lb: &Balancer,
+    s: &Session,
+    jar: &Jar,
+    extra: &[(&str, &str)],
+    n: usize,
+) -> String {
+    let c = client();
+    let mut req = match n % 3 {
+        0 => c.get(lb.url("/stats")),
+        1 => c.get(lb.url("/readyz")),
+        _ => c
+            .post(lb.url(&format!("/sessions/{}/events", s.id)))
+            .bearer_auth(&s.token)
+            .json(&json!({ "type": "noise", "data": n })),
+    };
+    if !jar.0.is_empty() {
+        req = req.header(COOKIE, jar.header());
+    }
+    for (k, v) in extra {
+        req = req.header(*k, *v);
+    }
+    let res = req.send().await.unwrap();
+    assert!(
+        res.status().is_success(),
+        "follow-up {n}: {} {:?}",
+        res.status(),
+        res.text().await
+    );
+    instance_of(res.headers())
+}
+
+/// Sends `FOLLOW_UPS` requests; asserts every one reached `expected`.
+async fn assert_follow_ups_land_on(
+    lb: &Balancer,
+    s: &Session,
+    jar: &Jar,
+    extra: &[(&str, &str)],
+    expected: &str,
+) {
+    for n in 0..FOLLOW_UPS {
+        let got = follow_up(lb, s, jar, extra, n).await;
+        assert_eq!(
+            got,
+            expected,
+            "follow-up {n} with cookies [{}] {extra:?} left the pinned instance",
+            jar.header()
+        );
+    }
+}
+
+/// Instances reached by `n` requests without any affinity cookie or header.
+async fn instances_without_affinity(lb: &Balancer, n: usize) -> BTreeSet<String> {
+    let mut seen = BTreeSet::new();
+    for _ in 0..n {
+        let res = client().get(lb.url("/stats")).send().await.unwrap();
+        assert_eq!(res.status(), 200);
+        seen.insert(instance_of(res.headers()));
+    }
+    seen
+}
+
+/// Opens the session's stream through the balancer, asking for gzip like a
+/// browser does. Asserts the stream is plain text/event-stream and returns
+/// it with the instance named by its `connected` event (which must match
+/// X-Instance-Id). Stores the cookies the response sets.
+async fn open_stream(
+    lb: &Balancer,
+    s: &Session,
+    jar: &mut Jar,
+    extra: &[(&str, &str)],
+) -> (SseClient, String) {
+    let mut req = stream_client()
+        .get(lb.url(&format!("/sessions/{}/events?token={}", s.id, s.token)))
+        .header(ACCEPT_ENCODING, "gzip, deflate, br");
+    if !jar.0.is_empty() {
+        req = req.header(COOKIE, jar.header());
+    }
+    for (k, v) in extra {
+        req = req.header(*k, *v);
+    }
+    let res = req.send().await.unwrap();
+    assert_eq!(res.status(), 200, "stream open: {}", lb.log());
+    let headers = res.headers().clone();
+    assert_eq!(headers["content-type"], "text/event-stream");
+    assert!(
+        headers.get(CONTENT_ENCODING).is_none(),
+        "{:?} compressed the stream: {:?}",
+        lb.kind,
+        headers.get(CONTENT_ENCODING)
+    );
+    jar.store(&headers);
+    let mut sse = SseClient::from_response(res);
+    // Parsing `retry:` and `connected` as text also proves the body is not
+    // compressed, whatever the headers say.
+    let connected = sse.expect_connected().await.json();
+    let instance = connected["instance_id"].as_str().unwrap().to_owned();
+    assert_eq!(connected["session_id"], s.id.as_str());
+    assert_eq!(
+        instance,
+        instance_of(&headers),
+        "X-Instance-Id and connected disagree"
+    );
+    (sse, instance)
+}
+
+/// Publishes a message through the balancer and waits for it on `sse`;
+/// asserts it crossed in under `FAST`. Returns the publishing instance.
+async fn publish_and_receive(
+    lb: &Balancer,
+    s: &Session,
+    jar: &Jar,
+    extra: &[(&str, &str)],
+    sse: &mut SseClient,
+    text: &str,
+) -> String {
+    let started = Instant::now();
+    let mut req = client()
+        .post(lb.url(&format!("/sessions/{}/messages", s.id)))
+        .bearer_auth(&s.token)
+        .json(&json!({ "text": text }));
+    if !jar.0.is_empty() {
+        req = req.header(COOKIE, jar.header());
+    }
+    for (k, v) in extra {
+        req = req.header(*k, *v);
+    }
+    let res = req.send().await.unwrap();
+    assert_eq!(res.status(), 202);
+    let publisher = instance_of(res.headers());
+    // Skip the "noise" events earlier follow-ups published, and heartbeats.
+    loop {
+        let ev = sse
+            .next_event(Duration::from_secs(3))
+            .await
+            .unwrap_or_else(|| panic!("stream ended before {text:?}; {}", lb.log()));
+        if ev.event.as_deref() == Some("chat_message") {
+            assert_eq!(ev.json()["text"], text);
+            break;
+        }
+        assert_eq!(ev.event.as_deref(), Some("noise"), "{ev:?}");
+    }
+    let took = started.elapsed();
+    assert!(
+        took < FAST,
+        "{:?}: event took {took:?} to cross the balancer",
+        lb.kind
+    );
+    publisher
+}
+
+/// Reads an idle stream for `hold`: only heartbeats may arrive, at least one
+/// per `2 * heartbeat`, and the stream must stay open throughout.
+async fn hold_idle_stream(lb: &Balancer, sse: &mut SseClient, hold: Duration) {
+    let started = Instant::now();
+    let mut heartbeats = 0;
+    while started.elapsed() < hold {
+        let block = sse
+            .next_block(Duration::from_millis(2500))
+            .await
+            .unwrap_or_else(|| {
+                panic!(
+                    "{:?} closed an idle stream after {:?}; log:\n{}",
+                    lb.kind,
+                    started.elapsed(),
+                    lb.log()
+                )
+            });
+        if block.comment {
+            heartbeats += 1;
+        } else {
+            assert_eq!(block.event.as_deref(), Some("noise"), "{block:?}");
+        }
+    }
+    assert!(
+        heartbeats >= 3,
+        "only {heartbeats} heartbeats in {hold:?}: the balancer buffers the stream"
+    );
+}
+
+/// Waits for a stream to end (its instance died).
+async fn expect_stream_end(lb: &Balancer, sse: &mut SseClient) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline {
+        if sse.next_block(Duration::from_secs(5)).await.is_none() {
+            return;
+        }
+    }
+    panic!("{:?} kept a stream open after its instance died", lb.kind);
+}
+
+/// How a balancer's affinity cookie relates to instances.
+struct CookieSpec {
+    /// Name of the cookie that carries affinity.
+    name: &'static str,
+    /// Its value is the INSTANCE_ID (HAProxy server cookie, app cookie) or an
+    /// opaque hash (Caddy).
+    value_is_instance: bool,
+}
+
+/// Requirements 1-5 for a cookie-affinity config: pinning, fast delivery,
+/// idle streams kept open, no compression, failover with re-pinning.
+async fn cookie_affinity_suite(lb: &Balancer, apps: &mut Apps, spec: CookieSpec) {
+    // Without a cookie, requests spread: the pinning below is the cookie's doing.
+    let spread = instances_without_affinity(lb, 12).await;
+    assert!(
+        spread.len() > 1,
+        "{:?} sent every cookieless request to {spread:?}",
+        lb.kind
+    );
+
+    // 1. The first request gets the affinity cookie.
+    let mut jar = Jar::default();
+    let (s, first) = create_session(lb, &mut jar).await;
+    let pinned_cookie = jar
+        .get(spec.name)
+        .unwrap_or_else(|| panic!("no {} cookie in {jar:?}", spec.name))
+        .to_owned();
+    if spec.value_is_instance {
+        assert_eq!(pinned_cookie, first, "cookie names the instance");
+    }
+
+    // Follow-ups carrying it all land on the same instance, and so does the
+    // stream (which also must not be compressed: requirement 4).
+    assert_follow_ups_land_on(lb, &s, &jar, &[], &first).await;
+    let (mut sse, streamed_on) = open_stream(lb, &s, &mut jar, &[]).await;
+    assert_eq!(streamed_on, first, "stream left the pinned instance");
+    assert_eq!(jar.get(spec.name), Some(pinned_cookie.as_str()));
+
+    // 2. An event published after the stream opened arrives at once.
+    let publisher = publish_and_receive(lb, &s, &jar, &[], &mut sse, "one").await;
+    assert_eq!(publisher, first);
+
+    // 3. The idle stream stays open with heartbeats flowing, then still
+    // delivers.
+    hold_idle_stream(lb, &mut sse, Duration::from_millis(4500)).await;
+    publish_and_receive(lb, &s, &jar, &[], &mut sse, "after idle").await;
+
+    // 5. The pinned instance dies: its stream ends, ...
+    apps.kill(&first);
+    expect_stream_end(lb, &mut sse).await;
+    // ... a request still carrying the old cookie (say a publish racing
+    // the reconnect) is answered by a survivor, ...
+    let stale = jar.clone();
+    let res = client()
+        .post(lb.url(&format!("/sessions/{}/messages", s.id)))
+        .bearer_auth(&s.token)
+        .header(COOKIE, stale.header())
+        .json(&json!({ "text": "into the void" }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 202, "{:?}: {}", lb.kind, lb.log());
+    assert_ne!(instance_of(res.headers()), first);
+    // ... and the reconnect (EventSource does it by itself, with the old
+    // cookie) reaches a survivor, which re-pins the client.
+    let (mut sse, survivor) = open_stream(lb, &s, &mut jar, &[]).await;
+    assert_ne!(survivor, first, "reconnect reached the dead instance?");
+    let new_cookie = jar.get(spec.name).expect("cookie").to_owned();
+    assert_ne!(new_cookie, pinned_cookie, "{:?} did not re-pin", lb.kind);
+    if spec.value_is_instance {
+        assert_eq!(new_cookie, survivor, "new cookie names the survivor");
+    }
+    assert_follow_ups_land_on(lb, &s, &jar, &[], &survivor).await;
+    let publisher = publish_and_receive(lb, &s, &jar, &[], &mut sse, "after failover").await;
+    assert_eq!(publisher, survivor);
+}
+
+/// Requirement 7: the same X-Session-ID always reaches the same instance
+/// (requests and stream), different values spread.
+async fn header_affinity_suite(lb: &Balancer) {
+    let mut jar = Jar::default();
+    let (s, _) = create_session(lb, &mut jar).await;
+    // The header routes; cookies must not matter here.
+    let jar = Jar::default();
+    let header = [("X-Session-ID", s.id.as_str())];
+    let pinned = follow_up(lb, &s, &jar, &header, 0).await;
+    assert_follow_ups_land_on(lb, &s, &jar, &header, &pinned).await;
+    let (mut sse, streamed_on) = open_stream(lb, &s, &mut Jar::default(), &header).await;
+    assert_eq!(streamed_on, pinned);
+    let publisher = publish_and_receive(lb, &s, &jar, &header, &mut sse, "by header").await;
+    assert_eq!(publisher, pinned);
+
+    let mut spread = BTreeSet::new();
+    for n in 0..30 {
+        let value = format!("session-{n}");
+        spread.insert(follow_up(lb, &s, &jar, &[("X-Session-ID", &value)], 0).await);
+    }
+    assert!(
+        spread.len() > 1,
+        "{:?} sent 30 different X-Session-ID values all to {spread:?}",
+        lb.kind
+    );
+}
+
+#[tokio::test]
+async fn haproxy_cookie_pins_streams_and_fails_over() {
+    let mut apps = Apps::start();
+    // A 2 s inactivity timeout (shipped default: 1 h) proves heartbeats keep
+    // a stream open past `timeout client` / `timeout server`.
+    let lb = Balancer::haproxy(
+        "haproxy/haproxy.cfg",
+        &apps.addrs(),
+        &[("LB_STREAM_TIMEOUT", "2s")],
+    )
+    .await;
+    let spec = CookieSpec {
+        name: "SRV",
+        value_is_instance: true,
+    };
+    cookie_affinity_suite(&lb, &mut apps, spec).await;
+}
+
+#[tokio::test]
+async fn haproxy_drain_keeps_pinned_streams_and_sends_new_clients_elsewhere() {
+    let apps = Apps::start();
+    let lb = Balancer::haproxy("haproxy/haproxy.cfg", &apps.addrs(), &[]).await;
+    let mut jar = Jar::default();
+    let (s, drained) = create_session(&lb, &mut jar).await;
+    let (mut sse, streamed_on) = open_stream(&lb, &s, &mut jar, &[]).await;
+    assert_eq!(streamed_on, drained);
+
+    // The deploy step: drain the instance over the runtime API.
+    let answer = lb.haproxy_command(&format!("set server app/{drained} state drain"));
+    assert!(answer.trim().is_empty(), "drain refused: {answer:?}");
+    let state = lb.haproxy_command("show stat");
+    let row = state
+        .lines()
+        .find(|l| l.starts_with(&format!("app,{drained},")))
+        .unwrap_or_else(|| panic!("no stats row for {drained}: {state}"));
+    assert!(row.contains(",DRAIN"), "{row}");
+
+    // The pinned stream stays open and keeps receiving; its cookie still
+    // routes to the drained instance.
+    publish_and_receive(&lb, &s, &jar, &[], &mut sse, "while draining").await;
+    assert_follow_ups_land_on(&lb, &s, &jar, &[], &drained).await;
+
+    // New clients (no cookie) go elsewhere.
+    for n in 0..FOLLOW_UPS {
+        let (_, landed) = create_session(&lb, &mut Jar::default()).await;
+        assert_ne!(
+            landed, drained,
+            "new client {n} reached the drained instance"
+        );
+    }
+    // Health checks keep running while draining and do not undo it.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    publish_and_receive(&lb, &s, &jar, &[], &mut sse, "still draining").await;
+    let spread = instances_without_affinity(&lb, 12).await;
+    assert!(!spread.contains(&drained), "{spread:?}");
+
+    // Rolling back the drain returns the instance to the rotation.
+    let answer = lb.haproxy_command(&format!("set server app/{drained} state ready"));
+    assert!(answer.trim().is_empty(), "ready refused: {answer:?}");
+    let spread = instances_without_affinity(&lb, 12).await;
+    assert!(spread.contains(&drained), "{spread:?}");
+}
+
+#[tokio::test]
+async fn haproxy_header_hash_pins_by_session_id() {
+    let apps = Apps::start();
+    let lb = Balancer::haproxy("haproxy/haproxy-header.cfg", &apps.addrs(), &[]).await;
+    header_affinity_suite(&lb).await;
+}
+
+#[tokio::test]
+async fn nginx_cookie_map_pins_streams_and_fails_over() {
+    let mut apps = Apps::start();
+    let lb = Balancer::nginx("nginx/cookie-map.conf.template", &apps.addrs()).await;
+    let spec = CookieSpec {
+        name: "sse_affinity",
+        value_is_instance: true,
+    };
+    cookie_affinity_suite(&lb, &mut apps, spec).await;
+}
+
+#[tokio::test]
+async fn nginx_cookie_map_drain_by_reload_keeps_pinned_streams() {
+    let apps = Apps::start();
+    let lb = Balancer::nginx("nginx/cookie-map.conf.template", &apps.addrs()).await;
+    let mut jar = Jar::default();
+    let (s, drained) = create_session(&lb, &mut jar).await;
+    let (mut sse, streamed_on) = open_stream(&lb, &s, &mut jar, &[]).await;
+    assert_eq!(streamed_on, drained);
+
+    // The documented drain: mark the instance `down` in the round-robin pool
+    // only (its own upstream, which pinned clients use, stays), then reload.
+    let addr = apps.addr_of(&drained);
+    lb.nginx_reload(|conf| {
+        let pool_line = format!("server {addr} max_fails");
+        assert_eq!(conf.matches(&pool_line).count(), 1, "{conf}");
+        conf.replace(&pool_line, &format!("server {addr} down max_fails"))
+    });
+    // The reload takes effect once the new workers run.
+    let reloaded = support::eventually(Duration::from_secs(5), || async {
+        !instances_without_affinity(&lb, 6).await.contains(&drained)
+    })
+    .await;
+    assert!(reloaded, "new clients still reach {drained}; {}", lb.log());
+    for n in 0..FOLLOW_UPS {
+        let (_, landed) = create_session(&lb, &mut Jar::default()).await;
+        assert_ne!(
+            landed, drained,
+            "new client {n} reached the drained instance"
+        );
+    }
+    // The stream opened before the reload is still served (by an old
+    // worker) and still receives; the client's cookie still reaches it.
+    publish_and_receive(&lb, &s, &jar, &[], &mut sse, "after reload").await;
+    assert_follow_ups_land_on(&lb, &s, &jar, &[], &drained).await;
+}
+
+#[tokio::test]
+async fn nginx_cookie_hash_pins_by_cookie_value() {
+    let mut apps = Apps::start();
+    let lb = Balancer::nginx("nginx/cookie-hash.conf.template", &apps.addrs()).await;
+    // No cookie: empty hash key, nginx falls back to round robin.
+    let spread = instances_without_affinity(&lb, 12).await;
+    assert!(spread.len() > 1, "{spread:?}");
+
+    let mut jar = Jar::default();
+    let (s, _) = create_session(&lb, &mut jar).await;
+    assert!(jar.get("sse_affinity").is_some(), "{jar:?}");
+    // Requests with the same cookie value reach one instance: hash(value),
+    // which need not be the instance the value names.
+    let pinned = follow_up(&lb, &s, &jar, &[], 0).await;
+    assert_follow_ups_land_on(&lb, &s, &jar, &[], &pinned).await;
+    let mut stream_jar = jar.clone();
+    let (mut sse, streamed_on) = open_stream(&lb, &s, &mut stream_jar, &[]).await;
+    assert_eq!(streamed_on, pinned);
+    publish_and_receive(&lb, &s, &jar, &[], &mut sse, "hashed").await;
+
+    // The hashed instance dies: the key moves to one survivor and stays.
+    apps.kill(&pinned);
+    expect_stream_end(&lb, &mut sse).await;
+    let moved = follow_up(&lb, &s, &jar, &[], 0).await;
+    assert_ne!(moved, pinned);
+    assert_follow_ups_land_on(&lb, &s, &jar, &[], &moved).await;
+}
+
+#[tokio::test]
+async fn nginx_header_hash_pins_by_session_id() {
+    let apps = Apps::start();
+    let lb = Balancer::nginx("nginx/header-hash.conf.template", &apps.addrs()).await;
+    header_affinity_suite(&lb).await;
+}
+
+#[tokio::test]
+async fn caddy_cookie_pins_streams_and_fails_over() {
+    let mut apps = Apps::start();
+    // A 2 s upstream read timeout (shipped default: 1 h) proves heartbeats
+    // keep a stream open past it.
+    let lb = Balancer::caddy(
+        "caddy/Caddyfile",
+        &apps.addrs(),
+        &[
+            ("LB_COOKIE_SECRET", "lb-test-secret"),
+            ("LB_STREAM_TIMEOUT", "2s"),
+        ],
+    )
+    .await;
+    let spec = CookieSpec {
+        name: "sse_lb",
+        value_is_instance: false,
+    };
+    cookie_affinity_suite(&lb, &mut apps, spec).await;
+}
+
+#[tokio::test]
+async fn caddy_header_hash_pins_by_session_id() {
+    let apps = Apps::start();
+    let lb = Balancer::caddy("caddy/Caddyfile.header", &apps.addrs(), &[]).await;
+    header_affinity_suite(&lb).await;
+}
+
+#[test]
+fn a_missing_balancer_fails_with_a_clear_message() {
+    let err = std::panic::catch_unwind(|| balancer::require_binary("no-such-balancer-xyz"))
+        .expect_err("must panic");
+    let msg = err.downcast_ref::<String>().cloned().unwrap_or_default();
+    assert!(
+        msg.contains("not installed") && msg.contains("run-all.sh"),
+        "{msg}"
+    );
+}
