@@ -17,6 +17,7 @@ use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
 use tokio_stream::wrappers::BroadcastStream;
 
 use crate::event::{EventId, Frame, OutgoingEvent, SessionId};
+use crate::history::Replay;
 
 /// Why a broadcaster refused an operation.
 #[derive(Debug, thiserror::Error)]
@@ -39,6 +40,9 @@ pub struct BroadcasterStats {
     pub subscribers: usize,
     /// Events published through this instance.
     pub published: u64,
+    /// Sessions with in-process history (for resume) and its size.
+    pub history_sessions: usize,
+    pub history_bytes: usize,
     /// Redis counters, when the broadcaster uses Redis.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub redis: Option<crate::redis_broadcaster::RedisCounters>,
@@ -64,6 +68,12 @@ pub trait Broadcaster: Send + Sync + 'static {
         &'a self,
         session: &'a SessionId,
     ) -> BoxFuture<'a, Result<Subscription, BroadcastError>>;
+
+    /// The session's events after `after`, for a client resuming with
+    /// `Last-Event-ID`. Call it after [`Broadcaster::subscribe`], so that
+    /// every event is in the replay, in the subscription, or in both (the
+    /// stream drops the second copy by id).
+    fn replay<'a>(&'a self, session: &'a SessionId, after: EventId) -> BoxFuture<'a, Replay>;
 
     /// Closes every subscription and refuses further work.
     fn shutdown(&self) -> BoxFuture<'_, ()>;

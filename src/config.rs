@@ -60,6 +60,12 @@ pub struct Config {
           value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
     pub sse_client_queue: u64,
 
+    /// Seconds a write to a client may stay blocked (the client stopped
+    /// reading) before its connection is closed; it resumes by id later.
+    #[arg(long, env = "SSE_WRITE_TIMEOUT_SECS", default_value_t = 30,
+          value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub sse_write_timeout_secs: u64,
+
     /// Largest accepted event payload in bytes (larger → 413).
     #[arg(long, env = "MAX_EVENT_BYTES", default_value_t = 65_536,
           value_parser = clap::value_parser!(u64).range(1..=16 * 1024 * 1024))]
@@ -94,6 +100,13 @@ pub struct Config {
     #[arg(long, env = "HISTORY_TTL_SECS", default_value_t = 3600,
           value_parser = clap::value_parser!(u64).range(1..=30 * 86_400))]
     pub history_ttl_secs: u64,
+
+    /// Megabytes of event history kept in process over all sessions (every
+    /// event in local mode; in Redis mode only events that did not reach
+    /// Redis). Past it, the histories idle the longest are dropped.
+    #[arg(long, env = "HISTORY_MEMORY_MB", default_value_t = 256,
+          value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub history_memory_mb: u64,
 
     /// Publishes per second per session on the publishing routes (0: no limit).
     #[arg(long, env = "RATE_LIMIT_PUBLISH_PER_SEC", default_value_t = 50)]
@@ -223,6 +236,7 @@ impl std::fmt::Debug for Config {
             .field("sse_heartbeat_secs", &self.sse_heartbeat_secs)
             .field("sse_retry_ms", &self.sse_retry_ms)
             .field("sse_client_queue", &self.sse_client_queue)
+            .field("sse_write_timeout_secs", &self.sse_write_timeout_secs)
             .field("max_event_bytes", &self.max_event_bytes)
             .field("sse_adapter", &self.sse_adapter)
             .field("redis_url", &self.redis_url.as_deref().map(redact_url))
@@ -230,6 +244,7 @@ impl std::fmt::Debug for Config {
             .field("ff_redis_sse_broadcast", &self.ff_redis_sse_broadcast)
             .field("history_maxlen", &self.history_maxlen)
             .field("history_ttl_secs", &self.history_ttl_secs)
+            .field("history_memory_mb", &self.history_memory_mb)
             .field(
                 "rate_limit_publish_per_sec",
                 &self.rate_limit_publish_per_sec,

@@ -193,6 +193,14 @@ impl IdGenerator {
             }
         }
     }
+
+    /// Makes every later id greater than `id` (an id this process has seen
+    /// from elsewhere, such as Redis), so a client never sees ids go
+    /// backwards when events from both sources reach it.
+    pub fn observe(&self, id: EventId) {
+        let packed = (id.ms << SEQ_BITS) | id.seq.min(SEQ_MASK);
+        self.last.fetch_max(packed, Ordering::Relaxed);
+    }
 }
 
 /// An event on its way to subscribers, before it has an id.
@@ -263,5 +271,20 @@ mod tests {
         }
         assert!("12".parse::<EventId>().is_err());
         assert!("a-1".parse::<EventId>().is_err());
+    }
+
+    #[test]
+    fn observed_ids_raise_the_floor() {
+        let g = IdGenerator::new();
+        let ahead = EventId {
+            ms: g.next_id().ms + 60_000,
+            seq: 7,
+        };
+        g.observe(ahead);
+        assert!(g.next_id() > ahead);
+        // Observing an older id changes nothing.
+        let before = g.next_id();
+        g.observe(EventId { ms: 1, seq: 0 });
+        assert!(g.next_id() > before);
     }
 }

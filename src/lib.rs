@@ -24,6 +24,8 @@
 //!   enforced in Redis with an in-process fallback.
 //! - [`flags`] — [`flags::FlagSource`] and `FF_REDIS_SSE_BROADCAST`.
 //! - [`envelope`] — the versioned JSON envelope on the Redis wire.
+//! - [`history`] — per-session history for `Last-Event-ID` resume, and
+//!   the `reset` answer when it no longer reaches back.
 //! - [`event`] — event types, ids and validation shared by every
 //!   broadcaster.
 //! - [`sse`] — the SSE wire encoder (WHATWG `text/event-stream` framing).
@@ -38,6 +40,7 @@ pub mod config;
 pub mod envelope;
 pub mod event;
 pub mod flags;
+pub mod history;
 pub mod local;
 pub mod ratelimit;
 pub mod redis_broadcaster;

@@ -20,6 +20,7 @@ use tokio::sync::broadcast;
 
 use crate::broadcaster::{BroadcastError, Broadcaster, BroadcasterStats, Subscription};
 use crate::event::{EventId, Frame, IdGenerator, OutgoingEvent, SessionId};
+use crate::history::{History, HistoryLimits, Replay};
 use crate::sse::encode_event;
 
 /// Default length of each session's queue (events a subscriber may fall
@@ -47,6 +48,9 @@ struct Inner {
     /// Told when a session gains its first subscriber or loses its last
     /// (the Redis broadcaster subscribes and unsubscribes channels on it).
     hook: Option<Arc<dyn SessionHook>>,
+    /// Every event published here (`publish_now`), kept for resume whether
+    /// or not the session has subscribers at the moment.
+    history: History,
 }
 
 /// Observes sessions appearing in and leaving the map. Called with the map
@@ -65,15 +69,20 @@ impl LocalBroadcaster {
     /// `queue` is how many events a subscriber may fall behind before it is
     /// cut (at least 1).
     pub fn new(queue: usize) -> Self {
-        Self::build(queue, None)
+        Self::build(queue, None, HistoryLimits::default())
+    }
+
+    /// A broadcaster whose history keeps `limits`.
+    pub fn with_history(queue: usize, limits: HistoryLimits) -> Self {
+        Self::build(queue, None, limits)
     }
 
     /// A broadcaster that tells `hook` about first and last subscribers.
-    pub fn with_hook(queue: usize, hook: Arc<dyn SessionHook>) -> Self {
-        Self::build(queue, Some(hook))
+    pub fn with_hook(queue: usize, hook: Arc<dyn SessionHook>, limits: HistoryLimits) -> Self {
+        Self::build(queue, Some(hook), limits)
     }
 
-    fn build(queue: usize, hook: Option<Arc<dyn SessionHook>>) -> Self {
+    fn build(queue: usize, hook: Option<Arc<dyn SessionHook>>, limits: HistoryLimits) -> Self {
         Self {
             inner: Arc::new(Inner {
                 sessions: Mutex::new(HashMap::new()),
@@ -83,6 +92,7 @@ impl LocalBroadcaster {
                 subscribers: AtomicUsize::new(0),
                 published: AtomicU64::new(0),
                 hook,
+                history: History::new(limits),
             }),
         }
     }
@@ -96,10 +106,15 @@ impl LocalBroadcaster {
         self.check_open()?;
         let sessions = self.inner.lock();
         let id = self.inner.ids.next_id();
+        let frame = Frame {
+            id,
+            bytes: encode_event(Some(id), &event.event_type, &event.data),
+        };
+        // Recorded under the map lock, so history holds events in id order.
+        self.inner.history.record(session, &frame);
         if let Some(tx) = sessions.get(session) {
-            let bytes = encode_event(Some(id), &event.event_type, &event.data);
             // An error only means every receiver left since the lookup.
-            let _ = tx.send(Frame { id, bytes });
+            let _ = tx.send(frame);
         }
         drop(sessions);
         self.inner.published.fetch_add(1, Ordering::Relaxed);
@@ -115,7 +130,8 @@ impl LocalBroadcaster {
             id,
             bytes: encode_event(Some(id), &event.event_type, &event.data),
         };
-        for tx in sessions.values() {
+        for (session, tx) in sessions.iter() {
+            self.inner.history.record(session, &frame);
             let _ = tx.send(frame.clone());
         }
         drop(sessions);
@@ -167,6 +183,21 @@ impl LocalBroadcaster {
     /// A fresh local id (for events that get no id from elsewhere).
     pub fn next_id(&self) -> EventId {
         self.inner.ids.next_id()
+    }
+
+    /// Makes later local ids greater than `id` (seen from Redis).
+    pub fn observe(&self, id: EventId) {
+        self.inner.ids.observe(id);
+    }
+
+    /// The events of `session` after `after` that were published here.
+    pub fn replay_now(&self, session: &SessionId, after: EventId) -> Replay {
+        self.inner.history.after(session, after)
+    }
+
+    /// Sessions with history here, and the bytes it holds.
+    pub fn history_usage(&self) -> (usize, usize) {
+        self.inner.history.usage()
     }
 
     /// Whether `session` has a live subscriber here.
@@ -261,6 +292,10 @@ impl Broadcaster for LocalBroadcaster {
         future::ready(self.subscribe_now(session)).boxed()
     }
 
+    fn replay<'a>(&'a self, session: &'a SessionId, after: EventId) -> BoxFuture<'a, Replay> {
+        future::ready(self.replay_now(session, after)).boxed()
+    }
+
     fn shutdown(&self) -> BoxFuture<'_, ()> {
         self.close();
         future::ready(()).boxed()
@@ -272,6 +307,8 @@ impl Broadcaster for LocalBroadcaster {
             sessions: self.session_count(),
             subscribers: self.subscriber_count(),
             published: self.published_count(),
+            history_sessions: self.history_usage().0,
+            history_bytes: self.history_usage().1,
             redis: None,
         }
     }

@@ -20,13 +20,21 @@
 //!   are then ordered per session across all instances), and publishes the
 //!   envelope.
 //! - **Redis down.** Publishing falls back to local delivery (logged once per
-//!   outage, counted); the subscriber connection is re-established with
-//!   capped exponential backoff and re-subscribes every channel that still
-//!   has local subscribers. Malformed and foreign-version messages are
-//!   counted and dropped.
+//!   outage, counted) and the event waits in a bounded outbox; once Redis is
+//!   back the outbox is published in order (keeping the event's id when the
+//!   session's stream allows it), so other instances and the history get
+//!   it late rather than never. The subscriber connection is re-established
+//!   with capped exponential backoff, re-subscribes every channel that still
+//!   has local subscribers and catches up from each session's history what
+//!   was published while it was away; a per-session cursor drops what it
+//!   then receives twice. Malformed and foreign-version messages are counted
+//!   and dropped.
+//! - **Resume.** [`Broadcaster::replay`] reads the session's history stream
+//!   after the client's `Last-Event-ID` (and this instance's in-process
+//!   history of events that never reached Redis).
 
 use std::collections::hash_map::DefaultHasher;
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::hash::{Hash, Hasher};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -35,6 +43,7 @@ use std::time::Duration;
 use futures::future::{BoxFuture, FutureExt};
 use futures::StreamExt;
 use redis::aio::PubSubSink;
+use redis::streams::{StreamId, StreamRangeReply};
 use serde::Serialize;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -42,17 +51,29 @@ use tokio_util::task::TaskTracker;
 
 use crate::broadcaster::{BroadcastError, Broadcaster, BroadcasterStats, Subscription};
 use crate::envelope::{self, DecodeError};
-use crate::event::{EventId, Frame, OutgoingEvent, SessionId};
+use crate::event::{EventId, EventType, Frame, OutgoingEvent, SessionId};
 use crate::flags::FlagSource;
+use crate::history::{HistoryLimits, Replay};
 use crate::local::{LocalBroadcaster, SessionHook};
 use crate::redis_client::{SharedRedis, CONNECT_TIMEOUT, RESPONSE_TIMEOUT};
 use crate::sse::encode_event;
 
 /// Appends to history, publishes the envelope, returns the entry id.
-/// KEYS[1] history stream; ARGV: channel, node, type, data, maxlen, ttl secs.
+/// KEYS[1] history stream; ARGV: channel, node, type, data, maxlen, ttl secs,
+/// wanted id (`*` for a new one). A wanted id (an outbox event that local
+/// subscribers already saw under it) is kept if the stream accepts it, that
+/// is, if it is greater than the stream's last id; otherwise Redis assigns one.
 const PUBLISH_SCRIPT: &str = r#"
-local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[5], '*',
-  't', ARGV[3], 'd', ARGV[4], 'n', ARGV[2])
+local id = false
+if ARGV[7] ~= '*' then
+  local r = redis.pcall('XADD', KEYS[1], 'MAXLEN', '~', ARGV[5], ARGV[7],
+    't', ARGV[3], 'd', ARGV[4], 'n', ARGV[2])
+  if type(r) ~= 'table' then id = r end
+end
+if not id then
+  id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[5], '*',
+    't', ARGV[3], 'd', ARGV[4], 'n', ARGV[2])
+end
 redis.call('EXPIRE', KEYS[1], ARGV[6])
 local env = '{"v":1,"node":' .. cjson.encode(ARGV[2]) .. ',"id":"' .. id ..
   '","type":' .. cjson.encode(ARGV[3]) .. ',"data":' .. cjson.encode(ARGV[4]) .. '}'
@@ -84,6 +105,8 @@ pub struct RedisSettings {
     /// Events held while Redis is unreachable (published in order once it
     /// is back); more are dropped and counted.
     pub outbox_max: usize,
+    /// Bytes of in-process history (events that did not reach Redis).
+    pub local_history_bytes: usize,
 }
 
 impl RedisSettings {
@@ -95,6 +118,7 @@ impl RedisSettings {
             history_maxlen: 1000,
             history_ttl_secs: 3600,
             outbox_max: 10_000,
+            local_history_bytes: HistoryLimits::default().max_bytes,
         }
     }
 }
@@ -119,6 +143,19 @@ pub struct RedisCounters {
     pub foreign_version_dropped: u64,
     /// Times the subscriber connection was (re-)established.
     pub subscriber_connects: u64,
+    /// Events waiting in the outbox for Redis to come back.
+    pub outbox_len: usize,
+    /// Outbox events published once Redis was back.
+    pub outbox_flushed: u64,
+    /// Outbox events published under a new id (the session's stream had
+    /// moved past theirs).
+    pub outbox_reassigned: u64,
+    /// Events dropped because the outbox was full (OUTBOX_MAX).
+    pub outbox_dropped: u64,
+    /// Events read from history after a reconnect of the subscriber.
+    pub caught_up: u64,
+    /// Messages received a second time (after a catch-up) and dropped.
+    pub duplicates_dropped: u64,
 }
 
 /// See the module docs. Cheap to clone.
@@ -151,11 +188,46 @@ struct Inner {
     /// Asks the subscriber task to drop its connection and start over.
     reconnect: Notify,
     order: Vec<tokio::sync::Mutex<()>>,
+    /// Events published here while Redis was unreachable, oldest first.
+    outbox: Mutex<VecDeque<Pending>>,
+    outbox_notify: Notify,
+    /// Per subscribed session: how far this instance has read the session's
+    /// channel, to catch up after a reconnect and drop repeats.
+    cursors: Mutex<HashMap<SessionId, Cursor>>,
     /// Set while publishing to Redis fails, so an outage is logged once.
     publish_outage: AtomicBool,
     counters: Counters,
     cancel: CancellationToken,
 }
+
+/// An event delivered locally while Redis was unreachable.
+#[derive(Clone)]
+struct Pending {
+    session: SessionId,
+    id: EventId,
+    event: OutgoingEvent,
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+struct Cursor {
+    /// The last id received on the channel (own echoes included).
+    received: Option<EventId>,
+    /// The session's last history id when the channel was subscribed.
+    floor: Option<EventId>,
+}
+
+impl Cursor {
+    /// Where a catch-up starts: everything after it was missed.
+    fn from(&self) -> Option<EventId> {
+        self.received.max(self.floor)
+    }
+}
+
+/// How long shutdown waits for the outbox to reach Redis.
+const SHUTDOWN_FLUSH: Duration = Duration::from_secs(2);
+
+/// Outbox events published per flush before other work gets a turn.
+const FLUSH_BATCH: usize = 256;
 
 #[derive(Default)]
 struct SubState {
@@ -174,6 +246,11 @@ struct Counters {
     foreign: AtomicU64,
     connects: AtomicU64,
     subscribed: AtomicU64,
+    outbox_flushed: AtomicU64,
+    outbox_reassigned: AtomicU64,
+    outbox_dropped: AtomicU64,
+    caught_up: AtomicU64,
+    duplicates: AtomicU64,
 }
 
 #[derive(Default)]
@@ -204,7 +281,12 @@ impl RedisBroadcaster {
     ) -> Self {
         let dirty = Arc::new(Dirty::default());
         let (control_tx, control_rx) = tokio::sync::mpsc::channel(CONTROL_QUEUE);
-        let local = LocalBroadcaster::with_hook(settings.queue, dirty.clone());
+        let limits = HistoryLimits {
+            maxlen: settings.history_maxlen as usize,
+            ttl: Duration::from_secs(settings.history_ttl_secs),
+            max_bytes: settings.local_history_bytes,
+        };
+        let local = LocalBroadcaster::with_hook(settings.queue, dirty.clone(), limits);
         let inner = Arc::new(Inner {
             local,
             redis,
@@ -222,12 +304,17 @@ impl RedisBroadcaster {
             order: (0..ORDER_STRIPES)
                 .map(|_| tokio::sync::Mutex::new(()))
                 .collect(),
+            outbox: Mutex::new(VecDeque::new()),
+            outbox_notify: Notify::new(),
+            cursors: Mutex::new(HashMap::new()),
             publish_outage: AtomicBool::new(false),
             counters: Counters::default(),
             cancel,
         });
         let task = inner.clone();
         tasks.spawn(async move { task.run_subscriber().await });
+        let task = inner.clone();
+        tasks.spawn(async move { task.run_flusher().await });
         Self { inner }
     }
 
@@ -243,6 +330,12 @@ impl RedisBroadcaster {
             malformed_dropped: c.malformed.load(Ordering::Relaxed),
             foreign_version_dropped: c.foreign.load(Ordering::Relaxed),
             subscriber_connects: c.connects.load(Ordering::Relaxed),
+            outbox_len: self.inner.outbox().len(),
+            outbox_flushed: c.outbox_flushed.load(Ordering::Relaxed),
+            outbox_reassigned: c.outbox_reassigned.load(Ordering::Relaxed),
+            outbox_dropped: c.outbox_dropped.load(Ordering::Relaxed),
+            caught_up: c.caught_up.load(Ordering::Relaxed),
+            duplicates_dropped: c.duplicates.load(Ordering::Relaxed),
         }
     }
 
@@ -318,9 +411,17 @@ impl Inner {
             (h.finish() as usize) % self.order.len()
         };
         let _order = self.order[stripe].lock().await;
-        match self.publish_redis(session, &event).await {
+        // Behind an outbox that is still draining, a new event waits its
+        // turn: events of a session reach Redis in the order they were
+        // published.
+        if !self.outbox().is_empty() || !self.redis.is_healthy() {
+            self.note_outage("Redis unreachable");
+            return self.hold(session, event);
+        }
+        match self.publish_redis(session, &event, None).await {
             Ok(id) => {
                 self.publish_recovered();
+                self.local.observe(id);
                 let bytes = encode_event(Some(id), &event.event_type, &event.data);
                 self.local.deliver(session, Frame { id, bytes });
                 self.counters
@@ -329,16 +430,56 @@ impl Inner {
                 Ok(id)
             }
             Err(e) => {
-                self.publish_failed(&e);
-                self.local.publish_now(session, &event)
+                self.note_outage(&e);
+                self.hold(session, event)
             }
         }
     }
 
+    /// Delivers locally now (and keeps the event in the in-process history),
+    /// and queues it for Redis.
+    fn hold(&self, session: &SessionId, event: OutgoingEvent) -> Result<EventId, BroadcastError> {
+        let id = self.local.publish_now(session, &event)?;
+        self.counters.fallback_local.fetch_add(1, Ordering::Relaxed);
+        let mut outbox = self.outbox();
+        if outbox.len() < self.settings.outbox_max {
+            outbox.push_back(Pending {
+                session: session.clone(),
+                id,
+                event,
+            });
+            drop(outbox);
+            self.outbox_notify.notify_one();
+        } else {
+            drop(outbox);
+            let dropped = self.counters.outbox_dropped.fetch_add(1, Ordering::Relaxed);
+            if dropped % 1000 == 0 {
+                tracing::warn!(
+                    backend = "redis",
+                    session = %session,
+                    dropped = dropped + 1,
+                    "outbox full (OUTBOX_MAX): event delivered on this instance only"
+                );
+            }
+        }
+        Ok(id)
+    }
+
+    fn outbox(&self) -> std::sync::MutexGuard<'_, VecDeque<Pending>> {
+        self.outbox.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn cursors(&self) -> std::sync::MutexGuard<'_, HashMap<SessionId, Cursor>> {
+        self.cursors.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Runs the publish script; `wanted` is the id an outbox event already
+    /// has locally.
     async fn publish_redis(
         &self,
         session: &SessionId,
         event: &OutgoingEvent,
+        wanted: Option<EventId>,
     ) -> Result<EventId, String> {
         let mut conn = self.redis.conn().ok_or("not connected")?;
         let mut call = self.script.key(self.history_key(session));
@@ -347,7 +488,8 @@ impl Inner {
             .arg(event.event_type.as_str())
             .arg(&event.data)
             .arg(self.settings.history_maxlen)
-            .arg(self.settings.history_ttl_secs);
+            .arg(self.settings.history_ttl_secs)
+            .arg(wanted.map_or_else(|| "*".to_owned(), |id| id.to_string()));
         let id: String = tokio::time::timeout(RESPONSE_TIMEOUT, call.invoke_async(&mut conn))
             .await
             .map_err(|_| "timed out".to_owned())
@@ -355,6 +497,239 @@ impl Inner {
             .inspect_err(|_| self.redis.report_failure())?;
         id.parse()
             .map_err(|_| format!("unexpected stream id {id:?}"))
+    }
+
+    /// Publishes the outbox, oldest first, while Redis answers. Returns
+    /// whether it is empty.
+    async fn flush(&self) -> bool {
+        for _ in 0..FLUSH_BATCH {
+            if !self.redis.is_healthy() {
+                return false;
+            }
+            let Some(next) = self.outbox().front().cloned() else {
+                return true;
+            };
+            match self
+                .publish_redis(&next.session, &next.event, Some(next.id))
+                .await
+            {
+                Ok(id) => {
+                    // Only this task removes from the front.
+                    let left = {
+                        let mut outbox = self.outbox();
+                        outbox.pop_front();
+                        outbox.len()
+                    };
+                    self.local.observe(id);
+                    self.counters.outbox_flushed.fetch_add(1, Ordering::Relaxed);
+                    if id != next.id {
+                        self.counters
+                            .outbox_reassigned
+                            .fetch_add(1, Ordering::Relaxed);
+                    }
+                    if left == 0 {
+                        self.publish_recovered();
+                        tracing::info!(
+                            backend = "redis",
+                            flushed = self.counters.outbox_flushed.load(Ordering::Relaxed),
+                            "outbox published to Redis"
+                        );
+                        return true;
+                    }
+                }
+                Err(e) => {
+                    self.note_outage(&e);
+                    return false;
+                }
+            }
+        }
+        false
+    }
+
+    /// The outbox task: flushes whenever events are queued, and retries
+    /// every 250 ms while Redis is away.
+    async fn run_flusher(self: Arc<Self>) {
+        loop {
+            tokio::select! {
+                () = self.cancel.cancelled() => return,
+                () = self.outbox_notify.notified() => {}
+                () = tokio::time::sleep(Duration::from_millis(250)) => {}
+            }
+            while !self.flush().await {
+                if !self.redis.is_healthy() {
+                    break;
+                }
+                // A full batch went out; let other tasks run, then go on.
+                tokio::task::yield_now().await;
+            }
+        }
+    }
+
+    /// Events of `session` after `after` in the Redis history stream, or
+    /// `None` if Redis cannot be read.
+    async fn read_history(&self, session: &SessionId, after: EventId) -> Option<Replay> {
+        let mut conn = self.redis.conn()?;
+        let key = self.history_key(session);
+        let limit = self.settings.history_maxlen.saturating_mul(2) + 100;
+        let mut pipe = redis::pipe();
+        pipe.cmd("XRANGE")
+            .arg(&key)
+            .arg("-")
+            .arg("+")
+            .arg("COUNT")
+            .arg(1)
+            .cmd("XRANGE")
+            .arg(&key)
+            .arg(format!("({after}"))
+            .arg("+")
+            .arg("COUNT")
+            .arg(limit);
+        let result: Result<(StreamRangeReply, StreamRangeReply), _> =
+            match tokio::time::timeout(RESPONSE_TIMEOUT, pipe.query_async(&mut conn)).await {
+                Ok(r) => r,
+                Err(_) => {
+                    self.redis.report_failure();
+                    return None;
+                }
+            };
+        let (first, later) = match result {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(backend = "redis", session = %session, error = %e, "history read failed");
+                self.redis.report_failure();
+                return None;
+            }
+        };
+        let oldest = first.ids.first().and_then(|e| e.id.parse().ok());
+        let frames: Vec<Frame> = later
+            .ids
+            .iter()
+            .filter_map(|e| self.entry_frame(e).map(|(_, f)| f))
+            .collect();
+        Some(Replay {
+            complete: oldest.is_some_and(|o: EventId| o <= after),
+            oldest,
+            newest: frames.last().map(|f| f.id),
+            frames,
+        })
+    }
+
+    /// A history entry as a frame, with the node that published it.
+    /// Malformed entries are counted and skipped.
+    fn entry_frame(&self, entry: &StreamId) -> Option<(String, Frame)> {
+        let parsed = (|| {
+            let id: EventId = entry.id.parse().ok()?;
+            let event_type = EventType::parse(&entry.get::<String>("t")?).ok()?;
+            let data: String = entry.get("d")?;
+            let node: String = entry.get("n").unwrap_or_default();
+            let bytes = encode_event(Some(id), &event_type, &data);
+            Some((node, Frame { id, bytes }))
+        })();
+        if parsed.is_none() {
+            self.counters.malformed.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(backend = "redis", entry = %entry.id, "malformed history entry skipped");
+        }
+        parsed
+    }
+
+    /// After the subscriber reconnected: delivers what each session's
+    /// history holds past its cursor (published while the connection was
+    /// down), skipping this instance's own events, which were delivered
+    /// when published.
+    async fn catch_up(&self, sessions: &[SessionId]) {
+        let Some(mut conn) = self.redis.conn() else {
+            return;
+        };
+        for session in sessions {
+            let Some(from) = self.cursors().get(session).and_then(Cursor::from) else {
+                continue;
+            };
+            let mut cmd = redis::cmd("XRANGE");
+            cmd.arg(self.history_key(session))
+                .arg(format!("({from}"))
+                .arg("+")
+                .arg("COUNT")
+                .arg(self.settings.history_maxlen.saturating_mul(2) + 100);
+            let reply: StreamRangeReply = match tokio::time::timeout(
+                RESPONSE_TIMEOUT,
+                cmd.query_async(&mut conn),
+            )
+            .await
+            {
+                Ok(Ok(reply)) => reply,
+                Ok(Err(e)) => {
+                    tracing::warn!(backend = "redis", session = %session, error = %e, "catch-up read failed");
+                    continue;
+                }
+                Err(_) => {
+                    tracing::warn!(backend = "redis", session = %session, "catch-up read timed out");
+                    continue;
+                }
+            };
+            for entry in &reply.ids {
+                let Some((node, frame)) = self.entry_frame(entry) else {
+                    continue;
+                };
+                if !self.advance(session, frame.id) {
+                    continue;
+                }
+                self.local.observe(frame.id);
+                self.counters.caught_up.fetch_add(1, Ordering::Relaxed);
+                if node != self.settings.node_id {
+                    self.local.deliver(session, frame);
+                }
+            }
+        }
+    }
+
+    /// Moves the session's cursor to `id`; false if it was already there
+    /// or past it (a message received twice). Sessions without a cursor
+    /// (not subscribed here) pass.
+    fn advance(&self, session: &SessionId, id: EventId) -> bool {
+        match self.cursors().get_mut(session) {
+            Some(c) if c.received.is_some_and(|r| id <= r) => false,
+            Some(c) => {
+                c.received = Some(id);
+                true
+            }
+            None => true,
+        }
+    }
+
+    /// Records where the session's history stood when its channel was
+    /// subscribed, so a later catch-up knows where to start.
+    async fn init_cursor(&self, session: &SessionId) {
+        let top = match self.redis.conn() {
+            Some(mut conn) => {
+                let mut cmd = redis::cmd("XREVRANGE");
+                cmd.arg(self.history_key(session))
+                    .arg("+")
+                    .arg("-")
+                    .arg("COUNT")
+                    .arg(1);
+                match tokio::time::timeout(
+                    RESPONSE_TIMEOUT,
+                    cmd.query_async::<StreamRangeReply>(&mut conn),
+                )
+                .await
+                {
+                    Ok(Ok(reply)) => Some(
+                        reply
+                            .ids
+                            .first()
+                            .and_then(|e| e.id.parse().ok())
+                            .unwrap_or_default(),
+                    ),
+                    _ => None,
+                }
+            }
+            None => None,
+        };
+        // Without an answer, the local clock is the best guess of "now".
+        let floor = top.unwrap_or_else(|| self.local.next_id());
+        let mut cursors = self.cursors();
+        let cursor = cursors.entry(session.clone()).or_default();
+        cursor.floor = cursor.floor.max(Some(floor));
     }
 
     async fn publish_all(&self, event: OutgoingEvent) -> Result<EventId, BroadcastError> {
@@ -392,6 +767,11 @@ impl Inner {
 
     fn publish_failed(&self, error: &str) {
         self.counters.fallback_local.fetch_add(1, Ordering::Relaxed);
+        self.note_outage(error);
+    }
+
+    /// Logs the start of an outage once.
+    fn note_outage(&self, error: &str) {
         if !self.publish_outage.swap(true, Ordering::Relaxed) {
             tracing::warn!(
                 backend = "redis",
@@ -417,7 +797,11 @@ impl Inner {
         }
         let Some(sink) = st.sink.as_mut() else {
             // Disconnected: the subscriber task subscribes everything that is
-            // still wanted when it reconnects.
+            // still wanted when it reconnects, and catches up from here.
+            if want {
+                let now = self.local.next_id();
+                self.cursors().entry(session.clone()).or_default().floor = Some(now);
+            }
             return;
         };
         let channel = self.channel(session);
@@ -430,8 +814,10 @@ impl Inner {
             Ok(Ok(())) => {
                 if want {
                     st.subscribed.insert(session.clone());
+                    self.init_cursor(session).await;
                 } else {
                     st.subscribed.remove(session);
+                    self.cursors().remove(session);
                 }
                 self.counters
                     .subscribed
@@ -518,6 +904,10 @@ impl Inner {
             .await
             .map_err(|_| "subscribe timed out".to_owned())?
             .map_err(|e| e.to_string())?;
+        // Messages that arrive from here on wait in `stream` while the
+        // catch-up reads what was missed; the cursors drop the overlap.
+        self.cursors().retain(|s, _| sessions.contains(s));
+        self.catch_up(&sessions).await;
         st.subscribed = sessions.into_iter().collect();
         st.sink = Some(sink);
         self.counters
@@ -601,6 +991,14 @@ impl Inner {
                 return;
             }
         };
+        self.local.observe(env.id);
+        if let Some(session) = &target {
+            if !self.advance(session, env.id) {
+                // Already delivered by a catch-up.
+                self.counters.duplicates.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+        }
         if env.node == self.settings.node_id {
             // Already delivered locally when it was published.
             self.counters.own_echo.fetch_add(1, Ordering::Relaxed);
@@ -649,8 +1047,29 @@ impl Broadcaster for RedisBroadcaster {
         .boxed()
     }
 
+    fn replay<'a>(&'a self, session: &'a SessionId, after: EventId) -> BoxFuture<'a, Replay> {
+        async move {
+            let local = self.inner.local.replay_now(session, after);
+            match self.inner.read_history(session, after).await {
+                Some(remote) => remote.merge(local),
+                None => local,
+            }
+        }
+        .boxed()
+    }
+
     fn shutdown(&self) -> BoxFuture<'_, ()> {
         async move {
+            // Events still waiting for Redis get one last chance.
+            let flushed = tokio::time::timeout(SHUTDOWN_FLUSH, self.inner.flush()).await;
+            let left = self.inner.outbox().len();
+            if left > 0 || flushed.is_err() {
+                tracing::warn!(
+                    backend = "redis",
+                    left,
+                    "shutting down with events that never reached Redis"
+                );
+            }
             self.inner.cancel.cancel();
             self.inner.local.close();
         }
@@ -665,6 +1084,8 @@ impl Broadcaster for RedisBroadcaster {
             subscribers: local.subscribers,
             published: local.published
                 + self.inner.counters.published_redis.load(Ordering::Relaxed),
+            history_sessions: local.history_sessions,
+            history_bytes: local.history_bytes,
             redis: Some(self.counters()),
         }
     }

@@ -12,7 +12,12 @@
 //! A subscriber that lags behind its queue is cut: the stream ends and the
 //! client reconnects (resuming by `Last-Event-ID`), rather than the server
 //! buffering without bound.
+//!
+//! A resumed stream first sends the replayed history ([`SseStream::resume`]);
+//! live frames the replay already carried are dropped by id, so the seam
+//! between the two has neither a gap nor a duplicate.
 
+use std::collections::{HashSet, VecDeque};
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
@@ -25,6 +30,7 @@ use tokio::time::{Instant, Interval, MissedTickBehavior};
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 use crate::broadcaster::{Subscription, SubscriptionError};
+use crate::event::{EventId, Frame};
 use crate::sse::{encode_retry, HEARTBEAT};
 
 /// Why a stream ended, reported to the `on_end` callback.
@@ -42,6 +48,14 @@ pub enum StreamEnd {
 /// The body of one SSE response. See the module docs.
 pub struct SseStream {
     prelude: Option<Bytes>,
+    /// History frames still to send, before any live frame.
+    replay: VecDeque<Frame>,
+    /// Ids the replay sent, and the highest of them: a live frame with one
+    /// of these ids is a second copy. Cleared once live frames pass it.
+    replayed: HashSet<EventId>,
+    seam: Option<EventId>,
+    /// A `reset` event to send after the prelude.
+    reset: Option<Bytes>,
     subscription: Subscription,
     heartbeat: Interval,
     close: Closing,
@@ -81,11 +95,50 @@ impl SseStream {
         interval.set_missed_tick_behavior(MissedTickBehavior::Delay);
         Self {
             prelude: Some(prelude),
+            replay: VecDeque::new(),
+            replayed: HashSet::new(),
+            seam: None,
+            reset: None,
             subscription,
             heartbeat: interval,
             close: Closing::Waiting(Box::pin(close.token.clone().cancelled_owned()), close),
             on_end: None,
         }
+    }
+
+    /// Sends `frames` (history after the client's `Last-Event-ID`, in id
+    /// order) after the prelude and before live frames, and drops live
+    /// frames that repeat one of them.
+    pub fn resume(mut self, frames: Vec<Frame>) -> Self {
+        self.seam = frames.iter().map(|f| f.id).max();
+        self.replayed = frames.iter().map(|f| f.id).collect();
+        self.replay = frames.into();
+        self
+    }
+
+    /// Sends `reset` (an event telling the client its history is gone)
+    /// after the prelude, and drops live copies of `superseded` (history the
+    /// client will not be sent, as its reload covers it).
+    pub fn reset(mut self, reset: Bytes, superseded: &[Frame]) -> Self {
+        self = self.resume(Vec::new());
+        self.seam = superseded.iter().map(|f| f.id).max();
+        self.replayed = superseded.iter().map(|f| f.id).collect();
+        self.reset = Some(reset);
+        self
+    }
+
+    /// Whether a live frame was already sent by the replay.
+    fn already_sent(&mut self, id: EventId) -> bool {
+        let Some(seam) = self.seam else {
+            return false;
+        };
+        if id > seam {
+            // Past the seam: no later frame can repeat the replay.
+            self.seam = None;
+            self.replayed = HashSet::new();
+            return false;
+        }
+        self.replayed.contains(&id)
     }
 
     /// Called once when the server ends the stream (not when the client
@@ -111,6 +164,12 @@ impl Stream for SseStream {
         if let Some(prelude) = this.prelude.take() {
             return Poll::Ready(Some(Ok(prelude)));
         }
+        if let Some(reset) = this.reset.take() {
+            return Poll::Ready(Some(Ok(reset)));
+        }
+        if let Some(frame) = this.replay.pop_front() {
+            return Poll::Ready(Some(Ok(frame.bytes)));
+        }
         loop {
             match &mut this.close {
                 Closing::Waiting(fired, signal) => {
@@ -132,13 +191,20 @@ impl Stream for SseStream {
                 Closing::Done => return this.end(StreamEnd::Shutdown),
             }
         }
-        match Pin::new(&mut this.subscription).poll_next(cx) {
-            Poll::Ready(Some(Ok(frame))) => return Poll::Ready(Some(Ok(frame.bytes))),
-            Poll::Ready(Some(Err(SubscriptionError::Lagged(_)))) => {
-                return this.end(StreamEnd::Lagged)
+        loop {
+            match Pin::new(&mut this.subscription).poll_next(cx) {
+                Poll::Ready(Some(Ok(frame))) => {
+                    if this.already_sent(frame.id) {
+                        continue;
+                    }
+                    return Poll::Ready(Some(Ok(frame.bytes)));
+                }
+                Poll::Ready(Some(Err(SubscriptionError::Lagged(_)))) => {
+                    return this.end(StreamEnd::Lagged)
+                }
+                Poll::Ready(None) => return this.end(StreamEnd::Closed),
+                Poll::Pending => break,
             }
-            Poll::Ready(None) => return this.end(StreamEnd::Closed),
-            Poll::Pending => {}
         }
         if this.heartbeat.poll_tick(cx).is_ready() {
             return Poll::Ready(Some(Ok(HEARTBEAT)));

@@ -2,7 +2,7 @@
 //! route goes through, and a JSON body reader whose errors are JSON too.
 
 use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::sync::Arc;
 
 use axum::body::Bytes;
@@ -12,9 +12,10 @@ use axum::http::request::Parts;
 use axum::http::StatusCode;
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
-use sse_scale::SessionId;
+use sse_scale::{EventId, SessionId};
 
 use crate::error::AppError;
+use crate::listener::PeerAddr;
 use crate::state::AppState;
 
 /// A session whose token the request proved it holds.
@@ -98,8 +99,8 @@ impl FromRequestParts<Arc<AppState>> for ClientIp {
         }
         let peer = parts
             .extensions
-            .get::<ConnectInfo<SocketAddr>>()
-            .map_or(IpAddr::from([0, 0, 0, 0]), |c| c.0.ip());
+            .get::<ConnectInfo<PeerAddr>>()
+            .map_or(IpAddr::from([0, 0, 0, 0]), |c| c.0 .0.ip());
         Ok(Self(peer))
     }
 }
@@ -138,4 +139,52 @@ impl<S: Send + Sync, T: DeserializeOwned + Default> FromRequest<S> for JsonOrDef
 fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, AppError> {
     serde_json::from_slice(bytes)
         .map_err(|e| AppError::bad_request("invalid_json", format!("invalid JSON body: {e}")))
+}
+
+/// Where a resuming client left off: the `Last-Event-ID` header (sent by
+/// `EventSource` on every reconnect) or, for clients that cannot set it,
+/// `?last_event_id=`. The header wins: after a reconnect it is newer than
+/// the query string of the original URL.
+#[derive(Debug, Clone, Copy)]
+pub struct LastEventId(pub Option<EventId>);
+
+#[derive(Deserialize)]
+struct LastEventIdQuery {
+    last_event_id: Option<String>,
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for LastEventId {
+    type Rejection = AppError;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
+        let header = match parts.headers.get("last-event-id") {
+            Some(v) => Some(
+                v.to_str()
+                    .map(str::to_owned)
+                    .map_err(|_| invalid_last_event_id())?,
+            ),
+            None => None,
+        };
+        let raw = match header {
+            Some(h) => Some(h),
+            None => Query::<LastEventIdQuery>::try_from_uri(&parts.uri)
+                .ok()
+                .and_then(|q| q.0.last_event_id),
+        };
+        match raw.as_deref().map(str::trim) {
+            // An empty id is the spec's "no id": start live.
+            None | Some("") => Ok(LastEventId(None)),
+            Some(raw) => raw
+                .parse()
+                .map(|id| LastEventId(Some(id)))
+                .map_err(|_| invalid_last_event_id()),
+        }
+    }
+}
+
+fn invalid_last_event_id() -> AppError {
+    AppError::bad_request(
+        "invalid_last_event_id",
+        "Last-Event-ID must be an event id this server sent (`<ms>-<seq>`)",
+    )
 }

@@ -18,6 +18,7 @@ pub mod affinity;
 pub mod error;
 pub mod extract;
 pub mod health;
+pub mod listener;
 pub mod pipeline;
 pub mod sessions;
 pub mod state;

@@ -3,19 +3,21 @@
 //! `SHUTDOWN_GRACE_SECS`.
 
 use std::io::IsTerminal;
-use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
 use sse_scale::config::Adapter;
 use sse_scale::flags::{EnvFlags, FlagSource};
+use sse_scale::history::HistoryLimits;
 use sse_scale::ratelimit::RateLimiter;
 use sse_scale::redis_broadcaster::RedisSettings;
 use sse_scale::{
     Broadcaster, Config, LocalBroadcaster, RedisBroadcaster, SharedRedis, TokenSigner,
 };
+use sse_scale_server::listener::{GuardedListener, PeerAddr};
 use sse_scale_server::pipeline;
 use sse_scale_server::state::{AppState, Services};
 use tokio::net::TcpListener;
@@ -93,6 +95,11 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let env_flags = Arc::new(EnvFlags::new(config.ff_redis_sse_broadcast));
     let flags: Arc<dyn FlagSource> = env_flags;
 
+    let history = HistoryLimits {
+        maxlen: config.history_maxlen as usize,
+        ttl: Duration::from_secs(config.history_ttl_secs),
+        max_bytes: (config.history_memory_mb as usize).saturating_mul(1 << 20),
+    };
     let (broadcaster, redis_broadcaster): (Arc<dyn Broadcaster>, _) =
         match (config.adapter(), &redis) {
             (Adapter::Redis, Some(redis)) => {
@@ -100,7 +107,8 @@ async fn run(config: Config) -> anyhow::Result<()> {
                 settings.queue = config.sse_client_queue as usize;
                 settings.history_maxlen = config.history_maxlen;
                 settings.history_ttl_secs = config.history_ttl_secs;
-            settings.outbox_max = config.outbox_max as usize;
+                settings.outbox_max = config.outbox_max as usize;
+                settings.local_history_bytes = history.max_bytes;
                 let b = RedisBroadcaster::start(
                     redis.clone(),
                     flags.clone(),
@@ -111,7 +119,10 @@ async fn run(config: Config) -> anyhow::Result<()> {
                 (Arc::new(b.clone()), Some(b))
             }
             _ => (
-                Arc::new(LocalBroadcaster::new(config.sse_client_queue as usize)),
+                Arc::new(LocalBroadcaster::with_history(
+                    config.sse_client_queue as usize,
+                    history,
+                )),
                 None,
             ),
         };
@@ -159,9 +170,14 @@ async fn run(config: Config) -> anyhow::Result<()> {
         signal_state.shutdown.cancel();
     });
 
+    let listener = GuardedListener::new(
+        listener,
+        Duration::from_secs(config.sse_write_timeout_secs),
+        state.stalled_writes_cut.clone(),
+    );
     let serve = axum::serve(
         listener,
-        app.into_make_service_with_connect_info::<SocketAddr>(),
+        app.into_make_service_with_connect_info::<PeerAddr>(),
     )
     .with_graceful_shutdown(state.shutdown.clone().cancelled_owned());
     let grace = config.shutdown_grace();

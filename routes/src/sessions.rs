@@ -18,7 +18,7 @@ use sse_scale::stream::StreamEnd;
 use sse_scale::{EventType, OutgoingEvent, SessionId, SseStream};
 
 use crate::error::AppError;
-use crate::extract::{AuthedSession, ClientIp, JsonBody};
+use crate::extract::{AuthedSession, ClientIp, JsonBody, LastEventId};
 use crate::state::AppState;
 
 /// `POST /sessions` → `201 {"id", "token"}`.
@@ -47,6 +47,7 @@ pub async fn stream(
     State(state): State<Arc<AppState>>,
     AuthedSession(session): AuthedSession,
     ClientIp(ip): ClientIp,
+    LastEventId(resume_from): LastEventId,
     jar: CookieJar,
     headers: HeaderMap,
 ) -> Result<Response, AppError> {
@@ -59,8 +60,14 @@ pub async fn stream(
     }
     let guard = OpenStream::try_new(state.clone())?;
     // Subscribe before anything is sent, so every event published after the
-    // client sees `connected` is delivered.
+    // client sees `connected` is delivered; then read history, so every
+    // event after the client's last id is in one or both (duplicates are
+    // dropped by id in the stream).
     let subscription = state.broadcaster.subscribe(&session).await?;
+    let replay = match resume_from {
+        Some(after) => Some((after, state.broadcaster.replay(&session, after).await)),
+        None => None,
+    };
 
     let connected = OutgoingEvent::json(
         EventType::from_static("connected"),
@@ -73,14 +80,39 @@ pub async fn stream(
     // Last-Event-ID.
     prelude.extend_from_slice(&encode_event(None, &connected.event_type, &connected.data));
 
-    let ended = state.clone();
-    let body = SseStream::new(
+    let mut body = SseStream::new(
         prelude.freeze(),
         subscription,
         state.heartbeat,
         state.close_signal(),
-    )
-    .on_end(move |why| {
+    );
+    if let Some((after, replay)) = replay {
+        if replay.complete {
+            state.resumes.fetch_add(1, Ordering::Relaxed);
+            body = body.resume(replay.frames);
+        } else {
+            // History no longer reaches back to the client's id: say so
+            // instead of silently skipping events. The reset carries the
+            // newest id held, so the next reconnect resumes from there, and
+            // live copies of events up to it are not sent again.
+            state.resets.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(session = %session, last_event_id = %after, oldest = ?replay.oldest, "resume beyond history: reset");
+            let reset = OutgoingEvent::json(
+                EventType::from_static("reset"),
+                &json!({
+                    "last_event_id": after.to_string(),
+                    "oldest_id": replay.oldest.map(|id| id.to_string()),
+                }),
+            );
+            body = body.reset(
+                encode_event(replay.newest, &reset.event_type, &reset.data),
+                &replay.frames,
+            );
+        }
+    }
+
+    let ended = state.clone();
+    let body = body.on_end(move |why| {
         if why == StreamEnd::Lagged {
             ended.slow_consumers_cut.fetch_add(1, Ordering::Relaxed);
             tracing::info!(session = %session, "stream cut: client fell behind its queue");

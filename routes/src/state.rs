@@ -79,6 +79,13 @@ pub struct AppState {
     pub streams_refused: AtomicU64,
     /// Streams cut because the client fell behind its queue.
     pub slow_consumers_cut: AtomicU64,
+    /// Connections closed because a write to the client stalled
+    /// (`SSE_WRITE_TIMEOUT_SECS`).
+    pub stalled_writes_cut: Arc<AtomicU64>,
+    /// Streams resumed from history with `Last-Event-ID`.
+    pub resumes: AtomicU64,
+    /// Resumes whose id was older than the history (answered with `reset`).
+    pub resets: AtomicU64,
 }
 
 impl AppState {
@@ -124,6 +131,9 @@ impl AppState {
             max_streams: config.max_streams as usize,
             streams_refused: AtomicU64::new(0),
             slow_consumers_cut: AtomicU64::new(0),
+            stalled_writes_cut: Arc::new(AtomicU64::new(0)),
+            resumes: AtomicU64::new(0),
+            resets: AtomicU64::new(0),
         }
     }
 
