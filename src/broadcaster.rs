@@ -75,6 +75,12 @@ pub trait Broadcaster: Send + Sync + 'static {
     /// stream drops the second copy by id).
     fn replay<'a>(&'a self, session: &'a SessionId, after: EventId) -> BoxFuture<'a, Replay>;
 
+    /// Where a new subscriber of `session` starts: the newest event in its
+    /// history (`0-0` if there is none). Sent as the id of `connected`, so a
+    /// client that loses its first connection before any event still
+    /// resumes without a gap.
+    fn position<'a>(&'a self, session: &'a SessionId) -> BoxFuture<'a, EventId>;
+
     /// Closes every subscription and refuses further work.
     fn shutdown(&self) -> BoxFuture<'_, ()>;
 

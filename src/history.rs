@@ -26,8 +26,8 @@ pub struct Replay {
     /// Events after the requested id, in id order.
     pub frames: Vec<Frame>,
     /// Whether history reaches back to the requested id: false means events
-    /// after it may have been dropped (trimmed, expired, or published where
-    /// this history cannot see), and the client must reload its state.
+    /// after it may have been dropped (trimmed, or published where this
+    /// history cannot see), and the client must reload its state.
     pub complete: bool,
     /// The oldest id still held, if any (sent in the `reset` event).
     pub oldest: Option<EventId>,
@@ -95,6 +95,8 @@ struct Inner {
 #[derive(Debug)]
 struct Ring {
     frames: VecDeque<Frame>,
+    /// Whether events were ever dropped from the front (MAXLEN).
+    trimmed: bool,
     bytes: usize,
     touched: Instant,
 }
@@ -122,6 +124,7 @@ impl History {
         let size = frame.bytes.len();
         let ring = inner.rings.entry(session.clone()).or_insert_with(|| Ring {
             frames: VecDeque::new(),
+            trimmed: false,
             bytes: 0,
             touched: now,
         });
@@ -131,6 +134,7 @@ impl History {
         let mut freed = 0;
         while ring.frames.len() > self.limits.maxlen {
             if let Some(old) = ring.frames.pop_front() {
+                ring.trimmed = true;
                 ring.bytes -= old.bytes.len();
                 freed += old.bytes.len();
             }
@@ -141,7 +145,9 @@ impl History {
         }
     }
 
-    /// The frames of `session` after `after`.
+    /// The frames of `session` after `after`. `EventId::default()` (`0-0`)
+    /// means "from the start": the position of a client that connected
+    /// before the session had any event.
     pub fn after(&self, session: &SessionId, after: EventId) -> Replay {
         let now = Instant::now();
         let inner = self.lock();
@@ -150,7 +156,12 @@ impl History {
             .get(session)
             .filter(|r| now.duration_since(r.touched) < self.limits.ttl)
         else {
-            return Replay::default();
+            // No history: complete only for a client that has seen nothing
+            // (an expired or evicted history may have held its events).
+            return Replay {
+                complete: after == EventId::default(),
+                ..Replay::default()
+            };
         };
         let oldest = ring.frames.front().map(|f| f.id);
         Replay {
@@ -160,10 +171,20 @@ impl History {
                 .filter(|f| f.id > after)
                 .cloned()
                 .collect(),
-            complete: oldest.is_some_and(|o| o <= after),
+            complete: !ring.trimmed || oldest.is_some_and(|o| o <= after),
             oldest,
             newest: ring.frames.back().map(|f| f.id),
         }
+    }
+
+    /// The newest id held for `session`.
+    pub fn newest(&self, session: &SessionId) -> Option<EventId> {
+        let inner = self.lock();
+        inner
+            .rings
+            .get(session)
+            .and_then(|r| r.frames.back())
+            .map(|f| f.id)
     }
 
     /// Sessions with history, and the bytes held (for `/stats`).

@@ -195,6 +195,11 @@ impl LocalBroadcaster {
         self.inner.history.after(session, after)
     }
 
+    /// The newest id of `session` published here, or `0-0`.
+    pub fn position_now(&self, session: &SessionId) -> EventId {
+        self.inner.history.newest(session).unwrap_or_default()
+    }
+
     /// Sessions with history here, and the bytes it holds.
     pub fn history_usage(&self) -> (usize, usize) {
         self.inner.history.usage()
@@ -294,6 +299,10 @@ impl Broadcaster for LocalBroadcaster {
 
     fn replay<'a>(&'a self, session: &'a SessionId, after: EventId) -> BoxFuture<'a, Replay> {
         future::ready(self.replay_now(session, after)).boxed()
+    }
+
+    fn position<'a>(&'a self, session: &'a SessionId) -> BoxFuture<'a, EventId> {
+        future::ready(self.position_now(session)).boxed()
     }
 
     fn shutdown(&self) -> BoxFuture<'_, ()> {

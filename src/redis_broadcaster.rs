@@ -59,7 +59,9 @@ use crate::redis_client::{SharedRedis, CONNECT_TIMEOUT, RESPONSE_TIMEOUT};
 use crate::sse::encode_event;
 
 /// Appends to history, publishes the envelope, returns the entry id.
-/// KEYS[1] history stream; ARGV: channel, node, type, data, maxlen, ttl secs,
+/// KEYS[1] history stream, KEYS[2] the id of the session's first event
+/// (history that still holds it was never trimmed);
+/// ARGV: channel, node, type, data, maxlen, ttl secs,
 /// wanted id (`*` for a new one). A wanted id (an outbox event that local
 /// subscribers already saw under it) is kept if the stream accepts it, that
 /// is, if it is greater than the stream's last id; otherwise Redis assigns one.
@@ -75,6 +77,8 @@ if not id then
     't', ARGV[3], 'd', ARGV[4], 'n', ARGV[2])
 end
 redis.call('EXPIRE', KEYS[1], ARGV[6])
+redis.call('SET', KEYS[2], id, 'NX')
+redis.call('EXPIRE', KEYS[2], ARGV[6])
 local env = '{"v":1,"node":' .. cjson.encode(ARGV[2]) .. ',"id":"' .. id ..
   '","type":' .. cjson.encode(ARGV[3]) .. ',"data":' .. cjson.encode(ARGV[4]) .. '}'
 redis.call('PUBLISH', ARGV[1], env)
@@ -393,6 +397,43 @@ impl Inner {
         format!("{}{}:history", self.session_prefix, session)
     }
 
+    fn first_key(&self, session: &SessionId) -> String {
+        format!("{}{}:first", self.session_prefix, session)
+    }
+
+    /// The newest id in the session's history stream (and in-process
+    /// history). Without Redis, an id past everything this instance has
+    /// seen: a later resume may then miss nothing it could have replayed.
+    async fn position(&self, session: &SessionId) -> EventId {
+        let local = self.local.position_now(session);
+        let Some(mut conn) = self.redis.conn() else {
+            return self.local.next_id();
+        };
+        let mut cmd = redis::cmd("XREVRANGE");
+        cmd.arg(self.history_key(session))
+            .arg("+")
+            .arg("-")
+            .arg("COUNT")
+            .arg(1);
+        match tokio::time::timeout(
+            RESPONSE_TIMEOUT,
+            cmd.query_async::<StreamRangeReply>(&mut conn),
+        )
+        .await
+        {
+            Ok(Ok(reply)) => reply
+                .ids
+                .first()
+                .and_then(|e| e.id.parse::<EventId>().ok())
+                .unwrap_or_default()
+                .max(local),
+            _ => {
+                self.redis.report_failure();
+                self.local.next_id()
+            }
+        }
+    }
+
     async fn publish(
         &self,
         session: &SessionId,
@@ -483,6 +524,7 @@ impl Inner {
     ) -> Result<EventId, String> {
         let mut conn = self.redis.conn().ok_or("not connected")?;
         let mut call = self.script.key(self.history_key(session));
+        call.key(self.first_key(session));
         call.arg(self.channel(session))
             .arg(&self.settings.node_id)
             .arg(event.event_type.as_str())
@@ -583,8 +625,10 @@ impl Inner {
             .arg(format!("({after}"))
             .arg("+")
             .arg("COUNT")
-            .arg(limit);
-        let result: Result<(StreamRangeReply, StreamRangeReply), _> =
+            .arg(limit)
+            .cmd("GET")
+            .arg(self.first_key(session));
+        let result: Result<(StreamRangeReply, StreamRangeReply, Option<String>), _> =
             match tokio::time::timeout(RESPONSE_TIMEOUT, pipe.query_async(&mut conn)).await {
                 Ok(r) => r,
                 Err(_) => {
@@ -592,7 +636,7 @@ impl Inner {
                     return None;
                 }
             };
-        let (first, later) = match result {
+        let (head, later, first) = match result {
             Ok(r) => r,
             Err(e) => {
                 tracing::warn!(backend = "redis", session = %session, error = %e, "history read failed");
@@ -600,14 +644,22 @@ impl Inner {
                 return None;
             }
         };
-        let oldest = first.ids.first().and_then(|e| e.id.parse().ok());
+        let oldest: Option<EventId> = head.ids.first().and_then(|e| e.id.parse().ok());
+        let first: Option<EventId> = first.and_then(|f| f.parse().ok());
         let frames: Vec<Frame> = later
             .ids
             .iter()
             .filter_map(|e| self.entry_frame(e).map(|(_, f)| f))
             .collect();
+        // Complete if history holds the client's last event (or one before
+        // it), or still holds the session's first event; with no history
+        // at all, only for a client that has seen nothing.
+        let complete = match oldest {
+            Some(o) => o <= after || Some(o) == first,
+            None => after == EventId::default(),
+        };
         Some(Replay {
-            complete: oldest.is_some_and(|o: EventId| o <= after),
+            complete,
             oldest,
             newest: frames.last().map(|f| f.id),
             frames,
@@ -1056,6 +1108,10 @@ impl Broadcaster for RedisBroadcaster {
             }
         }
         .boxed()
+    }
+
+    fn position<'a>(&'a self, session: &'a SessionId) -> BoxFuture<'a, EventId> {
+        self.inner.position(session).boxed()
     }
 
     fn shutdown(&self) -> BoxFuture<'_, ()> {

@@ -13,11 +13,14 @@
 //! client reconnects (resuming by `Last-Event-ID`), rather than the server
 //! buffering without bound.
 //!
-//! A resumed stream first sends the replayed history ([`SseStream::resume`]);
-//! live frames the replay already carried are dropped by id, so the seam
-//! between the two has neither a gap nor a duplicate.
+//! Every stream has a position: the id the client is known to be past
+//! (its `Last-Event-ID`, or the newest event when it connected fresh). A
+//! resumed stream first sends the replayed history ([`SseStream::resume`]);
+//! live frames at or before the position (the replay already carried them,
+//! or they predate the connection) are dropped, so the seam between history
+//! and live has neither a gap nor a duplicate.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
@@ -50,10 +53,9 @@ pub struct SseStream {
     prelude: Option<Bytes>,
     /// History frames still to send, before any live frame.
     replay: VecDeque<Frame>,
-    /// Ids the replay sent, and the highest of them: a live frame with one
-    /// of these ids is a second copy. Cleared once live frames pass it.
-    replayed: HashSet<EventId>,
-    seam: Option<EventId>,
+    /// Live frames with ids up to this one were sent by the replay or
+    /// belong before the client's position. Cleared once live frames pass it.
+    position: Option<EventId>,
     /// A `reset` event to send after the prelude.
     reset: Option<Bytes>,
     subscription: Subscription,
@@ -96,8 +98,7 @@ impl SseStream {
         Self {
             prelude: Some(prelude),
             replay: VecDeque::new(),
-            replayed: HashSet::new(),
-            seam: None,
+            position: None,
             reset: None,
             subscription,
             heartbeat: interval,
@@ -106,39 +107,43 @@ impl SseStream {
         }
     }
 
+    /// Live frames up to `position` are not sent: the client is past them.
+    /// History holds every event up to its newest id (an event is recorded
+    /// before it is delivered), so a position read from history after
+    /// subscribing never hides an event the client has not seen.
+    pub fn positioned(mut self, position: EventId) -> Self {
+        self.position = Some(position);
+        self
+    }
+
     /// Sends `frames` (history after the client's `Last-Event-ID`, in id
     /// order) after the prelude and before live frames, and drops live
-    /// frames that repeat one of them.
+    /// frames that repeat them.
     pub fn resume(mut self, frames: Vec<Frame>) -> Self {
-        self.seam = frames.iter().map(|f| f.id).max();
-        self.replayed = frames.iter().map(|f| f.id).collect();
+        let last = frames.last().map(|f| f.id);
+        self.position = self.position.max(last);
         self.replay = frames.into();
         self
     }
 
-    /// Sends `reset` (an event telling the client its history is gone)
-    /// after the prelude, and drops live copies of `superseded` (history the
-    /// client will not be sent, as its reload covers it).
-    pub fn reset(mut self, reset: Bytes, superseded: &[Frame]) -> Self {
-        self = self.resume(Vec::new());
-        self.seam = superseded.iter().map(|f| f.id).max();
-        self.replayed = superseded.iter().map(|f| f.id).collect();
+    /// Sends `reset` (an event telling the client its history is gone and it
+    /// must reload its state) after the prelude.
+    pub fn reset(mut self, reset: Bytes) -> Self {
         self.reset = Some(reset);
         self
     }
 
-    /// Whether a live frame was already sent by the replay.
+    /// Whether a live frame is at or before the stream's position.
     fn already_sent(&mut self, id: EventId) -> bool {
-        let Some(seam) = self.seam else {
-            return false;
-        };
-        if id > seam {
-            // Past the seam: no later frame can repeat the replay.
-            self.seam = None;
-            self.replayed = HashSet::new();
-            return false;
+        match self.position {
+            Some(p) if id <= p => true,
+            Some(_) => {
+                // Past it: ids only grow from here.
+                self.position = None;
+                false
+            }
+            None => false,
         }
-        self.replayed.contains(&id)
     }
 
     /// Called once when the server ends the stream (not when the client

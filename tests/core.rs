@@ -27,7 +27,13 @@ async fn stream_opens_with_headers_retry_and_connected() {
         connected.json(),
         json!({ "instance_id": "node-a", "session_id": id })
     );
-    assert_eq!(connected.id, None, "connected must not move Last-Event-ID");
+    // A new session has no events yet: the stream starts from its
+    // beginning, and `connected` says so as its id.
+    assert_eq!(
+        connected.id.as_deref(),
+        Some("0-0"),
+        "connected carries the position"
+    );
 }
 
 #[tokio::test]

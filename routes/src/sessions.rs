@@ -64,9 +64,9 @@ pub async fn stream(
     // event after the client's last id is in one or both (duplicates are
     // dropped by id in the stream).
     let subscription = state.broadcaster.subscribe(&session).await?;
-    let replay = match resume_from {
-        Some(after) => Some((after, state.broadcaster.replay(&session, after).await)),
-        None => None,
+    let (position, replay) = match resume_from {
+        Some(after) => (after, Some(state.broadcaster.replay(&session, after).await)),
+        None => (state.broadcaster.position(&session).await, None),
     };
 
     let connected = OutgoingEvent::json(
@@ -75,10 +75,15 @@ pub async fn stream(
     );
     let mut prelude = BytesMut::new();
     prelude.extend_from_slice(&encode_retry(state.retry));
-    // `connected` is a per-connection control event, not part of the
-    // session's sequence: it has no `id:`, so it never moves the client's
-    // Last-Event-ID.
-    prelude.extend_from_slice(&encode_event(None, &connected.event_type, &connected.data));
+    // `connected` carries the stream's position (the client's own
+    // Last-Event-ID, or the newest event when it connects fresh), so even a
+    // client that loses this connection before its first event resumes
+    // from the right place.
+    prelude.extend_from_slice(&encode_event(
+        Some(position),
+        &connected.event_type,
+        &connected.data,
+    ));
 
     let mut body = SseStream::new(
         prelude.freeze(),
@@ -86,7 +91,9 @@ pub async fn stream(
         state.heartbeat,
         state.close_signal(),
     );
-    if let Some((after, replay)) = replay {
+    body = body.positioned(position);
+    if let Some(replay) = replay {
+        let after = position;
         if replay.complete {
             state.resumes.fetch_add(1, Ordering::Relaxed);
             body = body.resume(replay.frames);
@@ -104,10 +111,9 @@ pub async fn stream(
                     "oldest_id": replay.oldest.map(|id| id.to_string()),
                 }),
             );
-            body = body.reset(
-                encode_event(replay.newest, &reset.event_type, &reset.data),
-                &replay.frames,
-            );
+            body = body
+                .reset(encode_event(replay.newest, &reset.event_type, &reset.data))
+                .positioned(position.max(replay.newest.unwrap_or_default()));
         }
     }
 

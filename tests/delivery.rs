@@ -1,0 +1,581 @@
+//! Nothing lost: numbered events published at a steady pace must reach
+//! every client exactly once and in order while instances are killed,
+//! restarted one after another, or lose Redis; clients reconnect the way a
+//! browser's `EventSource` does (after the `retry:` hint, with
+//! `Last-Event-ID`, giving up on any non-200 answer). Real `sse-scale`
+//! processes, a real `redis-server` and the shipped HAProxy config.
+
+#[path = "support/balancer.rs"]
+mod balancer;
+#[path = "support/redis_server.rs"]
+mod redis_server;
+mod support;
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use balancer::Balancer;
+use futures::StreamExt;
+use redis_server::RedisServer;
+use reqwest::header::{COOKIE, SET_COOKIE};
+use serde_json::{json, Value};
+use support::*;
+
+const T: Duration = Duration::from_secs(10);
+/// Pause between two published events.
+const PACE: Duration = Duration::from_millis(20);
+
+/// An instance of a Redis fleet with the flag on, quick retry hints and a
+/// short drain, listening on `port` (0: any) so it can be restarted in place.
+fn instance(redis: &RedisServer, name: &str, port: u16) -> Server {
+    Server::start(&[
+        ("REDIS_URL", &redis.url()),
+        ("INSTANCE_ID", name),
+        ("FF_REDIS_SSE_BROADCAST", "true"),
+        ("RATE_LIMIT_PUBLISH_PER_SEC", "0"),
+        ("RATE_LIMIT_STREAMS_PER_MIN", "0"),
+        ("SSE_RETRY_MS", "200"),
+        ("SSE_HEARTBEAT_SECS", "1"),
+        ("SHUTDOWN_DRAIN_SECS", "1"),
+        ("SHUTDOWN_GRACE_SECS", "5"),
+        ("PORT", &port.to_string()),
+    ])
+}
+
+fn port_of(server: &Server) -> u16 {
+    server.addr.rsplit(':').next().unwrap().parse().unwrap()
+}
+
+/// What one reconnecting client saw.
+#[derive(Debug, Default)]
+struct Seen {
+    /// Event numbers in arrival order.
+    numbers: Vec<u64>,
+    /// The instance of each connection, from its `connected` event.
+    instances: Vec<String>,
+    resets: usize,
+    /// A non-200 answer to a (re)connect: a browser would stop here.
+    fatal: Option<String>,
+}
+
+/// A client that behaves like `EventSource`, running until stopped.
+struct Resumer {
+    seen: Arc<Mutex<Seen>>,
+    stop: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Resumer {
+    fn start(base: String, session: &str, token: &str) -> Resumer {
+        let seen = Arc::new(Mutex::new(Seen::default()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let url = format!("{base}/sessions/{session}/events?token={token}");
+        let task = tokio::spawn(run_resumer(url, seen.clone(), stop.clone()));
+        Resumer { seen, stop, task }
+    }
+
+    fn instances(&self) -> Vec<String> {
+        self.seen.lock().unwrap().instances.clone()
+    }
+
+    /// Waits for the first connection's `connected` event; returns its
+    /// instance.
+    async fn connected(&self) -> String {
+        let ok = eventually(T, || async { !self.instances().is_empty() }).await;
+        assert!(ok, "never connected: {:?}", self.seen.lock().unwrap());
+        self.instances()[0].clone()
+    }
+
+    /// Waits until `n` events arrived (or it is clear they will not), then
+    /// stops and returns what was seen.
+    async fn finish(self, n: usize) -> Seen {
+        eventually(Duration::from_secs(20), || async {
+            let s = self.seen.lock().unwrap();
+            s.numbers.len() >= n || s.fatal.is_some()
+        })
+        .await;
+        // Anything extra (a duplicate) would arrive right behind.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        self.stop.store(true, Ordering::Relaxed);
+        self.task.abort();
+        let _ = self.task.await;
+        std::mem::take(&mut *self.seen.lock().unwrap())
+    }
+}
+
+async fn run_resumer(url: String, seen: Arc<Mutex<Seen>>, stop: Arc<AtomicBool>) {
+    let http = reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(2))
+        .build()
+        .unwrap();
+    let mut last_id: Option<String> = None;
+    let mut retry = Duration::from_millis(200);
+    let mut cookies: BTreeMap<String, String> = BTreeMap::new();
+    while !stop.load(Ordering::Relaxed) {
+        let mut req = http.get(&url).header("accept", "text/event-stream");
+        if let Some(id) = &last_id {
+            req = req.header("last-event-id", id);
+        }
+        if !cookies.is_empty() {
+            let jar: Vec<String> = cookies.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            req = req.header(COOKIE, jar.join("; "));
+        }
+        let res = match req.send().await {
+            Ok(res) => res,
+            // A network error: EventSource reconnects.
+            Err(_) => {
+                tokio::time::sleep(retry).await;
+                continue;
+            }
+        };
+        if res.status() != 200 {
+            let status = res.status();
+            let body = res.text().await.unwrap_or_default();
+            seen.lock().unwrap().fatal = Some(format!("{status}: {body}"));
+            return;
+        }
+        for v in res.headers().get_all(SET_COOKIE) {
+            if let Some((k, v)) = v
+                .to_str()
+                .ok()
+                .and_then(|c| c.split(';').next())
+                .and_then(|kv| kv.split_once('='))
+            {
+                cookies.insert(k.trim().to_owned(), v.trim().to_owned());
+            }
+        }
+        let mut body = res.bytes_stream();
+        let mut buf = String::new();
+        while let Some(Ok(chunk)) = body.next().await {
+            buf.push_str(&String::from_utf8_lossy(&chunk));
+            while let Some(pos) = buf.find("\n\n") {
+                let raw: String = buf.drain(..pos + 2).collect();
+                let block = parse_block(raw.trim_end_matches('\n'));
+                if let Some(ms) = block.retry {
+                    retry = Duration::from_millis(ms);
+                }
+                if let Some(id) = &block.id {
+                    last_id = Some(id.clone());
+                }
+                let mut s = seen.lock().unwrap();
+                match block.event.as_deref() {
+                    Some("connected") => {
+                        let instance = block.json()["instance_id"].as_str().unwrap().to_owned();
+                        s.instances.push(instance);
+                    }
+                    Some("n") => s.numbers.push(block.json().as_u64().unwrap()),
+                    Some("reset") => s.resets += 1,
+                    _ => {}
+                }
+            }
+        }
+        tokio::time::sleep(retry).await;
+    }
+}
+
+/// Publishes 1, 2, ... every `PACE` to whichever instance `target` names,
+/// until stopped; every publish must be accepted. Returns how many.
+struct Publisher {
+    target: Arc<Mutex<String>>,
+    stop: Arc<AtomicBool>,
+    count: Arc<AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Publisher {
+    fn start(target: &Server, session: &str, token: &str) -> Publisher {
+        let target = Arc::new(Mutex::new(target.addr.clone()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let count = Arc::new(AtomicU64::new(0));
+        let (t, s, c) = (target.clone(), stop.clone(), count.clone());
+        let (session, token) = (session.to_owned(), token.to_owned());
+        let task = tokio::spawn(async move {
+            let http = client();
+            let mut n = 0;
+            while !s.load(Ordering::Relaxed) {
+                n += 1;
+                let addr = t.lock().unwrap().clone();
+                let res = http
+                    .post(format!("http://{addr}/sessions/{session}/events"))
+                    .bearer_auth(&token)
+                    .json(&json!({ "type": "n", "data": n }))
+                    .send()
+                    .await
+                    .unwrap_or_else(|e| panic!("publish {n} to {addr}: {e}"));
+                assert_eq!(res.status(), 202, "publish {n}: {:?}", res.text().await);
+                c.store(n, Ordering::Relaxed);
+                tokio::time::sleep(PACE).await;
+            }
+        });
+        Publisher {
+            target,
+            stop,
+            count,
+            task,
+        }
+    }
+
+    fn retarget(&self, to: &Server) {
+        *self.target.lock().unwrap() = to.addr.clone();
+    }
+
+    fn published(&self) -> u64 {
+        self.count.load(Ordering::Relaxed)
+    }
+
+    async fn wait_for(&self, n: u64) {
+        let ok = eventually(Duration::from_secs(20), || async { self.published() >= n }).await;
+        assert!(ok, "publisher stuck at {}", self.published());
+    }
+
+    /// Stops and returns how many events were published.
+    async fn finish(self) -> u64 {
+        self.stop.store(true, Ordering::Relaxed);
+        self.task.await.expect("publisher panicked");
+        self.count.load(Ordering::Relaxed)
+    }
+}
+
+/// Every event 1..=n exactly once, in order.
+fn assert_exactly_once(who: &str, seen: &Seen, n: u64) {
+    assert!(seen.fatal.is_none(), "{who}: gave up: {:?}", seen.fatal);
+    let expected: Vec<u64> = (1..=n).collect();
+    if seen.numbers != expected {
+        let mut counts = BTreeMap::new();
+        for x in &seen.numbers {
+            *counts.entry(*x).or_insert(0) += 1;
+        }
+        let missing: Vec<u64> = expected
+            .iter()
+            .filter(|x| !counts.contains_key(x))
+            .copied()
+            .collect();
+        let doubled: Vec<u64> = counts
+            .iter()
+            .filter(|(_, c)| **c > 1)
+            .map(|(x, _)| *x)
+            .collect();
+        panic!(
+            "{who}: {} events for {n} published; missing {missing:?}, doubled {doubled:?}, \
+             in order: {}; connections: {:?}",
+            seen.numbers.len(),
+            seen.numbers.windows(2).all(|w| w[0] < w[1]),
+            seen.instances
+        );
+    }
+}
+
+async fn haproxy(apps: [&str; 3]) -> Balancer {
+    Balancer::haproxy("haproxy/haproxy.cfg", &apps, &[]).await
+}
+
+#[tokio::test]
+async fn a_killed_instance_s_client_resumes_elsewhere_exactly_once() {
+    let redis = RedisServer::start();
+    let mut servers: Vec<Option<Server>> = ["app1", "app2", "app3"]
+        .iter()
+        .map(|id| Some(instance(&redis, id, 0)))
+        .collect();
+    let addrs: Vec<String> = servers
+        .iter()
+        .map(|s| s.as_ref().unwrap().addr.clone())
+        .collect();
+    let lb = haproxy([&addrs[0], &addrs[1], &addrs[2]]).await;
+    let (session, token) = new_session(servers[0].as_ref().unwrap()).await;
+
+    let client = Resumer::start(format!("http://{}", lb.addr), &session, &token);
+    let pinned = client.connected().await;
+    let victim = ["app1", "app2", "app3"]
+        .iter()
+        .position(|x| *x == pinned)
+        .unwrap();
+    let survivor = servers[(victim + 1) % 3].as_ref().unwrap();
+    let publisher = Publisher::start(survivor, &session, &token);
+
+    publisher.wait_for(50).await;
+    // SIGKILL: no drain, no goodbye; the stream just breaks.
+    drop(servers[victim].take());
+    publisher.wait_for(150).await;
+    let n = publisher.finish().await;
+    let seen = client.finish(n as usize).await;
+    assert_exactly_once("client", &seen, n);
+    assert!(
+        seen.instances.len() >= 2,
+        "no reconnect: {:?}",
+        seen.instances
+    );
+    assert!(
+        seen.instances[1..].iter().all(|i| *i != pinned),
+        "reconnected to the dead instance? {:?}",
+        seen.instances
+    );
+}
+
+#[tokio::test]
+async fn a_rolling_restart_loses_nothing() {
+    let redis = RedisServer::start();
+    let names = ["app1", "app2", "app3"];
+    let mut servers: Vec<Server> = names.iter().map(|id| instance(&redis, id, 0)).collect();
+    let ports: Vec<u16> = servers.iter().map(port_of).collect();
+    let addrs: Vec<String> = servers.iter().map(|s| s.addr.clone()).collect();
+    let lb = haproxy([&addrs[0], &addrs[1], &addrs[2]]).await;
+
+    // Two sessions, two browser tabs each, all through the balancer.
+    let mut sessions = Vec::new();
+    let mut clients = Vec::new();
+    for _ in 0..2 {
+        let (session, token) = new_session(&servers[0]).await;
+        for _ in 0..2 {
+            let c = Resumer::start(format!("http://{}", lb.addr), &session, &token);
+            c.connected().await;
+            clients.push((session.clone(), c));
+        }
+        sessions.push((session, token));
+    }
+    let publishers: Vec<Publisher> = sessions
+        .iter()
+        .map(|(s, t)| Publisher::start(&servers[2], s, t))
+        .collect();
+
+    for i in 0..3 {
+        // Publish through an instance that stays up during this step.
+        for p in &publishers {
+            p.retarget(&servers[(i + 1) % 3]);
+        }
+        let before = publishers[0].published();
+        servers[i].signal("TERM");
+        let code = servers[i].wait_exit(Duration::from_secs(8));
+        assert_eq!(code, Some(0), "{} did not exit cleanly", names[i]);
+        servers[i] = instance(&redis, names[i], ports[i]);
+        // Let HAProxy's health check (rise 2 x 1 s) take it back in.
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        for p in &publishers {
+            p.wait_for(before + 20).await;
+        }
+    }
+    let mut totals = BTreeMap::new();
+    for ((session, _), p) in sessions.iter().zip(publishers) {
+        totals.insert(session.clone(), p.finish().await);
+    }
+    for (i, (session, c)) in clients.into_iter().enumerate() {
+        let n = totals[&session];
+        let seen = c.finish(n as usize).await;
+        assert_exactly_once(&format!("client {i}"), &seen, n);
+        assert!(
+            seen.instances.len() >= 2,
+            "client {i} never moved: {:?}",
+            seen.instances
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_redis_outage_delays_cross_instance_events_but_loses_none() {
+    let mut redis = RedisServer::start();
+    let a = instance(&redis, "a", 0);
+    let b = instance(&redis, "b", 0);
+    let (session, token) = new_session(&a).await;
+    let on_a = Resumer::start(format!("http://{}", a.addr), &session, &token);
+    let on_b = Resumer::start(format!("http://{}", b.addr), &session, &token);
+    on_a.connected().await;
+    on_b.connected().await;
+    let ok = eventually(T, || async {
+        b.stats().await["redis"]["subscribed_channels"].as_u64() >= Some(1)
+    })
+    .await;
+    assert!(ok, "b never subscribed");
+
+    let publisher = Publisher::start(&a, &session, &token);
+    publisher.wait_for(40).await;
+    redis.stop();
+    let during = publisher.published();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(
+        publisher.published() > during + 50,
+        "publishing stalled while Redis was down"
+    );
+    // Local delivery went on; the other instance waits for Redis.
+    let stats = a.stats().await;
+    assert!(stats["redis"]["outbox_len"].as_u64() > Some(0), "{stats}");
+    redis.restart();
+    publisher.wait_for(publisher.published() + 100).await;
+    let n = publisher.finish().await;
+
+    let seen_a = on_a.finish(n as usize).await;
+    let seen_b = on_b.finish(n as usize).await;
+    assert_exactly_once("client on the publishing instance", &seen_a, n);
+    assert_exactly_once("client on the other instance", &seen_b, n);
+    let stats = a.stats().await;
+    assert_eq!(stats["redis"]["outbox_len"], 0, "{stats}");
+    assert!(
+        stats["redis"]["outbox_flushed"].as_u64() > Some(50),
+        "{stats}"
+    );
+    assert_eq!(stats["redis"]["outbox_dropped"], 0, "{stats}");
+}
+
+/// VmRSS of a process, in bytes.
+fn rss(server: &Server) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{}/status", server.pid())).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    let kb: u64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
+    kb * 1024
+}
+
+#[tokio::test]
+async fn a_client_that_stops_reading_is_cut_and_memory_stays_bounded() {
+    let server = Server::start(&[
+        ("RATE_LIMIT_PUBLISH_PER_SEC", "0"),
+        ("SSE_CLIENT_QUEUE", "64"),
+        ("SSE_WRITE_TIMEOUT_SECS", "2"),
+        ("HISTORY_MAXLEN", "16"),
+    ]);
+    let (session, token) = new_session(&server).await;
+    // A reader that never reads: the request goes out, the response sits
+    // in the socket until the buffers are full.
+    use tokio::io::AsyncWriteExt;
+    let mut stalled = tokio::net::TcpStream::connect(&server.addr).await.unwrap();
+    stalled
+        .write_all(
+            format!("GET /sessions/{session}/events?token={token} HTTP/1.1\r\nHost: x\r\n\r\n")
+                .as_bytes(),
+        )
+        .await
+        .unwrap();
+    let mut healthy = SseClient::open(&server, &session, &token).await;
+    healthy.expect_connected().await;
+    let ok = eventually(T, || async { server.stats().await["open_streams"] == 2 }).await;
+    assert!(ok);
+
+    let before = rss(&server);
+    let payload = "x".repeat(32 * 1024);
+    let events = 1500; // ~48 MiB in all
+    let mut peak = before;
+    let reader = tokio::spawn(async move {
+        let mut got = 0;
+        while got < events {
+            let ev = healthy.next_event(T).await.expect("healthy stream ended");
+            assert_eq!(ev.event.as_deref(), Some("blob"));
+            got += 1;
+        }
+        (got, healthy)
+    });
+    for n in 0..events {
+        let res = post(
+            &server,
+            &token,
+            &format!("/sessions/{session}/events"),
+            json!({ "type": "blob", "data": payload }),
+        )
+        .await;
+        assert_eq!(res.status(), 202, "publish {n}");
+        if n % 100 == 0 {
+            peak = peak.max(rss(&server));
+        }
+    }
+    // The reading client got everything, unaffected by the stalled one.
+    let (got, _healthy) = reader.await.unwrap();
+    assert_eq!(got, events);
+    peak = peak.max(rss(&server));
+    let growth = peak.saturating_sub(before);
+    assert!(
+        growth < 24 << 20,
+        "server RSS grew by {} MiB while a client stalled with 48 MiB published",
+        growth >> 20
+    );
+    // The stalled connection is closed and counted; only the reader is left.
+    let cut = eventually(T, || async {
+        let s = server.stats().await;
+        s["open_streams"] == 1
+            && (s["stalled_writes_cut"].as_u64() >= Some(1)
+                || s["slow_consumers_cut"].as_u64() >= Some(1))
+    })
+    .await;
+    assert!(cut, "stalled client still open: {}", server.stats().await);
+    drop(stalled);
+}
+
+async fn publish_n(server: &Server, session: &str, token: &str, n: u64) -> String {
+    let res = post(
+        server,
+        token,
+        &format!("/sessions/{session}/events"),
+        json!({ "type": "n", "data": n }),
+    )
+    .await;
+    assert_eq!(res.status(), 202);
+    res.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned()
+}
+
+async fn open_from(server: &Server, session: &str, token: &str, last: &str) -> reqwest::Response {
+    reqwest::Client::new()
+        .get(server.url(&format!("/sessions/{session}/events?token={token}")))
+        .header("last-event-id", last)
+        .send()
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn resume_replays_what_history_holds_and_resets_beyond_it() {
+    let server = Server::start(&[("HISTORY_MAXLEN", "5"), ("RATE_LIMIT_PUBLISH_PER_SEC", "0")]);
+    let (session, token) = new_session(&server).await;
+    let mut ids = vec![String::new()];
+    for n in 1..=10 {
+        ids.push(publish_n(&server, &session, &token, n).await);
+    }
+
+    // Within history: 8, 9, 10, then live.
+    let mut sse = SseClient::from_response(open_from(&server, &session, &token, &ids[7]).await);
+    sse.expect_connected().await;
+    for n in 8..=10 {
+        let ev = sse.next_event(T).await.unwrap();
+        assert_eq!(
+            (ev.json(), ev.id.as_deref()),
+            (json!(n), Some(ids[n as usize].as_str()))
+        );
+    }
+    let live = publish_n(&server, &session, &token, 11).await;
+    let ev = sse.next_event(T).await.unwrap();
+    assert_eq!((ev.json(), ev.id), (json!(11), Some(live.clone())));
+
+    // Too old (history holds 7..=11): reset with the oldest id, then live
+    // only; the reset's id lets the next reconnect continue from now.
+    let mut sse = SseClient::from_response(open_from(&server, &session, &token, &ids[1]).await);
+    sse.expect_connected().await;
+    let reset = sse.next_event(T).await.unwrap();
+    assert_eq!(reset.event.as_deref(), Some("reset"));
+    assert_eq!(reset.json()["oldest_id"], ids[7].as_str());
+    assert_eq!(reset.json()["last_event_id"], ids[1].as_str());
+    assert_eq!(reset.id, Some(live));
+    let next = publish_n(&server, &session, &token, 12).await;
+    let ev = sse.next_event(T).await.unwrap();
+    assert_eq!((ev.json(), ev.id), (json!(12), Some(next)));
+
+    // The query parameter works for clients that cannot set the header.
+    let res = reqwest::Client::new()
+        .get(server.url(&format!(
+            "/sessions/{session}/events?token={token}&last_event_id={}",
+            ids[9]
+        )))
+        .send()
+        .await
+        .unwrap();
+    let mut sse = SseClient::from_response(res);
+    sse.expect_connected().await;
+    for n in 10..=12 {
+        assert_eq!(sse.next_event(T).await.unwrap().json(), json!(n));
+    }
+
+    // A malformed id is a clear 400, not a silent fresh start.
+    let res = open_from(&server, &session, &token, "yesterday").await;
+    assert_eq!(res.status(), 400);
+    let body: Value = res.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "invalid_last_event_id");
+    assert!(server.stats().await["resets"].as_u64() >= Some(1));
+}
