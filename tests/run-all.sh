@@ -28,7 +28,7 @@ if [ ${#need[@]} -gt 0 ]; then
 fi
 
 if ! command -v cargo >/dev/null; then
-    echo "error: cargo not found; install Rust 1.80 or newer (https://rustup.rs)" >&2
+    echo "error: cargo not found; install Rust 1.83 or newer (https://rustup.rs)" >&2
     exit 1
 fi
 
