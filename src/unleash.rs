@@ -113,6 +113,13 @@ const FRESH: u8 = 1;
 /// Unleash answered before, but the latest poll failed.
 const STALE: u8 = 2;
 
+/// The flag is not defined in Unleash (the environment value applies).
+const UNDEFINED: u8 = 0;
+/// Defined and switched off in the environment.
+const OFF: u8 = 1;
+/// Defined and switched on: its strategies decide per session.
+const ON: u8 = 2;
+
 /// A [`FlagSource`] backed by Unleash. Cheap to clone.
 #[derive(Clone)]
 pub struct UnleashFlags {
@@ -124,6 +131,8 @@ struct Inner {
     /// Answers until Unleash first does, and for a flag Unleash lacks.
     env: EnvFlags,
     status: AtomicU8,
+    /// [`UNDEFINED`], [`OFF`] or [`ON`], from the latest configuration.
+    toggle: AtomicU8,
     app_name: String,
 }
 
@@ -164,6 +173,7 @@ impl UnleashFlags {
                 client,
                 env: EnvFlags::new(settings.env_value),
                 status: AtomicU8::new(NEVER),
+                toggle: AtomicU8::new(UNDEFINED),
                 app_name: settings.app_name.clone(),
             }),
         })
@@ -178,9 +188,19 @@ impl UnleashFlags {
             .http
             .get_json(&features_endpoint(&settings.url), interval)
             .await?;
+        let toggle = match features
+            .features
+            .iter()
+            .find(|f| f.name == REDIS_SSE_BROADCAST)
+        {
+            None => UNDEFINED,
+            Some(f) if f.enabled => ON,
+            Some(_) => OFF,
+        };
         let metrics = client
             .memoize(features)
             .map_err(|e| anyhow::anyhow!("cannot use the flag configuration: {e}"))?;
+        self.inner.toggle.store(toggle, Ordering::Release);
         self.inner.status.store(FRESH, Ordering::Release);
         if let Some(metrics) = metrics {
             let sent = client
@@ -256,58 +276,42 @@ impl UnleashFlags {
         }
     }
 
-    fn context(&self, session: Option<&SessionId>) -> Context {
+    fn context(&self, session: &SessionId) -> Context {
         Context {
-            session_id: session.map(ToString::to_string),
+            session_id: Some(session.to_string()),
             app_name: self.inner.app_name.clone(),
             ..Context::default()
-        }
-    }
-
-    /// Unleash's answer, or `None` before it first answered or when it does
-    /// not define the flag.
-    fn unleash_answer(&self, session: Option<&SessionId>) -> Option<bool> {
-        if self.inner.status.load(Ordering::Acquire) == NEVER {
-            return None;
-        }
-        let ctx = self.context(session);
-        let client = &self.inner.client;
-        // The client takes a default for flags it does not know; asking with
-        // both defaults tells "off" apart from "not defined".
-        let on = client.is_enabled(Flag::RedisSseBroadcast, Some(&ctx), true);
-        if on == client.is_enabled(Flag::RedisSseBroadcast, Some(&ctx), false) {
-            Some(on)
-        } else {
-            None
         }
     }
 }
 
 impl FlagSource for UnleashFlags {
     fn redis_broadcast(&self, session: &SessionId) -> bool {
-        if self.inner.status.load(Ordering::Acquire) == NEVER {
+        if self.inner.status.load(Ordering::Acquire) == NEVER
+            || self.inner.toggle.load(Ordering::Acquire) == UNDEFINED
+        {
             return self.inner.env.get();
         }
-        let ctx = self.context(Some(session));
-        // For a flag Unleash does not define, the environment value.
+        let ctx = self.context(session);
         self.inner
             .client
-            .is_enabled(Flag::RedisSseBroadcast, Some(&ctx), self.inner.env.get())
+            .is_enabled(Flag::RedisSseBroadcast, Some(&ctx), false)
     }
 
-    /// `enabled` is the answer for a request without a session (on only
-    /// when the flag is on for everyone).
+    /// `enabled` is the flag's switch in the Unleash environment: on means
+    /// its strategies (the rollout) decide per session.
     fn state(&self) -> FlagState {
         let source = match self.inner.status.load(Ordering::Acquire) {
+            NEVER => return self.inner.env.state(),
             FRESH => "unleash",
             _ => "unleash-last-known",
         };
-        match self.unleash_answer(None) {
-            Some(enabled) => FlagState {
-                enabled,
+        match self.inner.toggle.load(Ordering::Acquire) {
+            UNDEFINED => self.inner.env.state(),
+            toggle => FlagState {
+                enabled: toggle == ON,
                 source: source.to_owned(),
             },
-            None => self.inner.env.state(),
         }
     }
 }
