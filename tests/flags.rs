@@ -367,7 +367,7 @@ async fn when_unleash_goes_away_the_last_known_value_stays_in_force() {
         assert_eq!(same.next_event(T).await.unwrap().json()["text"], text);
         assert_eq!(cross.next_event(T).await.unwrap().json()["text"], text);
     }
-    let view = flags(&a, &[id.clone()]).await;
+    let view = flags(&a, std::slice::from_ref(&id)).await;
     assert_eq!(view["checked"][0]["redis"], true, "{view}");
     assert_eq!(view["state"]["source"], "unleash-last-known");
     // The outage is logged once, not on every failed poll.

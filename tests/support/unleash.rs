@@ -25,7 +25,7 @@ fn repo() -> PathBuf {
 }
 
 /// Runs the install script once per test binary; the directory holding
-/// `node_modules/unleash-server`.
+/// `node_modules/unleash-server` and the `node` to run it with.
 fn install() -> &'static PathBuf {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
@@ -80,7 +80,7 @@ impl Unleash {
         psql(&format!("CREATE DATABASE {database}"));
         let log = std::env::temp_dir().join(format!("sse-scale-unleash-{port}.log"));
         let log_file = std::fs::File::create(&log).expect("create the Unleash log");
-        let child = Command::new("node")
+        let child = Command::new(dir.join("node"))
             .arg(repo().join("tests/unleash/server.js"))
             .env("NODE_PATH", dir.join("node_modules"))
             .env("DATABASE_URL", format!("{}/{database}", pg_url()))
@@ -92,7 +92,7 @@ impl Unleash {
             .stdout(log_file.try_clone().expect("log file"))
             .stderr(log_file)
             .spawn()
-            .expect("node must be installed to run unleash-server");
+            .expect("run unleash-server with the Node that setup.sh chose");
         let server = Unleash {
             port,
             database,
