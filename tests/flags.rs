@@ -170,26 +170,55 @@ async fn settle(c: &Collector, n: usize, quiet: Duration) {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn switching_in_unleash_under_traffic_gives_a_clean_suffix_then_prefix_and_no_duplicates() {
+/// Redis, Unleash with the flag at `rollout` % and switched `switch`
+/// (`on`/`off`) through the operators' script, and two instances that have
+/// polled it.
+struct Fleet {
+    a: Server,
+    b: Server,
+    unleash: Unleash,
+    _redis: RedisServer,
+}
+
+async fn fleet(rollout: &str, switch: &str) -> Fleet {
     let redis = RedisServer::start();
     let unleash = Unleash::start().await;
     unleash.flags(&["create"]).await;
-    unleash.flags(&["rollout", "100"]).await;
+    unleash.flags(&["rollout", rollout]).await;
+    unleash.flags(&[switch]).await;
     let a = instance(&redis, &unleash, "a");
     let b = instance(&redis, &unleash, "b");
-    let off = json!({ "enabled": false, "source": "unleash" });
-    let on = json!({ "enabled": true, "source": "unleash" });
-    wait_flag(&a, off.clone()).await;
-    wait_flag(&b, off.clone()).await;
+    let state = json!({ "enabled": switch == "on", "source": "unleash" });
+    wait_flag(&a, state.clone()).await;
+    wait_flag(&b, state).await;
+    Fleet {
+        a,
+        b,
+        unleash,
+        _redis: redis,
+    }
+}
 
-    let (id, token) = new_session(&a).await;
-    let mut same = SseClient::open(&a, &id, &token).await;
-    let mut cross = SseClient::open(&b, &id, &token).await;
+/// A session created on A with a stream on A (`same`) and one on B
+/// (`cross`), B subscribed to it in Redis: (id, token, same, cross).
+async fn watched_session(f: &Fleet) -> (String, String, SseClient, SseClient) {
+    let (id, token) = new_session(&f.a).await;
+    let mut same = SseClient::open(&f.a, &id, &token).await;
+    let mut cross = SseClient::open(&f.b, &id, &token).await;
     same.expect_connected().await;
     cross.expect_connected().await;
-    // Subscribed in Redis even with the flag off, so a switch loses nothing.
-    wait_subscribed(&b, 1).await;
+    // Subscribed whatever the flag says, so a switch loses nothing.
+    wait_subscribed(&f.b, 1).await;
+    (id, token, same, cross)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn switching_in_unleash_under_traffic_gives_a_clean_suffix_then_prefix_and_no_duplicates() {
+    let f = fleet("100", "off").await;
+    let (a, unleash) = (&f.a, &f.unleash);
+    let off = json!({ "enabled": false, "source": "unleash" });
+    let on = json!({ "enabled": true, "source": "unleash" });
+    let (id, token, same, cross) = watched_session(&f).await;
     let (same, cross) = (Collector::start(same), Collector::start(cross));
     let publisher = Publisher::start(a.url(&format!("/sessions/{id}/messages")), token);
 
@@ -207,12 +236,12 @@ async fn switching_in_unleash_under_traffic_gives_a_clean_suffix_then_prefix_and
         "cross-instance delivery did not start"
     );
     let delay = switched.elapsed();
-    wait_flag(&a, on.clone()).await;
+    wait_flag(a, on).await;
     tokio::time::sleep(Duration::from_millis(1000)).await;
 
     // Off again: delivery stops once the publisher has polled the switch.
     unleash.flags(&["off"]).await;
-    wait_flag(&a, off.clone()).await;
+    wait_flag(a, off).await;
     let after_off = publisher.sent();
     tokio::time::sleep(Duration::from_millis(1000)).await;
     let total = publisher.finish().await;
@@ -251,27 +280,20 @@ async fn switching_in_unleash_under_traffic_gives_a_clean_suffix_then_prefix_and
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fifty_percent_rollout_splits_sessions_the_same_way_on_every_instance() {
-    let redis = RedisServer::start();
-    let unleash = Unleash::start().await;
-    unleash.flags(&["create"]).await;
-    unleash.flags(&["rollout", "50"]).await;
-    unleash.flags(&["on"]).await;
-    let status: Value = serde_json::from_str(&unleash.flags(&["status"]).await).unwrap();
+    let f = fleet("50", "on").await;
+    let (a, b) = (&f.a, &f.b);
+    let status: Value = serde_json::from_str(&f.unleash.flags(&["status"]).await).unwrap();
+    assert_eq!(status["enabled"], true);
     assert_eq!(status["strategies"][0]["parameters"]["rollout"], "50");
     assert_eq!(
         status["strategies"][0]["parameters"]["stickiness"],
         "sessionId"
     );
-    let a = instance(&redis, &unleash, "a");
-    let b = instance(&redis, &unleash, "b");
-    let on = json!({ "enabled": true, "source": "unleash" });
-    wait_flag(&a, on.clone()).await;
-    wait_flag(&b, on.clone()).await;
 
     // Both instances give every session the same answer; about half use Redis.
     let ids: Vec<String> = (0..400).map(|i| format!("rollout-{i}")).collect();
-    let on_a = answers(&flags(&a, &ids).await["checked"]);
-    let on_b = answers(&flags(&b, &ids).await["checked"]);
+    let on_a = answers(&flags(a, &ids).await["checked"]);
+    let on_b = answers(&flags(b, &ids).await["checked"]);
     assert_eq!(on_a.len(), ids.len());
     assert_eq!(on_a, on_b, "instances disagree on some session");
     let redis_count = on_a.iter().filter(|(_, r)| *r).count();
@@ -283,10 +305,10 @@ async fn a_fifty_percent_rollout_splits_sessions_the_same_way_on_every_instance(
     // Real sessions: one on each path, subscribed on both instances.
     let mut real = Vec::new();
     for _ in 0..16 {
-        real.push(new_session(&a).await);
+        real.push(new_session(a).await);
     }
     let real_ids: Vec<String> = real.iter().map(|(id, _)| id.clone()).collect();
-    let checked = answers(&flags(&a, &real_ids).await["checked"]);
+    let checked = answers(&flags(a, &real_ids).await["checked"]);
     let pick = |want: bool| {
         let i = checked.iter().position(|(_, r)| *r == want).unwrap();
         real[i].clone()
@@ -300,12 +322,12 @@ async fn a_fifty_percent_rollout_splits_sessions_the_same_way_on_every_instance(
             streams.push(sse);
         }
     }
-    wait_subscribed(&b, 2).await;
+    wait_subscribed(b, 2).await;
 
     // The operator view lists the subscribed sessions with the same answers
     // on both instances.
-    let listed_a = answers(&flags(&a, &[]).await["sessions"]);
-    let listed_b = answers(&flags(&b, &[]).await["sessions"]);
+    let listed_a = answers(&flags(a, &[]).await["sessions"]);
+    let listed_b = answers(&flags(b, &[]).await["sessions"]);
     let mut expected = vec![
         (redis_session.0.clone(), true),
         (local_session.0.clone(), false),
@@ -313,12 +335,12 @@ async fn a_fifty_percent_rollout_splits_sessions_the_same_way_on_every_instance(
     expected.sort();
     assert_eq!(listed_a, expected);
     assert_eq!(listed_b, expected);
-    assert_eq!(flags(&a, &[]).await["on_redis"], 1);
+    assert_eq!(flags(a, &[]).await["on_redis"], 1);
 
     // And publishing follows it: the Redis session's event reaches B, the
     // local session's does not.
     for (id, token) in [&redis_session, &local_session] {
-        assert_eq!(message(&a, id, token, id).await.status(), 202);
+        assert_eq!(message(a, id, token, id).await.status(), 202);
     }
     let [redis_on_a, redis_on_b, local_on_a, local_on_b] = &mut streams[..] else {
         unreachable!()
@@ -334,40 +356,26 @@ async fn a_fifty_percent_rollout_splits_sessions_the_same_way_on_every_instance(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn when_unleash_goes_away_the_last_known_value_stays_in_force() {
-    let redis = RedisServer::start();
-    let mut unleash = Unleash::start().await;
-    unleash.flags(&["create"]).await;
-    unleash.flags(&["rollout", "100"]).await;
-    unleash.flags(&["on"]).await;
-    let a = instance(&redis, &unleash, "a");
-    let b = instance(&redis, &unleash, "b");
-    let on = json!({ "enabled": true, "source": "unleash" });
-    wait_flag(&a, on.clone()).await;
-    wait_flag(&b, on.clone()).await;
-
-    let (id, token) = new_session(&a).await;
-    let mut same = SseClient::open(&a, &id, &token).await;
-    let mut cross = SseClient::open(&b, &id, &token).await;
-    same.expect_connected().await;
-    cross.expect_connected().await;
-    wait_subscribed(&b, 1).await;
-    assert_eq!(message(&a, &id, &token, "before").await.status(), 202);
+    let mut f = fleet("100", "on").await;
+    let (id, token, mut same, mut cross) = watched_session(&f).await;
+    let (a, b) = (&f.a, &f.b);
+    assert_eq!(message(a, &id, &token, "before").await.status(), 202);
     assert_eq!(cross.next_event(T).await.unwrap().json()["text"], "before");
     same.next_event(T).await.unwrap();
 
-    unleash.stop();
+    f.unleash.stop();
     let last_known = json!({ "enabled": true, "source": "unleash-last-known" });
-    wait_flag(&a, last_known.clone()).await;
-    wait_flag(&b, last_known).await;
+    wait_flag(a, last_known.clone()).await;
+    wait_flag(b, last_known).await;
     // Several failed polls later (1 s, then backing off), still in force.
     tokio::time::sleep(Duration::from_millis(3500)).await;
     for n in 0..10 {
         let text = format!("during-{n}");
-        assert_eq!(message(&a, &id, &token, &text).await.status(), 202);
+        assert_eq!(message(a, &id, &token, &text).await.status(), 202);
         assert_eq!(same.next_event(T).await.unwrap().json()["text"], text);
         assert_eq!(cross.next_event(T).await.unwrap().json()["text"], text);
     }
-    let view = flags(&a, std::slice::from_ref(&id)).await;
+    let view = flags(a, std::slice::from_ref(&id)).await;
     assert_eq!(view["checked"][0]["redis"], true, "{view}");
     assert_eq!(view["state"]["source"], "unleash-last-known");
     // The outage is logged once, not on every failed poll.
