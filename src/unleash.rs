@@ -218,13 +218,7 @@ impl UnleashFlags {
     /// off exponentially and logs the outage once (and its end once).
     async fn poll(self, settings: UnleashSettings, cancel: CancellationToken) {
         let client = &self.inner.client;
-        let registered = tokio::select! {
-            r = client.register() => r,
-            () = cancel.cancelled() => return,
-        };
-        if let Err(e) = registered {
-            tracing::debug!(error = %e, "cannot register with Unleash");
-        }
+        let mut registered = false;
         let mut backoff = None;
         loop {
             let result = tokio::select! {
@@ -233,6 +227,17 @@ impl UnleashFlags {
             };
             let wait = match result {
                 Ok(()) => {
+                    if !registered {
+                        registered = true;
+                        // After the first answer, so registering (for
+                        // Unleash's dashboards only) never delays the flag.
+                        tokio::select! {
+                            r = client.register() => if let Err(e) = r {
+                                tracing::debug!(error = %e, "cannot register with Unleash");
+                            },
+                            () = cancel.cancelled() => return,
+                        }
+                    }
                     if backoff.take().is_some() {
                         tracing::info!(url = %settings.url, "Unleash answers again; following it");
                     }

@@ -363,6 +363,23 @@ async fn when_unleash_goes_away_the_last_known_value_stays_in_force() {
     assert_eq!(cross.next_event(T).await.unwrap().json()["text"], "before");
     same.next_event(T).await.unwrap();
 
+    // A server whose token Unleash refuses stays on the environment value
+    // and says why.
+    let refused = Server::start(&[
+        ("UNLEASH_URL", &f.unleash.api_url()),
+        ("UNLEASH_API_TOKEN", "default:development.wrong"),
+        ("UNLEASH_REFRESH_SECS", "1"),
+    ]);
+    let ok = eventually(T, || async {
+        refused.log.lock().unwrap().contains("HTTP 401")
+    })
+    .await;
+    assert!(ok, "{}", refused.log.lock().unwrap());
+    assert_eq!(
+        refused.stats().await["flag"]["state"],
+        json!({ "enabled": false, "source": "default" })
+    );
+
     f.unleash.stop();
     let last_known = json!({ "enabled": true, "source": "unleash-last-known" });
     wait_flag(a, last_known.clone()).await;
