@@ -42,7 +42,7 @@ if [ -z "${SSE_SCALE_PG_URL:-}" ] && ! psql -qXtAc 'select 1' "postgres://postgr
     [ "$(id -u)" -eq 0 ] || sudo="sudo"
     if ! pg_isready -q -h 127.0.0.1 -p 5432; then
         version=$(ls /usr/lib/postgresql | sort -V | tail -n 1)
-        if ! pg_lsclusters -h 2>/dev/null | grep -q "^$version main "; then
+        if ! pg_lsclusters -h 2>/dev/null | awk -v v="$version" '$1 == v && $2 == "main"' | grep -q .; then
             $sudo pg_createcluster "$version" main >/dev/null
         fi
         echo "starting PostgreSQL $version (cluster main)"
