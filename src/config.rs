@@ -154,6 +154,29 @@ pub struct Config {
     #[arg(long, env = "OUTBOX_MAX", default_value_t = 10_000,
           value_parser = clap::value_parser!(u64).range(0..=10_000_000))]
     pub outbox_max: u64,
+
+    /// Unleash client API URL (e.g. `http://unleash:4242/api`). When set,
+    /// `FF_REDIS_SSE_BROADCAST` follows Unleash (see docs/flags.md) and
+    /// the environment value only applies until Unleash first answers.
+    #[arg(long, env = "UNLEASH_URL")]
+    pub unleash_url: Option<String>,
+
+    /// Unleash backend (client) API token; needed with `UNLEASH_URL`.
+    #[arg(long, env = "UNLEASH_API_TOKEN", hide_env_values = true)]
+    pub unleash_api_token: Option<String>,
+
+    /// Application name this server reports to Unleash.
+    #[arg(long, env = "UNLEASH_APP_NAME", default_value = "sse-scale")]
+    pub unleash_app_name: String,
+
+    /// Instance name reported to Unleash [default: the instance id].
+    #[arg(long, env = "UNLEASH_INSTANCE_ID")]
+    pub unleash_instance_id: Option<String>,
+
+    /// Seconds between polls of Unleash (failed polls back off up to 60 s).
+    #[arg(long, env = "UNLEASH_REFRESH_SECS", default_value_t = 15,
+          value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub unleash_refresh_secs: u64,
 }
 
 /// A configuration that parsed but does not make sense as a whole.
@@ -166,6 +189,12 @@ pub enum ConfigError {
     RedisUrlInvalid(String),
     #[error("SHUTDOWN_DRAIN_SECS must be shorter than SHUTDOWN_GRACE_SECS")]
     DrainLongerThanGrace,
+    #[error("UNLEASH_URL must be an http:// or https:// URL: {0}")]
+    UnleashUrlInvalid(String),
+    #[error("UNLEASH_URL needs UNLEASH_API_TOKEN (an Unleash backend API token)")]
+    UnleashTokenMissing,
+    #[error("UNLEASH_APP_NAME must not be empty")]
+    UnleashAppNameEmpty,
 }
 
 impl Config {
@@ -180,6 +209,19 @@ impl Config {
         if let Some(url) = &self.redis_url {
             redis::Client::open(url.as_str())
                 .map_err(|e| ConfigError::RedisUrlInvalid(e.to_string()))?;
+        }
+        if let Some(url) = &self.unleash_url {
+            let parsed = reqwest::Url::parse(url)
+                .map_err(|e| ConfigError::UnleashUrlInvalid(format!("{url:?}: {e}")))?;
+            if !matches!(parsed.scheme(), "http" | "https") {
+                return Err(ConfigError::UnleashUrlInvalid(url.clone()));
+            }
+            if self.unleash_api_token.as_deref().is_none_or(str::is_empty) {
+                return Err(ConfigError::UnleashTokenMissing);
+            }
+            if self.unleash_app_name.trim().is_empty() {
+                return Err(ConfigError::UnleashAppNameEmpty);
+            }
         }
         Ok(())
     }
@@ -208,6 +250,10 @@ impl Config {
 
     pub fn shutdown_drain(&self) -> Duration {
         Duration::from_secs(self.shutdown_drain_secs)
+    }
+
+    pub fn unleash_refresh(&self) -> Duration {
+        Duration::from_secs(self.unleash_refresh_secs)
     }
 }
 
@@ -260,6 +306,14 @@ impl std::fmt::Debug for Config {
             .field("shutdown_drain_secs", &self.shutdown_drain_secs)
             .field("max_streams", &self.max_streams)
             .field("outbox_max", &self.outbox_max)
+            .field("unleash_url", &self.unleash_url)
+            .field(
+                "unleash_api_token",
+                &self.unleash_api_token.as_ref().map(|_| "<redacted>"),
+            )
+            .field("unleash_app_name", &self.unleash_app_name)
+            .field("unleash_instance_id", &self.unleash_instance_id)
+            .field("unleash_refresh_secs", &self.unleash_refresh_secs)
             .finish()
     }
 }
@@ -291,16 +345,41 @@ mod tests {
     }
 
     #[test]
+    fn unleash_settings_are_checked() {
+        assert!(parse(&["--unleash-refresh-secs", "0"]).is_err());
+        let no_token = parse(&["--unleash-url", "http://u:4242/api"]).unwrap();
+        assert!(matches!(
+            no_token.validate(),
+            Err(ConfigError::UnleashTokenMissing)
+        ));
+        for bad in ["unleash:4242", "ftp://u/api", "http//u"] {
+            let c = parse(&["--unleash-url", bad, "--unleash-api-token", "t"]).unwrap();
+            assert!(
+                matches!(c.validate(), Err(ConfigError::UnleashUrlInvalid(_))),
+                "{bad}"
+            );
+        }
+        let ok = parse(&["--unleash-url", "https://u/api", "--unleash-api-token", "t"]).unwrap();
+        assert!(ok.validate().is_ok());
+        assert_eq!(ok.unleash_refresh(), Duration::from_secs(15));
+    }
+
+    #[test]
     fn debug_hides_secrets() {
         let c = parse(&[
             "--session-secret",
             "hunter2",
             "--redis-url",
             "redis://:pw@h:6379/1",
+            "--unleash-url",
+            "http://unleash:4242/api",
+            "--unleash-api-token",
+            "default:development.tok3n",
         ])
         .unwrap();
         let s = format!("{c:?}");
         assert!(!s.contains("hunter2") && !s.contains("pw@"), "{s}");
+        assert!(!s.contains("tok3n"), "{s}");
         assert!(s.contains("redis://:***@h:6379/1"), "{s}");
     }
 }

@@ -48,6 +48,7 @@ pub mod redis_client;
 pub mod sse;
 pub mod stream;
 pub mod token;
+pub mod unleash;
 
 pub use broadcaster::{BroadcastError, Broadcaster, BroadcasterStats, Subscription};
 pub use config::Config;

@@ -24,16 +24,6 @@ fn instance(redis: &RedisServer, name: &str, flag: bool) -> Server {
     ])
 }
 
-async fn message(server: &Server, id: &str, token: &str, text: &str) -> reqwest::Response {
-    post(
-        server,
-        token,
-        &format!("/sessions/{id}/messages"),
-        json!({ "text": text }),
-    )
-    .await
-}
-
 /// Reads events until `n` arrived; returns (type, id, text-or-data).
 async fn take(sse: &mut SseClient, n: usize) -> Vec<(String, String, Value)> {
     let mut out = Vec::new();
@@ -49,16 +39,6 @@ async fn take(sse: &mut SseClient, n: usize) -> Vec<(String, String, Value)> {
         ));
     }
     out
-}
-
-async fn wait_subscribed(server: &Server, channels: u64) {
-    let ok = eventually(T, || async {
-        let s = server.stats().await;
-        s["redis"]["subscriber_connected"] == true
-            && s["redis"]["subscribed_channels"].as_u64() >= Some(channels)
-    })
-    .await;
-    assert!(ok, "not subscribed: {}", server.stats().await);
 }
 
 #[tokio::test]

@@ -1,14 +1,19 @@
-//! `/healthz` (the process is alive), `/readyz` (it takes new streams) and
-//! `/stats` (what this instance holds).
+//! `/healthz` (the process is alive), `/readyz` (it takes new streams),
+//! `/stats` (what this instance holds) and `/flags` (which sessions are on
+//! the Redis path).
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use axum::extract::State;
+use axum::extract::{Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use serde::Deserialize;
 use serde_json::json;
+use sse_scale::SessionId;
+
+use crate::error::AppError;
 
 use crate::state::AppState;
 
@@ -52,4 +57,55 @@ pub async fn stats(State(state): State<Arc<AppState>>) -> Json<serde_json::Value
         "redis": b.redis,
         "rate_limit_fallback_checks": state.limiter.fallback_checks.load(Ordering::Relaxed),
     }))
+}
+
+/// Most session ids `/flags?sessions=` evaluates in one request.
+const MAX_CHECKED_SESSIONS: usize = 1000;
+
+#[derive(Deserialize)]
+pub struct FlagsQuery {
+    /// Comma-separated session ids to evaluate, subscribed here or not.
+    sessions: Option<String>,
+}
+
+/// `FF_REDIS_SSE_BROADCAST` per session on this instance: every session with
+/// a subscriber here, and any listed in `?sessions=a,b`, with whether its
+/// publishes from this instance go through Redis (`redis: true`) or stay
+/// local. Without the Redis broadcaster nothing goes through Redis.
+pub async fn flags(
+    State(state): State<Arc<AppState>>,
+    Query(query): Query<FlagsQuery>,
+) -> Result<Json<serde_json::Value>, AppError> {
+    let checked = match &query.sessions {
+        Some(list) => list
+            .split(',')
+            .filter(|s| !s.is_empty())
+            .map(SessionId::parse)
+            .collect::<Result<Vec<_>, _>>()?,
+        None => Vec::new(),
+    };
+    if checked.len() > MAX_CHECKED_SESSIONS {
+        return Err(AppError::bad_request(
+            "too_many_sessions",
+            format!("at most {MAX_CHECKED_SESSIONS} sessions per request"),
+        ));
+    }
+    let (subscribed, redis_path) = match &state.redis_broadcaster {
+        Some(b) => (b.subscribed_sessions().await, true),
+        None => (Vec::new(), false),
+    };
+    let answer = |s: &SessionId| json!({ "session": s.as_str(), "redis": redis_path && state.flags.redis_broadcast(s) });
+    let mut listed: Vec<_> = subscribed.iter().map(answer).collect();
+    listed.sort_by(|a, b| a["session"].as_str().cmp(&b["session"].as_str()));
+    let on_redis = listed.iter().filter(|s| s["redis"] == true).count();
+    Ok(Json(json!({
+        "instance_id": state.instance_id,
+        "mode": state.broadcaster.stats().mode,
+        "flag": sse_scale::flags::REDIS_SSE_BROADCAST,
+        "state": state.flags.state(),
+        "sessions": listed,
+        "on_redis": on_redis,
+        "local_only": listed.len() - on_redis,
+        "checked": checked.iter().map(answer).collect::<Vec<_>>(),
+    })))
 }

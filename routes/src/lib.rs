@@ -62,6 +62,7 @@ pub fn app(state: Arc<AppState>) -> Result<Router, axum::http::header::InvalidHe
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
         .route("/stats", get(health::stats))
+        .route("/flags", get(health::flags))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(body_limit))

@@ -14,6 +14,7 @@ use sse_scale::flags::{EnvFlags, FlagSource};
 use sse_scale::history::HistoryLimits;
 use sse_scale::ratelimit::RateLimiter;
 use sse_scale::redis_broadcaster::RedisSettings;
+use sse_scale::unleash::{UnleashFlags, UnleashSettings};
 use sse_scale::{
     Broadcaster, Config, LocalBroadcaster, RedisBroadcaster, SharedRedis, TokenSigner,
 };
@@ -92,8 +93,22 @@ async fn run(config: Config) -> anyhow::Result<()> {
         None => None,
     };
     let limiter = RateLimiter::new(redis.clone(), &config.redis_prefix);
-    let env_flags = Arc::new(EnvFlags::new(config.ff_redis_sse_broadcast));
-    let flags: Arc<dyn FlagSource> = env_flags;
+    let flags: Arc<dyn FlagSource> = match &config.unleash_url {
+        Some(url) => {
+            let mut settings = UnleashSettings::new(url, &config.unleash_app_name);
+            settings.api_token = config.unleash_api_token.clone();
+            settings.instance_id = config
+                .unleash_instance_id
+                .clone()
+                .unwrap_or_else(|| instance_id.clone());
+            settings.refresh = config.unleash_refresh();
+            settings.env_value = config.ff_redis_sse_broadcast;
+            tracing::info!(%url, refresh_secs = config.unleash_refresh_secs, "flags from Unleash");
+            // The polling task ends with the server's shutdown token.
+            Arc::new(UnleashFlags::start(settings, &tasks, shutdown.clone())?)
+        }
+        None => Arc::new(EnvFlags::new(config.ff_redis_sse_broadcast)),
+    };
 
     let history = HistoryLimits {
         maxlen: config.history_maxlen as usize,

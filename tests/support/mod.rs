@@ -137,6 +137,29 @@ pub async fn post(server: &Server, token: &str, path: &str, body: Value) -> reqw
         .unwrap()
 }
 
+/// Publishes a chat message `{"text": text}` to the session.
+pub async fn message(server: &Server, id: &str, token: &str, text: &str) -> reqwest::Response {
+    post(
+        server,
+        token,
+        &format!("/sessions/{id}/messages"),
+        serde_json::json!({ "text": text }),
+    )
+    .await
+}
+
+/// Waits until the server's Redis subscriber is connected and holds at
+/// least `channels` channels.
+pub async fn wait_subscribed(server: &Server, channels: u64) {
+    let ok = eventually(Duration::from_secs(5), || async {
+        let s = server.stats().await;
+        s["redis"]["subscriber_connected"] == true
+            && s["redis"]["subscribed_channels"].as_u64() >= Some(channels)
+    })
+    .await;
+    assert!(ok, "not subscribed: {}", server.stats().await);
+}
+
 /// One parsed SSE block.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct SseEvent {

@@ -1,6 +1,8 @@
 //! A real `redis-server` per test, on a free port, that a test can stop and
 //! start again on the same port.
 
+#![allow(dead_code)]
+
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
