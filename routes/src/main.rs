@@ -33,6 +33,13 @@ fn main() -> ExitCode {
         .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr)
         .init();
+    // Every open stream is a socket, and the usual soft open-file limit
+    // (1024) would refuse connections long before MAX_STREAMS; the hard limit
+    // is what the operator meant to allow.
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) => tracing::info!(limit, "open-file limit raised to the hard limit"),
+        Err(e) => tracing::warn!(error = %e, "cannot raise the open-file limit"),
+    }
     if let Err(e) = config.validate() {
         eprintln!("error: {e}");
         return ExitCode::from(2);
@@ -100,7 +107,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
                 settings.queue = config.sse_client_queue as usize;
                 settings.history_maxlen = config.history_maxlen;
                 settings.history_ttl_secs = config.history_ttl_secs;
-            settings.outbox_max = config.outbox_max as usize;
+                settings.outbox_max = config.outbox_max as usize;
                 let b = RedisBroadcaster::start(
                     redis.clone(),
                     flags.clone(),
