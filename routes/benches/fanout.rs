@@ -46,7 +46,18 @@ struct Server {
 impl Server {
     fn start(name: &str, extra: &[(&str, String)]) -> Server {
         let bin = env!("CARGO_BIN_EXE_sse-scale");
-        let mut cmd = Command::new(bin);
+        // `BENCH_SERVER_WRAP="perf record -g -o /tmp/p.data --"` runs the
+        // servers under a profiler (the CPU figures are then the wrapper's).
+        let wrap = std::env::var("BENCH_SERVER_WRAP").unwrap_or_default();
+        let mut words = wrap.split_whitespace();
+        let mut cmd = match words.next() {
+            Some(prog) => {
+                let mut c = Command::new(prog);
+                c.args(words).arg(bin);
+                c
+            }
+            None => Command::new(bin),
+        };
         cmd.env_clear()
             .env("HOST", "127.0.0.1")
             .env("PORT", "0")
@@ -58,6 +69,9 @@ impl Server {
             .env("RATE_LIMIT_STREAMS_PER_MIN", "0")
             .env("MAX_STREAMS", "19000")
             .env("SSE_CLIENT_QUEUE", "1024")
+            // End quickly when the benchmark is done with a server.
+            .env("SHUTDOWN_DRAIN_SECS", "0")
+            .env("SHUTDOWN_GRACE_SECS", "2")
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
@@ -94,8 +108,8 @@ impl Server {
         self.child.id()
     }
 
-    fn cpu(&self) -> Duration {
-        proc_cpu(self.pid())
+    fn cpu_split(&self) -> (Duration, Duration) {
+        proc_cpu_split(self.pid())
     }
 
     fn rss_kib(&self) -> u64 {
@@ -105,6 +119,16 @@ impl Server {
 
 impl Drop for Server {
     fn drop(&mut self) {
+        // SIGTERM first, so a profiler wrapping the server writes its data.
+        // SAFETY: kill has no memory preconditions; the pid is our child.
+        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -119,6 +143,7 @@ struct Redis {
 impl Redis {
     fn start() -> Redis {
         let port = free_port();
+        #[allow(clippy::zombie_processes)] // waited for in Drop
         let child = Command::new("redis-server")
             .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no"])
@@ -155,18 +180,19 @@ fn free_port() -> u16 {
         .port()
 }
 
-/// User + system CPU time of a process (all threads), from `/proc/<pid>/stat`.
-fn proc_cpu(pid: u32) -> Duration {
+/// User and system CPU time of a process (all threads), from `/proc/<pid>/stat`.
+fn proc_cpu_split(pid: u32) -> (Duration, Duration) {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("read /proc/pid/stat");
     // The command name may contain spaces; fields are counted after its ')'.
     let rest = &stat[stat.rfind(')').expect("stat format") + 2..];
     let fields: Vec<&str> = rest.split_whitespace().collect();
     // utime and stime are fields 14 and 15 of the full line (11, 12 here).
-    let ticks: u64 =
-        fields[11].parse::<u64>().expect("utime") + fields[12].parse::<u64>().expect("stime");
+    let user: u64 = fields[11].parse().expect("utime");
+    let sys: u64 = fields[12].parse().expect("stime");
     // SAFETY: sysconf has no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
-    Duration::from_nanos(ticks * 1_000_000_000 / hz)
+    let time = |ticks: u64| Duration::from_nanos(ticks * 1_000_000_000 / hz);
+    (time(user), time(sys))
 }
 
 /// Resident set size in KiB, from `/proc/<pid>/status`.
@@ -422,6 +448,7 @@ struct FanoutResult {
     secs: f64,
     deliveries_per_sec: f64,
     server_cpu_secs: f64,
+    server_sys_secs: f64,
     cpu_us_per_delivery: f64,
     p50_ms: f64,
     p99_ms: f64,
@@ -439,6 +466,7 @@ impl FanoutResult {
             "delivered": self.delivered, "lost": self.lost, "duplicates": self.duplicates,
             "stream_errors": self.stream_errors, "publish_window_secs": self.secs,
             "deliveries_per_sec": self.deliveries_per_sec, "server_cpu_secs": self.server_cpu_secs,
+            "server_sys_secs": self.server_sys_secs,
             "cpu_us_per_delivery": self.cpu_us_per_delivery,
             "latency_ms": { "p50": self.p50_ms, "p99": self.p99_ms, "p99_9": self.p999_ms, "max": self.max_ms },
             "redis_per_instance": self.redis,
@@ -542,7 +570,7 @@ async fn fanout(
         .map(|h| servers[(h + 1) % servers.len()].addr)
         .collect();
     let before_stats = futures_join(&http, servers).await;
-    let cpu0: Vec<Duration> = servers.iter().map(|s| s.cpu()).collect();
+    let cpu0: Vec<(Duration, Duration)> = servers.iter().map(|s| s.cpu_split()).collect();
     let t0 = Instant::now();
     let per_session = ((rate * secs) / n_sessions as f64).ceil().max(1.0) as u64;
     let published = publish_all(&http, &sessions, &route, rate, per_session).await;
@@ -552,7 +580,13 @@ async fn fanout(
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
     let window = t0.elapsed().as_secs_f64();
-    let cpu: Duration = servers.iter().zip(&cpu0).map(|(s, c0)| s.cpu() - *c0).sum();
+    let (mut user, mut sys) = (Duration::ZERO, Duration::ZERO);
+    for (s, (u0, s0)) in servers.iter().zip(&cpu0) {
+        let (u1, s1) = s.cpu_split();
+        user += u1 - *u0;
+        sys += s1 - *s0;
+    }
+    let cpu = user + sys;
     let after_stats = futures_join(&http, servers).await;
     // A little more time for stragglers, so duplicates would show.
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -600,6 +634,7 @@ async fn fanout(
         secs: window,
         deliveries_per_sec: delivered as f64 / window,
         server_cpu_secs: cpu.as_secs_f64(),
+        server_sys_secs: sys.as_secs_f64(),
         cpu_us_per_delivery: cpu.as_secs_f64() * 1e6 / delivered.max(1) as f64,
         p50_ms: h.value_at_quantile(0.50) as f64 / 1000.0,
         p99_ms: h.value_at_quantile(0.99) as f64 / 1000.0,
@@ -624,8 +659,8 @@ async fn futures_join(http: &reqwest::Client, servers: &[&Server]) -> Vec<Value>
 }
 
 /// RSS per idle stream: RSS with `streams` idle streams minus RSS before.
-async fn idle_memory(streams: usize) -> Value {
-    let server = Server::start("bench-mem", &[]);
+async fn idle_memory(streams: usize, env: &[(&str, String)]) -> Value {
+    let server = Server::start("bench-mem", env);
     let http = reqwest::Client::new();
     let sessions: Vec<Arc<Session>> = {
         let mut v = Vec::new();
@@ -688,8 +723,80 @@ fn machine() -> Value {
     })
 }
 
-fn docs_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/bench")
+/// What to run. The defaults are the documented benchmark; the variables
+/// exist for profiling one scenario at a time.
+struct Options {
+    /// `BENCH_ONLY=local,redis,idle` (default: all).
+    only: Option<Vec<String>>,
+    /// `BENCH_STREAMS=1000,2000` — stream counts of the fan-out sweep.
+    streams: Vec<usize>,
+    /// `BENCH_SECS` — publish window of each fan-out run.
+    secs: f64,
+    /// `BENCH_RATE` — deliveries per second (publishes/s × fan-out).
+    deliveries_per_sec: u64,
+    /// `BENCH_IDLE_STREAMS` — streams of the idle-memory run.
+    idle_streams: usize,
+    /// `BENCH_SERVER_ENV=K=V,K=V` — extra environment for the servers.
+    server_env: Vec<(String, String)>,
+    /// `BENCH_OUT` — where results go (default `docs/bench`).
+    out: PathBuf,
+}
+
+impl Options {
+    fn from_env() -> Self {
+        let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+        let quick = var("BENCH_QUICK").is_some();
+        Self {
+            only: var("BENCH_ONLY").map(|v| v.split(',').map(str::to_owned).collect()),
+            streams: var("BENCH_STREAMS")
+                .map(|v| {
+                    v.split(',')
+                        .map(|n| n.trim().parse().expect("BENCH_STREAMS: numbers"))
+                        .collect()
+                })
+                .unwrap_or_else(|| {
+                    if quick {
+                        vec![1_000, 2_000]
+                    } else {
+                        vec![1_000, 2_000, 5_000, 10_000]
+                    }
+                }),
+            secs: var("BENCH_SECS")
+                .map(|v| v.parse().expect("BENCH_SECS: seconds"))
+                .unwrap_or(if quick { 3.0 } else { 10.0 }),
+            deliveries_per_sec: var("BENCH_RATE")
+                .map(|v| v.parse().expect("BENCH_RATE: deliveries/s"))
+                .unwrap_or(DELIVERIES_PER_SEC),
+            idle_streams: var("BENCH_IDLE_STREAMS")
+                .map(|v| v.parse().expect("BENCH_IDLE_STREAMS: number"))
+                .unwrap_or(if quick { 2_000 } else { 15_000 }),
+            server_env: var("BENCH_SERVER_ENV")
+                .map(|v| {
+                    v.split(',')
+                        .filter_map(|kv| kv.split_once('='))
+                        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                        .collect()
+                })
+                .unwrap_or_default(),
+            out: var("BENCH_OUT")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/bench")),
+        }
+    }
+
+    fn run(&self, scenario: &str) -> bool {
+        self.only
+            .as_ref()
+            .map_or(true, |o| o.iter().any(|s| s == scenario))
+    }
+
+    fn to_json(&self) -> Value {
+        json!({
+            "only": self.only, "streams": self.streams, "secs": self.secs,
+            "deliveries_per_sec": self.deliveries_per_sec, "idle_streams": self.idle_streams,
+            "server_env": self.server_env.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>(),
+        })
+    }
 }
 
 /// Latency (p50, p99) and CPU/delivery against stream count, local vs Redis.
@@ -743,6 +850,7 @@ fn plot(
     if text {
         c.configure_mesh()
             .x_desc("open streams (fan-out 100)")
+            .x_label_formatter(&|x| format!("{x:.0}"))
             .y_desc("ms")
             .draw()?;
     } else {
@@ -752,7 +860,13 @@ fn plot(
             .y_labels(0)
             .draw()?;
     }
-    let lines: [(&[FanoutResult], fn(&FanoutResult) -> f64, RGBColor, &str); 4] = [
+    type Line<'a> = (
+        &'a [FanoutResult],
+        fn(&FanoutResult) -> f64,
+        RGBColor,
+        &'a str,
+    );
+    let lines: [Line; 4] = [
         (local, |r| r.p50_ms, BLUE, "local p50"),
         (local, |r| r.p99_ms, CYAN, "local p99"),
         (redis, |r| r.p50_ms, RED, "redis p50"),
@@ -797,6 +911,7 @@ fn plot(
     if text {
         c.configure_mesh()
             .x_desc("open streams (fan-out 100)")
+            .x_label_formatter(&|x| format!("{x:.0}"))
             .y_desc("µs")
             .draw()?;
     } else {
@@ -836,55 +951,69 @@ fn main() {
     // Both ends of every stream live on this machine: the load generator
     // needs one socket per stream too.
     let nofile = rlimit::increase_nofile_limit(u64::MAX).expect("raise the open-file limit");
-    let quick = std::env::var_os("BENCH_QUICK").is_some();
+    let opts = Options::from_env();
     let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
     let started = Instant::now();
-    let counts: &[usize] = if quick {
-        &[1_000, 2_000]
-    } else {
-        &[1_000, 2_000, 5_000, 10_000]
-    };
-    let secs = if quick { 3.0 } else { 10.0 };
-    let idle_streams = if quick { 2_000 } else { 15_000 };
-    let rate = DELIVERIES_PER_SEC as f64 / FANOUT as f64;
+    let rate = opts.deliveries_per_sec as f64 / FANOUT as f64;
     eprintln!(
         "fan-out benchmark (open-file limit {nofile}; server {})",
         env!("CARGO_BIN_EXE_sse-scale")
     );
+    // Leaked once: the names live as long as the benchmark.
+    let server_env: Vec<(&'static str, String)> = opts
+        .server_env
+        .iter()
+        .map(|(k, v)| (&*Box::leak(k.clone().into_boxed_str()), v.clone()))
+        .collect();
+    let with_env = |mut v: Vec<(&'static str, String)>| {
+        v.extend(server_env.iter().cloned());
+        v
+    };
 
     let (local, redis, idle) = runtime.block_on(async {
-        eprintln!("local mode, one instance, fan-out {FANOUT}, {DELIVERIES_PER_SEC} deliveries/s:");
         let mut local = Vec::new();
-        for &n in counts {
-            let server = Server::start("bench-local", &[]);
-            local.push(fanout("local", &[&server], n, rate, secs).await);
+        if opts.run("local") {
+            eprintln!(
+                "local mode, one instance, fan-out {FANOUT}, {} deliveries/s:",
+                opts.deliveries_per_sec
+            );
+            for &n in &opts.streams {
+                let server = Server::start("bench-local", &with_env(vec![]));
+                local.push(fanout("local", &[&server], n, rate, opts.secs).await);
+            }
         }
-        eprintln!(
-            "redis mode, two instances, fan-out {FANOUT}, {DELIVERIES_PER_SEC} deliveries/s:"
-        );
         let mut redis = Vec::new();
-        for &n in counts {
-            let r = Redis::start();
-            let env = [
-                ("SSE_ADAPTER", "redis".to_owned()),
-                ("REDIS_URL", r.url()),
-                ("FF_REDIS_SSE_BROADCAST", "true".to_owned()),
-            ];
-            let a = Server::start("bench-a", &env);
-            let b = Server::start("bench-b", &env);
-            redis.push(fanout("redis", &[&a, &b], n, rate, secs).await);
+        if opts.run("redis") {
+            eprintln!(
+                "redis mode, two instances, fan-out {FANOUT}, {} deliveries/s:",
+                opts.deliveries_per_sec
+            );
+            for &n in &opts.streams {
+                let r = Redis::start();
+                let env = with_env(vec![
+                    ("SSE_ADAPTER", "redis".to_owned()),
+                    ("REDIS_URL", r.url()),
+                    ("FF_REDIS_SSE_BROADCAST", "true".to_owned()),
+                ]);
+                let a = Server::start("bench-a", &env);
+                let b = Server::start("bench-b", &env);
+                redis.push(fanout("redis", &[&a, &b], n, rate, opts.secs).await);
+            }
         }
-        eprintln!("idle streams, one instance:");
-        let idle = idle_memory(idle_streams).await;
+        let mut idle = json!({});
+        if opts.run("idle") {
+            eprintln!("idle streams, one instance:");
+            idle = idle_memory(opts.idle_streams, &with_env(vec![])).await;
+        }
         (local, redis, idle)
     });
 
-    let dir = docs_dir();
+    let dir = opts.out.clone();
     std::fs::create_dir_all(&dir).expect("create docs/bench");
     let results = json!({
         "date": "2026-11-23",
         "command": "cargo bench -p sse-scale-server --bench fanout",
-        "quick": quick,
+        "options": opts.to_json(),
         "machine": machine(),
         "load_generator": "in-process tokio, raw TCP streams, on the same machine as the servers",
         "fanout_streams_per_session": FANOUT,
@@ -963,7 +1092,7 @@ fn main() {
         .chain(&redis)
         .map(|r| r.lost + r.duplicates + r.stream_errors)
         .sum();
-    if bad > 0 || idle["open_failures"].as_u64().unwrap_or(1) > 0 {
+    if bad > 0 || idle["open_failures"].as_u64().unwrap_or(0) > 0 {
         eprintln!("FAILED: loss, duplicates or stream errors (see above)");
         std::process::exit(1);
     }
