@@ -885,12 +885,18 @@ fn plot(
                 .map(|p| Circle::new(p, 3, color.filled())),
         )?;
     }
-    c.draw_series(LineSeries::new(
+    let target = c.draw_series(LineSeries::new(
         [(0.0, 5.0), (max_streams, 5.0)],
         BLACK.mix(0.4),
     ))?;
     if text {
+        target
+            .label("target p99")
+            .legend(|(x, y)| PathElement::new([(x, y), (x + 18, y)], BLACK.mix(0.4)));
+    }
+    if text {
         c.configure_series_labels()
+            .position(SeriesLabelPosition::UpperLeft)
             .background_style(WHITE.mix(0.8))
             .border_style(BLACK)
             .draw()?;
@@ -933,12 +939,18 @@ fn plot(
         }
         c.draw_series(pts.into_iter().map(|p| Circle::new(p, 3, color.filled())))?;
     }
-    c.draw_series(LineSeries::new(
+    let target = c.draw_series(LineSeries::new(
         [(0.0, 4.0), (max_streams, 4.0)],
         BLACK.mix(0.4),
     ))?;
     if text {
+        target
+            .label("target")
+            .legend(|(x, y)| PathElement::new([(x, y), (x + 18, y)], BLACK.mix(0.4)));
+    }
+    if text {
         c.configure_series_labels()
+            .position(SeriesLabelPosition::LowerRight)
             .background_style(WHITE.mix(0.8))
             .border_style(BLACK)
             .draw()?;
