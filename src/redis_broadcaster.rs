@@ -141,6 +141,12 @@ pub struct RedisCounters {
     pub fallback_local: u64,
     /// Events received from other instances and delivered here.
     pub received: u64,
+    /// Every message that arrived on the subscriber connection (own echoes,
+    /// control and dropped ones included): the Redis traffic this instance
+    /// pays for.
+    pub messages_in: u64,
+    /// Channel name plus payload bytes of those messages.
+    pub bytes_in: u64,
     /// This instance's own events coming back from Redis (dropped).
     pub own_echo_dropped: u64,
     pub malformed_dropped: u64,
@@ -245,6 +251,8 @@ struct Counters {
     published_redis: AtomicU64,
     fallback_local: AtomicU64,
     received: AtomicU64,
+    messages_in: AtomicU64,
+    bytes_in: AtomicU64,
     own_echo: AtomicU64,
     malformed: AtomicU64,
     foreign: AtomicU64,
@@ -330,6 +338,8 @@ impl RedisBroadcaster {
             published_redis: c.published_redis.load(Ordering::Relaxed),
             fallback_local: c.fallback_local.load(Ordering::Relaxed),
             received: c.received.load(Ordering::Relaxed),
+            messages_in: c.messages_in.load(Ordering::Relaxed),
+            bytes_in: c.bytes_in.load(Ordering::Relaxed),
             own_echo_dropped: c.own_echo.load(Ordering::Relaxed),
             malformed_dropped: c.malformed.load(Ordering::Relaxed),
             foreign_version_dropped: c.foreign.load(Ordering::Relaxed),
@@ -1003,6 +1013,11 @@ impl Inner {
 
     fn handle(&self, msg: &redis::Msg) {
         let channel = msg.get_channel_name();
+        self.counters.messages_in.fetch_add(1, Ordering::Relaxed);
+        self.counters.bytes_in.fetch_add(
+            (channel.len() + msg.get_payload_bytes().len()) as u64,
+            Ordering::Relaxed,
+        );
         if channel == self.control_channel {
             let payload = bytes::Bytes::copy_from_slice(msg.get_payload_bytes());
             if self.control_tx.try_send(payload).is_err() {
