@@ -4,8 +4,6 @@
 //! real `redis-server`: switching under traffic, a per-session rollout, and
 //! an Unleash outage.
 
-// Not every helper of the Redis support is used here.
-#[allow(dead_code)]
 #[path = "support/redis_server.rs"]
 mod redis_server;
 mod support;

@@ -787,7 +787,7 @@ impl Options {
     fn run(&self, scenario: &str) -> bool {
         self.only
             .as_ref()
-            .map_or(true, |o| o.iter().any(|s| s == scenario))
+            .is_none_or(|o| o.iter().any(|s| s == scenario))
     }
 
     fn to_json(&self) -> Value {
