@@ -411,14 +411,10 @@ impl Inner {
         format!("{}{}:first", self.session_prefix, session)
     }
 
-    /// The newest id in the session's history stream (and in-process
-    /// history). Without Redis, an id past everything this instance has
-    /// seen: a later resume may then miss nothing it could have replayed.
-    async fn position(&self, session: &SessionId) -> EventId {
-        let local = self.local.position_now(session);
-        let Some(mut conn) = self.redis.conn() else {
-            return self.local.next_id();
-        };
+    /// The newest id in the session's history stream (`0-0` if it has
+    /// none), or `None` if Redis does not answer.
+    async fn stream_top(&self, session: &SessionId) -> Option<EventId> {
+        let mut conn = self.redis.conn()?;
         let mut cmd = redis::cmd("XREVRANGE");
         cmd.arg(self.history_key(session))
             .arg("+")
@@ -431,16 +427,27 @@ impl Inner {
         )
         .await
         {
-            Ok(Ok(reply)) => reply
-                .ids
-                .first()
-                .and_then(|e| e.id.parse::<EventId>().ok())
-                .unwrap_or_default()
-                .max(local),
+            Ok(Ok(reply)) => Some(
+                reply
+                    .ids
+                    .first()
+                    .and_then(|e| e.id.parse::<EventId>().ok())
+                    .unwrap_or_default(),
+            ),
             _ => {
                 self.redis.report_failure();
-                self.local.next_id()
+                None
             }
+        }
+    }
+
+    /// The newest id in the session's history stream and in-process
+    /// history. Without Redis, an id past everything this instance has
+    /// seen, so a later resume repeats nothing the client got live.
+    async fn position(&self, session: &SessionId) -> EventId {
+        match self.stream_top(session).await {
+            Some(top) => top.max(self.local.position_now(session)),
+            None => self.local.next_id(),
         }
     }
 
@@ -761,32 +768,7 @@ impl Inner {
     /// Records where the session's history stood when its channel was
     /// subscribed, so a later catch-up knows where to start.
     async fn init_cursor(&self, session: &SessionId) {
-        let top = match self.redis.conn() {
-            Some(mut conn) => {
-                let mut cmd = redis::cmd("XREVRANGE");
-                cmd.arg(self.history_key(session))
-                    .arg("+")
-                    .arg("-")
-                    .arg("COUNT")
-                    .arg(1);
-                match tokio::time::timeout(
-                    RESPONSE_TIMEOUT,
-                    cmd.query_async::<StreamRangeReply>(&mut conn),
-                )
-                .await
-                {
-                    Ok(Ok(reply)) => Some(
-                        reply
-                            .ids
-                            .first()
-                            .and_then(|e| e.id.parse().ok())
-                            .unwrap_or_default(),
-                    ),
-                    _ => None,
-                }
-            }
-            None => None,
-        };
+        let top = self.stream_top(session).await;
         // Without an answer, the local clock is the best guess of "now".
         let floor = top.unwrap_or_else(|| self.local.next_id());
         let mut cursors = self.cursors();
