@@ -20,6 +20,7 @@ pub mod extract;
 pub mod health;
 pub mod listener;
 pub mod pipeline;
+pub mod serve;
 pub mod sessions;
 pub mod state;
 pub mod workflow;

@@ -1,5 +1,5 @@
-//! The server's TCP listener: every accepted connection gets a write-stall
-//! timeout.
+//! Connections with a write-stall timeout, and the peer address the
+//! routes read.
 //!
 //! A client that stops reading a stream (a frozen tab, a dead network path
 //! without a reset) fills its socket buffers; the server's writes then never
@@ -20,65 +20,14 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use axum::extract::connect_info::Connected;
-use axum::serve::{IncomingStream, Listener};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio::time::Sleep;
 
-/// A [`TcpListener`] whose connections fail stalled writes. See the module
-/// docs.
-pub struct GuardedListener {
-    inner: TcpListener,
-    write_timeout: Duration,
-    stalled: Arc<AtomicU64>,
-}
-
-impl GuardedListener {
-    /// `stalled` counts connections closed because a write stalled.
-    pub fn new(inner: TcpListener, write_timeout: Duration, stalled: Arc<AtomicU64>) -> Self {
-        Self {
-            inner,
-            write_timeout,
-            stalled,
-        }
-    }
-}
-
-impl Listener for GuardedListener {
-    type Io = StallGuard;
-    type Addr = SocketAddr;
-
-    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        let (io, addr) = Listener::accept(&mut self.inner).await;
-        // Events are small writes that must leave at once.
-        if let Err(e) = io.set_nodelay(true) {
-            tracing::debug!(error = %e, "cannot set TCP_NODELAY");
-        }
-        let guard = StallGuard {
-            io,
-            limit: self.write_timeout,
-            stall: None,
-            stalled: self.stalled.clone(),
-        };
-        (guard, addr)
-    }
-
-    fn local_addr(&self) -> io::Result<Self::Addr> {
-        self.inner.local_addr()
-    }
-}
-
-/// The peer address of a connection accepted by [`GuardedListener`]
-/// (axum's `ConnectInfo<SocketAddr>` only knows its own listener types).
+/// The peer address of a connection, in the request's extensions as
+/// `ConnectInfo<PeerAddr>` (set by [`crate::serve`]).
 #[derive(Debug, Clone, Copy)]
 pub struct PeerAddr(pub SocketAddr);
-
-impl Connected<IncomingStream<'_, GuardedListener>> for PeerAddr {
-    fn connect_info(stream: IncomingStream<'_, GuardedListener>) -> Self {
-        PeerAddr(*stream.remote_addr())
-    }
-}
 
 /// A TCP stream whose writes fail with `TimedOut` once one has been pending
 /// for longer than the limit.
@@ -92,6 +41,21 @@ pub struct StallGuard {
 }
 
 impl StallGuard {
+    /// `stalled` counts connections closed because a write stalled.
+    pub fn new(io: TcpStream, limit: Duration, stalled: Arc<AtomicU64>) -> Self {
+        Self {
+            io,
+            limit,
+            stall: None,
+            stalled,
+        }
+    }
+
+    /// The socket, to wait for the client's side to close.
+    pub fn tcp(&self) -> &TcpStream {
+        &self.io
+    }
+
     fn check<T>(&mut self, cx: &mut Context<'_>, res: Poll<io::Result<T>>) -> Poll<io::Result<T>> {
         match res {
             Poll::Pending => {

@@ -18,7 +18,6 @@ use sse_scale::unleash::{UnleashFlags, UnleashSettings};
 use sse_scale::{
     Broadcaster, Config, LocalBroadcaster, RedisBroadcaster, SharedRedis, TokenSigner,
 };
-use sse_scale_server::listener::{GuardedListener, PeerAddr};
 use sse_scale_server::pipeline;
 use sse_scale_server::state::{AppState, Services};
 use tokio::net::TcpListener;
@@ -192,16 +191,13 @@ async fn run(config: Config) -> anyhow::Result<()> {
         signal_state.shutdown.cancel();
     });
 
-    let listener = GuardedListener::new(
+    let serve = sse_scale_server::serve::serve(
         listener,
+        app,
         Duration::from_secs(config.sse_write_timeout_secs),
         state.stalled_writes_cut.clone(),
+        state.shutdown.clone(),
     );
-    let serve = axum::serve(
-        listener,
-        app.into_make_service_with_connect_info::<PeerAddr>(),
-    )
-    .with_graceful_shutdown(state.shutdown.clone().cancelled_owned());
     let grace = config.shutdown_grace();
     let served = async {
         serve.await?;
