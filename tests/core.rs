@@ -692,3 +692,96 @@ async fn affinity_cookie_names_the_instance() {
     let res = c.post(off.url("/sessions")).send().await.unwrap();
     assert!(res.headers().get("set-cookie").is_none());
 }
+
+/// Streams are served two ways (see routes/src/serve.rs): by a dedicated
+/// writer when the stream is a connection's first request, by hyper when it
+/// comes later on a keep-alive connection. Both must behave the same, and a
+/// request head that arrives in pieces must still be understood.
+#[tokio::test]
+async fn streams_work_on_new_and_reused_connections_and_with_split_heads() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let server = Server::start(&[("INSTANCE_ID", "node-a")]);
+    let (id, token) = new_session(&server).await;
+
+    // A client that first asks for /healthz, then opens the stream on the
+    // same connection (reqwest keeps one idle connection per host).
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(1)
+        .build()
+        .unwrap();
+    assert_eq!(
+        http.get(server.url("/healthz"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    let res = http
+        .get(server.url(&format!("/sessions/{id}/events?token={token}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.headers()["content-type"], "text/event-stream");
+    assert_eq!(res.headers()["x-instance-id"], "node-a");
+    let mut reused = SseClient::from_response(res);
+    reused.expect_connected().await;
+
+    // A raw client whose head arrives in three pieces.
+    let mut raw = tokio::net::TcpStream::connect(&server.addr).await.unwrap();
+    let head = format!(
+        "GET /sessions/{id}/events?token={token} HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\n\r\n"
+    );
+    let (a, rest) = head.split_at(10);
+    let (b, c) = rest.split_at(rest.len() / 2);
+    for part in [a, b, c] {
+        raw.write_all(part.as_bytes()).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+    // A fresh stream through reqwest (new connection) as well.
+    let mut fresh = SseClient::open(&server, &id, &token).await;
+    fresh.expect_connected().await;
+    let ok = eventually(T, || async { server.stats().await["open_streams"] == 3 }).await;
+    assert!(ok, "{}", server.stats().await);
+
+    let res = post(
+        &server,
+        &token,
+        &format!("/sessions/{id}/messages"),
+        json!({ "text": "to all three" }),
+    )
+    .await;
+    assert_eq!(res.status(), 202);
+    for sse in [&mut reused, &mut fresh] {
+        let ev = sse.next_event(T).await.unwrap();
+        assert_eq!(ev.json()["text"], "to all three");
+    }
+    let mut got = String::new();
+    let mut buf = [0u8; 4096];
+    let deadline = tokio::time::Instant::now() + T;
+    while !got.contains("to all three") {
+        let n = tokio::time::timeout_at(deadline, raw.read(&mut buf))
+            .await
+            .expect("raw client got the event in time")
+            .unwrap();
+        assert!(n > 0, "stream closed: {got}");
+        got.push_str(&String::from_utf8_lossy(&buf[..n]));
+    }
+    assert!(got.starts_with("HTTP/1.1 200 OK\r\n"), "{got}");
+    assert!(got.contains("content-type: text/event-stream\r\n"), "{got}");
+    assert!(got.contains("event: connected"), "{got}");
+
+    // Errors on the dedicated path are the same JSON errors.
+    let mut bad = tokio::net::TcpStream::connect(&server.addr).await.unwrap();
+    bad.write_all(format!("GET /sessions/{id}/events HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut answer = String::new();
+    bad.read_to_string(&mut answer).await.unwrap();
+    assert!(
+        answer.starts_with("HTTP/1.1 401 Unauthorized\r\n"),
+        "{answer}"
+    );
+    assert!(answer.contains("\"code\":\"unauthorized\""), "{answer}");
+}
