@@ -90,7 +90,7 @@ pub async fn serve(
             // lives far longer than the sniff or a hyper connection's setup.
             let sniffed = Box::pin(conn.sniff(&tcp, &stop)).await;
             match sniffed {
-                Sniff::Stream(head_len, req) => conn.serve_stream(tcp, head_len, req).await,
+                Sniff::Stream(head_len, req) => conn.serve_stream(tcp, head_len, *req).await,
                 Sniff::Other => {
                     let io = TokioIo::new(conn.guard(tcp));
                     let svc = TowerToHyperService::new(conn.app.clone().map_request(
@@ -118,7 +118,7 @@ pub async fn serve(
 /// What the first request head of a connection is.
 enum Sniff {
     /// An event stream: the head's length and the request built from it.
-    Stream(usize, Request<Body>),
+    Stream(usize, Box<Request<Body>>),
     /// Anything else, for hyper (the head is still unread).
     Other,
     /// The client went away, or sent nothing in time.
@@ -186,7 +186,7 @@ fn classify(bytes: &[u8], full: bool, peer: SocketAddr) -> Option<Sniff> {
     let mut parsed = httparse::Request::new(&mut headers);
     match parsed.parse(bytes) {
         Ok(httparse::Status::Complete(len)) => Some(match stream_request(&parsed, peer) {
-            Some(req) => Sniff::Stream(len, req),
+            Some(req) => Sniff::Stream(len, Box::new(req)),
             None => Sniff::Other,
         }),
         // Too big, or not HTTP/1 (an HTTP/2 preface, garbage): hyper
