@@ -91,19 +91,7 @@ pub async fn serve(
             let sniffed = Box::pin(conn.sniff(&tcp, &stop)).await;
             match sniffed {
                 Sniff::Stream(head_len, req) => conn.serve_stream(tcp, head_len, *req).await,
-                Sniff::Other => {
-                    let io = TokioIo::new(conn.guard(tcp));
-                    let svc = TowerToHyperService::new(conn.app.clone().map_request(
-                        move |mut req: Request<hyper::body::Incoming>| {
-                            req.extensions_mut().insert(ConnectInfo(PeerAddr(peer)));
-                            req.map(Body::new)
-                        },
-                    ));
-                    let served = builder.serve_connection_with_upgrades(io, svc);
-                    if let Err(e) = Box::pin(watcher.watch(served.into_owned())).await {
-                        tracing::debug!(error = %e, "connection ended with an error");
-                    }
-                }
+                Sniff::Other => Box::pin(conn.serve_hyper(tcp, &builder, watcher)).await,
                 Sniff::Gone => {}
             }
         });
@@ -158,20 +146,42 @@ impl Conn {
         }
     }
 
+    /// Hands the connection to hyper.
+    async fn serve_hyper(
+        &self,
+        tcp: TcpStream,
+        builder: &auto::Builder<TokioExecutor>,
+        watcher: hyper_util::server::graceful::Watcher,
+    ) {
+        let peer = self.peer;
+        let io = TokioIo::new(self.guard(tcp));
+        let svc = TowerToHyperService::new(self.app.clone().map_request(
+            move |mut req: Request<hyper::body::Incoming>| {
+                req.extensions_mut().insert(ConnectInfo(PeerAddr(peer)));
+                req.map(Body::new)
+            },
+        ));
+        let served = builder.serve_connection_with_upgrades(io, svc);
+        if let Err(e) = watcher.watch(served.into_owned()).await {
+            tracing::debug!(error = %e, "connection ended with an error");
+        }
+    }
+
     /// Runs a stream request through the router and writes the response.
     async fn serve_stream(&self, tcp: TcpStream, head_len: usize, req: Request<Body>) {
         let mut io = self.guard(tcp);
         // Consume the head we peeked.
-        let mut head = vec![0u8; head_len];
-        if tokio::io::AsyncReadExt::read_exact(&mut io, &mut head)
-            .await
-            .is_err()
-        {
+        if Box::pin(consume(&mut io, head_len)).await.is_err() {
             return;
         }
-        drop(head);
         let Ok(res) = Box::pin(self.app.clone().oneshot(req)).await;
-        if let Err(e) = write_response(&mut io, res).await {
+        let (head, streaming, body) = response_head(res);
+        let written = if streaming {
+            pump(&mut io, head, body).await
+        } else {
+            Box::pin(write_whole(&mut io, head, body)).await
+        };
+        if let Err(e) = written {
             tracing::debug!(error = %e, "stream connection ended");
         }
         let _ = io.shutdown().await;
@@ -231,11 +241,19 @@ fn stream_request(parsed: &httparse::Request<'_, '_>, peer: SocketAddr) -> Optio
     Some(req)
 }
 
-/// Writes a response on a connection that closes after it: an event
-/// stream frame by frame as the body yields it, anything else (an error)
-/// in one piece.
-async fn write_response(io: &mut StallGuard, res: Response<Body>) -> io::Result<()> {
-    let (parts, mut body) = res.into_parts();
+/// Reads (and drops) the request head that was peeked.
+async fn consume(io: &mut StallGuard, head_len: usize) -> io::Result<()> {
+    let mut head = vec![0u8; head_len];
+    tokio::io::AsyncReadExt::read_exact(io, &mut head)
+        .await
+        .map(drop)
+}
+
+/// The response head for a connection that closes after the response,
+/// whether the body is an event stream, and the body. The response's own
+/// head is freed here: it would otherwise live as long as the stream.
+fn response_head(res: Response<Body>) -> (Vec<u8>, bool, Body) {
+    let (parts, body) = res.into_parts();
     let streaming = parts
         .headers
         .get(header::CONTENT_TYPE)
@@ -262,20 +280,26 @@ async fn write_response(io: &mut StallGuard, res: Response<Body>) -> io::Result<
         head.extend_from_slice(b"\r\n");
     }
     head.extend_from_slice(b"connection: close\r\n");
-    // The response head lives as long as a stream would: free it now.
-    drop(parts);
-    if !streaming {
-        let bytes = axum::body::to_bytes(body, MAX_ERROR_BODY)
-            .await
-            .map_err(io::Error::other)?;
-        head.extend_from_slice(format!("content-length: {}\r\n\r\n", bytes.len()).as_bytes());
-        head.extend_from_slice(&bytes);
-        return io.write_all(&head).await;
-    }
+    (head, streaming, body)
+}
+
+/// A whole (error) response: buffered, with its length.
+async fn write_whole(io: &mut StallGuard, mut head: Vec<u8>, body: Body) -> io::Result<()> {
+    let bytes = axum::body::to_bytes(body, MAX_ERROR_BODY)
+        .await
+        .map_err(io::Error::other)?;
+    head.extend_from_slice(format!("content-length: {}\r\n\r\n", bytes.len()).as_bytes());
+    head.extend_from_slice(&bytes);
+    io.write_all(&head).await
+}
+
+/// An event stream: the head, then each frame as the body yields it, until
+/// the body ends or the client goes away.
+async fn pump(io: &mut StallGuard, mut head: Vec<u8>, mut body: Body) -> io::Result<()> {
     head.extend_from_slice(b"\r\n");
     io.write_all(&head).await?;
     drop(head);
-    let mut scratch = [0u8; 64];
+    let mut scratch = [0u8; 16];
     loop {
         tokio::select! {
             frame = body.frame() => match frame {
