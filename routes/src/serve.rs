@@ -19,15 +19,17 @@
 
 use std::io;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::ConnectInfo;
 use axum::http::{header, HeaderMap, HeaderName, HeaderValue, Method, Request, Response};
 use axum::Router;
-use http_body_util::BodyExt;
+use http_body::Body as _;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
@@ -293,6 +295,11 @@ async fn write_whole(io: &mut StallGuard, mut head: Vec<u8>, body: Body) -> io::
     io.write_all(&head).await
 }
 
+enum Next {
+    Frame(Option<Result<http_body::Frame<bytes::Bytes>, axum::Error>>),
+    Readable(io::Result<()>),
+}
+
 /// An event stream: the head, then each frame as the body yields it, until
 /// the body ends or the client goes away.
 async fn pump(io: &mut StallGuard, mut head: Vec<u8>, mut body: Body) -> io::Result<()> {
@@ -301,20 +308,30 @@ async fn pump(io: &mut StallGuard, mut head: Vec<u8>, mut body: Body) -> io::Res
     drop(head);
     let mut scratch = [0u8; 16];
     loop {
-        tokio::select! {
-            frame = body.frame() => match frame {
-                Some(Ok(frame)) => {
-                    if let Ok(data) = frame.into_data() {
-                        io.write_all(&data).await?;
-                    }
+        // One poll for both sources, without a readiness future per frame:
+        // the body first (events), then the socket (the client closing).
+        let next = std::future::poll_fn(|cx| {
+            if let Poll::Ready(frame) = Pin::new(&mut body).poll_frame(cx) {
+                return Poll::Ready(Next::Frame(frame));
+            }
+            match io.tcp().poll_read_ready(cx) {
+                Poll::Ready(ready) => Poll::Ready(Next::Readable(ready)),
+                Poll::Pending => Poll::Pending,
+            }
+        })
+        .await;
+        match next {
+            Next::Frame(Some(Ok(frame))) => {
+                if let Ok(data) = frame.into_data() {
+                    io.write_all(&data).await?;
                 }
-                Some(Err(e)) => return Err(io::Error::other(e)),
-                None => return Ok(()),
-            },
+            }
+            Next::Frame(Some(Err(e))) => return Err(io::Error::other(e)),
+            Next::Frame(None) => return Ok(()),
             // The client closed (or reset) its side: nothing to send to.
             // Anything else it sends on a stream is ignored.
-            readable = io.tcp().readable() => {
-                readable?;
+            Next::Readable(ready) => {
+                ready?;
                 match io.tcp().try_read(&mut scratch) {
                     Ok(0) => return Ok(()),
                     Ok(_) => {}
