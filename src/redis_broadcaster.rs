@@ -102,15 +102,14 @@ pub struct RedisSettings {
     pub node_id: String,
     /// Per-subscriber queue length (as for the local broadcaster).
     pub queue: usize,
-    /// Approximate cap on each session's history stream.
-    pub history_maxlen: u64,
-    /// Seconds a session's history lives after its last event.
-    pub history_ttl_secs: u64,
+    /// History per session: `maxlen` (approximate cap of the Redis stream)
+    /// and `ttl` apply to the Redis stream and the in-process history alike;
+    /// `max_bytes` bounds the in-process history (events that did not reach
+    /// Redis).
+    pub history: HistoryLimits,
     /// Events held while Redis is unreachable (published in order once it
     /// is back); more are dropped and counted.
     pub outbox_max: usize,
-    /// Bytes of in-process history (events that did not reach Redis).
-    pub local_history_bytes: usize,
 }
 
 impl RedisSettings {
@@ -119,10 +118,8 @@ impl RedisSettings {
             prefix: prefix.into(),
             node_id: node_id.into(),
             queue: crate::local::DEFAULT_QUEUE,
-            history_maxlen: 1000,
-            history_ttl_secs: 3600,
+            history: HistoryLimits::default(),
             outbox_max: 10_000,
-            local_history_bytes: HistoryLimits::default().max_bytes,
         }
     }
 }
@@ -293,12 +290,7 @@ impl RedisBroadcaster {
     ) -> Self {
         let dirty = Arc::new(Dirty::default());
         let (control_tx, control_rx) = tokio::sync::mpsc::channel(CONTROL_QUEUE);
-        let limits = HistoryLimits {
-            maxlen: settings.history_maxlen as usize,
-            ttl: Duration::from_secs(settings.history_ttl_secs),
-            max_bytes: settings.local_history_bytes,
-        };
-        let local = LocalBroadcaster::with_hook(settings.queue, dirty.clone(), limits);
+        let local = LocalBroadcaster::with_hook(settings.queue, dirty.clone(), settings.history);
         let inner = Arc::new(Inner {
             local,
             redis,
@@ -405,6 +397,12 @@ impl Inner {
 
     fn history_key(&self, session: &SessionId) -> String {
         format!("{}{}:history", self.session_prefix, session)
+    }
+
+    /// Most history entries one read asks for: `MAXLEN ~` may keep somewhat
+    /// more than `maxlen`.
+    fn replay_limit(&self) -> usize {
+        self.settings.history.maxlen.saturating_mul(2) + 100
     }
 
     fn first_key(&self, session: &SessionId) -> String {
@@ -546,8 +544,8 @@ impl Inner {
             .arg(&self.settings.node_id)
             .arg(event.event_type.as_str())
             .arg(&event.data)
-            .arg(self.settings.history_maxlen)
-            .arg(self.settings.history_ttl_secs)
+            .arg(self.settings.history.maxlen)
+            .arg(self.settings.history.ttl.as_secs())
             .arg(wanted.map_or_else(|| "*".to_owned(), |id| id.to_string()));
         let id: String = tokio::time::timeout(RESPONSE_TIMEOUT, call.invoke_async(&mut conn))
             .await
@@ -629,7 +627,7 @@ impl Inner {
     async fn read_history(&self, session: &SessionId, after: EventId) -> Option<Replay> {
         let mut conn = self.redis.conn()?;
         let key = self.history_key(session);
-        let limit = self.settings.history_maxlen.saturating_mul(2) + 100;
+        let limit = self.replay_limit();
         let mut pipe = redis::pipe();
         pipe.cmd("XRANGE")
             .arg(&key)
@@ -718,7 +716,7 @@ impl Inner {
                 .arg(format!("({from}"))
                 .arg("+")
                 .arg("COUNT")
-                .arg(self.settings.history_maxlen.saturating_mul(2) + 100);
+                .arg(self.replay_limit());
             let reply: StreamRangeReply = match tokio::time::timeout(
                 RESPONSE_TIMEOUT,
                 cmd.query_async(&mut conn),

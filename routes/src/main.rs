@@ -126,10 +126,8 @@ async fn run(config: Config) -> anyhow::Result<()> {
             (Adapter::Redis, Some(redis)) => {
                 let mut settings = RedisSettings::new(&config.redis_prefix, &node_id);
                 settings.queue = config.sse_client_queue as usize;
-                settings.history_maxlen = config.history_maxlen;
-                settings.history_ttl_secs = config.history_ttl_secs;
                 settings.outbox_max = config.outbox_max as usize;
-                settings.local_history_bytes = history.max_bytes;
+                settings.history = history;
                 let b = RedisBroadcaster::start(
                     redis.clone(),
                     flags.clone(),
