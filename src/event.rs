@@ -139,6 +139,22 @@ impl fmt::Debug for EventId {
     }
 }
 
+impl EventId {
+    /// The start of every session: a position before any event.
+    pub const ZERO: EventId = EventId { ms: 0, seq: 0 };
+
+    /// The smallest id greater than this one, if there is one. Used for
+    /// inclusive range starts, so a client-supplied id at the very top of
+    /// the range (`<u64::MAX>-<u64::MAX>`) never becomes an invalid query.
+    pub fn successor(self) -> Option<EventId> {
+        match (self.ms, self.seq) {
+            (ms, seq) if seq < u64::MAX => Some(EventId { ms, seq: seq + 1 }),
+            (ms, _) if ms < u64::MAX => Some(EventId { ms: ms + 1, seq: 0 }),
+            _ => None,
+        }
+    }
+}
+
 impl FromStr for EventId {
     type Err = InvalidInput;
 
@@ -270,6 +286,19 @@ mod tests {
             prev = id;
         }
         assert!("12".parse::<EventId>().is_err());
+        let top = EventId {
+            ms: u64::MAX,
+            seq: u64::MAX,
+        };
+        assert_eq!(top.successor(), None);
+        assert_eq!(
+            EventId {
+                ms: 3,
+                seq: u64::MAX
+            }
+            .successor(),
+            Some(EventId { ms: 4, seq: 0 })
+        );
         assert!("a-1".parse::<EventId>().is_err());
     }
 

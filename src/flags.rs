@@ -44,7 +44,7 @@ pub struct EnvFlags {
 
 impl EnvFlags {
     /// The value of `FF_REDIS_SSE_BROADCAST` if it was set (see
-    /// [`Config`](crate::Config)); unset means default off.
+    /// server configuration); unset means default off.
     pub fn new(value: Option<bool>) -> Self {
         Self {
             enabled: AtomicBool::new(value.unwrap_or(false)),

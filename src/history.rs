@@ -19,16 +19,26 @@ use std::time::{Duration, Instant};
 
 use crate::event::{EventId, Frame, SessionId};
 
-/// What a resume from an id finds in history.
+/// What one history answers to "the events of a session after id X".
+///
+/// A history may vouch for "everything after X" only when it can prove
+/// continuity from X: it holds the event X itself (everything after an
+/// event it holds is held too, since it only ever drops its oldest events),
+/// or X is `0-0` and it holds the session from its very beginning. Anything
+/// else — an id it never issued, one from another instance, one from the
+/// future — is not vouched for, and the stream answers `reset` instead of
+/// silently skipping events.
 #[derive(Debug, Clone, Default)]
 #[non_exhaustive]
 pub struct Replay {
-    /// Events after the requested id, in id order.
+    /// Events after X, in id order.
     pub frames: Vec<Frame>,
-    /// Whether history reaches back to the requested id: false means events
-    /// after it may have been dropped (trimmed, or published where this
-    /// history cannot see), and the client must reload its state.
-    pub complete: bool,
+    /// Whether this history proves X is a point of its own sequence.
+    pub vouched: bool,
+    /// Whether nothing after X was dropped from this history.
+    pub gapless: bool,
+    /// Whether the events after X exceed what one resume may replay.
+    pub too_large: bool,
     /// The oldest id still held, if any (sent in the `reset` event).
     pub oldest: Option<EventId>,
     /// The newest id held, if any.
@@ -36,17 +46,40 @@ pub struct Replay {
 }
 
 impl Replay {
-    /// Merges two answers for the same request (Redis and in-process):
-    /// frames by id without duplicates; complete if either reaches back.
-    pub fn merge(mut self, other: Replay) -> Replay {
-        self.frames.extend(other.frames);
-        self.frames.sort_by_key(|f| f.id);
-        self.frames.dedup_by_key(|f| f.id);
-        self.complete |= other.complete;
+    /// The answer of a history that holds nothing of the session: it
+    /// vouches for nothing and has dropped nothing.
+    pub fn nothing() -> Self {
+        Self {
+            gapless: true,
+            ..Self::default()
+        }
+    }
+
+    /// Whether the frames are every event after X.
+    pub fn complete(&self) -> bool {
+        self.vouched && self.gapless && !self.too_large
+    }
+
+    /// Combines the answers of two histories that each hold part of one
+    /// session's events (Redis and in-process): one of them must vouch for
+    /// X, and neither may have dropped anything after it.
+    pub fn merge(mut self, other: Replay, max_bytes: usize) -> Replay {
+        if !other.frames.is_empty() {
+            self.frames.extend(other.frames);
+            self.frames.sort_by_key(|f| f.id);
+            self.frames.dedup_by_key(|f| f.id);
+        }
+        self.vouched |= other.vouched;
+        self.gapless &= other.gapless;
+        self.too_large |= other.too_large || frames_bytes(&self.frames) > max_bytes;
         self.oldest = min_some(self.oldest, other.oldest);
         self.newest = self.newest.max(other.newest);
         self
     }
+}
+
+fn frames_bytes(frames: &[Frame]) -> usize {
+    frames.iter().map(|f| f.bytes.len()).sum()
 }
 
 fn min_some(a: Option<EventId>, b: Option<EventId>) -> Option<EventId> {
@@ -95,8 +128,13 @@ struct Inner {
 #[derive(Debug)]
 struct Ring {
     frames: VecDeque<Frame>,
-    /// Whether events were ever dropped from the front (MAXLEN).
-    trimmed: bool,
+    /// The newest event dropped from the front (MAXLEN), if any: the ring
+    /// holds every event it recorded after it.
+    trimmed_through: Option<EventId>,
+    /// Set when the ring was opened for the session before it had any
+    /// event here ([`History::anchor`]): it then holds the session from its
+    /// beginning, and vouches for `0-0`.
+    from_start: bool,
     bytes: usize,
     touched: Instant,
 }
@@ -122,19 +160,17 @@ impl History {
         let mut inner = self.lock();
         inner.sweep(now, self.limits.ttl);
         let size = frame.bytes.len();
-        let ring = inner.rings.entry(session.clone()).or_insert_with(|| Ring {
-            frames: VecDeque::new(),
-            trimmed: false,
-            bytes: 0,
-            touched: now,
-        });
+        let ring = inner
+            .rings
+            .entry(session.clone())
+            .or_insert_with(|| Ring::new(now, false));
         ring.touched = now;
         ring.frames.push_back(frame.clone());
         ring.bytes += size;
         let mut freed = 0;
         while ring.frames.len() > self.limits.maxlen {
             if let Some(old) = ring.frames.pop_front() {
-                ring.trimmed = true;
+                ring.trimmed_through = Some(old.id);
                 ring.bytes -= old.bytes.len();
                 freed += old.bytes.len();
             }
@@ -145,10 +181,9 @@ impl History {
         }
     }
 
-    /// The frames of `session` after `after`. `EventId::default()` (`0-0`)
-    /// means "from the start": the position of a client that connected
-    /// before the session had any event.
-    pub fn after(&self, session: &SessionId, after: EventId) -> Replay {
+    /// The frames of `session` after `after`, at most `max_bytes` of them
+    /// (see [`Replay`] for what the answer vouches for).
+    pub fn after(&self, session: &SessionId, after: EventId, max_bytes: usize) -> Replay {
         let now = Instant::now();
         let inner = self.lock();
         let Some(ring) = inner
@@ -156,25 +191,48 @@ impl History {
             .get(session)
             .filter(|r| now.duration_since(r.touched) < self.limits.ttl)
         else {
-            // No history: complete only for a client that has seen nothing
-            // (an expired or evicted history may have held its events).
-            return Replay {
-                complete: after == EventId::default(),
-                ..Replay::default()
-            };
+            return Replay::nothing();
         };
-        let oldest = ring.frames.front().map(|f| f.id);
+        let holds = ring.frames.binary_search_by_key(&after, |f| f.id).is_ok();
+        let untrimmed = ring.trimmed_through.is_none();
+        let start = ring.frames.partition_point(|f| f.id <= after);
+        let mut frames = Vec::new();
+        let mut bytes = 0;
+        let mut too_large = false;
+        for f in ring.frames.range(start..) {
+            bytes += f.bytes.len();
+            if bytes > max_bytes {
+                too_large = true;
+                frames.clear();
+                break;
+            }
+            frames.push(f.clone());
+        }
         Replay {
-            frames: ring
-                .frames
-                .iter()
-                .filter(|f| f.id > after)
-                .cloned()
-                .collect(),
-            complete: !ring.trimmed || oldest.is_some_and(|o| o <= after),
-            oldest,
+            frames,
+            vouched: holds || (after == EventId::ZERO && ring.from_start && untrimmed),
+            gapless: ring.trimmed_through.is_none_or(|t| t <= after),
+            too_large,
+            oldest: ring.frames.front().map(|f| f.id),
             newest: ring.frames.back().map(|f| f.id),
         }
+    }
+
+    /// Where a new subscriber of `session` starts on this instance: the
+    /// newest event held, or `0-0` if there is none. A session without
+    /// history gets an empty ring that holds it from its beginning, so this
+    /// instance can later vouch for `0-0` — an instance that never saw the
+    /// session cannot.
+    pub fn anchor(&self, session: &SessionId) -> EventId {
+        let now = Instant::now();
+        let mut inner = self.lock();
+        inner.sweep(now, self.limits.ttl);
+        let ring = inner
+            .rings
+            .entry(session.clone())
+            .or_insert_with(|| Ring::new(now, true));
+        ring.touched = now;
+        ring.frames.back().map_or(EventId::ZERO, |f| f.id)
     }
 
     /// The newest id held for `session`.
@@ -197,6 +255,18 @@ impl History {
         // Every critical section leaves the map consistent, so a poisoned
         // lock is still safe to use.
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl Ring {
+    fn new(now: Instant, from_start: bool) -> Self {
+        Self {
+            frames: VecDeque::new(),
+            trimmed_through: None,
+            from_start,
+            bytes: 0,
+            touched: now,
+        }
     }
 }
 
@@ -265,8 +335,10 @@ mod tests {
         SessionId::parse(s).unwrap()
     }
 
+    const ALL: usize = usize::MAX;
+
     #[test]
-    fn replays_after_an_id_and_knows_when_it_reaches_back() {
+    fn replays_after_an_id_it_holds_and_knows_when_it_reaches_back() {
         let h = History::new(HistoryLimits {
             maxlen: 3,
             ..Default::default()
@@ -278,16 +350,70 @@ mod tests {
             h.record(&s, x);
         }
         // Only the last three are held.
-        let r = h.after(&s, f[2].id);
-        assert!(r.complete);
+        let r = h.after(&s, f[2].id, ALL);
+        assert!(r.complete());
         assert_eq!(
             r.frames.iter().map(|x| x.id).collect::<Vec<_>>(),
             [f[3].id, f[4].id]
         );
-        let r = h.after(&s, f[0].id);
-        assert!(!r.complete, "f[1] was trimmed");
+        let r = h.after(&s, f[0].id, ALL);
+        assert!(!r.complete(), "f[1] was trimmed");
+        assert!(!r.gapless);
         assert_eq!(r.oldest, Some(f[2].id));
-        assert!(!h.after(&session("other"), f[0].id).complete);
+        assert!(!h.after(&session("other"), f[0].id, ALL).complete());
+    }
+
+    #[test]
+    fn vouches_only_for_ids_it_holds_or_a_start_it_saw() {
+        let h = History::new(HistoryLimits::default());
+        let ids = IdGenerator::new();
+        let s = session("s");
+        let e = frame(&ids, "mine");
+        h.record(&s, &e);
+        // An id this history never held (another instance's, the future,
+        // or the start of a session it only joined later): no vouching.
+        let elsewhere = EventId {
+            ms: e.id.ms - 1,
+            seq: 0,
+        };
+        for x in [
+            elsewhere,
+            EventId::ZERO,
+            EventId {
+                ms: u64::MAX,
+                seq: u64::MAX,
+            },
+        ] {
+            let r = h.after(&s, x, ALL);
+            assert!(!r.complete(), "{x}");
+            assert!(r.gapless);
+        }
+        assert!(h.after(&s, e.id, ALL).complete());
+        // A session opened here before its first event is held from its
+        // beginning: `0-0` is vouched for.
+        let fresh = session("fresh");
+        assert_eq!(h.anchor(&fresh), EventId::ZERO);
+        let first = frame(&ids, "first");
+        h.record(&fresh, &first);
+        let r = h.after(&fresh, EventId::ZERO, ALL);
+        assert!(r.complete());
+        assert_eq!(r.frames.len(), 1);
+        assert_eq!(h.anchor(&fresh), first.id);
+    }
+
+    #[test]
+    fn a_replay_over_the_byte_cap_is_too_large() {
+        let h = History::new(HistoryLimits::default());
+        let ids = IdGenerator::new();
+        let s = session("s");
+        let f: Vec<Frame> = (0..10).map(|_| frame(&ids, &"x".repeat(1000))).collect();
+        for x in &f {
+            h.record(&s, x);
+        }
+        let r = h.after(&s, f[0].id, 5000);
+        assert!(r.too_large && !r.complete());
+        assert!(r.frames.is_empty());
+        assert!(h.after(&s, f[6].id, 5000).complete());
     }
 
     #[test]
@@ -299,39 +425,55 @@ mod tests {
         });
         let ids = IdGenerator::new();
         let big = "x".repeat(1000);
+        let mut last = None;
         for n in 0..10 {
-            h.record(&session(&format!("s{n}")), &frame(&ids, &big));
+            let f = frame(&ids, &big);
+            h.record(&session(&format!("s{n}")), &f);
+            last = Some(f.id);
         }
         let (sessions, bytes) = h.usage();
         assert!(bytes <= 4096, "{bytes}");
         assert!(sessions < 10);
         // The newest session survived.
-        let first = EventId::default();
-        assert_eq!(h.after(&session("s9"), first).frames.len(), 1);
+        assert_eq!(h.newest(&session("s9")), last);
     }
 
     #[test]
-    fn merge_dedups_by_id() {
+    fn merge_needs_one_voucher_and_no_gap_anywhere() {
         let ids = IdGenerator::new();
         let (a, b, c) = (frame(&ids, "a"), frame(&ids, "b"), frame(&ids, "c"));
-        let x = Replay {
+        let held = Replay {
             frames: vec![a.clone(), c.clone()],
-            complete: false,
+            vouched: true,
+            gapless: true,
             oldest: Some(a.id),
             newest: Some(c.id),
+            ..Replay::default()
         };
-        let y = Replay {
+        let other = Replay {
             frames: vec![b.clone(), c.clone()],
-            complete: true,
+            vouched: false,
+            gapless: true,
             oldest: Some(b.id),
             newest: Some(c.id),
+            ..Replay::default()
         };
-        let m = x.merge(y);
-        assert!(m.complete);
+        let m = held.clone().merge(other.clone(), ALL);
+        assert!(m.complete());
         assert_eq!(
             m.frames.iter().map(|f| f.id).collect::<Vec<_>>(),
             [a.id, b.id, c.id]
         );
         assert_eq!(m.oldest, Some(a.id));
+        // A trimmed history is a gap, whoever vouches.
+        let trimmed = Replay {
+            gapless: false,
+            ..other.clone()
+        };
+        assert!(!held.clone().merge(trimmed, ALL).complete());
+        // Two histories that each hold nothing of the id vouch for nothing.
+        assert!(!other.clone().merge(Replay::nothing(), ALL).complete());
+        // The union counts against the byte cap.
+        assert!(!held.merge(other, a.bytes.len() * 2).complete());
     }
 }

@@ -9,13 +9,17 @@
 //! in process (logged once per outage); a limiter error never fails a request.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
+#[cfg(feature = "redis")]
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use crate::redis_client::{SharedRedis, RESPONSE_TIMEOUT};
+#[cfg(feature = "redis")]
+use crate::redis_client::SharedRedis;
 
 /// Returns `{count, pttl}` after counting one hit in the window.
+#[cfg(feature = "redis")]
 const WINDOW_SCRIPT: &str = r#"
 local n = redis.call('INCR', KEYS[1])
 local ttl = redis.call('PTTL', KEYS[1])
@@ -64,11 +68,13 @@ pub enum Decision {
 
 /// See the module docs.
 pub struct RateLimiter {
-    redis: Option<SharedRedis>,
+    #[cfg(feature = "redis")]
+    redis: Option<(SharedRedis, redis::Script)>,
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
     prefix: String,
-    script: redis::Script,
     local: Mutex<HashMap<String, (Instant, u64)>>,
     /// Set while Redis is failing, so the fallback is logged once per outage.
+    #[cfg(feature = "redis")]
     fallback: AtomicBool,
     /// Checks answered in process because Redis was unreachable.
     pub fallback_checks: AtomicU64,
@@ -77,12 +83,22 @@ pub struct RateLimiter {
 impl RateLimiter {
     /// `redis` is the process's shared client, if any; keys are
     /// `<prefix>rl:<key>`.
+    #[cfg(feature = "redis")]
     pub fn new(redis: Option<SharedRedis>, prefix: &str) -> Self {
         Self {
-            redis,
+            redis: redis.map(|r| (r, redis::Script::new(WINDOW_SCRIPT))),
+            ..Self::local(prefix)
+        }
+    }
+
+    /// A limiter that counts in process only (one instance).
+    pub fn local(prefix: &str) -> Self {
+        Self {
+            #[cfg(feature = "redis")]
+            redis: None,
             prefix: format!("{prefix}rl:"),
-            script: redis::Script::new(WINDOW_SCRIPT),
             local: Mutex::new(HashMap::new()),
+            #[cfg(feature = "redis")]
             fallback: AtomicBool::new(false),
             fallback_checks: AtomicU64::new(0),
         }
@@ -93,8 +109,9 @@ impl RateLimiter {
         if limit.max == 0 {
             return Decision::Allowed;
         }
-        if let Some(redis) = &self.redis {
-            match self.check_redis(redis, key, limit).await {
+        #[cfg(feature = "redis")]
+        if let Some((redis, script)) = &self.redis {
+            match self.check_redis(redis, script, key, limit).await {
                 Ok(decision) => {
                     if self.fallback.swap(false, Ordering::Relaxed) {
                         tracing::info!(backend = "redis", "rate limiting is back on Redis");
@@ -106,7 +123,7 @@ impl RateLimiter {
                     if !self.fallback.swap(true, Ordering::Relaxed) {
                         tracing::warn!(
                             backend = "redis",
-                            error,
+                            %error,
                             "rate limiting falls back to in-process counting"
                         );
                     }
@@ -116,21 +133,20 @@ impl RateLimiter {
         self.check_local(key, limit)
     }
 
+    #[cfg(feature = "redis")]
     async fn check_redis(
         &self,
         redis: &SharedRedis,
+        script: &redis::Script,
         key: &str,
         limit: Limit,
-    ) -> Result<Decision, String> {
-        let mut conn = redis.conn().ok_or("not connected")?;
-        let mut call = self.script.key(format!("{}{key}", self.prefix));
+    ) -> Result<Decision, crate::redis_client::CallError> {
+        let mut call = script.key(format!("{}{key}", self.prefix));
         call.arg(limit.window.as_millis() as u64);
-        let (count, ttl_ms): (u64, i64) =
-            tokio::time::timeout(RESPONSE_TIMEOUT, call.invoke_async(&mut conn))
-                .await
-                .map_err(|_| "timed out".to_owned())
-                .and_then(|r| r.map_err(|e| e.to_string()))
-                .inspect_err(|_| redis.report_failure())?;
+        let call = &call;
+        let (count, ttl_ms): (u64, i64) = redis
+            .call(|mut conn| async move { call.invoke_async(&mut conn).await })
+            .await?;
         Ok(if count <= limit.max {
             Decision::Allowed
         } else {
@@ -167,7 +183,7 @@ mod tests {
 
     #[tokio::test]
     async fn local_window_limits_and_resets() {
-        let rl = RateLimiter::new(None, "t:");
+        let rl = RateLimiter::local("t:");
         let limit = Limit {
             max: 2,
             window: Duration::from_millis(200),

@@ -10,16 +10,16 @@
 //! (the rate limiter falls back to memory, the broadcaster to local
 //! delivery).
 
+use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::RedisError;
 use tokio::sync::OnceCell;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-
-use crate::config::redact_url;
 
 /// How long one Redis command may take before the caller treats Redis as
 /// down. Publishing waits for Redis, so this bounds a publish's latency
@@ -49,6 +49,45 @@ struct Inner {
     healthy: AtomicBool,
     /// Where the probe task is spawned; set by `connect`.
     runtime: std::sync::OnceLock<(TaskTracker, CancellationToken)>,
+}
+
+/// Why one Redis command failed.
+///
+/// Only a lost connection or a timeout says anything about Redis as a
+/// whole; a server error reply (a bad argument, a script error) is that
+/// request's own failure and leaves the client healthy, so one bad request
+/// cannot push an instance off Redis for everyone.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum CallError {
+    #[error("Redis is not connected")]
+    NotConnected,
+    #[error("Redis did not answer within {0:?}")]
+    Timeout(Duration),
+    #[error("the Redis connection failed: {0}")]
+    Connection(String),
+    #[error("Redis refused the command: {0}")]
+    Server(String),
+}
+
+impl CallError {
+    /// Whether this says Redis is unreachable (rather than that one
+    /// command was refused).
+    pub fn is_outage(&self) -> bool {
+        !matches!(self, CallError::Server(_))
+    }
+
+    fn classify(e: &RedisError) -> Self {
+        if e.is_io_error()
+            || e.is_connection_dropped()
+            || e.is_connection_refusal()
+            || e.is_timeout()
+        {
+            CallError::Connection(e.to_string())
+        } else {
+            CallError::Server(e.to_string())
+        }
+    }
 }
 
 /// `REDIS_URL` could not be parsed.
@@ -128,6 +167,27 @@ impl SharedRedis {
         self.inner.conn.get().cloned()
     }
 
+    /// Runs one command (or pipeline, or script) on the shared connection
+    /// with the response timeout. An outage (see [`CallError::is_outage`])
+    /// marks the client unhealthy until a probe succeeds; a server error
+    /// reply does not.
+    pub async fn call<T, F, Fut>(&self, f: F) -> Result<T, CallError>
+    where
+        F: FnOnce(ConnectionManager) -> Fut,
+        Fut: Future<Output = redis::RedisResult<T>>,
+    {
+        let conn = self.conn().ok_or(CallError::NotConnected)?;
+        let error = match tokio::time::timeout(RESPONSE_TIMEOUT, f(conn)).await {
+            Ok(Ok(value)) => return Ok(value),
+            Ok(Err(e)) => CallError::classify(&e),
+            Err(_) => CallError::Timeout(RESPONSE_TIMEOUT),
+        };
+        if error.is_outage() {
+            self.report_failure();
+        }
+        Err(error)
+    }
+
     /// Whether commands currently go to Redis.
     pub fn is_healthy(&self) -> bool {
         self.inner.healthy.load(Ordering::Relaxed) && self.inner.conn.get().is_some()
@@ -173,6 +233,18 @@ impl SharedRedis {
 
     pub fn display_url(&self) -> &str {
         &self.inner.display_url
+    }
+}
+
+/// `redis://user:secret@host/0` → `redis://user:***@host/0`, for logs.
+pub fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let auth = &url[scheme + 3..at];
+            let user = auth.split_once(':').map_or("", |(u, _)| u);
+            format!("{}{user}:***{}", &url[..scheme + 3], &url[at..])
+        }
+        _ => url.to_owned(),
     }
 }
 

@@ -14,7 +14,42 @@ use std::time::Duration;
 
 use bytes::{BufMut, Bytes, BytesMut};
 
-use crate::event::{EventId, EventType};
+use crate::event::{EventId, EventType, Frame};
+
+/// The frame every subscriber of a published event receives: its id and
+/// its wire bytes, encoded once. Every broker builds frames here and nowhere
+/// else.
+pub fn frame(id: EventId, event_type: &EventType, data: &str) -> Frame {
+    Frame {
+        id,
+        bytes: encode_event(Some(id), event_type, data),
+    }
+}
+
+/// An announcement to every session: no `id:` line, so it never moves a
+/// client's `Last-Event-ID`. Its frame carries the id `0-0`, which no event
+/// has; streams never take it for a repeat.
+pub fn announcement(event_type: &EventType, data: &str) -> Frame {
+    Frame {
+        id: EventId::ZERO,
+        bytes: encode_event(None, event_type, data),
+    }
+}
+
+/// The length [`encode_event`] would produce for an event with an id,
+/// without building it: what a size limit on events must count (a payload
+/// of many short lines grows by a `data: ` prefix per line).
+pub fn encoded_len(event_type: &EventType, data: &str) -> usize {
+    // "id: " + up to 20 + "-" + up to 20 + "\n"
+    const ID_LINE_MAX: usize = 4 + 20 + 1 + 20 + 1;
+    ID_LINE_MAX + 8 + event_type.as_str().len() + data_len(data) + 1
+}
+
+/// The bytes of a payload's `data:` lines as sent: the payload plus
+/// `data: ` and a line end per line.
+pub fn data_len(data: &str) -> usize {
+    split_lines(data).map(|l| 7 + l.len()).sum()
+}
 
 /// Encodes one event. `id` is omitted for per-connection control events that
 /// must not move the client's `Last-Event-ID`.
@@ -107,6 +142,20 @@ mod tests {
             &encode_event(None, &ty("t"), "x\n")[..],
             b"event: t\ndata: x\ndata: \n\n"
         );
+    }
+
+    #[test]
+    fn encoded_len_bounds_the_frame() {
+        let t = ty("section_draft");
+        for data in ["", "x", "a\nb\r\nc", &"0,\n".repeat(1000)] {
+            let id = EventId {
+                ms: u64::MAX,
+                seq: u64::MAX,
+            };
+            let real = frame(id, &t, data).bytes.len();
+            assert!(encoded_len(&t, data) >= real, "{data:?}");
+            assert!(encoded_len(&t, data) <= real + 8, "{data:?}");
+        }
     }
 
     #[test]

@@ -32,8 +32,8 @@ use futures::Stream;
 use tokio::time::{Instant, Interval, MissedTickBehavior};
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
-use crate::broadcaster::{Subscription, SubscriptionError};
 use crate::event::{EventId, Frame};
+use crate::hub::{Subscription, SubscriptionError};
 use crate::sse::{encode_retry, HEARTBEAT};
 
 /// Why a stream ended, reported to the `on_end` callback.
@@ -135,6 +135,10 @@ impl SseStream {
 
     /// Whether a live frame is at or before the stream's position.
     fn already_sent(&mut self, id: EventId) -> bool {
+        if id == EventId::ZERO {
+            // An announcement: unordered, never a repeat.
+            return false;
+        }
         match self.position {
             Some(p) if id <= p => true,
             Some(_) => {

@@ -63,7 +63,7 @@ impl FeatureKey for Flag {
 }
 
 /// How to reach Unleash (see the `UNLEASH_*` variables in
-/// [`Config`](crate::Config)).
+/// server configuration).
 #[derive(Clone)]
 #[non_exhaustive]
 pub struct UnleashSettings {

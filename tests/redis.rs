@@ -127,8 +127,11 @@ async fn every_route_crosses_instances_once_and_in_order_when_the_flag_is_on() {
 
     let stats = a.stats().await;
     assert_eq!(stats["mode"], "redis");
+    // The instance's own events reach its streams from the subscriber
+    // connection too (that is what keeps ids in order); each arrived once,
+    // as the silence above shows.
     assert!(
-        stats["redis"]["own_echo_dropped"].as_u64() >= Some(1),
+        stats["redis"]["own_received"].as_u64() >= Some(1),
         "{stats}"
     );
     assert!(stats["redis"]["received"].as_u64() >= Some(9), "{stats}");

@@ -51,7 +51,7 @@ pub async fn stats(State(state): State<Arc<AppState>>) -> Json<serde_json::Value
         "resumes": state.resumes.load(Ordering::Relaxed),
         "resets": state.resets.load(Ordering::Relaxed),
         "history": { "sessions": b.history_sessions, "bytes": b.history_bytes },
-        "pipeline_runs": state.pipelines.len(),
+        "pipeline_runs": state.runs.len(),
         "draining": state.is_draining(),
         "flag": { "name": sse_scale::flags::REDIS_SSE_BROADCAST, "state": state.flags.state() },
         "redis": b.redis,
@@ -90,11 +90,8 @@ pub async fn flags(
             format!("at most {MAX_CHECKED_SESSIONS} sessions per request"),
         ));
     }
-    let (subscribed, redis_path) = match &state.redis_broadcaster {
-        Some(b) => (b.subscribed_sessions().await, true),
-        None => (Vec::new(), false),
-    };
-    let answer = |s: &SessionId| json!({ "session": s.as_str(), "redis": redis_path && state.flags.redis_broadcast(s) });
+    let subscribed = state.broadcaster.sessions();
+    let answer = |s: &SessionId| json!({ "session": s.as_str(), "redis": state.broadcaster.crosses_instances(s) });
     let mut listed: Vec<_> = subscribed.iter().map(answer).collect();
     listed.sort_by(|a, b| a["session"].as_str().cmp(&b["session"].as_str()));
     let on_redis = listed.iter().filter(|s| s["redis"] == true).count();

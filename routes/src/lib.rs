@@ -5,21 +5,26 @@
 //! - [`sessions`] — create a session, open its event stream, publish chat
 //!   messages and generic events.
 //! - [`pipeline`] — background pipeline runs with an optional approval gate.
+//! - [`runs`] — the runs executing here, and the gate relay over the
+//!   control bus.
 //! - [`workflow`] — replanning and preference updates.
 //! - [`health`] — `/healthz`, `/readyz`, `/stats`.
 //! - [`extract`] — the session-token check and JSON body extractors.
 //! - [`error`] — [`error::AppError`], JSON errors at the HTTP edge.
 //! - [`affinity`] — the cookie naming the instance that served the client.
 //! - [`state`] — [`state::AppState`], shared by every handler.
+//! - [`config`] — the server's environment variables.
 //!
 //! [`app`] builds the router, so tests and embedding applications reuse it.
 
 pub mod affinity;
+pub mod config;
 pub mod error;
 pub mod extract;
 pub mod health;
 pub mod listener;
 pub mod pipeline;
+pub mod runs;
 pub mod serve;
 pub mod sessions;
 pub mod state;

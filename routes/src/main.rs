@@ -9,16 +9,15 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
-use sse_scale::config::Adapter;
+use sse_scale::control::RedisControlBus;
 use sse_scale::flags::{EnvFlags, FlagSource};
-use sse_scale::history::HistoryLimits;
 use sse_scale::ratelimit::RateLimiter;
-use sse_scale::redis_broadcaster::RedisSettings;
 use sse_scale::unleash::{UnleashFlags, UnleashSettings};
 use sse_scale::{
-    Broadcaster, Config, LocalBroadcaster, RedisBroadcaster, SharedRedis, TokenSigner,
+    Broadcaster, ControlBus, Fanout, LoopbackBus, RedisBroker, RedisSettings, SharedRedis,
+    TokenSigner,
 };
-use sse_scale_server::pipeline;
+use sse_scale_server::config::{Adapter, Config};
 use sse_scale_server::state::{AppState, Services};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -89,11 +88,13 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let node_id = format!("{instance_id}#{:08x}", rand::random::<u32>());
 
     // One Redis client for the whole process, shared by the rate limiter and
-    // the broadcaster.
+    // the broadcaster. Its tasks stop after the broadcaster has flushed.
+    let redis_stop = CancellationToken::new();
+    let redis_tasks = TaskTracker::new();
     let redis = match &config.redis_url {
         Some(url) => {
             let redis = SharedRedis::open(url)?;
-            redis.connect(&tasks, shutdown.clone());
+            redis.connect(&redis_tasks, redis_stop.clone());
             Some(redis)
         }
         None => None,
@@ -116,41 +117,28 @@ async fn run(config: Config) -> anyhow::Result<()> {
         None => Arc::new(EnvFlags::new(config.ff_redis_sse_broadcast)),
     };
 
-    let history = HistoryLimits {
-        maxlen: config.history_maxlen as usize,
-        ttl: Duration::from_secs(config.history_ttl_secs),
-        max_bytes: (config.history_memory_mb as usize).saturating_mul(1 << 20),
-    };
-    let (broadcaster, redis_broadcaster): (Arc<dyn Broadcaster>, _) =
+    let (broadcaster, control): (Arc<dyn Broadcaster>, Arc<dyn ControlBus>) =
         match (config.adapter(), &redis) {
             (Adapter::Redis, Some(redis)) => {
                 let mut settings = RedisSettings::new(&config.redis_prefix, &node_id);
-                settings.queue = config.sse_client_queue as usize;
                 settings.outbox_max = config.outbox_max as usize;
-                settings.history = history;
-                let b = RedisBroadcaster::start(
-                    redis.clone(),
-                    flags.clone(),
-                    settings,
-                    &tasks,
-                    shutdown.clone(),
-                );
-                (Arc::new(b.clone()), Some(b))
+                settings.history = config.history();
+                let fanout =
+                    Fanout::with_remote(config.fanout(), flags.clone(), |local, handler| {
+                        RedisBroker::start(redis.clone(), settings, local, handler)
+                    });
+                let control = RedisControlBus::start(redis.clone(), &config.redis_prefix);
+                (Arc::new(fanout), Arc::new(control))
             }
             _ => (
-                Arc::new(LocalBroadcaster::with_history(
-                    config.sse_client_queue as usize,
-                    history,
-                )),
-                None,
+                Arc::new(Fanout::memory(config.fanout())),
+                Arc::new(LoopbackBus::default()),
             ),
         };
-    let control = redis_broadcaster
-        .as_ref()
-        .and_then(RedisBroadcaster::take_control_receiver);
+    let control_rx = control.take_receiver();
     let services = Services {
         broadcaster,
-        redis_broadcaster,
+        control,
         flags,
         limiter,
         signer,
@@ -160,10 +148,10 @@ async fn run(config: Config) -> anyhow::Result<()> {
         tasks,
     };
     let state = Arc::new(AppState::new(&config, services));
-    if let Some(rx) = control {
+    if let Some(rx) = control_rx {
         state
             .tasks
-            .spawn(pipeline::serve_control(state.clone(), rx));
+            .spawn(state.runs.clone().serve_control(rx, state.shutdown.clone()));
     }
     let app =
         sse_scale_server::app(state.clone()).context("INSTANCE_ID is not a valid header value")?;
@@ -197,12 +185,20 @@ async fn run(config: Config) -> anyhow::Result<()> {
         state.shutdown.clone(),
     );
     let grace = config.shutdown_grace();
+    // The order matters: runs stop and publish their last events while the
+    // broadcaster still takes them; then the outbox is flushed and the
+    // brokers close; the shared Redis client goes last.
     let served = async {
         serve.await?;
-        tracing::info!("stopped accepting; closing the broadcaster");
-        state.broadcaster.shutdown().await;
+        tracing::info!("stopped accepting; waiting for runs to finish");
         state.tasks.close();
         state.tasks.wait().await;
+        tracing::info!("closing the broadcaster");
+        state.broadcaster.shutdown().await;
+        state.control.shutdown().await;
+        redis_stop.cancel();
+        redis_tasks.close();
+        redis_tasks.wait().await;
         Ok::<(), std::io::Error>(())
     };
     tokio::pin!(served);

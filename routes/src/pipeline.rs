@@ -11,28 +11,26 @@
 //! with a child of the shutdown token, and is bounded in time: a gate left
 //! unanswered for [`GATE_TIMEOUT`] cancels the run.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use serde_json::{json, Value};
 use sse_scale::{EventType, OutgoingEvent, SessionId};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
 use crate::error::AppError;
 use crate::extract::{AuthedSession, JsonBody, JsonOrDefault};
+use crate::runs::{GateDecision, GateOutcome};
 use crate::state::AppState;
 
 /// How long a run waits at its gate before it is cancelled.
 pub const GATE_TIMEOUT: Duration = Duration::from_secs(30 * 60);
-/// Runs one instance executes at once; more → 503.
-pub const MAX_RUNS: usize = 1024;
 const MAX_STAGES: usize = 20;
 const MAX_SECTIONS: u32 = 100;
 const MAX_STEP_MS: u64 = 60_000;
@@ -82,42 +80,6 @@ impl PipelineRequest {
     }
 }
 
-/// A reviewer's answer at the gate.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct GateDecision {
-    pub approve: bool,
-    #[serde(default)]
-    pub feedback: String,
-}
-
-struct Run {
-    session: SessionId,
-    /// Present while the run waits at its gate.
-    gate: Option<oneshot::Sender<GateDecision>>,
-    cancel: CancellationToken,
-}
-
-/// Runs executing on this instance, by run id.
-#[derive(Default)]
-pub struct PipelineRegistry {
-    runs: Mutex<HashMap<String, Run>>,
-}
-
-impl PipelineRegistry {
-    fn lock(&self) -> MutexGuard<'_, HashMap<String, Run>> {
-        // Critical sections are single map operations; a poisoned map is intact.
-        self.runs.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    pub fn len(&self) -> usize {
-        self.lock().len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-}
-
 /// `POST /sessions/{id}/pipeline` → `202 {"run_id"}`.
 pub async fn start(
     State(state): State<Arc<AppState>>,
@@ -131,28 +93,17 @@ pub async fn start(
     }
     let run_id = uuid::Uuid::new_v4().simple().to_string();
     let cancel = state.shutdown.child_token();
-    {
-        let mut runs = state.pipelines.lock();
-        if runs.len() >= MAX_RUNS {
-            return Err(AppError::unavailable(
-                "too many pipeline runs on this instance",
-                5,
-            ));
-        }
-        runs.insert(
-            run_id.clone(),
-            Run {
-                session: session.clone(),
-                gate: None,
-                cancel: cancel.clone(),
-            },
-        );
+    if !state.runs.insert(&run_id, &session, cancel.clone()) {
+        return Err(AppError::unavailable(
+            "too many pipeline runs on this instance",
+            5,
+        ));
     }
     let task_state = state.clone();
     let task_run = run_id.clone();
     state.tasks.spawn(async move {
         let outcome = execute(&task_state, &session, &task_run, &req, &cancel).await;
-        task_state.pipelines.lock().remove(&task_run);
+        task_state.runs.remove(&task_run);
         if let Err(e) = outcome {
             tracing::warn!(run_id = %task_run, error = %e.message, "pipeline run stopped: publish failed");
         }
@@ -166,7 +117,7 @@ pub async fn start(
 /// other than the one running the pipeline). With Redis and the flag on, the
 /// answer is relayed to the owner over the control channel and this answers
 /// once the owner accepted it (404 if no instance owns the run within
-/// [`RELAY_TIMEOUT`]). With the flag off, a run found elsewhere is a 409: the
+/// [`RELAY_TIMEOUT`](crate::runs::RELAY_TIMEOUT)). With the flag off, a run found elsewhere is a 409: the
 /// balancer sent this session to the wrong instance.
 pub async fn gate(
     State(state): State<Arc<AppState>>,
@@ -175,8 +126,24 @@ pub async fn gate(
     JsonBody(decision): JsonBody<GateDecision>,
 ) -> Result<Response, AppError> {
     state.limit_publish(&session).await?;
-    let outcome = match resolve_local(&state, &session, &run_id, Some(decision.clone())) {
-        GateOutcome::Unknown => relay(&state, &session, &run_id, decision).await?,
+    let outcome = match state
+        .runs
+        .resolve_local(&session, &run_id, Some(decision.clone()))
+    {
+        GateOutcome::Unknown => {
+            let apply = state.broadcaster.crosses_instances(&session);
+            state
+                .runs
+                .relay(&session, &run_id, decision, apply)
+                .await
+                .map_err(|error| {
+                    tracing::warn!(%error, "cannot relay a gate answer");
+                    AppError::unavailable(
+                        "the run is not on this instance and the other instances cannot be reached",
+                        1,
+                    )
+                })?
+        }
         local => local,
     };
     match outcome {
@@ -199,173 +166,6 @@ pub async fn gate(
     }
 }
 
-/// How long a relayed gate answer waits for the owning instance.
-pub const RELAY_TIMEOUT: Duration = Duration::from_secs(2);
-
-/// What became of a gate answer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum GateOutcome {
-    Accepted,
-    NotAtGate,
-    /// The run exists on the answering instance, which was only asked.
-    Elsewhere,
-    Unknown,
-}
-
-/// Applies `decision` to a run of this instance (or, with `None`, only says
-/// whether the run is here).
-fn resolve_local(
-    state: &AppState,
-    session: &SessionId,
-    run_id: &str,
-    decision: Option<GateDecision>,
-) -> GateOutcome {
-    let tx = {
-        let mut runs = state.pipelines.lock();
-        let Some(run) = runs.get_mut(run_id).filter(|r| &r.session == session) else {
-            return GateOutcome::Unknown;
-        };
-        let Some(decision) = decision else {
-            return GateOutcome::Elsewhere;
-        };
-        match run.gate.take() {
-            Some(tx) => (tx, decision),
-            None => return GateOutcome::NotAtGate,
-        }
-    };
-    // The run may have been cancelled between the lookup and here.
-    match tx.0.send(tx.1) {
-        Ok(()) => GateOutcome::Accepted,
-        Err(_) => GateOutcome::Unknown,
-    }
-}
-
-/// Messages on the Redis control channel.
-#[derive(Debug, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "snake_case")]
-enum Control {
-    GateRequest {
-        req: String,
-        from: String,
-        run_id: String,
-        session: String,
-        /// Apply the decision (flag on), or only ask who owns the run.
-        decision: Option<GateDecision>,
-    },
-    GateReply {
-        req: String,
-        to: String,
-        outcome: GateOutcome,
-    },
-}
-
-/// Gate answers this instance relayed and is waiting on, by request id.
-#[derive(Default)]
-pub struct GateRelay {
-    pending: Mutex<HashMap<String, oneshot::Sender<GateOutcome>>>,
-}
-
-impl GateRelay {
-    fn lock(&self) -> MutexGuard<'_, HashMap<String, oneshot::Sender<GateOutcome>>> {
-        self.pending.lock().unwrap_or_else(|e| e.into_inner())
-    }
-}
-
-/// Removes a pending request however the wait ends.
-struct PendingGuard<'a>(&'a GateRelay, String);
-
-impl Drop for PendingGuard<'_> {
-    fn drop(&mut self) {
-        self.0.lock().remove(&self.1);
-    }
-}
-
-async fn relay(
-    state: &AppState,
-    session: &SessionId,
-    run_id: &str,
-    decision: GateDecision,
-) -> Result<GateOutcome, AppError> {
-    let Some(bus) = &state.redis_broadcaster else {
-        return Ok(GateOutcome::Unknown);
-    };
-    let apply = state.flags.redis_broadcast(session);
-    let req = uuid::Uuid::new_v4().simple().to_string();
-    let (tx, rx) = oneshot::channel();
-    state.gates.lock().insert(req.clone(), tx);
-    let _pending = PendingGuard(&state.gates, req.clone());
-    let msg = Control::GateRequest {
-        req,
-        from: state.node_id.clone(),
-        run_id: run_id.to_owned(),
-        session: session.to_string(),
-        decision: apply.then_some(decision),
-    };
-    let payload = serde_json::to_string(&msg).unwrap_or_default();
-    if let Err(error) = bus.send_control(payload).await {
-        tracing::warn!(backend = "redis", error, "cannot relay a gate answer");
-        return Err(AppError::unavailable(
-            "the run is not on this instance and Redis is unreachable to find it",
-            1,
-        ));
-    }
-    Ok(tokio::time::timeout(RELAY_TIMEOUT, rx)
-        .await
-        .ok()
-        .and_then(Result::ok)
-        .unwrap_or(GateOutcome::Unknown))
-}
-
-/// Serves the control channel: answers gate requests for runs of this
-/// instance, and hands replies to the requests waiting here. Runs until
-/// shutdown.
-pub async fn serve_control(state: Arc<AppState>, mut rx: mpsc::Receiver<bytes::Bytes>) {
-    loop {
-        let payload = tokio::select! {
-            () = state.shutdown.cancelled() => return,
-            msg = rx.recv() => match msg { Some(p) => p, None => return },
-        };
-        match serde_json::from_slice::<Control>(&payload) {
-            Ok(Control::GateRequest {
-                req,
-                from,
-                run_id,
-                session,
-                decision,
-            }) => {
-                let Ok(session) = SessionId::parse(&session) else {
-                    continue;
-                };
-                let outcome = resolve_local(&state, &session, &run_id, decision);
-                if outcome == GateOutcome::Unknown {
-                    continue; // Not ours; the owner (if any) answers.
-                }
-                let reply = Control::GateReply {
-                    req,
-                    to: from,
-                    outcome,
-                };
-                if let Some(bus) = &state.redis_broadcaster {
-                    let payload = serde_json::to_string(&reply).unwrap_or_default();
-                    if let Err(error) = bus.send_control(payload).await {
-                        tracing::warn!(backend = "redis", error, "cannot send a gate reply");
-                    }
-                }
-            }
-            Ok(Control::GateReply { req, to, outcome }) if to == state.node_id => {
-                if let Some(tx) = state.gates.lock().remove(&req) {
-                    let _ = tx.send(outcome);
-                }
-            }
-            Ok(Control::GateReply { .. }) => {}
-            Err(error) => {
-                tracing::warn!(backend = "redis", %error, "malformed control message dropped");
-            }
-        }
-    }
-}
-
 /// `DELETE /sessions/{id}/pipeline/{run_id}` → 202; the run emits
 /// `pipeline_cancelled`.
 pub async fn cancel(
@@ -373,12 +173,9 @@ pub async fn cancel(
     AuthedSession(session): AuthedSession,
     Path((_, run_id)): Path<(String, String)>,
 ) -> Result<Response, AppError> {
-    let runs = state.pipelines.lock();
-    let run = runs
-        .get(&run_id)
-        .filter(|r| r.session == session)
-        .ok_or_else(|| unknown_run(&run_id))?;
-    run.cancel.cancel();
+    if !state.runs.cancel(&session, &run_id) {
+        return Err(unknown_run(&run_id));
+    }
     Ok((StatusCode::ACCEPTED, Json(json!({ "run_id": run_id }))).into_response())
 }
 
@@ -438,9 +235,7 @@ async fn execute(
         }
         if req.gate {
             let (tx, rx) = oneshot::channel();
-            if let Some(run) = state.pipelines.lock().get_mut(run_id) {
-                run.gate = Some(tx);
-            }
+            state.runs.wait_at_gate(run_id, tx);
             emit("gate_waiting", json!({ "run_id": run_id })).await?;
             let decision = tokio::select! {
                 d = rx => d.map_err(|_| Stop::Cancelled("cancelled"))?,

@@ -10,12 +10,10 @@ use axum::http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use axum_extra::extract::cookie::CookieJar;
-use bytes::BytesMut;
 use serde::Deserialize;
 use serde_json::{json, value::RawValue};
-use sse_scale::sse::{encode_event, encode_retry};
 use sse_scale::stream::StreamEnd;
-use sse_scale::{EventType, OutgoingEvent, SessionId, SseStream};
+use sse_scale::{open_stream, EventType, OutgoingEvent, ResumeOutcome, SessionId, StreamOptions};
 
 use crate::error::AppError;
 use crate::extract::{AuthedSession, ClientIp, JsonBody, LastEventId};
@@ -59,62 +57,27 @@ pub async fn stream(
         ));
     }
     let guard = OpenStream::try_new(state.clone())?;
-    // Subscribe before anything is sent, so every event published after the
-    // client sees `connected` is delivered; then read history, so every
-    // event after the client's last id is in one or both (duplicates are
-    // dropped by id in the stream).
-    let subscription = state.broadcaster.subscribe(&session).await?;
-    let (position, replay) = match resume_from {
-        Some(after) => (after, Some(state.broadcaster.replay(&session, after).await)),
-        None => (state.broadcaster.position(&session).await, None),
-    };
-
-    let connected = OutgoingEvent::json(
-        EventType::from_static("connected"),
-        &json!({ "instance_id": state.instance_id, "session_id": session.as_str() }),
-    );
-    let mut prelude = BytesMut::new();
-    prelude.extend_from_slice(&encode_retry(state.retry));
-    // `connected` carries the stream's position (the client's own
-    // Last-Event-ID, or the newest event when it connects fresh), so even a
-    // client that loses this connection before its first event resumes
-    // from the right place.
-    prelude.extend_from_slice(&encode_event(
-        Some(position),
-        &connected.event_type,
-        &connected.data,
-    ));
-
-    let mut body = SseStream::new(
-        prelude.freeze(),
-        subscription,
-        state.heartbeat,
-        state.close_signal(),
-    );
-    body = body.positioned(position);
-    if let Some(replay) = replay {
-        let after = position;
-        if replay.complete {
+    let mut options = StreamOptions::new(state.close_signal());
+    options.heartbeat = state.heartbeat;
+    options.retry = state.retry;
+    options
+        .connected
+        .insert("instance_id".into(), state.instance_id.clone().into());
+    let (body, outcome) =
+        open_stream(state.broadcaster.as_ref(), &session, resume_from, options).await?;
+    match outcome {
+        ResumeOutcome::Resumed { .. } => {
             state.resumes.fetch_add(1, Ordering::Relaxed);
-            body = body.resume(replay.frames);
-        } else {
-            // History no longer reaches back to the client's id: say so
-            // instead of silently skipping events. The reset carries the
-            // newest id held, so the next reconnect resumes from there, and
-            // live copies of events up to it are not sent again.
-            state.resets.fetch_add(1, Ordering::Relaxed);
-            tracing::info!(session = %session, last_event_id = %after, oldest = ?replay.oldest, "resume beyond history: reset");
-            let reset = OutgoingEvent::json(
-                EventType::from_static("reset"),
-                &json!({
-                    "last_event_id": after.to_string(),
-                    "oldest_id": replay.oldest.map(|id| id.to_string()),
-                }),
-            );
-            body = body
-                .reset(encode_event(replay.newest, &reset.event_type, &reset.data))
-                .positioned(position.max(replay.newest.unwrap_or_default()));
         }
+        ResumeOutcome::Reset {
+            last_event_id,
+            oldest,
+            ..
+        } => {
+            state.resets.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(session = %session, %last_event_id, ?oldest, "resume beyond history: reset");
+        }
+        _ => {}
     }
 
     let ended = state.clone();

@@ -1,6 +1,7 @@
-//! [`AppState`]: what every handler shares — the broadcaster, the flag
-//! source, the rate limiter, the token signer, the pipeline registry, and the
-//! shutdown machinery that owns every spawned task.
+//! [`AppState`]: what every handler shares — the broadcaster and the
+//! control bus (as traits), the flag source, the rate limiter, the token
+//! signer, the pipeline runs, and the shutdown machinery that owns every
+//! spawned task.
 
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -9,21 +10,21 @@ use std::time::Duration;
 
 use sse_scale::flags::FlagSource;
 use sse_scale::ratelimit::{Decision, Limit, RateLimiter};
-use sse_scale::{Broadcaster, Config, OutgoingEvent, RedisBroadcaster, SessionId, TokenSigner};
+use sse_scale::{Broadcaster, ControlBus, OutgoingEvent, SessionId, TokenSigner};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::affinity::Affinity;
+use crate::config::Config;
 use crate::error::AppError;
-use crate::pipeline::{GateRelay, PipelineRegistry};
+use crate::runs::Runs;
 
 /// What `main` builds before the state: the chosen broadcaster and the
 /// services around it.
 pub struct Services {
     pub broadcaster: Arc<dyn Broadcaster>,
-    /// The same broadcaster when it is the Redis one (for the control
-    /// channel and `/stats`).
-    pub redis_broadcaster: Option<RedisBroadcaster>,
+    /// Messages to the instance that owns a pipeline run.
+    pub control: Arc<dyn ControlBus>,
     pub flags: Arc<dyn FlagSource>,
     /// Built on the process's shared Redis client when there is one.
     pub limiter: RateLimiter,
@@ -40,7 +41,7 @@ pub struct Services {
 pub struct AppState {
     /// The one path every route publishes and subscribes through.
     pub broadcaster: Arc<dyn Broadcaster>,
-    pub redis_broadcaster: Option<RedisBroadcaster>,
+    pub control: Arc<dyn ControlBus>,
     /// Decides per publish whether an event also goes through Redis.
     pub flags: Arc<dyn FlagSource>,
     pub limiter: RateLimiter,
@@ -56,10 +57,8 @@ pub struct AppState {
     pub heartbeat: Duration,
     pub retry: Duration,
     pub max_event_bytes: usize,
-    /// Pipeline runs executing on this instance.
-    pub pipelines: PipelineRegistry,
-    /// Gate answers relayed to and from other instances.
-    pub gates: GateRelay,
+    /// Pipeline runs executing on this instance, and the gate relay.
+    pub runs: Arc<Runs>,
     /// Fired on SIGTERM/SIGINT: streams start closing, spread over the
     /// drain window.
     pub drain: CancellationToken,
@@ -92,7 +91,7 @@ impl AppState {
     pub fn new(config: &Config, services: Services) -> Self {
         let Services {
             broadcaster,
-            redis_broadcaster,
+            control,
             flags,
             limiter,
             signer,
@@ -102,8 +101,9 @@ impl AppState {
             tasks,
         } = services;
         Self {
+            runs: Arc::new(Runs::new(control.clone(), node_id.clone())),
             broadcaster,
-            redis_broadcaster,
+            control,
             flags,
             limiter,
             publish_limit: Limit::per_second(config.rate_limit_publish_per_sec),
@@ -120,8 +120,6 @@ impl AppState {
             heartbeat: config.heartbeat(),
             retry: config.retry(),
             max_event_bytes: config.max_event_bytes as usize,
-            pipelines: PipelineRegistry::default(),
-            gates: GateRelay::default(),
             drain: CancellationToken::new(),
             drain_window: config.shutdown_drain(),
             shutdown,
@@ -157,13 +155,15 @@ impl AppState {
         }
     }
 
-    /// Checks the payload limit, then publishes. Returns the event id.
+    /// Checks the event's size on the wire (a payload of many short lines
+    /// grows by a `data: ` prefix per line), then publishes. Returns the
+    /// event id.
     pub async fn publish(
         &self,
         session: &SessionId,
         event: OutgoingEvent,
     ) -> Result<String, AppError> {
-        if event.data.len() > self.max_event_bytes {
+        if sse_scale::sse::data_len(&event.data) > self.max_event_bytes {
             return Err(AppError::too_large(self.max_event_bytes));
         }
         let id = self.broadcaster.publish(session, event).await?;

@@ -1,10 +1,15 @@
-//! Configuration from the environment (or the equivalent flags), validated at
-//! start-up. A bad value stops the process with a message naming the variable
-//! and exit code 2; `--help` lists every variable.
+//! The reference server's configuration, from the environment (or the
+//! equivalent flags), validated at start-up. A bad value stops the process
+//! with a message naming the variable and exit code 2; `--help` lists every
+//! variable. The library takes plain settings structs; this file turns the
+//! server's variables into them.
 
 use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
+use sse_scale::history::HistoryLimits;
+use sse_scale::redis_client::{redact_url, SharedRedis};
+use sse_scale::FanoutSettings;
 
 /// Which broadcaster the server uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -155,6 +160,12 @@ pub struct Config {
           value_parser = clap::value_parser!(u64).range(0..=10_000_000))]
     pub outbox_max: u64,
 
+    /// Encoded bytes one resume may replay from history; a client further
+    /// behind gets a `reset` instead.
+    #[arg(long, env = "REPLAY_MAX_BYTES", default_value_t = 4 << 20,
+          value_parser = clap::value_parser!(u64).range(1024..=1 << 30))]
+    pub replay_max_bytes: u64,
+
     /// Unleash client API URL (e.g. `http://unleash:4242/api`). When set,
     /// `FF_REDIS_SSE_BROADCAST` follows Unleash (see docs/flags.md) and
     /// the environment value only applies until Unleash first answers.
@@ -207,11 +218,10 @@ impl Config {
             return Err(ConfigError::DrainLongerThanGrace);
         }
         if let Some(url) = &self.redis_url {
-            redis::Client::open(url.as_str())
-                .map_err(|e| ConfigError::RedisUrlInvalid(e.to_string()))?;
+            SharedRedis::open(url).map_err(|e| ConfigError::RedisUrlInvalid(e.to_string()))?;
         }
         if let Some(url) = &self.unleash_url {
-            let parsed = reqwest::Url::parse(url)
+            let parsed = url::Url::parse(url)
                 .map_err(|e| ConfigError::UnleashUrlInvalid(format!("{url:?}: {e}")))?;
             if !matches!(parsed.scheme(), "http" | "https") {
                 return Err(ConfigError::UnleashUrlInvalid(url.clone()));
@@ -255,17 +265,21 @@ impl Config {
     pub fn unleash_refresh(&self) -> Duration {
         Duration::from_secs(self.unleash_refresh_secs)
     }
-}
 
-/// `redis://user:secret@host/0` → `redis://user:***@host/0`.
-pub fn redact_url(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => {
-            let auth = &url[scheme + 3..at];
-            let user = auth.split_once(':').map_or("", |(u, _)| u);
-            format!("{}{user}:***{}", &url[..scheme + 3], &url[at..])
+    pub fn history(&self) -> HistoryLimits {
+        HistoryLimits {
+            maxlen: self.history_maxlen as usize,
+            ttl: Duration::from_secs(self.history_ttl_secs),
+            max_bytes: (self.history_memory_mb as usize).saturating_mul(1 << 20),
         }
-        _ => url.to_owned(),
+    }
+
+    pub fn fanout(&self) -> FanoutSettings {
+        let mut settings = FanoutSettings::default();
+        settings.queue = self.sse_client_queue as usize;
+        settings.history = self.history();
+        settings.replay_max_bytes = self.replay_max_bytes as usize;
+        settings
     }
 }
 
@@ -306,6 +320,7 @@ impl std::fmt::Debug for Config {
             .field("shutdown_drain_secs", &self.shutdown_drain_secs)
             .field("max_streams", &self.max_streams)
             .field("outbox_max", &self.outbox_max)
+            .field("replay_max_bytes", &self.replay_max_bytes)
             .field("unleash_url", &self.unleash_url)
             .field(
                 "unleash_api_token",

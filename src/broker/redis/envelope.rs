@@ -1,5 +1,7 @@
 //! The versioned JSON envelope events travel in between instances:
-//! `{"v":1,"node":"…","id":"…","type":"…","data":"…"}`.
+//! `{"v":1,"node":"…","id":"…","type":"…","data":"…"}`, plus `"held":true`
+//! on an event that waited in its publisher's outbox (its publisher's own
+//! subscribers already have it).
 //!
 //! `data` is the event's payload as a JSON string (the payload is JSON text
 //! itself, carried verbatim so the receiving instance sends exactly the bytes
@@ -26,7 +28,7 @@ struct Outgoing<'a> {
 }
 
 /// Encodes an envelope. (Per-session publishes are encoded by the publish
-/// script inside Redis, in the same shape; see `redis_broadcaster`.)
+/// script inside Redis, in the same shape; see `publish.rs`.)
 pub fn encode(node: &str, id: EventId, event_type: &EventType, data: &str) -> String {
     let env = Outgoing {
         v: VERSION,
@@ -46,6 +48,8 @@ pub struct Envelope {
     pub id: EventId,
     pub event_type: EventType,
     pub data: String,
+    /// Delivered by its publisher from the outbox, not live.
+    pub held: bool,
 }
 
 /// Why a message was dropped.
@@ -66,6 +70,8 @@ struct Incoming {
     #[serde(rename = "type")]
     event_type: Option<String>,
     data: Option<String>,
+    #[serde(default)]
+    held: bool,
 }
 
 pub fn decode(payload: &[u8]) -> Result<Envelope, DecodeError> {
@@ -90,6 +96,7 @@ pub fn decode(payload: &[u8]) -> Result<Envelope, DecodeError> {
         id,
         event_type,
         data,
+        held: raw.held,
     })
 }
 

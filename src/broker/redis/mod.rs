@@ -1,0 +1,353 @@
+//! [`RedisBroker`]: ids, history and cross-instance fan-out in Redis.
+//!
+//! - **Ids and history** (`publish.rs`): one Lua script per publish appends
+//!   the event to the session's stream (`<prefix>session:<id>:history`,
+//!   `MAXLEN ~` and a TTL), takes the entry id as the event id, and
+//!   publishes the envelope on `<prefix>session:<id>` — one round trip, and
+//!   ids per session are in the order the channel carries them.
+//! - **Delivery** (`subscriber.rs`): one dedicated Pub/Sub connection holds
+//!   a channel for each session with subscribers here. Every event reaches
+//!   this instance's subscribers from that connection — its own events too —
+//!   so a subscriber sees a session's ids in increasing order whichever
+//!   instance published them. After a reconnect, what was missed is read
+//!   from each session's stream before live messages resume.
+//! - **Resume** (`history.rs`): the stream vouches for an id it holds, or
+//!   for `0-0` while it still holds the session's first event.
+//! - **Redis away** (`outbox.rs`): an event that cannot reach Redis is
+//!   delivered here at once through the [`MemoryBroker`] (its id from this
+//!   process, kept in the in-process ring) and waits in a bounded outbox;
+//!   once Redis answers, the outbox is published in order, keeping each
+//!   event's id when the stream allows it.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::future::{BoxFuture, FutureExt};
+use serde::Serialize;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::memory::MemoryBroker;
+use super::{Broker, BrokerError, Handler, Replay};
+use crate::event::{EventId, OutgoingEvent, SessionId};
+use crate::history::HistoryLimits;
+use crate::redis_client::SharedRedis;
+
+pub mod envelope;
+mod history;
+mod outbox;
+mod publish;
+mod subscriber;
+
+/// Settings of a [`RedisBroker`].
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct RedisSettings {
+    /// Prefix of every key and channel (default `sse:`).
+    pub prefix: String,
+    /// This process's name on the wire; must differ between processes.
+    pub node_id: String,
+    /// `maxlen` (approximate cap of each session's stream) and `ttl` apply
+    /// to the Redis stream.
+    pub history: HistoryLimits,
+    /// Events held while Redis is unreachable (published in order once it
+    /// is back); more are dropped and counted.
+    pub outbox_max: usize,
+}
+
+impl RedisSettings {
+    pub fn new(prefix: impl Into<String>, node_id: impl Into<String>) -> Self {
+        Self {
+            prefix: prefix.into(),
+            node_id: node_id.into(),
+            history: HistoryLimits::default(),
+            outbox_max: 10_000,
+        }
+    }
+}
+
+/// Counters for `/stats` and tests.
+#[derive(Debug, Clone, Default, Serialize)]
+#[non_exhaustive]
+pub struct RedisCounters {
+    /// Whether the dedicated subscriber connection is up.
+    pub subscriber_connected: bool,
+    /// Session channels currently subscribed.
+    pub subscribed_channels: usize,
+    /// Events published through Redis.
+    pub published_redis: u64,
+    /// Events that fell back to local delivery because Redis was unreachable.
+    pub fallback_local: u64,
+    /// Events of other instances delivered here.
+    pub received: u64,
+    /// This instance's own events delivered here from the subscriber
+    /// connection (the order-keeping path).
+    pub own_received: u64,
+    /// Every message that arrived on the subscriber connection: the Redis
+    /// traffic this instance pays for.
+    pub messages_in: u64,
+    /// Channel name plus payload bytes of those messages.
+    pub bytes_in: u64,
+    pub malformed_dropped: u64,
+    pub foreign_version_dropped: u64,
+    /// Times the subscriber connection was (re-)established.
+    pub subscriber_connects: u64,
+    /// Events waiting in the outbox for Redis to come back.
+    pub outbox_len: usize,
+    /// Outbox events published once Redis was back.
+    pub outbox_flushed: u64,
+    /// Outbox events published under a new id (the session's stream had
+    /// moved past theirs).
+    pub outbox_reassigned: u64,
+    /// Events dropped because the outbox was full (OUTBOX_MAX).
+    pub outbox_dropped: u64,
+    /// Events read from history after a reconnect of the subscriber.
+    pub caught_up: u64,
+    /// Messages received a second time (after a catch-up) and dropped.
+    pub duplicates_dropped: u64,
+}
+
+/// See the module docs. Cheap to clone.
+#[derive(Clone)]
+pub struct RedisBroker {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    redis: SharedRedis,
+    settings: RedisSettings,
+    keys: Keys,
+    /// Ids and delivery for events that cannot reach Redis.
+    local: Arc<MemoryBroker>,
+    handler: Handler,
+    script: redis::Script,
+    outbox: outbox::Outbox,
+    interest: subscriber::Interest,
+    /// Set while publishing to Redis fails, so an outage is logged once.
+    publish_outage: AtomicBool,
+    counters: Counters,
+    closed: AtomicBool,
+    /// The broker's own tasks and their stop signal: the application's
+    /// shutdown does not reach in here; [`Broker::shutdown`] does.
+    cancel: CancellationToken,
+    tasks: TaskTracker,
+}
+
+/// Key and channel names.
+struct Keys {
+    session_prefix: String,
+    broadcast: String,
+}
+
+impl Keys {
+    fn channel(&self, session: &SessionId) -> String {
+        format!("{}{}", self.session_prefix, session)
+    }
+
+    fn history(&self, session: &SessionId) -> String {
+        format!("{}{}:history", self.session_prefix, session)
+    }
+
+    /// The id of the first event the session's stream ever held.
+    fn first(&self, session: &SessionId) -> String {
+        format!("{}{}:first", self.session_prefix, session)
+    }
+}
+
+#[derive(Default)]
+struct Counters {
+    published_redis: AtomicU64,
+    fallback_local: AtomicU64,
+    received: AtomicU64,
+    own_received: AtomicU64,
+    messages_in: AtomicU64,
+    bytes_in: AtomicU64,
+    malformed: AtomicU64,
+    foreign: AtomicU64,
+    connected: AtomicBool,
+    connects: AtomicU64,
+    subscribed: AtomicU64,
+    outbox_flushed: AtomicU64,
+    outbox_reassigned: AtomicU64,
+    outbox_dropped: AtomicU64,
+    caught_up: AtomicU64,
+    duplicates: AtomicU64,
+}
+
+/// How long shutdown waits for the outbox to reach Redis.
+const SHUTDOWN_FLUSH: Duration = Duration::from_secs(2);
+
+impl RedisBroker {
+    /// Starts the subscriber and outbox tasks. `redis` is the process's
+    /// shared client; `local` delivers what cannot reach Redis; `handler`
+    /// receives every frame for this instance's subscribers.
+    pub fn start(
+        redis: SharedRedis,
+        settings: RedisSettings,
+        local: Arc<MemoryBroker>,
+        handler: Handler,
+    ) -> Self {
+        let keys = Keys {
+            session_prefix: format!("{}session:", settings.prefix),
+            broadcast: format!("{}broadcast", settings.prefix),
+        };
+        let inner = Arc::new(Inner {
+            redis,
+            outbox: outbox::Outbox::new(settings.outbox_max),
+            settings,
+            keys,
+            local,
+            handler,
+            script: redis::Script::new(publish::PUBLISH_SCRIPT),
+            interest: subscriber::Interest::default(),
+            publish_outage: AtomicBool::new(false),
+            counters: Counters::default(),
+            closed: AtomicBool::new(false),
+            cancel: CancellationToken::new(),
+            tasks: TaskTracker::new(),
+        });
+        inner.tasks.spawn(inner.clone().run_subscriber());
+        inner.tasks.spawn(inner.clone().run_flusher());
+        Self { inner }
+    }
+
+    pub fn counters(&self) -> RedisCounters {
+        let c = &self.inner.counters;
+        RedisCounters {
+            subscriber_connected: c.connected.load(Ordering::Relaxed),
+            subscribed_channels: c.subscribed.load(Ordering::Relaxed) as usize,
+            published_redis: c.published_redis.load(Ordering::Relaxed),
+            fallback_local: c.fallback_local.load(Ordering::Relaxed),
+            received: c.received.load(Ordering::Relaxed),
+            own_received: c.own_received.load(Ordering::Relaxed),
+            messages_in: c.messages_in.load(Ordering::Relaxed),
+            bytes_in: c.bytes_in.load(Ordering::Relaxed),
+            malformed_dropped: c.malformed.load(Ordering::Relaxed),
+            foreign_version_dropped: c.foreign.load(Ordering::Relaxed),
+            subscriber_connects: c.connects.load(Ordering::Relaxed),
+            outbox_len: self.inner.outbox.len(),
+            outbox_flushed: c.outbox_flushed.load(Ordering::Relaxed),
+            outbox_reassigned: c.outbox_reassigned.load(Ordering::Relaxed),
+            outbox_dropped: c.outbox_dropped.load(Ordering::Relaxed),
+            caught_up: c.caught_up.load(Ordering::Relaxed),
+            duplicates_dropped: c.duplicates.load(Ordering::Relaxed),
+        }
+    }
+
+    /// The channel a session's events travel on.
+    pub fn channel(&self, session: &SessionId) -> String {
+        self.inner.keys.channel(session)
+    }
+}
+
+impl Inner {
+    fn check_open(&self) -> Result<(), BrokerError> {
+        if self.closed.load(Ordering::Acquire) {
+            Err(BrokerError::Closed)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Logs the start of an outage once.
+    fn note_outage(&self, error: &dyn std::fmt::Display) {
+        if !self.publish_outage.swap(true, Ordering::Relaxed) {
+            tracing::warn!(
+                backend = "redis",
+                %error,
+                "publishing to Redis failed; delivering locally only until it recovers"
+            );
+        }
+    }
+
+    fn publish_recovered(&self) {
+        if self.publish_outage.swap(false, Ordering::Relaxed) {
+            tracing::info!(backend = "redis", "publishing to Redis recovered");
+        }
+    }
+}
+
+impl Broker for RedisBroker {
+    fn publish<'a>(
+        &'a self,
+        session: &'a SessionId,
+        event: &'a OutgoingEvent,
+    ) -> BoxFuture<'a, Result<EventId, BrokerError>> {
+        self.inner.publish(session, event).boxed()
+    }
+
+    fn publish_all<'a>(
+        &'a self,
+        event: &'a OutgoingEvent,
+    ) -> BoxFuture<'a, Result<EventId, BrokerError>> {
+        self.inner.publish_all(event).boxed()
+    }
+
+    fn subscribe(
+        &self,
+        session: &SessionId,
+        generation: u64,
+    ) -> BoxFuture<'static, Result<(), BrokerError>> {
+        self.inner.want(session, generation)
+    }
+
+    fn unsubscribe(&self, session: &SessionId, generation: u64) {
+        self.inner.unwant(session, generation);
+    }
+
+    fn history<'a>(
+        &'a self,
+        session: &'a SessionId,
+        after: EventId,
+        max_bytes: usize,
+    ) -> BoxFuture<'a, Result<Replay, BrokerError>> {
+        async move {
+            self.inner
+                .read_history(session, after, max_bytes)
+                .await
+                .map_err(|e| BrokerError::Unavailable(e.to_string()))
+        }
+        .boxed()
+    }
+
+    fn position<'a>(
+        &'a self,
+        session: &'a SessionId,
+    ) -> BoxFuture<'a, Result<EventId, BrokerError>> {
+        async move {
+            self.inner
+                .stream_top(session)
+                .await
+                .map_err(|e| BrokerError::Unavailable(e.to_string()))
+        }
+        .boxed()
+    }
+
+    fn shutdown(&self) -> BoxFuture<'_, ()> {
+        async move {
+            let inner = &self.inner;
+            // Publishes that already started finish; new ones are refused.
+            inner.closed.store(true, Ordering::Release);
+            // Events still waiting for Redis get one last chance. The flush
+            // holds the outbox's flush lock, so it never races the flusher.
+            let flushed = tokio::time::timeout(SHUTDOWN_FLUSH, inner.flush()).await;
+            let left = inner.outbox.len();
+            if left > 0 || flushed.is_err() {
+                tracing::warn!(
+                    backend = "redis",
+                    left,
+                    "shutting down with events that never reached Redis"
+                );
+            }
+            inner.cancel.cancel();
+            inner.tasks.close();
+            inner.tasks.wait().await;
+        }
+        .boxed()
+    }
+
+    fn stats(&self) -> serde_json::Value {
+        serde_json::to_value(self.counters()).unwrap_or_default()
+    }
+}

@@ -1,0 +1,165 @@
+//! The outbox: events published while Redis was unreachable. They were
+//! delivered on this instance at once; here they wait, in order and
+//! bounded, until Redis answers again, so other instances and the history
+//! get them late rather than never.
+
+use std::collections::VecDeque;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use tokio::sync::Notify;
+
+use super::Inner;
+use crate::broker::BrokerError;
+use crate::event::{EventId, OutgoingEvent, SessionId};
+
+/// Outbox events published per flush before other work gets a turn.
+const FLUSH_BATCH: usize = 256;
+
+/// How often a flush is retried while Redis is away.
+const RETRY_EVERY: Duration = Duration::from_millis(250);
+
+pub(super) struct Outbox {
+    queue: Mutex<VecDeque<Pending>>,
+    max: usize,
+    notify: Notify,
+    /// One flush at a time (the flusher task, or shutdown): two flushers
+    /// would publish the same front event twice.
+    flushing: tokio::sync::Mutex<()>,
+}
+
+/// An event delivered locally while Redis was unreachable.
+#[derive(Clone)]
+struct Pending {
+    session: SessionId,
+    id: EventId,
+    event: OutgoingEvent,
+}
+
+impl Outbox {
+    pub(super) fn new(max: usize) -> Self {
+        Self {
+            queue: Mutex::new(VecDeque::new()),
+            max,
+            notify: Notify::new(),
+            flushing: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    pub(super) fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    pub(super) fn is_empty(&self) -> bool {
+        self.lock().is_empty()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, VecDeque<Pending>> {
+        // Single push/pop critical sections: a poisoned queue is intact.
+        self.queue.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl Inner {
+    /// Delivers locally now (the in-process history keeps it for resumes
+    /// here) and queues it for Redis.
+    pub(super) fn hold(
+        &self,
+        session: &SessionId,
+        event: &OutgoingEvent,
+    ) -> Result<EventId, BrokerError> {
+        let id = self.local.publish_now(session, event)?;
+        self.counters.fallback_local.fetch_add(1, Ordering::Relaxed);
+        let mut queue = self.outbox.lock();
+        if queue.len() < self.outbox.max {
+            queue.push_back(Pending {
+                session: session.clone(),
+                id,
+                event: event.clone(),
+            });
+            drop(queue);
+            self.outbox.notify.notify_one();
+        } else {
+            drop(queue);
+            let dropped = self.counters.outbox_dropped.fetch_add(1, Ordering::Relaxed);
+            if dropped % 1000 == 0 {
+                tracing::warn!(
+                    backend = "redis",
+                    session = %session,
+                    dropped = dropped + 1,
+                    "outbox full (OUTBOX_MAX): event delivered on this instance only"
+                );
+            }
+        }
+        Ok(id)
+    }
+
+    /// Publishes the outbox, oldest first, while Redis answers. Returns
+    /// whether it is empty.
+    pub(super) async fn flush(&self) -> bool {
+        let _one = self.outbox.flushing.lock().await;
+        for _ in 0..FLUSH_BATCH {
+            if !self.redis.is_healthy() {
+                return false;
+            }
+            let Some(next) = self.outbox.lock().front().cloned() else {
+                return true;
+            };
+            match self
+                .run_script(&next.session, &next.event, next.id, true)
+                .await
+            {
+                Ok(id) => {
+                    // Removed only once published, so a publish that sees
+                    // the outbox empty comes after every held event.
+                    let left = {
+                        let mut queue = self.outbox.lock();
+                        queue.pop_front();
+                        queue.len()
+                    };
+                    self.local.observe(id);
+                    self.counters.outbox_flushed.fetch_add(1, Ordering::Relaxed);
+                    if id != next.id {
+                        self.counters
+                            .outbox_reassigned
+                            .fetch_add(1, Ordering::Relaxed);
+                    }
+                    if left == 0 {
+                        self.publish_recovered();
+                        tracing::info!(
+                            backend = "redis",
+                            flushed = self.counters.outbox_flushed.load(Ordering::Relaxed),
+                            "outbox published to Redis"
+                        );
+                        return true;
+                    }
+                }
+                Err(e) => {
+                    self.note_outage(&e);
+                    return false;
+                }
+            }
+        }
+        false
+    }
+
+    /// The outbox task: flushes whenever events are queued, and retries
+    /// while Redis is away.
+    pub(super) async fn run_flusher(self: Arc<Self>) {
+        loop {
+            tokio::select! {
+                () = self.cancel.cancelled() => return,
+                () = self.outbox.notify.notified() => {}
+                () = tokio::time::sleep(RETRY_EVERY) => {}
+            }
+            while !self.flush().await {
+                if !self.redis.is_healthy() || self.cancel.is_cancelled() {
+                    break;
+                }
+                // A full batch went out; let other tasks run, then go on.
+                tokio::task::yield_now().await;
+            }
+        }
+    }
+}

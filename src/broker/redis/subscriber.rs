@@ -1,0 +1,404 @@
+//! The subscriber: one dedicated Pub/Sub connection that holds a channel
+//! for each session with subscribers on this instance, plus the broadcast
+//! channel, and hands every event it receives to the broker's handler.
+//!
+//! Interest is state, not a queue of commands: [`Interest`] records which
+//! sessions are wanted (with the hub's generation, so a stale unsubscribe
+//! is ignored) and which are dirty; the task brings Redis in line with it.
+//! No lock is held across a Redis round trip. Each subscribed session has a
+//! cursor — the newest id delivered here — which drops a message received
+//! twice and tells a reconnect where to catch up from.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use futures::future::{BoxFuture, FutureExt};
+use futures::StreamExt;
+use redis::aio::{PubSubSink, PubSubStream};
+use tokio::sync::{oneshot, Notify};
+
+use super::envelope::{self, DecodeError};
+use super::history::PAGE;
+use super::Inner;
+use crate::broker::{BrokerError, Target};
+use crate::event::{EventId, Frame, SessionId};
+use crate::redis_client::{CONNECT_TIMEOUT, RESPONSE_TIMEOUT};
+use crate::sse;
+
+/// What this instance wants from the subscriber connection.
+#[derive(Default)]
+pub(super) struct Interest {
+    state: Mutex<State>,
+    /// Wakes the task when `dirty` gained a session.
+    changed: Notify,
+}
+
+#[derive(Default)]
+struct State {
+    /// Sessions with subscribers here, by hub generation.
+    wanted: HashMap<SessionId, u64>,
+    /// Sessions subscribed on the current connection.
+    live: HashSet<SessionId>,
+    /// Per wanted session: the newest id delivered here (or, before the
+    /// first, where the session's stream stood when it was subscribed).
+    cursors: HashMap<SessionId, EventId>,
+    /// Sessions whose subscription may need to change.
+    dirty: HashSet<SessionId>,
+    /// Subscribers waiting for their session's channel to be confirmed.
+    waiters: HashMap<SessionId, Vec<oneshot::Sender<()>>>,
+}
+
+impl Interest {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // Every critical section leaves the state consistent.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Longest wait between reconnect attempts.
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+impl Inner {
+    /// Registers interest in `session` now; the future resolves once its
+    /// channel is subscribed.
+    pub(super) fn want(
+        &self,
+        session: &SessionId,
+        generation: u64,
+    ) -> BoxFuture<'static, Result<(), BrokerError>> {
+        if let Err(e) = self.check_open() {
+            return futures::future::ready(Err(e)).boxed();
+        }
+        let rx = {
+            let mut st = self.interest.lock();
+            let current = st.wanted.entry(session.clone()).or_insert(generation);
+            *current = (*current).max(generation);
+            if st.live.contains(session) {
+                None
+            } else {
+                if !self.counters.connected.load(Ordering::Relaxed) {
+                    // Subscribed only after a reconnect: catch up from now.
+                    let now = self.local.next_id();
+                    st.cursors.entry(session.clone()).or_insert(now);
+                }
+                let (tx, rx) = oneshot::channel();
+                st.waiters.entry(session.clone()).or_default().push(tx);
+                st.dirty.insert(session.clone());
+                Some(rx)
+            }
+        };
+        self.interest.changed.notify_one();
+        async move {
+            let Some(rx) = rx else { return Ok(()) };
+            match tokio::time::timeout(RESPONSE_TIMEOUT * 2, rx).await {
+                // A dropped waiter means the session was given up meanwhile.
+                Ok(_) => Ok(()),
+                Err(_) => Err(BrokerError::Unavailable(
+                    "the session's channel was not confirmed in time".into(),
+                )),
+            }
+        }
+        .boxed()
+    }
+
+    /// Withdraws interest in `session`, unless a newer generation wants it.
+    pub(super) fn unwant(&self, session: &SessionId, generation: u64) {
+        {
+            let mut st = self.interest.lock();
+            if st.wanted.get(session) != Some(&generation) {
+                return;
+            }
+            st.wanted.remove(session);
+            st.waiters.remove(session);
+            st.dirty.insert(session.clone());
+        }
+        self.interest.changed.notify_one();
+    }
+
+    /// The subscriber task: one dedicated Pub/Sub connection, re-established
+    /// with capped exponential backoff until the broker shuts down.
+    pub(super) async fn run_subscriber(self: Arc<Self>) {
+        let mut delay = Duration::from_millis(100);
+        let mut down_logged = false;
+        loop {
+            if self.cancel.is_cancelled() {
+                return;
+            }
+            match self.open_subscriber().await {
+                Ok((mut sink, mut stream)) => {
+                    delay = Duration::from_millis(100);
+                    if down_logged {
+                        tracing::info!(backend = "redis", "subscriber reconnected");
+                    }
+                    self.counters.connected.store(true, Ordering::Relaxed);
+                    self.counters.connects.fetch_add(1, Ordering::Relaxed);
+                    let stop = self.pump(&mut sink, &mut stream).await;
+                    self.counters.connected.store(false, Ordering::Relaxed);
+                    self.interest.lock().live.clear();
+                    self.counters.subscribed.store(0, Ordering::Relaxed);
+                    if stop {
+                        return;
+                    }
+                    tracing::warn!(
+                        backend = "redis",
+                        "subscriber connection lost; reconnecting"
+                    );
+                    down_logged = true;
+                }
+                Err(e) => {
+                    if !down_logged {
+                        tracing::warn!(backend = "redis", error = %e, "cannot open the subscriber connection; retrying");
+                        down_logged = true;
+                    }
+                }
+            }
+            tokio::select! {
+                () = self.cancel.cancelled() => return,
+                () = tokio::time::sleep(delay) => {}
+            }
+            delay = (delay * 2).min(MAX_BACKOFF);
+        }
+    }
+
+    /// Connects, subscribes the broadcast channel and every wanted session,
+    /// and catches up what each missed while the connection was down.
+    async fn open_subscriber(&self) -> Result<(PubSubSink, PubSubStream), String> {
+        let pubsub = tokio::time::timeout(CONNECT_TIMEOUT, self.redis.client().get_async_pubsub())
+            .await
+            .map_err(|_| "connect timed out".to_owned())?
+            .map_err(|e| e.to_string())?;
+        let (mut sink, stream) = pubsub.split();
+        let sessions: Vec<SessionId> = {
+            let mut st = self.interest.lock();
+            let State {
+                wanted, cursors, ..
+            } = &mut *st;
+            cursors.retain(|s, _| wanted.contains_key(s));
+            wanted.keys().cloned().collect()
+        };
+        let mut channels: Vec<String> = sessions.iter().map(|s| self.keys.channel(s)).collect();
+        channels.push(self.keys.broadcast.clone());
+        tokio::time::timeout(RESPONSE_TIMEOUT * 5, sink.subscribe(&channels))
+            .await
+            .map_err(|_| "subscribe timed out".to_owned())?
+            .map_err(|e| e.to_string())?;
+        // Messages from here on wait in `stream` while the catch-up reads
+        // what was missed; the cursors drop the overlap.
+        for session in &sessions {
+            self.confirmed(session).await;
+        }
+        Ok((sink, stream))
+    }
+
+    /// A session's channel is subscribed: catch up from its cursor (a
+    /// reconnect), or start the cursor at the stream's newest id.
+    async fn confirmed(&self, session: &SessionId) {
+        let cursor = self.interest.lock().cursors.get(session).copied();
+        match cursor {
+            Some(from) => self.catch_up(session, from).await,
+            None => {
+                // Everything after the stream's top arrives on the channel,
+                // which was confirmed before this read. Without an answer,
+                // this process's clock is the best guess of "now".
+                let top = match self.stream_top(session).await {
+                    Ok(top) => top,
+                    Err(_) => self.local.next_id(),
+                };
+                let mut st = self.interest.lock();
+                st.cursors.entry(session.clone()).or_insert(top);
+            }
+        }
+        let mut st = self.interest.lock();
+        if st.wanted.contains_key(session) {
+            st.live.insert(session.clone());
+        }
+        for waiter in st.waiters.remove(session).unwrap_or_default() {
+            let _ = waiter.send(());
+        }
+        self.counters
+            .subscribed
+            .store(st.live.len() as u64, Ordering::Relaxed);
+    }
+
+    /// Delivers what the session's stream holds after `from`, in order.
+    async fn catch_up(&self, session: &SessionId, from: EventId) {
+        let mut next = from.successor();
+        while let Some(start) = next.take() {
+            let reply = match self.range(session, start, PAGE).await {
+                Ok(reply) => reply,
+                Err(e) => {
+                    tracing::warn!(backend = "redis", session = %session, error = %e, "catch-up read failed");
+                    return;
+                }
+            };
+            for entry in &reply.ids {
+                if let Some(e) = self.entry(entry) {
+                    let id = e.frame.id;
+                    if self.deliver(session, e.node == self.settings.node_id, e.held, e.frame) {
+                        self.counters.caught_up.fetch_add(1, Ordering::Relaxed);
+                    }
+                    next = id.successor();
+                }
+            }
+            if reply.ids.len() < PAGE {
+                return;
+            }
+        }
+    }
+
+    /// Reads messages until the connection ends (false) or shutdown (true),
+    /// applying interest changes as they come.
+    async fn pump(&self, sink: &mut PubSubSink, stream: &mut PubSubStream) -> bool {
+        loop {
+            // Changes registered before this point are applied first.
+            if !self.reconcile(sink).await {
+                return false;
+            }
+            tokio::select! {
+                () = self.cancel.cancelled() => return true,
+                () = self.interest.changed.notified() => {}
+                msg = stream.next() => match msg {
+                    Some(msg) => self.handle(&msg),
+                    None => return false,
+                },
+            }
+        }
+    }
+
+    /// Brings the connection's channels in line with what is wanted. False
+    /// if the connection failed.
+    async fn reconcile(&self, sink: &mut PubSubSink) -> bool {
+        let changes: Vec<(SessionId, bool)> = {
+            let mut st = self.interest.lock();
+            let dirty: Vec<SessionId> = st.dirty.drain().collect();
+            dirty
+                .into_iter()
+                .filter_map(|s| {
+                    let want = st.wanted.contains_key(&s);
+                    (want != st.live.contains(&s)).then_some((s, want))
+                })
+                .collect()
+        };
+        for (session, want) in changes {
+            let channel = self.keys.channel(&session);
+            let result = if want {
+                tokio::time::timeout(RESPONSE_TIMEOUT, sink.subscribe(&channel)).await
+            } else {
+                tokio::time::timeout(RESPONSE_TIMEOUT, sink.unsubscribe(&channel)).await
+            };
+            if !matches!(result, Ok(Ok(()))) {
+                tracing::warn!(
+                    backend = "redis",
+                    channel,
+                    "subscription change failed; reconnecting"
+                );
+                // Still dirty: the next connection subscribes what is wanted.
+                self.interest.lock().dirty.insert(session);
+                return false;
+            }
+            if want {
+                self.confirmed(&session).await;
+            } else {
+                let mut st = self.interest.lock();
+                st.live.remove(&session);
+                if !st.wanted.contains_key(&session) {
+                    st.cursors.remove(&session);
+                } else {
+                    // Wanted again meanwhile: subscribe it on the next round.
+                    st.dirty.insert(session);
+                }
+                self.counters
+                    .subscribed
+                    .store(st.live.len() as u64, Ordering::Relaxed);
+            }
+        }
+        true
+    }
+
+    fn handle(&self, msg: &redis::Msg) {
+        let channel = msg.get_channel_name();
+        let payload = msg.get_payload_bytes();
+        self.counters.messages_in.fetch_add(1, Ordering::Relaxed);
+        self.counters
+            .bytes_in
+            .fetch_add((channel.len() + payload.len()) as u64, Ordering::Relaxed);
+        let target = if channel == self.keys.broadcast {
+            None
+        } else {
+            match channel
+                .strip_prefix(&self.keys.session_prefix)
+                .and_then(|id| SessionId::parse(id).ok())
+            {
+                Some(session) => Some(session),
+                None => {
+                    self.counters.malformed.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(
+                        backend = "redis",
+                        channel,
+                        "message on an unexpected channel dropped"
+                    );
+                    return;
+                }
+            }
+        };
+        let env = match envelope::decode(payload) {
+            Ok(env) => env,
+            Err(DecodeError::ForeignVersion(v)) => {
+                self.counters.foreign.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(backend = "redis", channel, version = ?v, "message of another protocol version dropped");
+                return;
+            }
+            Err(e) => {
+                self.counters.malformed.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(backend = "redis", channel, error = %e, "malformed message dropped");
+                return;
+            }
+        };
+        let own = env.node == self.settings.node_id;
+        match target {
+            Some(session) => {
+                let frame = sse::frame(env.id, &env.event_type, &env.data);
+                self.deliver(&session, own, env.held, frame);
+            }
+            None => {
+                if env.held && own {
+                    return;
+                }
+                (self.handler)(Target::All, sse::announcement(&env.event_type, &env.data));
+            }
+        }
+    }
+
+    /// Hands a session's event to the handler unless it is a repeat (at or
+    /// before the cursor) or an outbox event of this instance (delivered
+    /// when it was held). Returns whether it was new.
+    fn deliver(&self, session: &SessionId, own: bool, held: bool, frame: Frame) -> bool {
+        {
+            let mut st = self.interest.lock();
+            match st.cursors.get_mut(session) {
+                // Not subscribed (any more): nobody here wants it.
+                None => return false,
+                Some(cursor) if frame.id <= *cursor => {
+                    drop(st);
+                    self.counters.duplicates.fetch_add(1, Ordering::Relaxed);
+                    return false;
+                }
+                Some(cursor) => *cursor = frame.id,
+            }
+        }
+        self.local.observe(frame.id);
+        if own && held {
+            return true;
+        }
+        let counter = if own {
+            &self.counters.own_received
+        } else {
+            &self.counters.received
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        (self.handler)(Target::Session(session), frame);
+        true
+    }
+}

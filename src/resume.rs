@@ -1,0 +1,132 @@
+//! [`open_stream`]: the resume protocol as one call, so an application gets
+//! `Last-Event-ID` resume without copying a server's stream handler.
+//!
+//! 1. Subscribe first: every event published from here on reaches the
+//!    subscription.
+//! 2. Then read history after the client's id (or, for a fresh client, the
+//!    session's position): every event after the id is in the replay, the
+//!    subscription, or both.
+//! 3. Send `retry:`, then `connected` carrying the stream's position as its
+//!    `id:`, then the replay, then live events; live events at or before the
+//!    last replayed id are dropped (no gap, no duplicate at the seam).
+//! 4. If history cannot prove it holds everything after the id, send
+//!    `reset` instead of the replay, carrying the newest id held (`0-0` when
+//!    nothing is), and go live from there.
+
+use bytes::BytesMut;
+use serde_json::{json, Map, Value};
+
+use crate::broadcaster::{BroadcastError, Broadcaster};
+use crate::event::{EventId, EventType, OutgoingEvent, SessionId};
+use crate::sse::{encode_event, encode_retry};
+use crate::stream::{CloseSignal, SseStream};
+
+/// How a stream opened by [`open_stream`] behaves.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct StreamOptions {
+    /// Interval of comment heartbeats.
+    pub heartbeat: std::time::Duration,
+    /// The `retry:` hint sent first.
+    pub retry: std::time::Duration,
+    /// When and how the stream ends on shutdown.
+    pub close: CloseSignal,
+    /// Extra fields of the `connected` event (besides `session_id`).
+    pub connected: Map<String, Value>,
+}
+
+impl StreamOptions {
+    pub fn new(close: CloseSignal) -> Self {
+        Self {
+            heartbeat: std::time::Duration::from_secs(15),
+            retry: std::time::Duration::from_secs(2),
+            close,
+            connected: Map::new(),
+        }
+    }
+}
+
+/// What [`open_stream`] did with the client's `Last-Event-ID`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ResumeOutcome {
+    /// No id: the stream starts at the session's position.
+    Fresh { position: EventId },
+    /// History held everything after the id; `replayed` events precede the
+    /// live ones.
+    Resumed { replayed: usize },
+    /// History could not vouch for the id: the stream starts with `reset`.
+    Reset {
+        last_event_id: EventId,
+        oldest: Option<EventId>,
+        /// The id the `reset` carries: where the client stands now.
+        position: EventId,
+    },
+}
+
+/// Opens the SSE body for `session`. See the module docs.
+pub async fn open_stream(
+    broadcaster: &dyn Broadcaster,
+    session: &SessionId,
+    last_event_id: Option<EventId>,
+    options: StreamOptions,
+) -> Result<(SseStream, ResumeOutcome), BroadcastError> {
+    let subscription = broadcaster.subscribe(session).await?;
+    let (position, replay) = match last_event_id {
+        Some(after) => (after, Some(broadcaster.replay(session, after).await)),
+        None => (broadcaster.position(session).await, None),
+    };
+
+    let mut fields = options.connected;
+    fields.insert("session_id".into(), Value::from(session.as_str()));
+    let connected = OutgoingEvent::json(EventType::from_static("connected"), &fields);
+    let mut prelude = BytesMut::new();
+    prelude.extend_from_slice(&encode_retry(options.retry));
+    prelude.extend_from_slice(&encode_event(
+        Some(position),
+        &connected.event_type,
+        &connected.data,
+    ));
+    let body = SseStream::new(
+        prelude.freeze(),
+        subscription,
+        options.heartbeat,
+        options.close,
+    )
+    .positioned(position);
+
+    let Some(replay) = replay else {
+        return Ok((body, ResumeOutcome::Fresh { position }));
+    };
+    if replay.complete() {
+        let replayed = replay.frames.len();
+        return Ok((
+            body.resume(replay.frames),
+            ResumeOutcome::Resumed { replayed },
+        ));
+    }
+    // The reset moves the client to the newest id held, so its next
+    // reconnect resumes from a point history can vouch for.
+    let now = match replay.newest {
+        Some(newest) => newest,
+        None => broadcaster.position(session).await,
+    };
+    let reset = OutgoingEvent::json(
+        EventType::from_static("reset"),
+        &json!({
+            "last_event_id": position.to_string(),
+            "oldest_id": replay.oldest.map(|id| id.to_string()),
+        }),
+    );
+    let body = body
+        .reset(encode_event(Some(now), &reset.event_type, &reset.data))
+        .positioned(now);
+    Ok((
+        body,
+        ResumeOutcome::Reset {
+            last_event_id: position,
+            oldest: replay.oldest,
+            position: now,
+        },
+    ))
+}
