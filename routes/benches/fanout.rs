@@ -959,6 +959,23 @@ fn plot(
     Ok(())
 }
 
+/// Today's UTC date, `YYYY-MM-DD` (days-to-civil, proleptic Gregorian).
+fn today() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs()) as i64;
+    let z = secs.div_euclid(86_400) + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!("{year:04}-{month:02}-{day:02}")
+}
+
 fn main() {
     // Both ends of every stream live on this machine: the load generator
     // needs one socket per stream too.
@@ -1023,7 +1040,7 @@ fn main() {
     let dir = opts.out.clone();
     std::fs::create_dir_all(&dir).expect("create docs/bench");
     let results = json!({
-        "date": "2026-11-23",
+        "date": today(),
         "command": "cargo bench -p sse-scale-server --bench fanout",
         "options": opts.to_json(),
         "machine": machine(),

@@ -24,7 +24,7 @@ use super::history::PAGE;
 use super::Inner;
 use crate::broker::{BrokerError, Target};
 use crate::event::{EventId, Frame, SessionId};
-use crate::redis_client::{CONNECT_TIMEOUT, RESPONSE_TIMEOUT};
+use crate::redis_client::{CallError, CONNECT_TIMEOUT, RESPONSE_TIMEOUT};
 use crate::sse;
 
 /// What this instance wants from the subscriber connection.
@@ -43,7 +43,12 @@ struct State {
     live: HashSet<SessionId>,
     /// Per wanted session: the newest id delivered here (or, before the
     /// first, where the session's stream stood when it was subscribed).
+    /// Exact: a message at or before it is a repeat.
     cursors: HashMap<SessionId, EventId>,
+    /// Sessions wanted while the connection was down: where their catch-up
+    /// starts once it is back (an estimate of "when it was wanted", so it
+    /// is never used to drop a message).
+    floors: HashMap<SessionId, EventId>,
     /// Sessions whose subscription may need to change.
     dirty: HashSet<SessionId>,
     /// Subscribers waiting for their session's channel to be confirmed.
@@ -56,6 +61,10 @@ impl Interest {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
+
+/// How far before "now" the catch-up of a session wanted while the
+/// connection was down starts.
+const FLOOR_MARGIN_MS: u64 = 2_000;
 
 /// Longest wait between reconnect attempts.
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
@@ -78,10 +87,17 @@ impl Inner {
             if st.live.contains(session) {
                 None
             } else {
-                if !self.counters.connected.load(Ordering::Relaxed) {
-                    // Subscribed only after a reconnect: catch up from now.
+                if !self.counters.connected.load(Ordering::Relaxed)
+                    && !st.cursors.contains_key(session)
+                {
+                    // Subscribed only after a reconnect: catch up from
+                    // shortly before now (instance clocks differ a little).
                     let now = self.local.next_id();
-                    st.cursors.entry(session.clone()).or_insert(now);
+                    let floor = EventId {
+                        ms: now.ms.saturating_sub(FLOOR_MARGIN_MS),
+                        seq: 0,
+                    };
+                    st.floors.entry(session.clone()).or_insert(floor);
                 }
                 let (tx, rx) = oneshot::channel();
                 st.waiters.entry(session.clone()).or_default().push(tx);
@@ -173,9 +189,13 @@ impl Inner {
         let sessions: Vec<SessionId> = {
             let mut st = self.interest.lock();
             let State {
-                wanted, cursors, ..
+                wanted,
+                cursors,
+                floors,
+                ..
             } = &mut *st;
             cursors.retain(|s, _| wanted.contains_key(s));
+            floors.retain(|s, _| wanted.contains_key(s));
             wanted.keys().cloned().collect()
         };
         let mut channels: Vec<String> = sessions.iter().map(|s| self.keys.channel(s)).collect();
@@ -185,34 +205,44 @@ impl Inner {
             .map_err(|_| "subscribe timed out".to_owned())?
             .map_err(|e| e.to_string())?;
         // Messages from here on wait in `stream` while the catch-up reads
-        // what was missed; the cursors drop the overlap.
+        // what was missed; the cursors drop the overlap. A catch-up that
+        // cannot read gives this connection up: the next one catches up
+        // from the same cursors, so nothing is skipped.
         for session in &sessions {
-            self.confirmed(session).await;
+            self.confirmed(session)
+                .await
+                .map_err(|e| format!("catch-up failed: {e}"))?;
         }
         Ok((sink, stream))
     }
 
     /// A session's channel is subscribed: catch up from its cursor (a
     /// reconnect), or start the cursor at the stream's newest id.
-    async fn confirmed(&self, session: &SessionId) {
-        let cursor = self.interest.lock().cursors.get(session).copied();
-        match cursor {
-            Some(from) => self.catch_up(session, from).await,
-            None => {
+    async fn confirmed(&self, session: &SessionId) -> Result<(), CallError> {
+        let (cursor, floor) = {
+            let mut st = self.interest.lock();
+            (st.cursors.get(session).copied(), st.floors.remove(session))
+        };
+        match (cursor, floor) {
+            (Some(from), _) => self.catch_up(session, from).await?,
+            (None, Some(floor)) => {
+                self.interest.lock().cursors.insert(session.clone(), floor);
+                self.catch_up(session, floor).await?;
+            }
+            (None, None) => {
                 // Everything after the stream's top arrives on the channel,
-                // which was confirmed before this read. Without an answer,
-                // this process's clock is the best guess of "now".
-                let top = match self.stream_top(session).await {
-                    Ok(top) => top,
-                    Err(_) => self.local.next_id(),
-                };
-                let mut st = self.interest.lock();
-                st.cursors.entry(session.clone()).or_insert(top);
+                // which was confirmed before this read.
+                let top = self.stream_top(session).await?;
+                self.interest.lock().cursors.insert(session.clone(), top);
             }
         }
         let mut st = self.interest.lock();
-        if st.wanted.contains_key(session) {
-            st.live.insert(session.clone());
+        // Subscribed on the connection whatever happened meanwhile; given up
+        // since, it is unsubscribed on the next round.
+        st.live.insert(session.clone());
+        let given_up = !st.wanted.contains_key(session);
+        if given_up {
+            st.dirty.insert(session.clone());
         }
         for waiter in st.waiters.remove(session).unwrap_or_default() {
             let _ = waiter.send(());
@@ -220,19 +250,20 @@ impl Inner {
         self.counters
             .subscribed
             .store(st.live.len() as u64, Ordering::Relaxed);
+        drop(st);
+        if given_up {
+            self.interest.changed.notify_one();
+        }
+        Ok(())
     }
 
     /// Delivers what the session's stream holds after `from`, in order.
-    async fn catch_up(&self, session: &SessionId, from: EventId) {
+    async fn catch_up(&self, session: &SessionId, from: EventId) -> Result<(), CallError> {
         let mut next = from.successor();
         while let Some(start) = next.take() {
-            let reply = match self.range(session, start, PAGE).await {
-                Ok(reply) => reply,
-                Err(e) => {
-                    tracing::warn!(backend = "redis", session = %session, error = %e, "catch-up read failed");
-                    return;
-                }
-            };
+            let reply = self.range(session, start, PAGE).await.inspect_err(|e| {
+                tracing::warn!(backend = "redis", session = %session, error = %e, "catch-up read failed");
+            })?;
             for entry in &reply.ids {
                 if let Some(e) = self.entry(entry) {
                     let id = e.frame.id;
@@ -243,9 +274,10 @@ impl Inner {
                 }
             }
             if reply.ids.len() < PAGE {
-                return;
+                break;
             }
         }
+        Ok(())
     }
 
     /// Reads messages until the connection ends (false) or shutdown (true),
@@ -299,7 +331,10 @@ impl Inner {
                 return false;
             }
             if want {
-                self.confirmed(&session).await;
+                if self.confirmed(&session).await.is_err() {
+                    self.interest.lock().dirty.insert(session);
+                    return false;
+                }
             } else {
                 let mut st = self.interest.lock();
                 st.live.remove(&session);
