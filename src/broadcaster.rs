@@ -35,6 +35,9 @@ pub struct BroadcasterStats {
     pub subscribers: usize,
     /// Events published through this instance.
     pub published: u64,
+    /// Late events answered with a `reset` instead of being delivered out
+    /// of order (see [`crate::hub`]).
+    pub order_resets: u64,
     /// Sessions with in-process history (for resume) and its size.
     pub history_sessions: usize,
     pub history_bytes: usize,

@@ -152,9 +152,11 @@ impl Fanout {
         let here = self.local.newest(session).unwrap_or_default();
         match remote.position(session).await {
             Ok(top) => top.max(here),
-            // An id past everything seen here: a later resume from it is
-            // answered honestly (with a reset if nothing vouches for it).
-            Err(_) => self.local.next_id(),
+            // Not a made-up "now": the stream's filter would drop live
+            // events of instances whose clocks run behind. A later resume
+            // from here is answered honestly (a reset unless a history
+            // vouches for it).
+            Err(_) => here,
         }
     }
 }
@@ -257,6 +259,7 @@ impl Broadcaster for Fanout {
             sessions: self.hub.session_count(),
             subscribers: self.hub.subscriber_count(),
             published: self.published.load(Ordering::Relaxed),
+            order_resets: self.hub.order_resets(),
             history_sessions,
             history_bytes,
             redis: self.remote.as_ref().map(|r| r.stats()),

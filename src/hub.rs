@@ -16,12 +16,20 @@
 //! (an unsubscribe for an older generation is stale), so the hub never calls
 //! out while holding its lock.
 //!
+//! **Order.** The hub remembers the newest id it delivered per session. A
+//! repeat of it is dropped; an older id arriving late (events of one session
+//! published through two paths that do not share an order: a flag flip on
+//! one instance, or two instances publishing through a full Redis outage)
+//! is not delivered out of order: the session's streams get a `reset`
+//! instead, carrying the newest id, so their clients reload their state
+//! rather than silently keep a gap. Counted as `order_resets`.
+//!
 //! The map is behind a `std::sync::Mutex`: it is never held across an
 //! `.await`, and the critical sections are a hash lookup and a channel send.
 
 use std::collections::HashMap;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::task::{Context, Poll};
 
@@ -30,7 +38,8 @@ use tokio::sync::broadcast;
 use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
 use tokio_stream::wrappers::BroadcastStream;
 
-use crate::event::{Frame, SessionId};
+use crate::event::{EventId, Frame, SessionId};
+use crate::sse;
 
 /// Default length of each session's queue (events a subscriber may fall
 /// behind before it is cut).
@@ -56,6 +65,7 @@ struct Inner {
     queue: usize,
     closed: AtomicBool,
     subscribers: AtomicUsize,
+    order_resets: AtomicU64,
     on_vacated: OnceLock<OnVacated>,
 }
 
@@ -68,6 +78,8 @@ struct Map {
 struct Slot {
     tx: broadcast::Sender<Frame>,
     generation: u64,
+    /// The newest id delivered to this session here.
+    last: EventId,
 }
 
 /// What [`Hub::subscribe`] hands back.
@@ -96,6 +108,7 @@ impl Hub {
                 queue: queue.max(1),
                 closed: AtomicBool::new(false),
                 subscribers: AtomicUsize::new(0),
+                order_resets: AtomicU64::new(0),
                 on_vacated: OnceLock::new(),
             }),
         }
@@ -121,7 +134,14 @@ impl Hub {
                 map.next_generation += 1;
                 let generation = map.next_generation;
                 let (tx, rx) = broadcast::channel(self.inner.queue);
-                map.slots.insert(session.clone(), Slot { tx, generation });
+                map.slots.insert(
+                    session.clone(),
+                    Slot {
+                        tx,
+                        generation,
+                        last: EventId::ZERO,
+                    },
+                );
                 (rx, generation, true)
             }
         };
@@ -138,14 +158,32 @@ impl Hub {
         })
     }
 
-    /// Delivers `frame` to this instance's subscribers of `session`. Returns
-    /// whether the session had any.
+    /// Delivers `frame` to this instance's subscribers of `session`, in id
+    /// order (see the module docs). Returns whether the session had any.
     pub fn deliver(&self, session: &SessionId, frame: Frame) -> bool {
-        match self.inner.lock().slots.get(session) {
-            // An error only means every receiver left since the lookup.
-            Some(slot) => slot.tx.send(frame).is_ok(),
-            None => false,
-        }
+        let mut map = self.inner.lock();
+        let Some(slot) = map.slots.get_mut(session) else {
+            return false;
+        };
+        let frame = if frame.id == EventId::ZERO || frame.id > slot.last {
+            if frame.id != EventId::ZERO {
+                slot.last = frame.id;
+            }
+            frame
+        } else if frame.id == slot.last {
+            return true;
+        } else {
+            self.inner.order_resets.fetch_add(1, Ordering::Relaxed);
+            sse::order_reset(slot.last, frame.id)
+        };
+        // An error only means every receiver left since the lookup.
+        slot.tx.send(frame).is_ok()
+    }
+
+    /// Late events answered with a `reset` instead of being delivered out
+    /// of order.
+    pub fn order_resets(&self) -> u64 {
+        self.inner.order_resets.load(Ordering::Relaxed)
     }
 
     /// Delivers `frame` to every session with subscribers here.
@@ -329,6 +367,22 @@ mod tests {
         hub.deliver_all(&f(7));
         assert_eq!(other.next().await.unwrap().unwrap().id.ms, 7);
         assert_eq!(a.next().await.unwrap().unwrap().id.ms, 7);
+    }
+
+    #[tokio::test]
+    async fn a_late_older_id_becomes_a_reset_and_a_repeat_is_dropped() {
+        let hub = Hub::default();
+        let mut a = hub.subscribe(&s("x")).unwrap().subscription;
+        hub.deliver(&s("x"), f(5));
+        hub.deliver(&s("x"), f(5));
+        hub.deliver(&s("x"), f(3));
+        hub.deliver(&s("x"), f(6));
+        assert_eq!(a.next().await.unwrap().unwrap().id.ms, 5);
+        let reset = a.next().await.unwrap().unwrap();
+        assert_eq!(reset.id, EventId::ZERO, "never filtered as a repeat");
+        assert!(reset.bytes.starts_with(b"id: 5-0\nevent: reset\n"));
+        assert_eq!(a.next().await.unwrap().unwrap().id.ms, 6);
+        assert_eq!(hub.order_resets(), 1);
     }
 
     #[tokio::test]

@@ -36,6 +36,19 @@ pub fn announcement(event_type: &EventType, data: &str) -> Frame {
     }
 }
 
+/// The `reset` a hub sends when an event of a session arrives after a newer
+/// one (see [`crate::hub`]): it moves the client to `newest`, and says which
+/// id came late. Its frame id is `0-0` so no stream takes it for a repeat.
+pub fn order_reset(newest: EventId, late: EventId) -> Frame {
+    let data = format!(
+        "{{\"last_event_id\":\"{newest}\",\"oldest_id\":null,\"late_id\":\"{late}\",\"reason\":\"out_of_order\"}}"
+    );
+    Frame {
+        id: EventId::ZERO,
+        bytes: encode_event(Some(newest), &EventType::from_static("reset"), &data),
+    }
+}
+
 /// The length [`encode_event`] would produce for an event with an id,
 /// without building it: what a size limit on events must count (a payload
 /// of many short lines grows by a `data: ` prefix per line).

@@ -50,6 +50,7 @@ pub async fn stats(State(state): State<Arc<AppState>>) -> Json<serde_json::Value
         "stalled_writes_cut": state.stalled_writes_cut.load(Ordering::Relaxed),
         "resumes": state.resumes.load(Ordering::Relaxed),
         "resets": state.resets.load(Ordering::Relaxed),
+        "order_resets": b.order_resets,
         "history": { "sessions": b.history_sessions, "bytes": b.history_bytes },
         "pipeline_runs": state.runs.len(),
         "draining": state.is_draining(),

@@ -123,7 +123,7 @@ struct Inner {
     handler: Handler,
     script: redis::Script,
     outbox: outbox::Outbox,
-    interest: subscriber::Interest,
+    interest: Arc<subscriber::Interest>,
     /// Set while publishing to Redis fails, so an outage is logged once.
     publish_outage: AtomicBool,
     counters: Counters,
@@ -200,7 +200,7 @@ impl RedisBroker {
             local,
             handler,
             script: redis::Script::new(publish::PUBLISH_SCRIPT),
-            interest: subscriber::Interest::default(),
+            interest: Arc::default(),
             publish_outage: AtomicBool::new(false),
             counters: Counters::default(),
             closed: AtomicBool::new(false),
@@ -331,7 +331,7 @@ impl Broker for RedisBroker {
             inner.closed.store(true, Ordering::Release);
             // Events still waiting for Redis get one last chance. The flush
             // holds the outbox's flush lock, so it never races the flusher.
-            let flushed = tokio::time::timeout(SHUTDOWN_FLUSH, inner.flush()).await;
+            let flushed = tokio::time::timeout(SHUTDOWN_FLUSH, inner.flush_all()).await;
             let left = inner.outbox.len();
             if left > 0 || flushed.is_err() {
                 tracing::warn!(

@@ -4,7 +4,7 @@
 //! get them late rather than never.
 
 use std::collections::VecDeque;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -20,6 +20,10 @@ const FLUSH_BATCH: usize = 256;
 /// How often a flush is retried while Redis is away.
 const RETRY_EVERY: Duration = Duration::from_millis(250);
 
+/// Refusals (server error replies) of one outbox event before it is given
+/// up.
+const MAX_REFUSALS: u32 = 5;
+
 pub(super) struct Outbox {
     queue: Mutex<VecDeque<Pending>>,
     max: usize,
@@ -27,6 +31,8 @@ pub(super) struct Outbox {
     /// One flush at a time (the flusher task, or shutdown): two flushers
     /// would publish the same front event twice.
     flushing: tokio::sync::Mutex<()>,
+    /// Server error replies to the front event so far.
+    refusals: AtomicU32,
 }
 
 /// An event delivered locally while Redis was unreachable.
@@ -44,6 +50,7 @@ impl Outbox {
             max,
             notify: Notify::new(),
             flushing: tokio::sync::Mutex::new(()),
+            refusals: AtomicU32::new(0),
         }
     }
 
@@ -95,16 +102,16 @@ impl Inner {
         Ok(id)
     }
 
-    /// Publishes the outbox, oldest first, while Redis answers. Returns
-    /// whether it is empty.
-    pub(super) async fn flush(&self) -> bool {
+    /// Publishes up to a batch of the outbox, oldest first, while Redis
+    /// answers.
+    pub(super) async fn flush(&self) -> Flush {
         let _one = self.outbox.flushing.lock().await;
         for _ in 0..FLUSH_BATCH {
             if !self.redis.is_healthy() {
-                return false;
+                return Flush::Failed;
             }
             let Some(next) = self.outbox.lock().front().cloned() else {
-                return true;
+                return Flush::Empty;
             };
             match self
                 .run_script(&next.session, &next.event, next.id, true)
@@ -113,11 +120,7 @@ impl Inner {
                 Ok(id) => {
                     // Removed only once published, so a publish that sees
                     // the outbox empty comes after every held event.
-                    let left = {
-                        let mut queue = self.outbox.lock();
-                        queue.pop_front();
-                        queue.len()
-                    };
+                    let left = self.pop_front();
                     self.local.observe(id);
                     self.counters.outbox_flushed.fetch_add(1, Ordering::Relaxed);
                     if id != next.id {
@@ -132,20 +135,56 @@ impl Inner {
                             flushed = self.counters.outbox_flushed.load(Ordering::Relaxed),
                             "outbox published to Redis"
                         );
-                        return true;
+                        return Flush::Empty;
                     }
                 }
-                Err(e) => {
+                Err(e) if e.is_outage() => {
                     self.note_outage(&e);
-                    return false;
+                    return Flush::Failed;
+                }
+                Err(e) => {
+                    // Refused by Redis itself (a script error, a key of the
+                    // wrong type, OOM): retried a few times, then given up,
+                    // so one event can never hold every later one back.
+                    let tries = self.outbox.refusals.fetch_add(1, Ordering::Relaxed) + 1;
+                    if tries >= MAX_REFUSALS {
+                        self.pop_front();
+                        self.counters.outbox_dropped.fetch_add(1, Ordering::Relaxed);
+                        tracing::warn!(
+                            backend = "redis",
+                            session = %next.session,
+                            id = %next.id,
+                            error = %e,
+                            "Redis refused an outbox event {MAX_REFUSALS} times; it stays on this instance only"
+                        );
+                    }
+                    return Flush::Failed;
                 }
             }
         }
-        false
+        Flush::More
+    }
+
+    fn pop_front(&self) -> usize {
+        let mut queue = self.outbox.lock();
+        queue.pop_front();
+        self.outbox.refusals.store(0, Ordering::Relaxed);
+        queue.len()
+    }
+
+    /// Flushes until the outbox is empty or Redis stops answering.
+    pub(super) async fn flush_all(&self) -> bool {
+        loop {
+            match self.flush().await {
+                Flush::Empty => return true,
+                Flush::Failed => return false,
+                Flush::More => tokio::task::yield_now().await,
+            }
+        }
     }
 
     /// The outbox task: flushes whenever events are queued, and retries
-    /// while Redis is away.
+    /// every [`RETRY_EVERY`] while Redis is away or refuses.
     pub(super) async fn run_flusher(self: Arc<Self>) {
         loop {
             tokio::select! {
@@ -153,13 +192,18 @@ impl Inner {
                 () = self.outbox.notify.notified() => {}
                 () = tokio::time::sleep(RETRY_EVERY) => {}
             }
-            while !self.flush().await {
-                if !self.redis.is_healthy() || self.cancel.is_cancelled() {
-                    break;
-                }
-                // A full batch went out; let other tasks run, then go on.
-                tokio::task::yield_now().await;
-            }
+            // A failed flush waits for the next round (no busy retry).
+            let _ = self.flush_all().await;
         }
     }
+}
+
+/// How a flush ended.
+pub(super) enum Flush {
+    /// Nothing left.
+    Empty,
+    /// A batch went out; more is waiting.
+    More,
+    /// Redis is away or refused the front event.
+    Failed,
 }

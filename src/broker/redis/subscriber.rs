@@ -45,10 +45,11 @@ struct State {
     /// first, where the session's stream stood when it was subscribed).
     /// Exact: a message at or before it is a repeat.
     cursors: HashMap<SessionId, EventId>,
-    /// Sessions wanted while the connection was down: where their catch-up
-    /// starts once it is back (an estimate of "when it was wanted", so it
-    /// is never used to drop a message).
-    floors: HashMap<SessionId, EventId>,
+    /// Sessions wanted and not yet subscribed: an estimate of "when it was
+    /// wanted", and whether the catch-up must start there — the connection
+    /// was down, or the subscriber stopped waiting — rather than at the
+    /// stream's top. Never used to drop a message.
+    floors: HashMap<SessionId, (EventId, bool)>,
     /// Sessions whose subscription may need to change.
     dirty: HashSet<SessionId>,
     /// Subscribers waiting for their session's channel to be confirmed.
@@ -87,17 +88,16 @@ impl Inner {
             if st.live.contains(session) {
                 None
             } else {
-                if !self.counters.connected.load(Ordering::Relaxed)
-                    && !st.cursors.contains_key(session)
-                {
-                    // Subscribed only after a reconnect: catch up from
-                    // shortly before now (instance clocks differ a little).
+                if !st.cursors.contains_key(session) {
+                    // Shortly before now: instance clocks differ a little.
                     let now = self.local.next_id();
                     let floor = EventId {
                         ms: now.ms.saturating_sub(FLOOR_MARGIN_MS),
                         seq: 0,
                     };
-                    st.floors.entry(session.clone()).or_insert(floor);
+                    let down = !self.counters.connected.load(Ordering::Relaxed);
+                    let entry = st.floors.entry(session.clone()).or_insert((floor, down));
+                    entry.1 |= down;
                 }
                 let (tx, rx) = oneshot::channel();
                 st.waiters.entry(session.clone()).or_default().push(tx);
@@ -106,14 +106,24 @@ impl Inner {
             }
         };
         self.interest.changed.notify_one();
+        let interest = self.interest.clone();
+        let session = session.clone();
         async move {
             let Some(rx) = rx else { return Ok(()) };
             match tokio::time::timeout(RESPONSE_TIMEOUT * 2, rx).await {
                 // A dropped waiter means the session was given up meanwhile.
                 Ok(_) => Ok(()),
-                Err(_) => Err(BrokerError::Unavailable(
-                    "the session's channel was not confirmed in time".into(),
-                )),
+                Err(_) => {
+                    // The stream goes on without the confirmation: once the
+                    // channel is subscribed, catch up from when it was
+                    // wanted, not from the stream's top then.
+                    if let Some(floor) = interest.lock().floors.get_mut(&session) {
+                        floor.1 = true;
+                    }
+                    Err(BrokerError::Unavailable(
+                        "the session's channel was not confirmed in time".into(),
+                    ))
+                }
             }
         }
         .boxed()
@@ -128,6 +138,7 @@ impl Inner {
             }
             st.wanted.remove(session);
             st.waiters.remove(session);
+            st.floors.remove(session);
             st.dirty.insert(session.clone());
         }
         self.interest.changed.notify_one();
@@ -164,6 +175,9 @@ impl Inner {
                     down_logged = true;
                 }
                 Err(e) => {
+                    // Whatever it confirmed before failing is gone with it.
+                    self.interest.lock().live.clear();
+                    self.counters.subscribed.store(0, Ordering::Relaxed);
                     if !down_logged {
                         tracing::warn!(backend = "redis", error = %e, "cannot open the subscriber connection; retrying");
                         down_logged = true;
@@ -196,6 +210,10 @@ impl Inner {
             } = &mut *st;
             cursors.retain(|s, _| wanted.contains_key(s));
             floors.retain(|s, _| wanted.contains_key(s));
+            for (s, floor) in floors.iter_mut() {
+                // Wanted before this connection: catch up from then.
+                floor.1 |= !cursors.contains_key(s);
+            }
             wanted.keys().cloned().collect()
         };
         let mut channels: Vec<String> = sessions.iter().map(|s| self.keys.channel(s)).collect();
@@ -221,19 +239,41 @@ impl Inner {
     async fn confirmed(&self, session: &SessionId) -> Result<(), CallError> {
         let (cursor, floor) = {
             let mut st = self.interest.lock();
-            (st.cursors.get(session).copied(), st.floors.remove(session))
+            let floor = st
+                .floors
+                .remove(session)
+                .and_then(|(f, late)| late.then_some(f));
+            (st.cursors.get(session).copied(), floor)
         };
-        match (cursor, floor) {
-            (Some(from), _) => self.catch_up(session, from).await?,
+        let read = match (cursor, floor) {
+            (Some(from), _) => self.catch_up(session, from).await,
             (None, Some(floor)) => {
                 self.interest.lock().cursors.insert(session.clone(), floor);
-                self.catch_up(session, floor).await?;
+                self.catch_up(session, floor).await
             }
             (None, None) => {
                 // Everything after the stream's top arrives on the channel,
                 // which was confirmed before this read.
-                let top = self.stream_top(session).await?;
-                self.interest.lock().cursors.insert(session.clone(), top);
+                self.stream_top(session).await.map(|top| {
+                    self.interest.lock().cursors.insert(session.clone(), top);
+                })
+            }
+        };
+        match read {
+            Ok(()) => {}
+            // Redis away: the next connection catches up from the same place.
+            Err(e) if e.is_outage() => return Err(e),
+            // Redis refused this session's key (say, of the wrong type): it
+            // must not stop delivery for every other session. Its live
+            // messages still pass.
+            Err(e) => {
+                self.counters.malformed.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(backend = "redis", session = %session, error = %e, "session history unreadable; delivering live messages only");
+                self.interest
+                    .lock()
+                    .cursors
+                    .entry(session.clone())
+                    .or_default();
             }
         }
         let mut st = self.interest.lock();
@@ -265,12 +305,14 @@ impl Inner {
                 tracing::warn!(backend = "redis", session = %session, error = %e, "catch-up read failed");
             })?;
             for entry in &reply.ids {
+                // On past every entry, even one that does not decode.
+                if let Ok(id) = entry.id.parse::<EventId>() {
+                    next = id.successor();
+                }
                 if let Some(e) = self.entry(entry) {
-                    let id = e.frame.id;
                     if self.deliver(session, e.node == self.settings.node_id, e.held, e.frame) {
                         self.counters.caught_up.fetch_add(1, Ordering::Relaxed);
                     }
-                    next = id.successor();
                 }
             }
             if reply.ids.len() < PAGE {
