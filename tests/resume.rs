@@ -752,3 +752,59 @@ async fn channels_are_released_even_when_the_subscriber_reconnects_meanwhile() {
         "the channel was not released after the last close"
     );
 }
+
+// A session whose stream key Redis refuses (here: a key of the wrong type,
+// as a stray writer or a key collision would leave it) must cost that
+// session its cross-instance delivery and nothing more: its publishes are
+// retried a few times and given up (counted), other sessions keep flowing
+// through Redis, and the instance's subscriber keeps serving every other
+// session. Before the fix, the refused event blocked the outbox for good
+// (every later publish of the instance queued behind it) and the flusher
+// retried it in a busy loop.
+#[tokio::test]
+async fn a_session_key_redis_refuses_holds_back_nothing_else() {
+    let redis = RedisServer::start();
+    let a = redis_instance(&redis, "a", true, &[]);
+    let b = redis_instance(&redis, "b", true, &[]);
+    let (bad, bad_token) = new_session(&a).await;
+    let (good, good_token) = new_session(&a).await;
+    let mut conn = redis.conn();
+    let _: () = redis::cmd("SET")
+        .arg(history_key(&bad))
+        .arg("not a stream")
+        .query(&mut conn)
+        .unwrap();
+
+    // Streams of both sessions on B: the refused key must not stop B's
+    // subscriber from serving the good one.
+    let mut bad_on_b = SseClient::open(&b, &bad, &bad_token).await;
+    bad_on_b.expect_connected().await;
+    let mut good_on_b = SseClient::open(&b, &good, &good_token).await;
+    good_on_b.expect_connected().await;
+    wait_subscribed(&b, 2).await;
+
+    // The refused publish still answers 202 (delivered where it was made).
+    publish(&a, &bad, &bad_token, "refused", json!(1)).await;
+    for n in 0..3 {
+        publish(&a, &good, &good_token, "good", json!(n)).await;
+    }
+    for n in 0..3 {
+        let ev = next(&mut good_on_b, T).await;
+        assert_eq!(ev.event.as_deref(), Some("good"), "{}", brief(&ev));
+        assert_eq!(ev.json(), json!(n));
+    }
+    let given_up = eventually(T, || async {
+        let stats = a.stats().await;
+        stats["redis"]["outbox_len"] == 0 && stats["redis"]["outbox_dropped"] == 1
+    })
+    .await;
+    assert!(given_up, "{}", a.stats().await["redis"]);
+    // A is still on Redis: a server error reply is that request's own.
+    let stats = a.stats().await;
+    assert_eq!(stats["rate_limit_fallback_checks"], 0, "{stats}");
+    publish(&a, &good, &good_token, "after", json!("x")).await;
+    let ev = next(&mut good_on_b, T).await;
+    assert_eq!(ev.event.as_deref(), Some("after"), "{}", brief(&ev));
+    // The refused event never reached Redis, so B has nothing of it.
+    bad_on_b.expect_silence(Duration::from_millis(300)).await;
+}
