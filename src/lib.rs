@@ -26,9 +26,13 @@
 //! - `redis` (default): the Redis broker, the Redis control bus, the shared
 //!   Redis client and Redis-backed rate limits.
 //! - `unleash` (default): `FF_REDIS_SSE_BROADCAST` from an Unleash server.
+//! - `axum` (default): the `Last-Event-ID` extractor, the stream response,
+//!   the drain on SIGTERM and the write-stall listener ([`axum`]).
 //!
 //! Without them the crate is the hub, the memory broker and the SSE stream.
 
+#[cfg(feature = "axum")]
+pub mod axum;
 pub mod broadcaster;
 pub mod broker;
 pub mod control;
@@ -41,7 +45,9 @@ pub mod ratelimit;
 #[cfg(feature = "redis")]
 pub mod redis_client;
 pub mod resume;
+pub mod scale;
 pub mod sse;
+pub mod stall;
 pub mod stream;
 pub mod token;
 #[cfg(feature = "unleash")]
@@ -56,5 +62,9 @@ pub use fanout::{Fanout, FanoutSettings};
 #[cfg(feature = "redis")]
 pub use redis_client::SharedRedis;
 pub use resume::{open_stream, ResumeOutcome, StreamOptions};
+pub use scale::{BuildError, Builder, SseScale};
 pub use stream::SseStream;
 pub use token::TokenSigner;
+/// Re-exported: the shutdown signal and task tracker some signatures take.
+pub use tokio_util::sync::CancellationToken;
+pub use tokio_util::task::TaskTracker;

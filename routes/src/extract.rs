@@ -1,5 +1,7 @@
 //! Request extractors: the session-token check every `/sessions/{id}/...`
-//! route goes through, and a JSON body reader whose errors are JSON too.
+//! route goes through, the client's address, and a JSON body reader whose
+//! errors are JSON too. (`Last-Event-ID` comes from the library:
+//! `sse_scale::axum::LastEventId`.)
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -12,11 +14,11 @@ use axum::http::request::Parts;
 use axum::http::StatusCode;
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
-use sse_scale::{EventId, SessionId};
+use sse_scale::SessionId;
 
 use crate::error::AppError;
-use crate::listener::PeerAddr;
 use crate::state::AppState;
+use sse_scale::stall::PeerAddr;
 
 /// A session whose token the request proved it holds.
 ///
@@ -139,52 +141,4 @@ impl<S: Send + Sync, T: DeserializeOwned + Default> FromRequest<S> for JsonOrDef
 fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, AppError> {
     serde_json::from_slice(bytes)
         .map_err(|e| AppError::bad_request("invalid_json", format!("invalid JSON body: {e}")))
-}
-
-/// Where a resuming client left off: the `Last-Event-ID` header (sent by
-/// `EventSource` on every reconnect) or, for clients that cannot set it,
-/// `?last_event_id=`. The header wins: after a reconnect it is newer than
-/// the query string of the original URL.
-#[derive(Debug, Clone, Copy)]
-pub struct LastEventId(pub Option<EventId>);
-
-#[derive(Deserialize)]
-struct LastEventIdQuery {
-    last_event_id: Option<String>,
-}
-
-impl<S: Send + Sync> FromRequestParts<S> for LastEventId {
-    type Rejection = AppError;
-
-    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
-        let header = match parts.headers.get("last-event-id") {
-            Some(v) => Some(
-                v.to_str()
-                    .map(str::to_owned)
-                    .map_err(|_| invalid_last_event_id())?,
-            ),
-            None => None,
-        };
-        let raw = match header {
-            Some(h) => Some(h),
-            None => Query::<LastEventIdQuery>::try_from_uri(&parts.uri)
-                .ok()
-                .and_then(|q| q.0.last_event_id),
-        };
-        match raw.as_deref().map(str::trim) {
-            // An empty id is the spec's "no id": start live.
-            None | Some("") => Ok(LastEventId(None)),
-            Some(raw) => raw
-                .parse()
-                .map(|id| LastEventId(Some(id)))
-                .map_err(|_| invalid_last_event_id()),
-        }
-    }
-}
-
-fn invalid_last_event_id() -> AppError {
-    AppError::bad_request(
-        "invalid_last_event_id",
-        "Last-Event-ID must be an event id this server sent (`<ms>-<seq>`)",
-    )
 }

@@ -22,7 +22,6 @@ pub mod config;
 pub mod error;
 pub mod extract;
 pub mod health;
-pub mod listener;
 pub mod pipeline;
 pub mod runs;
 pub mod serve;

@@ -9,14 +9,9 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
-use sse_scale::control::RedisControlBus;
-use sse_scale::flags::{EnvFlags, FlagSource};
 use sse_scale::ratelimit::RateLimiter;
-use sse_scale::unleash::{UnleashFlags, UnleashSettings};
-use sse_scale::{
-    Broadcaster, ControlBus, Fanout, LoopbackBus, RedisBroker, RedisSettings, SharedRedis,
-    TokenSigner,
-};
+use sse_scale::unleash::UnleashSettings;
+use sse_scale::{SseScale, TokenSigner};
 use sse_scale_server::config::{Adapter, Config};
 use sse_scale_server::state::{AppState, Services};
 use tokio::net::TcpListener;
@@ -85,65 +80,48 @@ async fn run(config: Config) -> anyhow::Result<()> {
     };
     let shutdown = CancellationToken::new();
     let tasks = TaskTracker::new();
-    let node_id = format!("{instance_id}#{:08x}", rand::random::<u32>());
 
-    // One Redis client for the whole process, shared by the rate limiter and
-    // the broadcaster. Its tasks stop after the broadcaster has flushed.
-    let redis_stop = CancellationToken::new();
-    let redis_tasks = TaskTracker::new();
-    let redis = match &config.redis_url {
-        Some(url) => {
-            let redis = SharedRedis::open(url)?;
-            redis.connect(&redis_tasks, redis_stop.clone());
-            Some(redis)
+    // The toolkit, through its public builder: the broadcaster, the control
+    // bus, the flag source and the one Redis client of the process (shared
+    // with the rate limiter).
+    let mut builder = SseScale::builder()
+        .instance_id(&instance_id)
+        .queue(config.sse_client_queue as usize)
+        .history(config.history())
+        .replay_max_bytes(config.replay_max_bytes as usize)
+        .heartbeat(config.heartbeat())
+        .retry(config.retry())
+        .drain_window(config.shutdown_drain());
+    if let Some(on) = config.ff_redis_sse_broadcast {
+        builder = builder.flag(on);
+    }
+    if let Some(url) = &config.redis_url {
+        builder = builder
+            .redis(url)
+            .redis_prefix(&config.redis_prefix)
+            .outbox_max(config.outbox_max as usize);
+        if config.adapter() == Adapter::Memory {
+            builder = builder.local_broadcast();
         }
-        None => None,
-    };
-    let limiter = RateLimiter::new(redis.clone(), &config.redis_prefix);
-    let flags: Arc<dyn FlagSource> = match &config.unleash_url {
-        Some(url) => {
-            let mut settings = UnleashSettings::new(url, &config.unleash_app_name);
-            settings.api_token = config.unleash_api_token.clone();
-            settings.instance_id = config
-                .unleash_instance_id
-                .clone()
-                .unwrap_or_else(|| instance_id.clone());
-            settings.refresh = config.unleash_refresh();
-            settings.env_value = config.ff_redis_sse_broadcast;
-            tracing::info!(%url, refresh_secs = config.unleash_refresh_secs, "flags from Unleash");
-            // The polling task ends with the server's shutdown token.
-            Arc::new(UnleashFlags::start(settings, &tasks, shutdown.clone())?)
-        }
-        None => Arc::new(EnvFlags::new(config.ff_redis_sse_broadcast)),
-    };
-
-    let (broadcaster, control): (Arc<dyn Broadcaster>, Arc<dyn ControlBus>) =
-        match (config.adapter(), &redis) {
-            (Adapter::Redis, Some(redis)) => {
-                let mut settings = RedisSettings::new(&config.redis_prefix, &node_id);
-                settings.outbox_max = config.outbox_max as usize;
-                settings.history = config.history();
-                let fanout =
-                    Fanout::with_remote(config.fanout(), flags.clone(), |local, handler| {
-                        RedisBroker::start(redis.clone(), settings, local, handler)
-                    });
-                let control = RedisControlBus::start(redis.clone(), &config.redis_prefix);
-                (Arc::new(fanout), Arc::new(control))
-            }
-            _ => (
-                Arc::new(Fanout::memory(config.fanout())),
-                Arc::new(LoopbackBus::default()),
-            ),
-        };
-    let control_rx = control.take_receiver();
+    }
+    if let Some(url) = &config.unleash_url {
+        let mut settings = UnleashSettings::new(url, &config.unleash_app_name);
+        settings.api_token = config.unleash_api_token.clone();
+        settings.instance_id = config
+            .unleash_instance_id
+            .clone()
+            .unwrap_or_else(|| instance_id.clone());
+        settings.refresh = config.unleash_refresh();
+        tracing::info!(%url, refresh_secs = config.unleash_refresh_secs, "flags from Unleash");
+        builder = builder.unleash(settings);
+    }
+    let scale = Arc::new(builder.build()?);
+    let limiter = RateLimiter::new(scale.redis().cloned(), &config.redis_prefix);
+    let control_rx = scale.control().take_receiver();
     let services = Services {
-        broadcaster,
-        control,
-        flags,
+        scale,
         limiter,
         signer,
-        instance_id,
-        node_id,
         shutdown,
         tasks,
     };
@@ -186,19 +164,15 @@ async fn run(config: Config) -> anyhow::Result<()> {
     );
     let grace = config.shutdown_grace();
     // The order matters: runs stop and publish their last events while the
-    // broadcaster still takes them; then the outbox is flushed and the
-    // brokers close; the shared Redis client goes last.
+    // broadcaster still takes them; then the toolkit flushes its outbox and
+    // closes its brokers, the control bus and the Redis client.
     let served = async {
         serve.await?;
         tracing::info!("stopped accepting; waiting for runs to finish");
         state.tasks.close();
         state.tasks.wait().await;
         tracing::info!("closing the broadcaster");
-        state.broadcaster.shutdown().await;
-        state.control.shutdown().await;
-        redis_stop.cancel();
-        redis_tasks.close();
-        redis_tasks.wait().await;
+        state.scale.shutdown().await;
         Ok::<(), std::io::Error>(())
     };
     tokio::pin!(served);

@@ -39,7 +39,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower::ServiceExt;
 
-use crate::listener::{PeerAddr, StallGuard};
+use sse_scale::stall::{PeerAddr, StallGuard};
 
 /// Longest request head the stream path parses; bigger heads go to hyper.
 const MAX_HEAD: usize = 8192;

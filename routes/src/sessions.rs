@@ -4,19 +4,19 @@
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use axum::body::Body;
 use axum::extract::State;
-use axum::http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode};
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use axum_extra::extract::cookie::CookieJar;
 use serde::Deserialize;
 use serde_json::{json, value::RawValue};
+use sse_scale::axum::LastEventId;
 use sse_scale::stream::StreamEnd;
-use sse_scale::{open_stream, EventType, OutgoingEvent, ResumeOutcome, SessionId, StreamOptions};
+use sse_scale::{EventType, OutgoingEvent, ResumeOutcome, SessionId};
 
 use crate::error::AppError;
-use crate::extract::{AuthedSession, ClientIp, JsonBody, LastEventId};
+use crate::extract::{AuthedSession, ClientIp, JsonBody};
 use crate::state::AppState;
 
 /// `POST /sessions` → `201 {"id", "token"}`.
@@ -56,15 +56,11 @@ pub async fn stream(
             1,
         ));
     }
-    let guard = OpenStream::try_new(state.clone())?;
-    let mut options = StreamOptions::new(state.close_signal());
-    options.heartbeat = state.heartbeat;
-    options.retry = state.retry;
-    options
-        .connected
-        .insert("instance_id".into(), state.instance_id.clone().into());
-    let (body, outcome) =
-        open_stream(state.broadcaster.as_ref(), &session, resume_from, options).await?;
+    let slot = OpenStream::try_new(state.clone())?;
+    let (response, outcome) = state
+        .scale
+        .respond_with_outcome(&session, resume_from)
+        .await?;
     match outcome {
         ResumeOutcome::Resumed { .. } => {
             state.resumes.fetch_add(1, Ordering::Relaxed);
@@ -79,32 +75,15 @@ pub async fn stream(
         }
         _ => {}
     }
-
     let ended = state.clone();
-    let body = body.on_end(move |why| {
+    let response = response.hold(slot).on_end(move |why| {
         if why == StreamEnd::Lagged {
             ended.slow_consumers_cut.fetch_add(1, Ordering::Relaxed);
             tracing::info!(session = %session, "stream cut: client fell behind its queue");
         }
     });
-    let body = futures::StreamExt::map(body, move |chunk| {
-        let _ = &guard;
-        chunk
-    });
-
     let jar = state.affinity.pin(jar, &headers);
-    let sse_headers = [
-        (
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("text/event-stream"),
-        ),
-        (header::CACHE_CONTROL, HeaderValue::from_static("no-cache")),
-        (
-            HeaderName::from_static("x-accel-buffering"),
-            HeaderValue::from_static("no"),
-        ),
-    ];
-    Ok((sse_headers, jar, Body::from_stream(body)).into_response())
+    Ok((jar, response).into_response())
 }
 
 /// Holds one of the instance's `MAX_STREAMS` slots while a stream lives.

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use sse_scale::flags::FlagSource;
 use sse_scale::ratelimit::{Decision, Limit, RateLimiter};
-use sse_scale::{Broadcaster, ControlBus, OutgoingEvent, SessionId, TokenSigner};
+use sse_scale::{Broadcaster, ControlBus, OutgoingEvent, SessionId, SseScale, TokenSigner};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -19,26 +19,20 @@ use crate::config::Config;
 use crate::error::AppError;
 use crate::runs::Runs;
 
-/// What `main` builds before the state: the chosen broadcaster and the
-/// services around it.
+/// What `main` builds before the state: the toolkit (built through its
+/// public builder, as any application would) and the services around it.
 pub struct Services {
-    pub broadcaster: Arc<dyn Broadcaster>,
-    /// Messages to the instance that owns a pipeline run.
-    pub control: Arc<dyn ControlBus>,
-    pub flags: Arc<dyn FlagSource>,
-    /// Built on the process's shared Redis client when there is one.
+    pub scale: Arc<SseScale>,
+    /// Built on the toolkit's shared Redis client when there is one.
     pub limiter: RateLimiter,
     pub signer: TokenSigner,
-    pub instance_id: String,
-    /// This process's unique name on the Redis wire (instance id plus a
-    /// random suffix, so two processes never take each other's messages as
-    /// their own even if their instance ids collide).
-    pub node_id: String,
     pub shutdown: CancellationToken,
     pub tasks: TaskTracker,
 }
 
 pub struct AppState {
+    /// The toolkit: streams open through it (resume, drain, heartbeats).
+    pub scale: Arc<SseScale>,
     /// The one path every route publishes and subscribes through.
     pub broadcaster: Arc<dyn Broadcaster>,
     pub control: Arc<dyn ControlBus>,
@@ -54,8 +48,6 @@ pub struct AppState {
     pub instance_id: String,
     pub node_id: String,
     pub affinity: Affinity,
-    pub heartbeat: Duration,
-    pub retry: Duration,
     pub max_event_bytes: usize,
     /// Pipeline runs executing on this instance, and the gate relay.
     pub runs: Arc<Runs>,
@@ -90,21 +82,21 @@ pub struct AppState {
 impl AppState {
     pub fn new(config: &Config, services: Services) -> Self {
         let Services {
-            broadcaster,
-            control,
-            flags,
+            scale,
             limiter,
             signer,
-            instance_id,
-            node_id,
             shutdown,
             tasks,
         } = services;
+        let control = scale.control();
+        let node_id = scale.node_id().to_owned();
+        let instance_id = scale.instance_id().to_owned();
         Self {
+            broadcaster: scale.broadcaster(),
+            flags: scale.flags(),
+            scale,
             runs: Arc::new(Runs::new(control.clone(), node_id.clone())),
-            broadcaster,
             control,
-            flags,
             limiter,
             publish_limit: Limit::per_second(config.rate_limit_publish_per_sec),
             stream_limit: Limit::per_minute(config.rate_limit_streams_per_min),
@@ -117,8 +109,6 @@ impl AppState {
             ),
             instance_id,
             node_id,
-            heartbeat: config.heartbeat(),
-            retry: config.retry(),
             max_event_bytes: config.max_event_bytes as usize,
             drain: CancellationToken::new(),
             drain_window: config.shutdown_drain(),
@@ -144,15 +134,7 @@ impl AppState {
     pub fn start_drain(&self) {
         self.draining.store(true, Ordering::Release);
         self.drain.cancel();
-    }
-
-    /// How open streams end on shutdown.
-    pub fn close_signal(&self) -> sse_scale::stream::CloseSignal {
-        sse_scale::stream::CloseSignal {
-            token: self.drain.clone(),
-            window: self.drain_window,
-            retry: self.retry,
-        }
+        self.scale.start_drain();
     }
 
     /// Checks the event's size on the wire (a payload of many short lines

@@ -1,5 +1,5 @@
-//! Connections with a write-stall timeout, and the peer address the
-//! routes read.
+//! Connections with a write-stall timeout, and the peer address routes
+//! read.
 //!
 //! A client that stops reading a stream (a frozen tab, a dead network path
 //! without a reset) fills its socket buffers; the server's writes then never
@@ -7,7 +7,7 @@
 //! there for good. Lagging behind the queue (`SSE_CLIENT_QUEUE`) would cut
 //! it, but that is only noticed when the body is polled again. So the
 //! connection itself fails a write that has been pending for longer than
-//! `SSE_WRITE_TIMEOUT_SECS`: hyper closes it, the stream and its
+//! the limit (`SSE_WRITE_TIMEOUT_SECS` in the reference server): hyper closes it, the stream and its
 //! subscription are dropped, and memory is released. The client resumes by
 //! `Last-Event-ID` when it comes back.
 
@@ -25,7 +25,7 @@ use tokio::net::TcpStream;
 use tokio::time::Sleep;
 
 /// The peer address of a connection, in the request's extensions as
-/// `ConnectInfo<PeerAddr>` (set by [`crate::serve`]).
+/// `ConnectInfo<PeerAddr>` (set by the accept loop).
 #[derive(Debug, Clone, Copy)]
 pub struct PeerAddr(pub SocketAddr);
 

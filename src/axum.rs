@@ -1,0 +1,334 @@
+//! axum integration (feature `axum`): what a stream route needs, so an
+//! application gets the delivery guarantee without copying a server.
+//!
+//! - [`LastEventId`] — the extractor for where a client resumes: the
+//!   `Last-Event-ID` header, then `?last_event_id=`; a malformed id is a
+//!   `400` with a JSON body.
+//! - [`SseResponse`] — the stream as a response (`text/event-stream`, no
+//!   caching, no proxy buffering), from [`SseScale::respond`].
+//! - [`drain_on_signal`] — for `axum::serve(...).with_graceful_shutdown`:
+//!   on SIGTERM/SIGINT, streams close spread over the drain window, then
+//!   the server stops.
+//! - [`StallListener`] — a listener for `axum::serve` whose connections
+//!   fail a write blocked for longer than a limit, so a client that stops
+//!   reading is cut instead of held for ever.
+//!
+//! ```no_run
+//! use axum::{extract::{Path, State}, routing::get, Router};
+//! use sse_scale::axum::{LastEventId, SseResponse};
+//! use sse_scale::{SessionId, SseScale};
+//! use std::sync::Arc;
+//!
+//! async fn events(
+//!     State(scale): State<Arc<SseScale>>,
+//!     Path(id): Path<String>,
+//!     LastEventId(last): LastEventId,
+//! ) -> Result<SseResponse, sse_scale::axum::Error> {
+//!     let session = SessionId::parse(&id)?;
+//!     Ok(scale.respond(&session, last).await?)
+//! }
+//!
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! let scale = Arc::new(SseScale::from_env()?);
+//! let app = Router::new()
+//!     .route("/sessions/{id}/events", get(events))
+//!     .with_state(scale.clone());
+//! let listener = tokio::net::TcpListener::bind("127.0.0.1:3000").await?;
+//! axum::serve(listener, app)
+//!     .with_graceful_shutdown(sse_scale::axum::drain_on_signal(scale.clone()))
+//!     .await?;
+//! scale.shutdown().await;
+//! # Ok(()) }
+//! ```
+
+use std::convert::Infallible;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ::axum::body::Body;
+use ::axum::extract::connect_info::Connected;
+use ::axum::extract::{FromRequestParts, Query};
+use ::axum::http::request::Parts;
+use ::axum::http::{header, HeaderName, HeaderValue, StatusCode};
+use ::axum::response::{IntoResponse, Response};
+use ::axum::serve::{IncomingStream, Listener};
+use bytes::Bytes;
+use futures::Stream;
+use serde::Deserialize;
+use serde_json::json;
+use tokio::net::TcpListener;
+
+use crate::broadcaster::BroadcastError;
+use crate::event::{EventId, InvalidInput, SessionId};
+use crate::resume::ResumeOutcome;
+use crate::scale::SseScale;
+use crate::stall::{PeerAddr, StallGuard};
+use crate::stream::{SseStream, StreamEnd};
+
+/// An error as a JSON response: `{"error": {"code", "message"}}`.
+#[derive(Debug)]
+pub struct Error {
+    pub status: StatusCode,
+    pub code: &'static str,
+    pub message: String,
+}
+
+impl IntoResponse for Error {
+    fn into_response(self) -> Response {
+        let body = json!({ "error": { "code": self.code, "message": self.message } });
+        let mut res = (self.status, ::axum::Json(body)).into_response();
+        if self.status == StatusCode::SERVICE_UNAVAILABLE {
+            res.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        res
+    }
+}
+
+impl From<InvalidInput> for Error {
+    fn from(e: InvalidInput) -> Self {
+        let code = match e {
+            InvalidInput::SessionId => "invalid_session_id",
+            InvalidInput::EventType => "invalid_event_type",
+            _ => "invalid_input",
+        };
+        Error {
+            status: StatusCode::BAD_REQUEST,
+            code,
+            message: e.to_string(),
+        }
+    }
+}
+
+impl From<BroadcastError> for Error {
+    fn from(e: BroadcastError) -> Self {
+        Error {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            code: "unavailable",
+            message: e.to_string(),
+        }
+    }
+}
+
+/// Where a resuming client left off: the `Last-Event-ID` header (sent by
+/// `EventSource` on every reconnect) or, for clients that cannot set it,
+/// `?last_event_id=`. The header wins: after a reconnect it is newer than
+/// the query string of the original URL. Empty means "no id".
+#[derive(Debug, Clone, Copy)]
+pub struct LastEventId(pub Option<EventId>);
+
+#[derive(Deserialize)]
+struct LastEventIdQuery {
+    last_event_id: Option<String>,
+}
+
+fn invalid_last_event_id() -> Error {
+    Error {
+        status: StatusCode::BAD_REQUEST,
+        code: "invalid_last_event_id",
+        message: "Last-Event-ID must be an event id this server sent (`<ms>-<seq>`)".into(),
+    }
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for LastEventId {
+    type Rejection = Error;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
+        let raw = match parts.headers.get("last-event-id") {
+            Some(v) => Some(
+                v.to_str()
+                    .map(str::to_owned)
+                    .map_err(|_| invalid_last_event_id())?,
+            ),
+            None => Query::<LastEventIdQuery>::try_from_uri(&parts.uri)
+                .ok()
+                .and_then(|q| q.0.last_event_id),
+        };
+        match raw.as_deref().map(str::trim) {
+            None | Some("") => Ok(LastEventId(None)),
+            Some(raw) => raw
+                .parse()
+                .map(|id| LastEventId(Some(id)))
+                .map_err(|_| invalid_last_event_id()),
+        }
+    }
+}
+
+/// One open stream as an axum response. Dropping the response (the client
+/// went away) unsubscribes.
+pub struct SseResponse {
+    body: SseStream,
+    guards: Vec<Box<dyn Send + Sync>>,
+}
+
+impl SseResponse {
+    pub fn new(body: SseStream) -> Self {
+        Self {
+            body,
+            guards: Vec::new(),
+        }
+    }
+
+    /// Keeps `guard` alive as long as the stream (a slot in a stream cap,
+    /// a metric gauge).
+    pub fn hold(mut self, guard: impl Send + Sync + 'static) -> Self {
+        self.guards.push(Box::new(guard));
+        self
+    }
+
+    /// Called once when the server ends the stream (see
+    /// [`SseStream::on_end`]).
+    pub fn on_end(mut self, f: impl FnOnce(StreamEnd) + Send + Sync + 'static) -> Self {
+        self.body = self.body.on_end(f);
+        self
+    }
+}
+
+/// The stream body with what it keeps alive.
+struct Held {
+    body: SseStream,
+    _guards: Vec<Box<dyn Send + Sync>>,
+}
+
+impl Stream for Held {
+    type Item = Result<Bytes, Infallible>;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        std::pin::Pin::new(&mut self.body).poll_next(cx)
+    }
+}
+
+impl IntoResponse for SseResponse {
+    fn into_response(self) -> Response {
+        let headers = [
+            (
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/event-stream"),
+            ),
+            (header::CACHE_CONTROL, HeaderValue::from_static("no-cache")),
+            // nginx: do not buffer the stream.
+            (
+                HeaderName::from_static("x-accel-buffering"),
+                HeaderValue::from_static("no"),
+            ),
+        ];
+        let body = Held {
+            body: self.body,
+            _guards: self.guards,
+        };
+        (headers, Body::from_stream(body)).into_response()
+    }
+}
+
+impl SseScale {
+    /// Opens `session`'s stream as a response, resuming after
+    /// `last_event_id` (subscribe first, then replay or `reset`; see
+    /// [`open_stream`](crate::open_stream)).
+    pub async fn respond(
+        &self,
+        session: &SessionId,
+        last_event_id: Option<EventId>,
+    ) -> Result<SseResponse, BroadcastError> {
+        self.respond_with_outcome(session, last_event_id)
+            .await
+            .map(|(res, _)| res)
+    }
+
+    /// As [`SseScale::respond`], also saying what became of the id.
+    pub async fn respond_with_outcome(
+        &self,
+        session: &SessionId,
+        last_event_id: Option<EventId>,
+    ) -> Result<(SseResponse, ResumeOutcome), BroadcastError> {
+        let (body, outcome) = self.open_stream(session, last_event_id).await?;
+        Ok((SseResponse::new(body), outcome))
+    }
+}
+
+/// Resolves when the process should stop serving: on SIGTERM or SIGINT it
+/// starts the drain (open streams close spread over the drain window, each
+/// after a jittered `retry:` hint), waits out the window, and returns. Pass
+/// it to `axum::serve(...).with_graceful_shutdown`, then call
+/// [`SseScale::shutdown`] once `serve` has returned.
+pub async fn drain_on_signal(scale: Arc<SseScale>) {
+    terminate().await;
+    scale.start_drain();
+    tracing::info!(window_secs = scale.drain_window().as_secs_f64(), "draining");
+    tokio::time::sleep(scale.drain_window()).await;
+}
+
+/// SIGTERM or SIGINT.
+pub async fn terminate() {
+    let ctrl_c = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => tracing::info!("SIGINT received; shutting down"),
+        () = term => tracing::info!("SIGTERM received; shutting down"),
+    }
+}
+
+/// A TCP listener for `axum::serve` whose connections fail a write that
+/// stays blocked longer than `limit` (see [`crate::stall`]). The request's
+/// peer address is `ConnectInfo<PeerAddr>` with
+/// `into_make_service_with_connect_info::<PeerAddr>()`.
+pub struct StallListener {
+    inner: TcpListener,
+    limit: Duration,
+    stalled: Arc<AtomicU64>,
+}
+
+impl StallListener {
+    pub fn new(inner: TcpListener, limit: Duration) -> Self {
+        Self {
+            inner,
+            limit,
+            stalled: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
+    /// Connections closed so far because a write stalled.
+    pub fn stalled(&self) -> Arc<AtomicU64> {
+        self.stalled.clone()
+    }
+}
+
+impl Listener for StallListener {
+    type Io = StallGuard;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        let (tcp, addr) = Listener::accept(&mut self.inner).await;
+        let _ = tcp.set_nodelay(true);
+        (StallGuard::new(tcp, self.limit, self.stalled.clone()), addr)
+    }
+
+    fn local_addr(&self) -> io::Result<Self::Addr> {
+        self.inner.local_addr()
+    }
+}
+
+impl Connected<IncomingStream<'_, StallListener>> for PeerAddr {
+    fn connect_info(stream: IncomingStream<'_, StallListener>) -> Self {
+        PeerAddr(*stream.remote_addr())
+    }
+}
