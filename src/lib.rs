@@ -17,6 +17,10 @@
 //! - the [control bus](control::ControlBus) — small messages to the
 //!   instance that owns something (a pipeline run waiting at its gate).
 //!
+//! [`SseScale`] wires them from the environment ([`SseScale::from_env`]) or
+//! a [`Builder`], and [`axum`] (feature `axum`) turns them into routes:
+//! `docs/library.md` takes an existing axum app through the phases.
+//!
 //! Each event is encoded to its SSE wire bytes once and the same
 //! [`bytes::Bytes`] is shared by every subscriber. [`open_stream`] is the
 //! resume protocol (`Last-Event-ID`, `reset`) as one call.
