@@ -332,3 +332,58 @@ impl Connected<IncomingStream<'_, StallListener>> for PeerAddr {
         PeerAddr(*stream.remote_addr())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ::axum::routing::get;
+    use ::axum::Router;
+    use std::sync::atomic::Ordering;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A client that stops reading an endless response is cut once a write
+    /// has been blocked for the limit; one that reads is not.
+    #[tokio::test]
+    async fn the_stall_listener_cuts_a_client_that_stopped_reading() {
+        let endless = || async {
+            let chunk = Bytes::from(vec![b'x'; 64 * 1024]);
+            let body = futures::stream::repeat_with(move || Ok::<_, Infallible>(chunk.clone()));
+            Body::from_stream(body)
+        };
+        let app = Router::new().route("/", get(endless));
+        let tcp = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = tcp.local_addr().unwrap();
+        let listener = StallListener::new(tcp, Duration::from_millis(200));
+        let stalled = listener.stalled();
+        tokio::spawn(async move { ::axum::serve(listener, app).await });
+
+        let mut reader = tokio::net::TcpStream::connect(addr).await.unwrap();
+        reader
+            .write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let mut stalled_client = tokio::net::TcpStream::connect(addr).await.unwrap();
+        stalled_client
+            .write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .unwrap();
+        // Read from one for a while; never read from the other.
+        let mut buf = vec![0; 64 * 1024];
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while stalled.load(Ordering::Relaxed) == 0 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the stalled client was never cut"
+            );
+            let n = tokio::time::timeout(Duration::from_millis(50), reader.read(&mut buf)).await;
+            assert!(
+                !matches!(n, Ok(Ok(0)) | Ok(Err(_))),
+                "the reading client was cut"
+            );
+        }
+        assert_eq!(stalled.load(Ordering::Relaxed), 1, "only the stalled one");
+        // The reading client is still served.
+        let n = reader.read(&mut buf).await.unwrap();
+        assert!(n > 0);
+    }
+}
