@@ -1,0 +1,235 @@
+//! [`Builder`]: the settings of an [`SseScale`] and the start-up that wires
+//! the parts.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::{BuildError, SseScale};
+use crate::control::LoopbackBus;
+use crate::fanout::{Fanout, FanoutSettings};
+use crate::flags::{EnvFlags, FlagSource};
+use crate::history::HistoryLimits;
+use crate::stream::CloseSignal;
+
+/// Settings of an [`SseScale`]; every one has a default for one instance.
+#[derive(Clone)]
+#[must_use]
+pub struct Builder {
+    pub(super) fanout: FanoutSettings,
+    instance_id: Option<String>,
+    pub(super) flag: Option<bool>,
+    flags: Option<Arc<dyn FlagSource>>,
+    heartbeat: Duration,
+    retry: Duration,
+    drain_window: Duration,
+    #[cfg(feature = "redis")]
+    redis: Option<RedisOptions>,
+    #[cfg(feature = "unleash")]
+    unleash: Option<crate::unleash::UnleashSettings>,
+}
+
+#[cfg(feature = "redis")]
+#[derive(Clone)]
+pub(super) struct RedisOptions {
+    pub(super) url: String,
+    pub(super) prefix: String,
+    pub(super) outbox_max: usize,
+    /// Events cross instances through Redis (false: the client is only
+    /// for the application, broadcasting stays in process).
+    pub(super) broker: bool,
+}
+
+impl Default for Builder {
+    fn default() -> Self {
+        Self {
+            fanout: FanoutSettings::default(),
+            instance_id: None,
+            flag: None,
+            flags: None,
+            heartbeat: Duration::from_secs(15),
+            retry: Duration::from_secs(2),
+            drain_window: Duration::from_secs(10),
+            #[cfg(feature = "redis")]
+            redis: None,
+            #[cfg(feature = "unleash")]
+            unleash: None,
+        }
+    }
+}
+
+impl Builder {
+    /// Events a stream may fall behind before it is cut (it then
+    /// reconnects and resumes).
+    pub fn queue(mut self, events: usize) -> Self {
+        self.fanout.queue = events;
+        self
+    }
+
+    /// Per-session history for `Last-Event-ID` resume.
+    pub fn history(mut self, limits: HistoryLimits) -> Self {
+        self.fanout.history = limits;
+        self
+    }
+
+    /// Encoded bytes one resume may replay (beyond: `reset`).
+    pub fn replay_max_bytes(mut self, bytes: usize) -> Self {
+        self.fanout.replay_max_bytes = bytes;
+        self
+    }
+
+    /// This instance's name: in the `connected` event and, with a random
+    /// suffix, in the node id on the Redis wire.
+    pub fn instance_id(mut self, id: impl Into<String>) -> Self {
+        self.instance_id = Some(id.into());
+        self
+    }
+
+    /// The value of `FF_REDIS_SSE_BROADCAST` (default off; with Unleash,
+    /// the value until Unleash first answers).
+    pub fn flag(mut self, on: bool) -> Self {
+        self.flag = Some(on);
+        self
+    }
+
+    /// A flag source of the application's own (replaces the flag value and
+    /// Unleash).
+    pub fn flag_source(mut self, flags: Arc<dyn FlagSource>) -> Self {
+        self.flags = Some(flags);
+        self
+    }
+
+    /// Comment heartbeats on open streams (keeps proxies from timing out).
+    pub fn heartbeat(mut self, every: Duration) -> Self {
+        self.heartbeat = every;
+        self
+    }
+
+    /// The `retry:` hint sent when a stream opens.
+    pub fn retry(mut self, delay: Duration) -> Self {
+        self.retry = delay;
+        self
+    }
+
+    /// On [`SseScale::start_drain`], open streams close at random moments
+    /// over this window, so their reconnects spread out.
+    pub fn drain_window(mut self, window: Duration) -> Self {
+        self.drain_window = window;
+        self
+    }
+
+    /// Fan out across instances through Redis at `url`
+    /// (`redis://[:password@]host:port[/db]`, or `rediss://`).
+    #[cfg(feature = "redis")]
+    pub fn redis(mut self, url: impl Into<String>) -> Self {
+        let options = self.redis.get_or_insert_with(|| RedisOptions {
+            url: String::new(),
+            prefix: "sse:".into(),
+            outbox_max: 10_000,
+            broker: true,
+        });
+        options.url = url.into();
+        self
+    }
+
+    /// Prefix of every Redis key and channel (default `sse:`).
+    #[cfg(feature = "redis")]
+    pub fn redis_prefix(mut self, prefix: impl Into<String>) -> Self {
+        if let Some(options) = &mut self.redis {
+            options.prefix = prefix.into();
+        }
+        self
+    }
+
+    /// Keep the Redis client (for the application's own use, such as rate
+    /// limits) but broadcast in process only: phase 1 with Redis around.
+    #[cfg(feature = "redis")]
+    pub fn local_broadcast(mut self) -> Self {
+        if let Some(options) = &mut self.redis {
+            options.broker = false;
+        }
+        self
+    }
+
+    /// Events held while Redis is unreachable (default 10,000).
+    #[cfg(feature = "redis")]
+    pub fn outbox_max(mut self, events: usize) -> Self {
+        if let Some(options) = &mut self.redis {
+            options.outbox_max = events;
+        }
+        self
+    }
+
+    /// Take `FF_REDIS_SSE_BROADCAST` from an Unleash server.
+    #[cfg(feature = "unleash")]
+    pub fn unleash(mut self, settings: crate::unleash::UnleashSettings) -> Self {
+        self.unleash = Some(settings);
+        self
+    }
+
+    /// Starts the toolkit. Must run inside a tokio runtime.
+    pub fn build(self) -> Result<SseScale, BuildError> {
+        if tokio::runtime::Handle::try_current().is_err() {
+            return Err(BuildError::NoRuntime);
+        }
+        let instance_id = self
+            .instance_id
+            .clone()
+            .unwrap_or_else(|| format!("{}:{}", std::process::id(), rand::random::<u16>()));
+        let node_id = format!("{instance_id}#{:08x}", rand::random::<u32>());
+        let stop = CancellationToken::new();
+        let tasks = TaskTracker::new();
+        let flags = self.start_flags(&instance_id, &tasks, &stop)?;
+        let drain = CancellationToken::new();
+        let close = CloseSignal {
+            token: drain.clone(),
+            window: self.drain_window,
+            retry: self.retry,
+        };
+        #[cfg_attr(not(feature = "redis"), allow(unused_mut))]
+        let mut scale = SseScale {
+            broadcaster: Arc::new(Fanout::memory(self.fanout.clone())),
+            control: Arc::new(LoopbackBus::default()),
+            flags,
+            instance_id,
+            node_id,
+            heartbeat: self.heartbeat,
+            close,
+            drain,
+            stop,
+            tasks,
+            #[cfg(feature = "redis")]
+            redis: None,
+        };
+        #[cfg(feature = "redis")]
+        if let Some(options) = &self.redis {
+            scale.start_redis(options, self.fanout.clone())?;
+        }
+        Ok(scale)
+    }
+
+    fn start_flags(
+        &self,
+        _instance_id: &str,
+        _tasks: &TaskTracker,
+        _stop: &CancellationToken,
+    ) -> Result<Arc<dyn FlagSource>, BuildError> {
+        if let Some(flags) = &self.flags {
+            return Ok(flags.clone());
+        }
+        #[cfg(feature = "unleash")]
+        if let Some(settings) = &self.unleash {
+            let mut settings = settings.clone();
+            settings.env_value = settings.env_value.or(self.flag);
+            if settings.instance_id.is_empty() {
+                settings.instance_id = _instance_id.to_owned();
+            }
+            let flags = crate::unleash::UnleashFlags::start(settings, _tasks, _stop.clone())
+                .map_err(|e| BuildError::Flags(format!("{e:#}")))?;
+            return Ok(Arc::new(flags));
+        }
+        Ok(Arc::new(EnvFlags::new(self.flag)))
+    }
+}
