@@ -52,6 +52,7 @@ async fn wait_flag(server: &Server, state: Value) {
 async fn flags(server: &Server, sessions: &[String]) -> Value {
     let res = client()
         .get(server.url(&format!("/flags?sessions={}", sessions.join(","))))
+        .bearer_auth(ADMIN)
         .send()
         .await
         .unwrap();
@@ -423,6 +424,7 @@ async fn before_unleash_answers_the_environment_value_applies() {
     assert_eq!(view["checked"][0]["redis"], true, "{view}");
     let r = client()
         .get(server.url("/flags?sessions=bad$id"))
+        .bearer_auth(ADMIN)
         .send()
         .await
         .unwrap();

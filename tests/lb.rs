@@ -159,7 +159,7 @@ async fn follow_up(
 ) -> String {
     let c = client();
     let mut req = match n % 3 {
-        0 => c.get(lb.url("/stats")),
+        0 => c.get(lb.url("/healthz")),
         1 => c.get(lb.url("/readyz")),
         _ => c
             .post(lb.url(&format!("/sessions/{}/events", s.id)))
@@ -205,7 +205,7 @@ async fn assert_follow_ups_land_on(
 async fn instances_without_affinity(lb: &Balancer, n: usize) -> BTreeSet<String> {
     let mut seen = BTreeSet::new();
     for _ in 0..n {
-        let res = client().get(lb.url("/stats")).send().await.unwrap();
+        let res = client().get(lb.url("/healthz")).send().await.unwrap();
         assert_eq!(res.status(), 200);
         seen.insert(instance_of(res.headers()));
     }

@@ -27,7 +27,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
 
-const SECRET: &str = "bench-secret";
+const SECRET: &str = "bench-secret-of-at-least-32-bytes-0123456789";
+const ADMIN: &str = "bench-admin-token-0123456789";
 /// Streams per session in every fan-out scenario.
 const FANOUT: usize = 100;
 /// Publish rate of the latency/CPU sweep: 10,000 deliveries/s at fan-out 100.
@@ -63,6 +64,7 @@ impl Server {
             .env("PORT", "0")
             .env("INSTANCE_ID", name)
             .env("SESSION_SECRET", SECRET)
+            .env("ADMIN_TOKEN", ADMIN)
             // The load generator shares one address; per-IP and per-session
             // limits would throttle the benchmark, not a real deployment.
             .env("RATE_LIMIT_PUBLISH_PER_SEC", "0")
@@ -231,6 +233,7 @@ async fn create_session(http: &reqwest::Client, server: &Server) -> Session {
 
 async fn stats(http: &reqwest::Client, server: &Server) -> Value {
     http.get(format!("http://{}/stats", server.addr))
+        .bearer_auth(ADMIN)
         .send()
         .await
         .expect("GET /stats")

@@ -49,6 +49,29 @@ pub struct Config {
     #[arg(long, env = "SESSION_SECRET", hide_env_values = true)]
     pub session_secret: Option<String>,
 
+    /// Bearer token for the operator endpoints (`/stats`, `/flags`,
+    /// `POST /announcements`), at least 16 bytes; unset or empty, they
+    /// answer 403.
+    #[arg(long, env = "ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
+
+    /// Seconds a client has to send a whole request head; an idle
+    /// keep-alive connection is closed after the same time.
+    #[arg(long, env = "REQUEST_HEAD_TIMEOUT_SECS", default_value_t = 10,
+          value_parser = clap::value_parser!(u64).range(1..=300))]
+    pub request_head_timeout_secs: u64,
+
+    /// Connections that have not yet sent a complete first request head;
+    /// beyond it new connections are closed at once (slow-head floods).
+    #[arg(long, env = "MAX_PENDING_HEADS", default_value_t = 1024,
+          value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub max_pending_heads: u64,
+
+    /// Origins allowed to call the API from a browser (comma-separated,
+    /// e.g. `https://app.example.com`); none by default.
+    #[arg(long, env = "CORS_ALLOWED_ORIGINS", value_delimiter = ',')]
+    pub cors_allowed_origins: Vec<String>,
+
     /// Seconds between heartbeat comments on open streams.
     #[arg(long, env = "SSE_HEARTBEAT_SECS", default_value_t = 15,
           value_parser = clap::value_parser!(u64).range(1..=3600))]
@@ -198,6 +221,12 @@ pub enum ConfigError {
     RedisUrlMissing,
     #[error("REDIS_URL is not a valid Redis URL: {0}")]
     RedisUrlInvalid(String),
+    #[error("SESSION_SECRET must be at least 32 bytes (it signs every session token; generate one with `openssl rand -hex 32`)")]
+    SecretTooShort,
+    #[error("ADMIN_TOKEN must be at least 16 bytes")]
+    AdminTokenTooShort,
+    #[error("CORS_ALLOWED_ORIGINS: {0:?} is not an origin like https://app.example.com")]
+    CorsOriginInvalid(String),
     #[error("SHUTDOWN_DRAIN_SECS must be shorter than SHUTDOWN_GRACE_SECS")]
     DrainLongerThanGrace,
     #[error("UNLEASH_URL must be an http:// or https:// URL: {0}")]
@@ -213,6 +242,24 @@ impl Config {
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.sse_adapter == Some(Adapter::Redis) && self.redis_url.is_none() {
             return Err(ConfigError::RedisUrlMissing);
+        }
+        if self.session_secret.as_ref().is_some_and(|s| s.len() < 32) {
+            return Err(ConfigError::SecretTooShort);
+        }
+        if self
+            .admin_token
+            .as_ref()
+            .is_some_and(|t| !t.is_empty() && t.len() < 16)
+        {
+            return Err(ConfigError::AdminTokenTooShort);
+        }
+        for origin in &self.cors_allowed_origins {
+            let ok = url::Url::parse(origin).is_ok_and(|u| {
+                matches!(u.scheme(), "http" | "https") && u.path() == "/" && !origin.ends_with('/')
+            });
+            if !ok || axum::http::HeaderValue::from_str(origin).is_err() {
+                return Err(ConfigError::CorsOriginInvalid(origin.clone()));
+            }
         }
         if self.shutdown_drain_secs >= self.shutdown_grace_secs {
             return Err(ConfigError::DrainLongerThanGrace);
@@ -252,6 +299,10 @@ impl Config {
 
     pub fn retry(&self) -> Duration {
         Duration::from_millis(self.sse_retry_ms)
+    }
+
+    pub fn request_head_timeout(&self) -> Duration {
+        Duration::from_secs(self.request_head_timeout_secs)
     }
 
     pub fn shutdown_grace(&self) -> Duration {
@@ -377,6 +428,40 @@ mod tests {
         let ok = parse(&["--unleash-url", "https://u/api", "--unleash-api-token", "t"]).unwrap();
         assert!(ok.validate().is_ok());
         assert_eq!(ok.unleash_refresh(), Duration::from_secs(15));
+    }
+
+    #[test]
+    fn weak_secrets_and_bad_origins_are_refused() {
+        let short = parse(&["--session-secret", "hunter2"]).unwrap();
+        assert!(matches!(short.validate(), Err(ConfigError::SecretTooShort)));
+        let empty = parse(&["--session-secret", ""]).unwrap();
+        assert!(matches!(empty.validate(), Err(ConfigError::SecretTooShort)));
+        let ok = parse(&["--session-secret", &"k".repeat(32)]).unwrap();
+        assert!(ok.validate().is_ok());
+        let admin = parse(&["--admin-token", "short"]).unwrap();
+        assert!(matches!(
+            admin.validate(),
+            Err(ConfigError::AdminTokenTooShort)
+        ));
+        for bad in [
+            "*",
+            "app.example.com",
+            "https://app.example.com/",
+            "https://a.example/path",
+        ] {
+            let c = parse(&["--cors-allowed-origins", bad]).unwrap();
+            assert!(
+                matches!(c.validate(), Err(ConfigError::CorsOriginInvalid(_))),
+                "{bad}"
+            );
+        }
+        let c = parse(&[
+            "--cors-allowed-origins",
+            "https://a.example,http://localhost:5173",
+        ])
+        .unwrap();
+        assert!(c.validate().is_ok());
+        assert_eq!(c.cors_allowed_origins.len(), 2);
     }
 
     #[test]

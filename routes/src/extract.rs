@@ -76,6 +76,54 @@ impl FromRequestParts<Arc<AppState>> for AuthedSession {
     }
 }
 
+/// A request that carries `ADMIN_TOKEN` as its bearer token: the operator
+/// endpoints (`/stats`, `/flags`, `POST /announcements`). Without the
+/// setting they are closed (403 naming it); without the header, 401.
+#[derive(Debug, Clone, Copy)]
+pub struct Admin;
+
+impl FromRequestParts<Arc<AppState>> for Admin {
+    type Rejection = AppError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &Arc<AppState>,
+    ) -> Result<Self, Self::Rejection> {
+        let Some(expected) = &state.admin_token else {
+            return Err(AppError::new(
+                StatusCode::FORBIDDEN,
+                "admin_disabled",
+                "operator endpoints are closed: set ADMIN_TOKEN and send it as `Authorization: Bearer <token>`",
+            ));
+        };
+        let given = parts
+            .headers
+            .get(AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::trim);
+        match given {
+            None => Err(AppError::new(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "missing admin token: send `Authorization: Bearer <ADMIN_TOKEN>`",
+            )),
+            Some(t) if constant_time_eq(t.as_bytes(), expected.as_bytes()) => Ok(Admin),
+            Some(_) => Err(AppError::new(
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                "wrong admin token",
+            )),
+        }
+    }
+}
+
+/// Compares without an early exit, so the time taken says nothing about
+/// how much of a guess was right.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
 /// The client's IP: the peer address, or the first `X-Forwarded-For`
 /// address when `TRUST_FORWARDED_FOR` is on.
 #[derive(Debug, Clone, Copy)]

@@ -8,7 +8,9 @@
 //! - [`runs`] — the runs executing here, and the gate relay over the
 //!   control bus.
 //! - [`workflow`] — replanning and preference updates.
-//! - [`health`] — `/healthz`, `/readyz`, `/stats`.
+//! - [`health`] — `/healthz`, `/readyz` (open).
+//! - [`admin`] — `/stats`, `/flags`, `POST /announcements` (behind
+//!   `ADMIN_TOKEN`).
 //! - [`extract`] — the session-token check and JSON body extractors.
 //! - [`error`] — [`error::AppError`], JSON errors at the HTTP edge.
 //! - [`affinity`] — the cookie naming the instance that served the client.
@@ -17,6 +19,7 @@
 //!
 //! [`app`] builds the router, so tests and embedding applications reuse it.
 
+pub mod admin;
 pub mod affinity;
 pub mod config;
 pub mod error;
@@ -32,9 +35,10 @@ pub mod workflow;
 use std::sync::Arc;
 
 use axum::extract::DefaultBodyLimit;
-use axum::http::{HeaderName, HeaderValue};
+use axum::http::{header, HeaderName, HeaderValue, Method};
 use axum::routing::{delete, get, post, put};
 use axum::Router;
+use tower_http::cors::{AllowOrigin, CorsLayer};
 use tower_http::set_header::SetResponseHeaderLayer;
 use tower_http::trace::TraceLayer;
 
@@ -62,12 +66,13 @@ pub fn app(state: Arc<AppState>) -> Result<Router, axum::http::header::InvalidHe
         .route("/{id}/pipeline/{run_id}/gate", post(pipeline::gate))
         .route("/{id}/workflow/replan", post(workflow::replan))
         .route("/{id}/workflow/preferences", put(workflow::preferences));
-    Ok(Router::new()
+    let router = Router::new()
         .nest("/sessions", sessions)
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
-        .route("/stats", get(health::stats))
-        .route("/flags", get(health::flags))
+        .route("/stats", get(admin::stats))
+        .route("/flags", get(admin::flags))
+        .route("/announcements", post(admin::announce))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(body_limit))
@@ -75,8 +80,36 @@ pub fn app(state: Arc<AppState>) -> Result<Router, axum::http::header::InvalidHe
             INSTANCE_HEADER,
             instance,
         ))
-        .layer(TraceLayer::new_for_http())
-        .with_state(state))
+        .layer(TraceLayer::new_for_http());
+    let router = match cors(&state.cors_allowed_origins) {
+        Some(layer) => router.layer(layer),
+        None => router,
+    };
+    Ok(router.with_state(state))
+}
+
+/// Browsers on the listed origins may call the API (and read its
+/// `X-Instance-Id`); with none listed, no CORS headers at all.
+fn cors(origins: &[String]) -> Option<CorsLayer> {
+    let origins: Vec<HeaderValue> = origins
+        .iter()
+        .filter_map(|o| HeaderValue::from_str(o).ok())
+        .collect();
+    if origins.is_empty() {
+        return None;
+    }
+    Some(
+        CorsLayer::new()
+            .allow_origin(AllowOrigin::list(origins))
+            .allow_methods([Method::GET, Method::POST, Method::PUT, Method::DELETE])
+            .allow_headers([
+                header::AUTHORIZATION,
+                header::CONTENT_TYPE,
+                HeaderName::from_static("last-event-id"),
+            ])
+            .expose_headers([INSTANCE_HEADER])
+            .max_age(std::time::Duration::from_secs(600)),
+    )
 }
 
 async fn not_found() -> AppError {

@@ -155,13 +155,14 @@ async fn run(config: Config) -> anyhow::Result<()> {
         signal_state.shutdown.cancel();
     });
 
-    let serve = sse_scale_server::serve::serve(
-        listener,
-        app,
-        Duration::from_secs(config.sse_write_timeout_secs),
-        state.stalled_writes_cut.clone(),
-        state.shutdown.clone(),
-    );
+    let limits = sse_scale_server::serve::Limits {
+        write_timeout: Duration::from_secs(config.sse_write_timeout_secs),
+        head_timeout: config.request_head_timeout(),
+        max_pending_heads: config.max_pending_heads as usize,
+        stalled: state.stalled_writes_cut.clone(),
+        heads_refused: state.heads_refused.clone(),
+    };
+    let serve = sse_scale_server::serve::serve(listener, app, limits, state.shutdown.clone());
     let grace = config.shutdown_grace();
     // The order matters: runs stop and publish their last events while the
     // broadcaster still takes them; then the toolkit flushes its outbox and

@@ -16,6 +16,14 @@
 //! close-delimited (`Connection: close`), which every HTTP/1 client and
 //! proxy reads. Everything else, including streams opened later on a
 //! keep-alive connection, is hyper's.
+//!
+//! **Slow or idle clients.** The first head is read (not peeked) against
+//! one deadline for the whole head, waiting on socket readiness; the bytes
+//! read are handed to hyper in front of the socket when the request is not
+//! a stream. At most `MAX_PENDING_HEADS` connections may be waiting for a
+//! complete first head; more are closed at once. hyper runs with a timer:
+//! every later request head must also arrive within the deadline, which
+//! also closes a keep-alive connection left idle that long.
 
 use std::io;
 use std::net::SocketAddr;
@@ -30,11 +38,12 @@ use axum::extract::ConnectInfo;
 use axum::http::{header, HeaderMap, HeaderName, HeaderValue, Method, Request, Response};
 use axum::Router;
 use http_body::Body as _;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower::ServiceExt;
@@ -43,10 +52,25 @@ use sse_scale::stall::{PeerAddr, StallGuard};
 
 /// Longest request head the stream path parses; bigger heads go to hyper.
 const MAX_HEAD: usize = 8192;
-/// A client must send its first request head within this.
-const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
 /// Largest non-stream response the stream path buffers (its error bodies).
 const MAX_ERROR_BODY: usize = 64 * 1024;
+
+/// How connections are bounded.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// A write blocked this long closes the connection (the client stopped
+    /// reading).
+    pub write_timeout: Duration,
+    /// A whole request head must arrive within this; an idle keep-alive
+    /// connection is closed after it.
+    pub head_timeout: Duration,
+    /// Connections waiting for a complete first head at once.
+    pub max_pending_heads: usize,
+    /// Counts connections closed because a write stalled.
+    pub stalled: Arc<AtomicU64>,
+    /// Counts connections refused because too many heads were pending.
+    pub heads_refused: Arc<AtomicU64>,
+}
 
 /// Serves `app` on `listener` until `shutdown` fires, then waits for open
 /// connections to finish (streams end on the drain signal; idle keep-alive
@@ -54,13 +78,23 @@ const MAX_ERROR_BODY: usize = 64 * 1024;
 pub async fn serve(
     listener: TcpListener,
     app: Router,
-    write_timeout: Duration,
-    stalled: Arc<AtomicU64>,
+    limits: Limits,
     shutdown: CancellationToken,
 ) -> io::Result<()> {
     let conns = TaskTracker::new();
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-    let builder = Arc::new(auto::Builder::new(TokioExecutor::new()));
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.head_timeout);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(Some(limits.head_timeout))
+        .keep_alive_timeout(limits.head_timeout);
+    let builder = Arc::new(builder);
+    let pending = Arc::new(Semaphore::new(limits.max_pending_heads));
     loop {
         let (tcp, peer) = tokio::select! {
             () = shutdown.cancelled() => break,
@@ -74,6 +108,18 @@ pub async fn serve(
                 }
             },
         };
+        let Ok(waiting) = pending.clone().try_acquire_owned() else {
+            // Too many connections are still sending their first head: a
+            // slow-head flood must not hold every descriptor.
+            let refused = limits
+                .heads_refused
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            if refused % 1000 == 0 {
+                tracing::warn!(refused = refused + 1, "connection refused: MAX_PENDING_HEADS connections are still sending their request head");
+            }
+            drop(tcp);
+            continue;
+        };
         // Events are small writes that must leave at once.
         if let Err(e) = tcp.set_nodelay(true) {
             tracing::debug!(error = %e, "cannot set TCP_NODELAY");
@@ -81,8 +127,9 @@ pub async fn serve(
         let conn = Conn {
             app: app.clone(),
             peer,
-            write_timeout,
-            stalled: stalled.clone(),
+            write_timeout: limits.write_timeout,
+            head_timeout: limits.head_timeout,
+            stalled: limits.stalled.clone(),
         };
         let builder = builder.clone();
         let watcher = graceful.watcher();
@@ -90,10 +137,14 @@ pub async fn serve(
         conns.spawn(async move {
             // Boxed: a task is as large as its largest state, and a stream
             // lives far longer than the sniff or a hyper connection's setup.
-            let sniffed = Box::pin(conn.sniff(&tcp, &stop)).await;
+            let mut tcp = tcp;
+            let sniffed = Box::pin(conn.sniff(&mut tcp, &stop)).await;
+            drop(waiting);
             match sniffed {
-                Sniff::Stream(head_len, req) => conn.serve_stream(tcp, head_len, *req).await,
-                Sniff::Other => Box::pin(conn.serve_hyper(tcp, &builder, watcher)).await,
+                Sniff::Stream(req) => conn.serve_stream(tcp, *req).await,
+                Sniff::Other(read) => {
+                    Box::pin(conn.serve_hyper(tcp, read, &builder, watcher)).await
+                }
                 Sniff::Gone => {}
             }
         });
@@ -107,11 +158,11 @@ pub async fn serve(
 
 /// What the first request head of a connection is.
 enum Sniff {
-    /// An event stream: the head's length and the request built from it.
-    Stream(usize, Box<Request<Body>>),
-    /// Anything else, for hyper (the head is still unread).
-    Other,
-    /// The client went away, or sent nothing in time.
+    /// An event stream: the request built from its head (read).
+    Stream(Box<Request<Body>>),
+    /// Anything else, for hyper, with the bytes read so far.
+    Other(bytes::Bytes),
+    /// The client went away, or did not send a whole head in time.
     Gone,
 }
 
@@ -119,6 +170,7 @@ struct Conn {
     app: Router,
     peer: SocketAddr,
     write_timeout: Duration,
+    head_timeout: Duration,
     stalled: Arc<AtomicU64>,
 }
 
@@ -127,23 +179,28 @@ impl Conn {
         StallGuard::new(tcp, self.write_timeout, self.stalled.clone())
     }
 
-    /// Peeks at the first request head without consuming it.
-    async fn sniff(&self, tcp: &TcpStream, stop: &CancellationToken) -> Sniff {
+    /// Reads the first request head, all of it within the head timeout.
+    async fn sniff(&self, tcp: &mut TcpStream, stop: &CancellationToken) -> Sniff {
         let mut buf = vec![0u8; MAX_HEAD];
-        let deadline = tokio::time::Instant::now() + HEAD_TIMEOUT;
+        let mut filled = 0;
+        let deadline = tokio::time::Instant::now() + self.head_timeout;
         loop {
             let n = tokio::select! {
                 () = stop.cancelled() => return Sniff::Gone,
-                r = tokio::time::timeout_at(deadline, tcp.peek(&mut buf)) => match r {
+                // Waits on readiness: a head arriving in pieces costs one
+                // wake-up per piece, and the deadline is the whole head's.
+                r = tokio::time::timeout_at(deadline, tcp.read(&mut buf[filled..])) => match r {
                     Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return Sniff::Gone,
                     Ok(Ok(n)) => n,
                 },
             };
-            match classify(&buf[..n], n == buf.len(), self.peer) {
-                Some(sniff) => return sniff,
-                // The head arrives in pieces: peek returns at once while
-                // data is waiting, so wait a moment for the rest.
-                None => tokio::time::sleep(Duration::from_millis(5)).await,
+            filled += n;
+            match classify(&buf[..filled], filled == buf.len(), self.peer) {
+                Some(Classified::Stream(req)) => return Sniff::Stream(req),
+                Some(Classified::Other) => {
+                    return Sniff::Other(bytes::Bytes::copy_from_slice(&buf[..filled]))
+                }
+                None => {}
             }
         }
     }
@@ -152,11 +209,15 @@ impl Conn {
     async fn serve_hyper(
         &self,
         tcp: TcpStream,
+        read: bytes::Bytes,
         builder: &auto::Builder<TokioExecutor>,
         watcher: hyper_util::server::graceful::Watcher,
     ) {
         let peer = self.peer;
-        let io = TokioIo::new(self.guard(tcp));
+        let io = TokioIo::new(Rewind {
+            read,
+            io: self.guard(tcp),
+        });
         let svc = TowerToHyperService::new(self.app.clone().map_request(
             move |mut req: Request<hyper::body::Incoming>| {
                 req.extensions_mut().insert(ConnectInfo(PeerAddr(peer)));
@@ -170,12 +231,8 @@ impl Conn {
     }
 
     /// Runs a stream request through the router and writes the response.
-    async fn serve_stream(&self, tcp: TcpStream, head_len: usize, req: Request<Body>) {
+    async fn serve_stream(&self, tcp: TcpStream, req: Request<Body>) {
         let mut io = self.guard(tcp);
-        // Consume the head we peeked.
-        if Box::pin(consume(&mut io, head_len)).await.is_err() {
-            return;
-        }
         let Ok(res) = Box::pin(self.app.clone().oneshot(req)).await;
         let (head, streaming, body) = response_head(res);
         let written = if streaming {
@@ -193,20 +250,25 @@ impl Conn {
 /// What a peeked head is; `None` while it is incomplete. Kept out of the
 /// async code so the parser's header array never lives in a connection's
 /// future.
-fn classify(bytes: &[u8], full: bool, peer: SocketAddr) -> Option<Sniff> {
+fn classify(bytes: &[u8], full: bool, peer: SocketAddr) -> Option<Classified> {
     let mut headers = [httparse::EMPTY_HEADER; 64];
     let mut parsed = httparse::Request::new(&mut headers);
     match parsed.parse(bytes) {
-        Ok(httparse::Status::Complete(len)) => Some(match stream_request(&parsed, peer) {
-            Some(req) => Sniff::Stream(len, Box::new(req)),
-            None => Sniff::Other,
+        Ok(httparse::Status::Complete(_)) => Some(match stream_request(&parsed, peer) {
+            Some(req) => Classified::Stream(Box::new(req)),
+            None => Classified::Other,
         }),
         // Too big, or not HTTP/1 (an HTTP/2 preface, garbage): hyper
         // answers it.
-        Ok(httparse::Status::Partial) if full => Some(Sniff::Other),
-        Err(_) => Some(Sniff::Other),
+        Ok(httparse::Status::Partial) if full => Some(Classified::Other),
+        Err(_) => Some(Classified::Other),
         Ok(httparse::Status::Partial) => None,
     }
+}
+
+enum Classified {
+    Stream(Box<Request<Body>>),
+    Other,
 }
 
 /// The request if the head opens an event stream.
@@ -243,12 +305,63 @@ fn stream_request(parsed: &httparse::Request<'_, '_>, peer: SocketAddr) -> Optio
     Some(req)
 }
 
-/// Reads (and drops) the request head that was peeked.
-async fn consume(io: &mut StallGuard, head_len: usize) -> io::Result<()> {
-    let mut head = vec![0u8; head_len];
-    tokio::io::AsyncReadExt::read_exact(io, &mut head)
-        .await
-        .map(drop)
+/// A connection whose first bytes were already read: hyper reads them
+/// first, then the socket.
+struct Rewind {
+    read: bytes::Bytes,
+    io: StallGuard,
+}
+
+impl AsyncRead for Rewind {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if !self.read.is_empty() {
+            let n = self.read.len().min(buf.remaining());
+            let head = self.read.split_to(n);
+            buf.put_slice(&head);
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Rewind {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
 }
 
 /// The response head for a connection that closes after the response,

@@ -24,6 +24,9 @@ pub async fn create(
     State(state): State<Arc<AppState>>,
     jar: CookieJar,
     headers: HeaderMap,
+    // Read (and ignored): a body left unread would make hyper close the
+    // keep-alive connection, and a balancer reusing it would fail.
+    _body: axum::body::Bytes,
 ) -> Response {
     let raw = uuid::Uuid::new_v4().simple().to_string();
     // A simple UUID is 32 hex digits, always a valid session id.

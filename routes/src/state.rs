@@ -43,6 +43,10 @@ pub struct AppState {
     pub stream_limit: Limit,
     pub trust_forwarded_for: bool,
     pub signer: TokenSigner,
+    /// `ADMIN_TOKEN`: the bearer token of the operator endpoints.
+    pub admin_token: Option<String>,
+    /// `CORS_ALLOWED_ORIGINS` (validated at start-up).
+    pub cors_allowed_origins: Vec<String>,
     /// Sent in `X-Instance-Id` and the `connected` event, so a client (and a
     /// load-balancer test) can tell which instance served it.
     pub instance_id: String,
@@ -73,6 +77,9 @@ pub struct AppState {
     /// Connections closed because a write to the client stalled
     /// (`SSE_WRITE_TIMEOUT_SECS`).
     pub stalled_writes_cut: Arc<AtomicU64>,
+    /// Connections closed at once because `MAX_PENDING_HEADS` connections
+    /// were still sending their first request head.
+    pub heads_refused: Arc<AtomicU64>,
     /// Streams resumed from history with `Last-Event-ID`.
     pub resumes: AtomicU64,
     /// Resumes whose id was older than the history (answered with `reset`).
@@ -102,6 +109,9 @@ impl AppState {
             stream_limit: Limit::per_minute(config.rate_limit_streams_per_min),
             trust_forwarded_for: config.trust_forwarded_for,
             signer,
+            // Empty is unset: the endpoints stay closed.
+            admin_token: config.admin_token.clone().filter(|t| !t.is_empty()),
+            cors_allowed_origins: config.cors_allowed_origins.clone(),
             affinity: Affinity::new(
                 &config.affinity_cookie,
                 config.affinity_cookie_secure,
@@ -120,6 +130,7 @@ impl AppState {
             streams_refused: AtomicU64::new(0),
             slow_consumers_cut: AtomicU64::new(0),
             stalled_writes_cut: Arc::new(AtomicU64::new(0)),
+            heads_refused: Arc::new(AtomicU64::new(0)),
             resumes: AtomicU64::new(0),
             resets: AtomicU64::new(0),
         }

@@ -11,7 +11,9 @@ use std::time::Duration;
 use futures::StreamExt;
 use serde_json::Value;
 
-pub const SECRET: &str = "test-secret";
+pub const SECRET: &str = "test-secret-of-at-least-32-bytes-0123456789";
+/// The `ADMIN_TOKEN` every test server gets (unless a test sets its own).
+pub const ADMIN: &str = "test-admin-token-0123456789";
 
 /// A running server process; killed when dropped.
 pub struct Server {
@@ -28,6 +30,7 @@ impl Server {
             .env("HOST", "127.0.0.1")
             .env("PORT", "0")
             .env("SESSION_SECRET", SECRET)
+            .env("ADMIN_TOKEN", ADMIN)
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
@@ -92,7 +95,10 @@ impl Server {
     }
 
     pub async fn stats(&self) -> Value {
-        reqwest::get(self.url("/stats"))
+        client()
+            .get(self.url("/stats"))
+            .bearer_auth(ADMIN)
+            .send()
             .await
             .unwrap()
             .json()

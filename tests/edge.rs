@@ -1,0 +1,381 @@
+//! The edge, as a hostile or careless client meets it: slow and partial
+//! request heads, idle keep-alive connections, floods of half-open
+//! connections, bodies that arrive late, the operator endpoints, CORS and
+//! weak secrets. Real `sse-scale` processes over real TCP.
+
+#[path = "support/redis_server.rs"]
+mod redis_server;
+mod support;
+
+use std::time::{Duration, Instant};
+
+use redis_server::RedisServer;
+use serde_json::{json, Value};
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+const T: Duration = Duration::from_secs(5);
+
+async fn connect(server: &Server) -> TcpStream {
+    TcpStream::connect(&server.addr).await.unwrap()
+}
+
+/// Reads until the server closes the connection; returns how long that
+/// took, or `None` if it stayed open for `within`.
+async fn closed_within(conn: &mut TcpStream, within: Duration) -> Option<Duration> {
+    let start = Instant::now();
+    let mut buf = [0u8; 4096];
+    loop {
+        match tokio::time::timeout_at((start + within).into(), conn.read(&mut buf)).await {
+            Err(_) => return None,
+            Ok(Ok(0)) | Ok(Err(_)) => return Some(start.elapsed()),
+            Ok(Ok(_)) => {}
+        }
+    }
+}
+
+/// Reads one HTTP/1.1 response with a `content-length`; returns the
+/// status and the body.
+async fn read_response(conn: &mut TcpStream) -> (u16, String) {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        let n = tokio::time::timeout(T, conn.read(&mut chunk))
+            .await
+            .expect("a response in time")
+            .unwrap();
+        assert!(
+            n > 0,
+            "connection closed before a whole response: {:?}",
+            String::from_utf8_lossy(&buf)
+        );
+        buf.extend_from_slice(&chunk[..n]);
+        let text = String::from_utf8_lossy(&buf).into_owned();
+        if let Some(end) = text.find("\r\n\r\n") {
+            let head = &text[..end];
+            let len: usize = head
+                .lines()
+                .find_map(|l| {
+                    let (k, v) = l.split_once(':')?;
+                    k.eq_ignore_ascii_case("content-length")
+                        .then(|| v.trim().parse().ok())?
+                })
+                .unwrap_or(0);
+            if buf.len() >= end + 4 + len {
+                let status = head[9..12].parse().unwrap();
+                return (status, text[end + 4..end + 4 + len].to_owned());
+            }
+        }
+    }
+}
+
+// Fails before the fix: the head deadline bounded only each peek, which
+// returns at once while bytes wait, so a partial head was held for ever.
+#[tokio::test]
+async fn a_request_head_must_arrive_whole_within_the_deadline() {
+    let server = Server::start(&[("REQUEST_HEAD_TIMEOUT_SECS", "1")]);
+    // Stops half-way through the head.
+    let mut partial = connect(&server).await;
+    partial
+        .write_all(b"GET /sessions/abc/events HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    // Sends its head one byte every 200 ms: each byte is quick, the whole
+    // head is not.
+    let mut trickle = connect(&server).await;
+    let trickling = tokio::spawn(async move {
+        for b in b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Pad: aaaaaaaaaaaaaaaaaaaa\r\n\r\n" {
+            if trickle.write_all(&[*b]).await.is_err() {
+                return trickle;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        trickle
+    });
+    let took = closed_within(&mut partial, T).await;
+    assert!(
+        took.is_some_and(|t| t < Duration::from_secs(3)),
+        "partial head held: {took:?}"
+    );
+    let mut trickle = trickling.await.unwrap();
+    let took = closed_within(&mut trickle, T).await;
+    assert!(took.is_some(), "a trickled head was held past the deadline");
+    // The server still answers a whole request at once.
+    let res = client().get(server.url("/healthz")).send().await.unwrap();
+    assert_eq!(res.status(), 200);
+}
+
+// Fails before the fix: hyper ran without a timer, so an idle keep-alive
+// connection was held for ever.
+#[tokio::test]
+async fn an_idle_keep_alive_connection_is_closed() {
+    let server = Server::start(&[("REQUEST_HEAD_TIMEOUT_SECS", "1")]);
+    let mut conn = connect(&server).await;
+    conn.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    assert_eq!(read_response(&mut conn).await.0, 200);
+    // The connection is reusable at once...
+    conn.write_all(b"GET /readyz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    assert_eq!(read_response(&mut conn).await.0, 200);
+    // ...and closed once idle for the deadline.
+    let took = closed_within(&mut conn, T).await;
+    assert!(
+        took.is_some_and(|t| t < Duration::from_secs(3)),
+        "idle keep-alive held: {took:?}"
+    );
+}
+
+// Fails before the fix: nothing bounded connections that never send a
+// head (each held a task and a descriptor for the head timeout).
+#[tokio::test]
+async fn a_flood_of_silent_connections_is_bounded_and_the_server_recovers() {
+    let server = Server::start(&[
+        ("MAX_PENDING_HEADS", "4"),
+        ("REQUEST_HEAD_TIMEOUT_SECS", "2"),
+    ]);
+    let mut silent = Vec::new();
+    for _ in 0..4 {
+        silent.push(connect(&server).await);
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut extra = connect(&server).await;
+    let took = closed_within(&mut extra, Duration::from_secs(1)).await;
+    assert!(took.is_some(), "a fifth silent connection was accepted");
+    // Once the silent ones time out, everyone is served again.
+    for conn in &mut silent {
+        assert!(closed_within(conn, T).await.is_some());
+    }
+    let res = client().get(server.url("/healthz")).send().await.unwrap();
+    assert_eq!(res.status(), 200);
+    assert!(server.stats().await["heads_refused"].as_u64() >= Some(1));
+}
+
+// Fails before the fix: `POST /sessions` answered without reading its
+// body, and hyper then closed the keep-alive connection.
+#[tokio::test]
+async fn a_session_created_with_a_late_body_keeps_its_connection() {
+    let server = Server::start(&[]);
+    let mut conn = connect(&server).await;
+    conn.write_all(b"POST /sessions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    conn.write_all(b"{}").await.unwrap();
+    let (status, body) = read_response(&mut conn).await;
+    assert_eq!(status, 201, "{body}");
+    let created: Value = serde_json::from_str(&body).unwrap();
+    assert!(created["token"].is_string());
+    conn.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    assert_eq!(
+        read_response(&mut conn).await.0,
+        200,
+        "the connection was reused"
+    );
+}
+
+async fn error_code(res: reqwest::Response) -> (u16, String) {
+    let status = res.status().as_u16();
+    let body: Value = res.json().await.unwrap();
+    (
+        status,
+        body["error"]["code"].as_str().unwrap_or("").to_owned(),
+    )
+}
+
+// Fails before the fix: `/stats` and `/flags` answered anyone, and
+// `/flags` listed live session ids.
+#[tokio::test]
+async fn operator_endpoints_need_the_admin_token() {
+    let server = Server::start(&[]);
+    let (session, _) = new_session(&server).await;
+    let c = client();
+    for path in ["/stats", &format!("/flags?sessions={session}")] {
+        let url = server.url(path);
+        assert_eq!(
+            error_code(c.get(&url).send().await.unwrap()).await,
+            (401, "unauthorized".into()),
+            "{path}"
+        );
+        assert_eq!(
+            error_code(
+                c.get(&url)
+                    .bearer_auth("not-the-admin-token")
+                    .send()
+                    .await
+                    .unwrap()
+            )
+            .await,
+            (403, "forbidden".into()),
+            "{path}"
+        );
+        let res = c.get(&url).bearer_auth(ADMIN).send().await.unwrap();
+        assert_eq!(res.status(), 200, "{path}");
+    }
+    // A session token is not an admin token.
+    let (_, token) = new_session(&server).await;
+    let res = c
+        .get(server.url("/stats"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 403);
+    // Health stays open for balancers.
+    for path in ["/healthz", "/readyz"] {
+        assert_eq!(c.get(server.url(path)).send().await.unwrap().status(), 200);
+    }
+    // Without ADMIN_TOKEN the endpoints are closed, and say what to set.
+    let closed = Server::start(&[("ADMIN_TOKEN", "")]);
+    let res = c
+        .get(closed.url("/stats"))
+        .bearer_auth(ADMIN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 403);
+    let body: Value = res.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "admin_disabled");
+    assert!(body["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("ADMIN_TOKEN"));
+}
+
+#[tokio::test]
+async fn announcements_reach_every_session_on_every_instance() {
+    let redis = RedisServer::start();
+    let env = |name| {
+        vec![
+            ("SSE_ADAPTER", "redis".to_owned()),
+            ("REDIS_URL", redis.url()),
+            ("FF_REDIS_SSE_BROADCAST", "true".to_owned()),
+            ("INSTANCE_ID", name),
+        ]
+    };
+    let start = |name: &str| {
+        let e = env(name.to_owned());
+        let pairs: Vec<(&str, &str)> = e.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        Server::start(&pairs)
+    };
+    let a = start("a");
+    let b = start("b");
+    let (s1, t1) = new_session(&a).await;
+    let (s2, t2) = new_session(&b).await;
+    let mut on_a = SseClient::open(&a, &s1, &t1).await;
+    on_a.expect_connected().await;
+    let mut on_b = SseClient::open(&b, &s2, &t2).await;
+    on_b.expect_connected().await;
+    wait_subscribed(&b, 1).await;
+
+    let c = client();
+    let url = a.url("/announcements");
+    let body = json!({ "type": "maintenance", "data": { "in_minutes": 5 } });
+    assert_eq!(c.post(&url).json(&body).send().await.unwrap().status(), 401);
+    let res = c
+        .post(&url)
+        .bearer_auth(ADMIN)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 202);
+    for sse in [&mut on_a, &mut on_b] {
+        let ev = sse.next_event(T).await.expect("the announcement");
+        assert_eq!(ev.event.as_deref(), Some("maintenance"));
+        assert_eq!(ev.json(), json!({ "in_minutes": 5 }));
+        assert_eq!(ev.id, None, "announcements never move Last-Event-ID");
+    }
+    let bad = json!({ "type": "a\nb", "data": 1 });
+    let res = c
+        .post(&url)
+        .bearer_auth(ADMIN)
+        .json(&bad)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 400);
+}
+
+#[tokio::test]
+async fn cors_answers_only_listed_origins() {
+    let server = Server::start(&[("CORS_ALLOWED_ORIGINS", "https://app.example")]);
+    let c = client();
+    let preflight = |origin: &'static str| {
+        c.request(reqwest::Method::OPTIONS, server.url("/sessions"))
+            .header("origin", origin)
+            .header("access-control-request-method", "POST")
+            .header("access-control-request-headers", "authorization")
+            .send()
+    };
+    let ok = preflight("https://app.example").await.unwrap();
+    assert_eq!(
+        ok.headers()["access-control-allow-origin"],
+        "https://app.example"
+    );
+    let evil = preflight("https://evil.example").await.unwrap();
+    assert!(evil.headers().get("access-control-allow-origin").is_none());
+    let res = c
+        .post(server.url("/sessions"))
+        .header("origin", "https://app.example")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        res.headers()["access-control-allow-origin"],
+        "https://app.example"
+    );
+    assert!(res.headers()["access-control-expose-headers"]
+        .to_str()
+        .unwrap()
+        .contains("x-instance-id"));
+    // Nothing is allowed by default.
+    let plain = Server::start(&[]);
+    let res = c
+        .post(plain.url("/sessions"))
+        .header("origin", "https://app.example")
+        .send()
+        .await
+        .unwrap();
+    assert!(res.headers().get("access-control-allow-origin").is_none());
+}
+
+// Fails before the fix: any secret was accepted, an empty one included,
+// which makes every session token forgeable.
+#[test]
+fn weak_secrets_stop_the_server_with_exit_code_2() {
+    for (env, needle) in [
+        (("SESSION_SECRET", ""), "SESSION_SECRET"),
+        (("SESSION_SECRET", "hunter2"), "SESSION_SECRET"),
+        (("ADMIN_TOKEN", "admin"), "ADMIN_TOKEN"),
+        (("CORS_ALLOWED_ORIGINS", "*"), "CORS_ALLOWED_ORIGINS"),
+    ] {
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_sse-scale"))
+            .env_clear()
+            .env("PORT", "0")
+            .env(env.0, env.1)
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + T;
+        let status = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                break status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("{env:?}: the server started instead of refusing the setting");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let mut stderr = String::new();
+        std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+        assert_eq!(status.code(), Some(2), "{env:?}: {stderr}");
+        assert!(stderr.contains(needle), "{env:?}: {stderr}");
+    }
+}
