@@ -96,9 +96,12 @@ pub struct HistoryLimits {
     pub maxlen: usize,
     /// A session's history is dropped this long after its last event.
     pub ttl: Duration,
-    /// Bytes of event data kept over all sessions; past it, the histories
-    /// of the sessions idle the longest are dropped.
+    /// Bytes kept over all sessions (events plus bookkeeping); past it,
+    /// the histories of the sessions idle the longest are dropped.
     pub max_bytes: usize,
+    /// Bytes one session may hold; past it its oldest events are dropped,
+    /// so one busy session cannot push every other out of `max_bytes`.
+    pub session_max_bytes: usize,
 }
 
 impl Default for HistoryLimits {
@@ -107,6 +110,7 @@ impl Default for HistoryLimits {
             maxlen: 1000,
             ttl: Duration::from_secs(3600),
             max_bytes: 256 << 20,
+            session_max_bytes: 4 << 20,
         }
     }
 }
@@ -139,6 +143,12 @@ struct Ring {
     touched: Instant,
 }
 
+/// What a held frame costs besides its bytes (the frame, the ring slot, the
+/// shared buffer's header), and what a session's ring costs with no frame
+/// (the map entry, the ring, the session id): counted against the limits.
+const FRAME_OVERHEAD: usize = 64;
+const RING_OVERHEAD: usize = 192;
+
 /// Expired rings are looked for at most this often (on record).
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
 
@@ -159,20 +169,20 @@ impl History {
         let now = Instant::now();
         let mut inner = self.lock();
         inner.sweep(now, self.limits.ttl);
-        let size = frame.bytes.len();
-        let ring = inner
-            .rings
-            .entry(session.clone())
-            .or_insert_with(|| Ring::new(now, false));
+        let size = cost(frame);
+        let ring = inner.ring(session, now, false);
         ring.touched = now;
         ring.frames.push_back(frame.clone());
         ring.bytes += size;
         let mut freed = 0;
-        while ring.frames.len() > self.limits.maxlen {
+        while ring.frames.len() > self.limits.maxlen
+            || (ring.bytes > self.limits.session_max_bytes && ring.frames.len() > 1)
+        {
             if let Some(old) = ring.frames.pop_front() {
+                let old_size = cost(&old);
                 ring.trimmed_through = Some(old.id);
-                ring.bytes -= old.bytes.len();
-                freed += old.bytes.len();
+                ring.bytes -= old_size;
+                freed += old_size;
             }
         }
         inner.bytes = inner.bytes + size - freed;
@@ -227,10 +237,7 @@ impl History {
         let now = Instant::now();
         let mut inner = self.lock();
         inner.sweep(now, self.limits.ttl);
-        let ring = inner
-            .rings
-            .entry(session.clone())
-            .or_insert_with(|| Ring::new(now, true));
+        let ring = inner.ring(session, now, true);
         ring.touched = now;
         ring.frames.back().map_or(EventId::ZERO, |f| f.id)
     }
@@ -264,13 +271,28 @@ impl Ring {
             frames: VecDeque::new(),
             trimmed_through: None,
             from_start,
-            bytes: 0,
+            bytes: RING_OVERHEAD,
             touched: now,
         }
     }
 }
 
+/// What holding `frame` costs.
+fn cost(frame: &Frame) -> usize {
+    frame.bytes.len() + FRAME_OVERHEAD
+}
+
 impl Inner {
+    /// The session's ring, made (and its overhead counted) if need be.
+    fn ring(&mut self, session: &SessionId, now: Instant, from_start: bool) -> &mut Ring {
+        if !self.rings.contains_key(session) {
+            self.bytes += RING_OVERHEAD;
+        }
+        self.rings
+            .entry(session.clone())
+            .or_insert_with(|| Ring::new(now, from_start))
+    }
+
     fn sweep(&mut self, now: Instant, ttl: Duration) {
         if self
             .last_sweep
@@ -417,11 +439,35 @@ mod tests {
     }
 
     #[test]
+    fn one_session_cannot_take_the_others_history() {
+        let h = History::new(HistoryLimits {
+            maxlen: 1000,
+            ttl: Duration::from_secs(60),
+            max_bytes: 64 << 10,
+            session_max_bytes: 16 << 10,
+        });
+        let ids = IdGenerator::new();
+        let quiet = frame(&ids, "quiet");
+        h.record(&session("quiet"), &quiet);
+        let big = "x".repeat(1000);
+        for _ in 0..500 {
+            h.record(&session("busy"), &frame(&ids, &big));
+        }
+        let (sessions, bytes) = h.usage();
+        assert_eq!(sessions, 2, "the quiet session kept its history");
+        assert!(bytes <= 20 << 10, "{bytes}");
+        assert_eq!(h.newest(&session("quiet")), Some(quiet.id));
+        // The busy one lost only its own oldest events.
+        assert!(!h.after(&session("busy"), EventId::ZERO, ALL).complete());
+    }
+
+    #[test]
     fn memory_cap_drops_the_oldest_sessions() {
         let h = History::new(HistoryLimits {
             maxlen: 100,
             ttl: Duration::from_secs(60),
             max_bytes: 4096,
+            session_max_bytes: 4096,
         });
         let ids = IdGenerator::new();
         let big = "x".repeat(1000);
@@ -432,7 +478,7 @@ mod tests {
             last = Some(f.id);
         }
         let (sessions, bytes) = h.usage();
-        assert!(bytes <= 4096, "{bytes}");
+        assert!(bytes <= 4096 + 1000 + 64 + 192, "{bytes}");
         assert!(sessions < 10);
         // The newest session survived.
         assert_eq!(h.newest(&session("s9")), last);

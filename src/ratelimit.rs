@@ -32,6 +32,14 @@ return {n, ttl}
 
 /// Local windows kept before expired ones are swept.
 const LOCAL_SWEEP_AT: usize = 10_000;
+/// Sweeps happen at most this often.
+const SWEEP_EVERY: Duration = Duration::from_secs(1);
+
+/// The in-process windows, by key, and when they were last swept.
+struct Local {
+    windows: HashMap<String, (Instant, u64)>,
+    swept: Instant,
+}
 
 /// At most `max` hits per `window`; `max == 0` disables the limit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -72,7 +80,7 @@ pub struct RateLimiter {
     redis: Option<(SharedRedis, redis::Script)>,
     #[cfg_attr(not(feature = "redis"), allow(dead_code))]
     prefix: String,
-    local: Mutex<HashMap<String, (Instant, u64)>>,
+    local: Mutex<Local>,
     /// Set while Redis is failing, so the fallback is logged once per outage.
     #[cfg(feature = "redis")]
     fallback: AtomicBool,
@@ -97,7 +105,10 @@ impl RateLimiter {
             #[cfg(feature = "redis")]
             redis: None,
             prefix: format!("{prefix}rl:"),
-            local: Mutex::new(HashMap::new()),
+            local: Mutex::new(Local {
+                windows: HashMap::new(),
+                swept: Instant::now(),
+            }),
             #[cfg(feature = "redis")]
             fallback: AtomicBool::new(false),
             fallback_checks: AtomicU64::new(0),
@@ -158,8 +169,13 @@ impl RateLimiter {
 
     fn check_local(&self, key: &str, limit: Limit) -> Decision {
         let now = Instant::now();
-        let mut windows = self.local.lock().unwrap_or_else(|e| e.into_inner());
-        if windows.len() >= LOCAL_SWEEP_AT {
+        let mut local = self.local.lock().unwrap_or_else(|e| e.into_inner());
+        let Local { windows, swept } = &mut *local;
+        // Expired windows are dropped at most once a second, not on every
+        // check: a full sweep under the lock on each request would let a
+        // flood of distinct keys slow every check down.
+        if windows.len() >= LOCAL_SWEEP_AT && now.duration_since(*swept) >= SWEEP_EVERY {
+            *swept = now;
             windows.retain(|_, (start, _)| now.duration_since(*start) < Duration::from_secs(60));
         }
         let entry = windows.entry(key.to_owned()).or_insert((now, 0));

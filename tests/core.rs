@@ -90,7 +90,7 @@ async fn every_route_delivers_in_publish_order_with_correct_framing() {
         &server,
         &token,
         &format!("{base}/pipeline"),
-        json!({ "stages": ["research", "draft"], "sections_per_stage": 2, "step_ms": 0 }),
+        json!({ "stages": ["research", "draft"], "sections_per_stage": 2, "step_ms": 10 }),
     )
     .await;
     assert_eq!(r.status(), 202);
@@ -405,7 +405,7 @@ async fn pipeline_gate_pauses_and_resumes() {
             &server,
             &token,
             &pipeline,
-            json!({ "stages": ["draft"], "sections_per_stage": 1, "step_ms": 0, "gate": gate }),
+            json!({ "stages": ["draft"], "sections_per_stage": 1, "step_ms": 10, "gate": gate }),
         )
     };
     let run: Value = start(true).await.json().await.unwrap();

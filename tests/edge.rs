@@ -379,3 +379,147 @@ fn weak_secrets_stop_the_server_with_exit_code_2() {
         assert!(stderr.contains(needle), "{env:?}: {stderr}");
     }
 }
+
+async fn start_run(server: &Server, session: &str, token: &str, body: Value) -> reqwest::Response {
+    post(
+        server,
+        token,
+        &format!("/sessions/{session}/pipeline"),
+        body,
+    )
+    .await
+}
+
+// Fails before the fix: creating sessions was free and unlimited, so every
+// per-session limit was, per client, no limit at all.
+#[tokio::test]
+async fn one_address_cannot_create_sessions_without_limit() {
+    let server = Server::start(&[("RATE_LIMIT_SESSIONS_PER_MIN", "3")]);
+    for _ in 0..3 {
+        new_session(&server).await;
+    }
+    let res = client().post(server.url("/sessions")).send().await.unwrap();
+    assert_eq!(error_code(res).await, (429, "rate_limited".into()));
+}
+
+// Fails before the fix: one client could hold every run slot of an
+// instance with gated runs, and `step_ms: 0` was accepted.
+#[tokio::test]
+async fn runs_are_capped_per_session_and_paced() {
+    let server = Server::start(&[("MAX_RUNS_PER_SESSION", "2")]);
+    let (s, t) = new_session(&server).await;
+    let gated = json!({ "stages": ["a"], "sections_per_stage": 1, "step_ms": 10, "gate": true });
+    for _ in 0..2 {
+        assert_eq!(
+            start_run(&server, &s, &t, gated.clone()).await.status(),
+            202
+        );
+    }
+    assert_eq!(
+        error_code(start_run(&server, &s, &t, gated.clone()).await).await,
+        (429, "too_many_runs".into())
+    );
+    let (other, other_token) = new_session(&server).await;
+    assert_eq!(
+        start_run(&server, &other, &other_token, gated)
+            .await
+            .status(),
+        202,
+        "another session is not held back"
+    );
+    let flood = json!({ "stages": ["a"], "sections_per_stage": 100, "step_ms": 0 });
+    assert_eq!(
+        error_code(start_run(&server, &other, &other_token, flood).await).await,
+        (400, "invalid_pipeline".into())
+    );
+}
+
+// Fails before the fix: a run's events bypassed the session's publish
+// limit.
+#[tokio::test]
+async fn a_run_spends_its_session_s_publish_budget_and_loses_nothing() {
+    let server = Server::start(&[("RATE_LIMIT_PUBLISH_PER_SEC", "5")]);
+    let (s, t) = new_session(&server).await;
+    let mut sse = SseClient::open(&server, &s, &t).await;
+    sse.expect_connected().await;
+    let run = json!({ "stages": ["a"], "sections_per_stage": 8, "step_ms": 10 });
+    assert_eq!(start_run(&server, &s, &t, run).await.status(), 202);
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let res = message(&server, &s, &t, "hello").await;
+    assert_eq!(
+        error_code(res).await,
+        (429, "rate_limited".into()),
+        "the run used the budget"
+    );
+    // The run slowed down instead of dropping anything.
+    let mut sections = 0;
+    loop {
+        let ev = sse
+            .next_event(Duration::from_secs(10))
+            .await
+            .expect("the run's events");
+        match ev.event.as_deref() {
+            Some("section_draft") => sections += 1,
+            Some("pipeline_complete") => break,
+            Some("pipeline_failed") => panic!("{ev:?}"),
+            _ => {}
+        }
+    }
+    assert_eq!(sections, 8);
+}
+
+// Fails before the fix: one session could fill HISTORY_MEMORY_MB and
+// evict every other session's history (their resumes then got `reset`).
+#[tokio::test]
+async fn one_session_cannot_push_the_others_history_out() {
+    let server = Server::start(&[
+        ("HISTORY_MEMORY_MB", "1"),
+        ("HISTORY_SESSION_MAX_BYTES", "65536"),
+        ("RATE_LIMIT_PUBLISH_PER_SEC", "0"),
+    ]);
+    let (quiet, qt) = new_session(&server).await;
+    let publish = |session: String, token: String, data: Value| {
+        let server = &server;
+        async move {
+            let res = post(
+                server,
+                &token,
+                &format!("/sessions/{session}/events"),
+                json!({ "type": "t", "data": data }),
+            )
+            .await;
+            assert_eq!(res.status(), 202);
+            res.json::<Value>().await.unwrap()["id"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        }
+    };
+    let first = publish(quiet.clone(), qt.clone(), json!("q1")).await;
+    publish(quiet.clone(), qt.clone(), json!("q2")).await;
+    let (busy, bt) = new_session(&server).await;
+    let big = json!("x".repeat(8000));
+    for _ in 0..200 {
+        publish(busy.clone(), bt.clone(), big.clone()).await;
+    }
+    let stats = server.stats().await;
+    assert!(
+        stats["history"]["bytes"].as_u64() < Some(1 << 20),
+        "{stats}"
+    );
+    let res = client()
+        .get(server.url(&format!("/sessions/{quiet}/events?token={qt}")))
+        .header("last-event-id", &first)
+        .send()
+        .await
+        .unwrap();
+    let mut sse = SseClient::from_response(res);
+    sse.expect_connected().await;
+    let ev = sse.next_event(T).await.unwrap();
+    assert_eq!(
+        ev.event.as_deref(),
+        Some("t"),
+        "the quiet session still resumes: {ev:?}"
+    );
+    assert_eq!(ev.json(), json!("q2"));
+}

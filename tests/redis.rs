@@ -87,7 +87,7 @@ async fn every_route_crosses_instances_once_and_in_order_when_the_flag_is_on() {
         &b,
         &token,
         &format!("{base}/pipeline"),
-        json!({ "stages": ["s1"], "sections_per_stage": 2, "step_ms": 0 }),
+        json!({ "stages": ["s1"], "sections_per_stage": 2, "step_ms": 10 }),
     )
     .await;
     assert_eq!(r.status(), 202);
@@ -396,7 +396,7 @@ async fn a_gate_answered_on_another_instance_resumes_the_pipeline() {
         &a,
         &token,
         &format!("/sessions/{id}/pipeline"),
-        json!({ "stages": ["draft"], "sections_per_stage": 1, "step_ms": 0, "gate": true }),
+        json!({ "stages": ["draft"], "sections_per_stage": 1, "step_ms": 10, "gate": true }),
     )
     .await;
     let run_id = r.json::<Value>().await.unwrap()["run_id"]
@@ -441,7 +441,7 @@ async fn with_the_flag_off_a_gate_on_the_wrong_instance_is_a_conflict() {
         &a,
         &token,
         &format!("/sessions/{id}/pipeline"),
-        json!({ "stages": ["draft"], "sections_per_stage": 1, "step_ms": 0, "gate": true }),
+        json!({ "stages": ["draft"], "sections_per_stage": 1, "step_ms": 10, "gate": true }),
     )
     .await;
     let run_id = r.json::<Value>().await.unwrap()["run_id"]

@@ -69,6 +69,7 @@ impl Server {
             // limits would throttle the benchmark, not a real deployment.
             .env("RATE_LIMIT_PUBLISH_PER_SEC", "0")
             .env("RATE_LIMIT_STREAMS_PER_MIN", "0")
+            .env("RATE_LIMIT_SESSIONS_PER_MIN", "0")
             .env("MAX_STREAMS", "19000")
             .env("SSE_CLIENT_QUEUE", "1024")
             // End quickly when the benchmark is done with a server.

@@ -144,6 +144,22 @@ pub struct Config {
     #[arg(long, env = "RATE_LIMIT_STREAMS_PER_MIN", default_value_t = 600)]
     pub rate_limit_streams_per_min: u64,
 
+    /// Sessions created per minute per client IP (0: no limit).
+    #[arg(long, env = "RATE_LIMIT_SESSIONS_PER_MIN", default_value_t = 120)]
+    pub rate_limit_sessions_per_min: u64,
+
+    /// Pipeline runs one session may have executing at once.
+    #[arg(long, env = "MAX_RUNS_PER_SESSION", default_value_t = 4,
+          value_parser = clap::value_parser!(u64).range(1..=1024))]
+    pub max_runs_per_session: u64,
+
+    /// Bytes of in-process history one session may hold (its events plus
+    /// bookkeeping); past it its oldest events go, so no session can push
+    /// the others' history out of `HISTORY_MEMORY_MB`.
+    #[arg(long, env = "HISTORY_SESSION_MAX_BYTES", default_value_t = 4 << 20,
+          value_parser = clap::value_parser!(u64).range(4096..=1 << 34))]
+    pub history_session_max_bytes: u64,
+
     /// Take the client IP from the first `X-Forwarded-For` address (only
     /// behind a proxy that sets it).
     #[arg(long, env = "TRUST_FORWARDED_FOR", default_value_t = false, action = clap::ArgAction::Set,
@@ -322,6 +338,7 @@ impl Config {
             maxlen: self.history_maxlen as usize,
             ttl: Duration::from_secs(self.history_ttl_secs),
             max_bytes: (self.history_memory_mb as usize).saturating_mul(1 << 20),
+            session_max_bytes: self.history_session_max_bytes as usize,
         }
     }
 

@@ -26,7 +26,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::error::AppError;
 use crate::extract::{AuthedSession, JsonBody, JsonOrDefault};
-use crate::runs::{GateDecision, GateOutcome};
+use crate::runs::{Full, GateDecision, GateOutcome};
 use crate::state::AppState;
 
 /// How long a run waits at its gate before it is cancelled.
@@ -34,6 +34,9 @@ pub const GATE_TIMEOUT: Duration = Duration::from_secs(30 * 60);
 const MAX_STAGES: usize = 20;
 const MAX_SECTIONS: u32 = 100;
 const MAX_STEP_MS: u64 = 60_000;
+/// Shortest pause between a run's steps: a run is a simulation of work,
+/// not a way to flood a session.
+const MIN_STEP_MS: u64 = 10;
 
 /// Body of `POST /sessions/{id}/pipeline`; every field is optional.
 #[derive(Debug, Deserialize)]
@@ -73,8 +76,8 @@ impl PipelineRequest {
         if self.sections_per_stage > MAX_SECTIONS {
             return bad(format!("sections_per_stage must be at most {MAX_SECTIONS}"));
         }
-        if self.step_ms > MAX_STEP_MS {
-            return bad(format!("step_ms must be at most {MAX_STEP_MS}"));
+        if !(MIN_STEP_MS..=MAX_STEP_MS).contains(&self.step_ms) {
+            return bad(format!("step_ms must be {MIN_STEP_MS}-{MAX_STEP_MS}"));
         }
         Ok(())
     }
@@ -93,11 +96,26 @@ pub async fn start(
     }
     let run_id = uuid::Uuid::new_v4().simple().to_string();
     let cancel = state.shutdown.child_token();
-    if !state.runs.insert(&run_id, &session, cancel.clone()) {
-        return Err(AppError::unavailable(
-            "too many pipeline runs on this instance",
-            5,
-        ));
+    match state.runs.insert(
+        &run_id,
+        &session,
+        cancel.clone(),
+        state.max_runs_per_session,
+    ) {
+        Ok(()) => {}
+        Err(Full::Instance) => {
+            return Err(AppError::unavailable(
+                "too many pipeline runs on this instance",
+                5,
+            ))
+        }
+        Err(Full::Session) => {
+            return Err(AppError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too_many_runs",
+                "this session already has MAX_RUNS_PER_SESSION runs executing",
+            ))
+        }
     }
     let task_state = state.clone();
     let task_run = run_id.clone();
@@ -196,11 +214,17 @@ async fn execute(
     req: &PipelineRequest,
     cancel: &CancellationToken,
 ) -> Result<(), AppError> {
-    let emit = |ty: &'static str, data: Value| {
-        state.publish(
-            session,
-            OutgoingEvent::json(EventType::from_static(ty), &data),
-        )
+    // Each event spends the session's publish budget (waiting for room,
+    // never failing for it), so a run cannot publish past the limit the
+    // publishing routes keep.
+    let emit = |ty: &'static str, data: Value| async move {
+        state.pace_publish(session).await;
+        state
+            .publish(
+                session,
+                OutgoingEvent::json(EventType::from_static(ty), &data),
+            )
+            .await
     };
     let step = Duration::from_millis(req.step_ms);
     let total = req.stages.len();

@@ -68,6 +68,15 @@ struct Run {
     cancel: CancellationToken,
 }
 
+/// Why a run was not started.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Full {
+    /// The instance runs [`MAX_RUNS`].
+    Instance,
+    /// The session has its share running.
+    Session,
+}
+
 /// The relay could not reach the other instances.
 #[derive(Debug, thiserror::Error)]
 #[error("cannot relay the gate answer: {0}")]
@@ -106,11 +115,21 @@ impl Runs {
         self.len() == 0
     }
 
-    /// Registers a run; false when the instance already runs [`MAX_RUNS`].
-    pub fn insert(&self, run_id: &str, session: &SessionId, cancel: CancellationToken) -> bool {
+    /// Registers a run, unless the instance already runs [`MAX_RUNS`] or
+    /// the session `per_session` of them.
+    pub fn insert(
+        &self,
+        run_id: &str,
+        session: &SessionId,
+        cancel: CancellationToken,
+        per_session: usize,
+    ) -> Result<(), Full> {
         let mut runs = lock(&self.runs);
         if runs.len() >= MAX_RUNS {
-            return false;
+            return Err(Full::Instance);
+        }
+        if runs.values().filter(|r| &r.session == session).count() >= per_session {
+            return Err(Full::Session);
         }
         runs.insert(
             run_id.to_owned(),
@@ -120,7 +139,7 @@ impl Runs {
                 cancel,
             },
         );
-        true
+        Ok(())
     }
 
     pub fn remove(&self, run_id: &str) {

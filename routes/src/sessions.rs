@@ -22,12 +22,14 @@ use crate::state::AppState;
 /// `POST /sessions` → `201 {"id", "token"}`.
 pub async fn create(
     State(state): State<Arc<AppState>>,
+    ClientIp(ip): ClientIp,
     jar: CookieJar,
     headers: HeaderMap,
     // Read (and ignored): a body left unread would make hyper close the
     // keep-alive connection, and a balancer reusing it would fail.
     _body: axum::body::Bytes,
-) -> Response {
+) -> Result<Response, AppError> {
+    state.limit_session_create(ip).await?;
     let raw = uuid::Uuid::new_v4().simple().to_string();
     // A simple UUID is 32 hex digits, always a valid session id.
     let Ok(id) = SessionId::parse(&raw) else {
@@ -35,12 +37,12 @@ pub async fn create(
     };
     let token = state.signer.sign(&id);
     let jar = state.affinity.pin(jar, &headers);
-    (
+    Ok((
         StatusCode::CREATED,
         jar,
         Json(json!({ "id": id.as_str(), "token": token })),
     )
-        .into_response()
+        .into_response())
 }
 
 /// `GET /sessions/{id}/events` → `text/event-stream`.

@@ -41,6 +41,9 @@ pub struct AppState {
     pub limiter: RateLimiter,
     pub publish_limit: Limit,
     pub stream_limit: Limit,
+    pub session_limit: Limit,
+    /// Runs one session may have executing at once.
+    pub max_runs_per_session: usize,
     pub trust_forwarded_for: bool,
     pub signer: TokenSigner,
     /// `ADMIN_TOKEN`: the bearer token of the operator endpoints.
@@ -107,6 +110,8 @@ impl AppState {
             limiter,
             publish_limit: Limit::per_second(config.rate_limit_publish_per_sec),
             stream_limit: Limit::per_minute(config.rate_limit_streams_per_min),
+            session_limit: Limit::per_minute(config.rate_limit_sessions_per_min),
+            max_runs_per_session: config.max_runs_per_session as usize,
             trust_forwarded_for: config.trust_forwarded_for,
             signer,
             // Empty is unset: the endpoints stay closed.
@@ -167,6 +172,25 @@ impl AppState {
     pub async fn limit_publish(&self, session: &SessionId) -> Result<(), AppError> {
         let key = format!("publish:{session}");
         limited(self.limiter.check(&key, self.publish_limit).await)
+    }
+
+    /// The per-client-IP limit on creating sessions: without it, creating
+    /// sessions would turn every per-session limit into none.
+    pub async fn limit_session_create(&self, ip: IpAddr) -> Result<(), AppError> {
+        let key = format!("sessions:{ip}");
+        limited(self.limiter.check(&key, self.session_limit).await)
+    }
+
+    /// Waits until the session's publish budget has room: background work
+    /// (pipeline runs) spends the same budget as the publishing routes, but
+    /// slows down instead of failing. A wait lasts at most one window.
+    pub async fn pace_publish(&self, session: &SessionId) {
+        let key = format!("publish:{session}");
+        while let Decision::Limited { retry_after } =
+            self.limiter.check(&key, self.publish_limit).await
+        {
+            tokio::time::sleep(retry_after.max(Duration::from_millis(10))).await;
+        }
     }
 
     /// The per-client-IP limit on opening streams.
