@@ -354,6 +354,8 @@ fn weak_secrets_stop_the_server_with_exit_code_2() {
         (("SESSION_SECRET", "hunter2"), "SESSION_SECRET"),
         (("ADMIN_TOKEN", "admin"), "ADMIN_TOKEN"),
         (("CORS_ALLOWED_ORIGINS", "*"), "CORS_ALLOWED_ORIGINS"),
+        (("TRUST_FORWARDED_FOR", "true"), "TRUSTED_PROXIES"),
+        (("TRUSTED_PROXIES", "the-balancer"), "TRUSTED_PROXIES"),
     ] {
         let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_sse-scale"))
             .env_clear()
@@ -522,4 +524,22 @@ async fn one_session_cannot_push_the_others_history_out() {
         "the quiet session still resumes: {ev:?}"
     );
     assert_eq!(ev.json(), json!("q2"));
+}
+
+#[tokio::test]
+async fn one_address_holds_at_most_its_share_of_streams() {
+    let server = Server::start(&[("MAX_STREAMS_PER_ADDRESS", "2")]);
+    let (s, t) = new_session(&server).await;
+    let mut a = SseClient::open(&server, &s, &t).await;
+    a.expect_connected().await;
+    let b = SseClient::open(&server, &s, &t).await;
+    let url = server.url(&format!("/sessions/{s}/events?token={t}"));
+    let third = client().get(&url).send().await.unwrap();
+    assert_eq!(error_code(third).await, (429, "too_many_streams".into()));
+    drop(b);
+    let ok = eventually(T, || async {
+        client().get(&url).send().await.unwrap().status() == 200
+    })
+    .await;
+    assert!(ok, "a closed stream gives its slot back");
 }

@@ -34,13 +34,16 @@ struct Apps {
 
 impl Apps {
     fn start() -> Apps {
+        Self::start_with(&[])
+    }
+
+    fn start_with(extra: &[(&str, &str)]) -> Apps {
         let servers = IDS
             .iter()
             .map(|id| {
-                Some(Server::start(&[
-                    ("INSTANCE_ID", id),
-                    ("SSE_HEARTBEAT_SECS", "1"),
-                ]))
+                let mut env = vec![("INSTANCE_ID", *id), ("SSE_HEARTBEAT_SECS", "1")];
+                env.extend_from_slice(extra);
+                Some(Server::start(&env))
             })
             .collect();
         Apps { servers }
@@ -634,4 +637,67 @@ fn a_missing_balancer_fails_with_a_clear_message() {
         msg.contains("not installed") && msg.contains("run-all.sh"),
         "{msg}"
     );
+}
+
+/// Opens (and drops) a stream through `lb` from the local address `from`,
+/// with a forged `X-Forwarded-For`; returns the status.
+async fn open_from_address(lb: &Balancer, s: &Session, from: &str, forged: &str) -> u16 {
+    let c = reqwest::Client::builder()
+        .local_address(Some(from.parse().unwrap()))
+        .build()
+        .unwrap();
+    let res = c
+        .get(lb.url(&format!("/sessions/{}/events?token={}", s.id, s.token)))
+        .header("X-Session-ID", &s.id)
+        .header("X-Forwarded-For", forged)
+        .send()
+        .await
+        .unwrap();
+    res.status().as_u16()
+}
+
+/// Behind `lb` with `TRUSTED_PROXIES` set to it: the per-client limit counts
+/// the address the balancer saw, whatever the client writes into
+/// `X-Forwarded-For`, and two clients have two budgets.
+async fn forged_forwarded_for_changes_nothing(lb: &Balancer) {
+    let mut jar = Jar::default();
+    let (s, _) = create_session(lb, &mut jar).await;
+    for n in 0..3 {
+        let forged = format!("198.51.100.{n}");
+        assert_eq!(
+            open_from_address(lb, &s, "127.0.0.2", &forged).await,
+            200,
+            "{:?}",
+            lb.kind
+        );
+    }
+    assert_eq!(
+        open_from_address(lb, &s, "127.0.0.2", "198.51.100.99").await,
+        429,
+        "{:?}: a new forged address escaped the limit",
+        lb.kind
+    );
+    assert_eq!(
+        open_from_address(lb, &s, "127.0.0.3", "198.51.100.0").await,
+        200,
+        "{:?}: another client shares no budget with the first",
+        lb.kind
+    );
+}
+
+// Fails before the fix: the leftmost X-Forwarded-For address (the client's
+// own) was used, so every forged value was a fresh budget.
+#[tokio::test]
+async fn a_forged_forwarded_for_changes_nothing_behind_haproxy_and_nginx() {
+    let trust = [
+        ("TRUSTED_PROXIES", "127.0.0.1"),
+        ("RATE_LIMIT_STREAMS_PER_MIN", "3"),
+    ];
+    let apps = Apps::start_with(&trust);
+    let lb = Balancer::haproxy("haproxy/haproxy-header.cfg", &apps.addrs(), &[]).await;
+    forged_forwarded_for_changes_nothing(&lb).await;
+    drop(lb);
+    let apps = Apps::start_with(&trust);
+    let lb = Balancer::nginx("nginx/header-hash.conf.template", &apps.addrs()).await;
+    forged_forwarded_for_changes_nothing(&lb).await;
 }

@@ -160,11 +160,25 @@ pub struct Config {
           value_parser = clap::value_parser!(u64).range(4096..=1 << 34))]
     pub history_session_max_bytes: u64,
 
-    /// Take the client IP from the first `X-Forwarded-For` address (only
-    /// behind a proxy that sets it).
+    /// Balancers and proxies in front of this server (comma-separated
+    /// CIDRs or addresses, e.g. `10.0.0.0/8,127.0.0.1`). A request from one
+    /// of them has its client address taken from `X-Forwarded-For`: the
+    /// rightmost address not in this list (what the nearest untrusted hop
+    /// connected from). Empty: the peer address is the client.
+    #[arg(long, env = "TRUSTED_PROXIES", value_delimiter = ',', value_parser = parse_net)]
+    pub trusted_proxies: Vec<ipnet::IpNet>,
+
+    /// Replaced by `TRUSTED_PROXIES` (it trusted whatever the client sent);
+    /// setting it on stops the server with a message.
     #[arg(long, env = "TRUST_FORWARDED_FOR", default_value_t = false, action = clap::ArgAction::Set,
-          value_parser = clap::builder::BoolishValueParser::new())]
+          value_parser = clap::builder::BoolishValueParser::new(), hide = true)]
     pub trust_forwarded_for: bool,
+
+    /// Streams one client address (IPv6: one /64) may hold open on this
+    /// instance; more → 429.
+    #[arg(long, env = "MAX_STREAMS_PER_ADDRESS", default_value_t = 200,
+          value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
+    pub max_streams_per_address: u64,
 
     /// Name of the affinity cookie naming the instance that served the
     /// client (for cookie→upstream maps in load balancers); empty disables it.
@@ -229,6 +243,14 @@ pub struct Config {
     pub unleash_refresh_secs: u64,
 }
 
+/// A CIDR (`10.0.0.0/8`) or a single address (`127.0.0.1`, `::1`).
+fn parse_net(raw: &str) -> Result<ipnet::IpNet, String> {
+    let raw = raw.trim();
+    raw.parse::<ipnet::IpNet>()
+        .or_else(|_| raw.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+        .map_err(|_| format!("{raw:?} is not an address or CIDR (like 10.0.0.0/8)"))
+}
+
 /// A configuration that parsed but does not make sense as a whole.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -237,6 +259,8 @@ pub enum ConfigError {
     RedisUrlMissing,
     #[error("REDIS_URL is not a valid Redis URL: {0}")]
     RedisUrlInvalid(String),
+    #[error("TRUST_FORWARDED_FOR is replaced by TRUSTED_PROXIES: list the balancers' addresses (it took the client's own X-Forwarded-For at its word)")]
+    TrustForwardedForRemoved,
     #[error("SESSION_SECRET must be at least 32 bytes (it signs every session token; generate one with `openssl rand -hex 32`)")]
     SecretTooShort,
     #[error("ADMIN_TOKEN must be at least 16 bytes")]
@@ -258,6 +282,9 @@ impl Config {
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.sse_adapter == Some(Adapter::Redis) && self.redis_url.is_none() {
             return Err(ConfigError::RedisUrlMissing);
+        }
+        if self.trust_forwarded_for {
+            return Err(ConfigError::TrustForwardedForRemoved);
         }
         if self.session_secret.as_ref().is_some_and(|s| s.len() < 32) {
             return Err(ConfigError::SecretTooShort);
@@ -479,6 +506,19 @@ mod tests {
         .unwrap();
         assert!(c.validate().is_ok());
         assert_eq!(c.cors_allowed_origins.len(), 2);
+    }
+
+    #[test]
+    fn trusted_proxies_parse_cidrs_and_addresses() {
+        let c = parse(&["--trusted-proxies", "10.0.0.0/8, 127.0.0.1,::1"]).unwrap();
+        assert_eq!(c.trusted_proxies.len(), 3);
+        assert!(c.trusted_proxies[1].contains(&"127.0.0.1".parse::<std::net::IpAddr>().unwrap()));
+        assert!(parse(&["--trusted-proxies", "balancer"]).is_err());
+        let old = parse(&["--trust-forwarded-for", "true"]).unwrap();
+        assert!(matches!(
+            old.validate(),
+            Err(ConfigError::TrustForwardedForRemoved)
+        ));
     }
 
     #[test]

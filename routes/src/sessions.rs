@@ -62,6 +62,7 @@ pub async fn stream(
         ));
     }
     let slot = OpenStream::try_new(state.clone())?;
+    let per_address = AddressSlot::try_new(state.clone(), ip)?;
     let (response, outcome) = state
         .scale
         .respond_with_outcome(&session, resume_from)
@@ -81,7 +82,7 @@ pub async fn stream(
         _ => {}
     }
     let ended = state.clone();
-    let response = response.hold(slot).on_end(move |why| {
+    let response = response.hold(slot).hold(per_address).on_end(move |why| {
         if why == StreamEnd::Lagged {
             ended.slow_consumers_cut.fetch_add(1, Ordering::Relaxed);
             tracing::info!(session = %session, "stream cut: client fell behind its queue");
@@ -112,6 +113,46 @@ impl OpenStream {
 impl Drop for OpenStream {
     fn drop(&mut self) {
         self.0.open_streams.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Holds one of a client address's `MAX_STREAMS_PER_ADDRESS` slots.
+struct AddressSlot(Arc<AppState>, std::net::IpAddr);
+
+impl AddressSlot {
+    fn try_new(state: Arc<AppState>, ip: std::net::IpAddr) -> Result<Self, AppError> {
+        {
+            let mut open = state
+                .streams_by_address
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            let n = open.entry(ip).or_insert(0);
+            if *n >= state.max_streams_per_address {
+                return Err(AppError::new(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "too_many_streams",
+                    "this address holds its maximum number of streams (MAX_STREAMS_PER_ADDRESS)",
+                ));
+            }
+            *n += 1;
+        }
+        Ok(Self(state, ip))
+    }
+}
+
+impl Drop for AddressSlot {
+    fn drop(&mut self) {
+        let mut open = self
+            .0
+            .streams_by_address
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = open.get_mut(&self.1) {
+            *n -= 1;
+            if *n == 0 {
+                open.remove(&self.1);
+            }
+        }
     }
 }
 

@@ -44,7 +44,12 @@ pub struct AppState {
     pub session_limit: Limit,
     /// Runs one session may have executing at once.
     pub max_runs_per_session: usize,
-    pub trust_forwarded_for: bool,
+    /// `TRUSTED_PROXIES`: peers whose `X-Forwarded-For` is believed.
+    pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// Open streams per client address (IPv6 per /64), for
+    /// `MAX_STREAMS_PER_ADDRESS`.
+    pub streams_by_address: std::sync::Mutex<std::collections::HashMap<IpAddr, usize>>,
+    pub max_streams_per_address: usize,
     pub signer: TokenSigner,
     /// `ADMIN_TOKEN`: the bearer token of the operator endpoints.
     pub admin_token: Option<String>,
@@ -112,7 +117,9 @@ impl AppState {
             stream_limit: Limit::per_minute(config.rate_limit_streams_per_min),
             session_limit: Limit::per_minute(config.rate_limit_sessions_per_min),
             max_runs_per_session: config.max_runs_per_session as usize,
-            trust_forwarded_for: config.trust_forwarded_for,
+            trusted_proxies: config.trusted_proxies.clone(),
+            streams_by_address: Default::default(),
+            max_streams_per_address: config.max_streams_per_address as usize,
             signer,
             // Empty is unset: the endpoints stay closed.
             admin_token: config.admin_token.clone().filter(|t| !t.is_empty()),
