@@ -1,8 +1,14 @@
-//! Session capability tokens.
+//! Session capability tokens: scoped, expiring, verifiable by any instance
+//! that shares the deployment's secret, without shared state.
 //!
-//! A token is the hex HMAC-SHA256 of the session id under the deployment's
-//! `SESSION_SECRET`. It grants access to that one session, and every instance
-//! sharing the secret can verify it without shared state.
+//! A token reads `<scope>.<expires>.<mac>`: the scope (`f` full — stream,
+//! publish, runs; `s` stream only, for the `EventSource` query string, where
+//! URLs end up in logs), the expiry in Unix seconds, and the hex
+//! HMAC-SHA256 of all of it with the session id under `SESSION_SECRET`.
+//! A previous secret can be kept for verification while the new one signs
+//! ([`TokenSigner::with_previous`]), so rotating the secret logs nobody out.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
@@ -11,17 +17,75 @@ use crate::event::SessionId;
 
 type HmacSha256 = Hmac<Sha256>;
 
-/// Signs and verifies session tokens. `Debug` hides the key.
+/// What a token allows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    /// Open the session's stream only.
+    Stream,
+    /// Everything on the session: stream, publish, runs, new tokens.
+    Full,
+}
+
+impl Scope {
+    fn tag(self) -> &'static str {
+        match self {
+            Scope::Stream => "s",
+            Scope::Full => "f",
+        }
+    }
+
+    /// Whether a token of this scope may do what `needed` asks.
+    pub fn allows(self, needed: Scope) -> bool {
+        self == Scope::Full || needed == Scope::Stream
+    }
+}
+
+/// Why a token was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum TokenError {
+    #[error("the token is not a session token")]
+    Malformed,
+    #[error("the token does not grant access to this session")]
+    Invalid,
+    #[error("the token has expired; ask for a new one")]
+    Expired,
+}
+
+/// A freshly issued token.
+#[derive(Debug, Clone)]
+pub struct Issued {
+    pub token: String,
+    /// Unix seconds.
+    pub expires: u64,
+}
+
+/// Signs and verifies session tokens. `Debug` hides the keys.
 #[derive(Clone)]
 pub struct TokenSigner {
     key: Vec<u8>,
+    previous: Option<Vec<u8>>,
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 impl TokenSigner {
     pub fn new(secret: impl AsRef<[u8]>) -> Self {
         Self {
             key: secret.as_ref().to_vec(),
+            previous: None,
         }
+    }
+
+    /// Also accepts tokens signed with `previous` (a secret being rotated
+    /// out); new tokens are signed with the current one.
+    pub fn with_previous(mut self, previous: impl AsRef<[u8]>) -> Self {
+        self.previous = Some(previous.as_ref().to_vec());
+        self
     }
 
     /// A signer with a random 256-bit key: fine for one instance, useless
@@ -30,23 +94,51 @@ impl TokenSigner {
         Self::new(rand::random::<[u8; 32]>())
     }
 
-    fn mac(&self, session: &SessionId) -> HmacSha256 {
+    fn mac(key: &[u8], session: &SessionId, scope: &str, expires: &str) -> HmacSha256 {
         // HMAC accepts keys of any length, so this cannot fail.
-        let mut mac = HmacSha256::new_from_slice(&self.key).unwrap_or_else(|_| unreachable!());
-        mac.update(session.as_str().as_bytes());
+        let mut mac = HmacSha256::new_from_slice(key).unwrap_or_else(|_| unreachable!());
+        for part in ["sse-scale/v1", session.as_str(), scope, expires] {
+            mac.update(part.as_bytes());
+            mac.update(b"|");
+        }
         mac
     }
 
-    pub fn sign(&self, session: &SessionId) -> String {
-        hex::encode(self.mac(session).finalize().into_bytes())
+    /// A token for `session` with `scope`, valid for `ttl`.
+    pub fn issue(&self, session: &SessionId, scope: Scope, ttl: Duration) -> Issued {
+        let expires = now_secs().saturating_add(ttl.as_secs());
+        let exp = expires.to_string();
+        let mac = Self::mac(&self.key, session, scope.tag(), &exp).finalize();
+        Issued {
+            token: format!("{}.{exp}.{}", scope.tag(), hex::encode(mac.into_bytes())),
+            expires,
+        }
     }
 
-    /// Constant-time check that `token` belongs to `session`.
-    pub fn verify(&self, session: &SessionId, token: &str) -> bool {
-        match hex::decode(token) {
-            Ok(raw) => self.mac(session).verify_slice(&raw).is_ok(),
-            Err(_) => false,
+    /// Checks `token` for `session` (constant time in the MAC) and returns
+    /// its scope.
+    pub fn check(&self, session: &SessionId, token: &str) -> Result<Scope, TokenError> {
+        let mut parts = token.splitn(3, '.');
+        let (Some(tag), Some(exp), Some(mac)) = (parts.next(), parts.next(), parts.next()) else {
+            return Err(TokenError::Malformed);
+        };
+        let scope = match tag {
+            "f" => Scope::Full,
+            "s" => Scope::Stream,
+            _ => return Err(TokenError::Malformed),
+        };
+        let expires: u64 = exp.parse().map_err(|_| TokenError::Malformed)?;
+        let raw = hex::decode(mac).map_err(|_| TokenError::Malformed)?;
+        let valid = std::iter::once(&self.key)
+            .chain(self.previous.as_ref())
+            .any(|key| Self::mac(key, session, tag, exp).verify_slice(&raw).is_ok());
+        if !valid {
+            return Err(TokenError::Invalid);
         }
+        if expires <= now_secs() {
+            return Err(TokenError::Expired);
+        }
+        Ok(scope)
     }
 }
 
@@ -62,20 +154,55 @@ impl std::fmt::Debug for TokenSigner {
 mod tests {
     use super::*;
 
+    const HOUR: Duration = Duration::from_secs(3600);
+
+    fn s(id: &str) -> SessionId {
+        SessionId::parse(id).unwrap()
+    }
+
     #[test]
-    fn token_is_bound_to_session_and_secret() {
-        let s1 = SessionId::parse("one").unwrap();
-        let s2 = SessionId::parse("two").unwrap();
-        let a = TokenSigner::new("secret");
-        let t = a.sign(&s1);
-        assert!(a.verify(&s1, &t));
-        assert!(!a.verify(&s2, &t));
-        assert!(!TokenSigner::new("other").verify(&s1, &t));
-        assert!(!a.verify(&s1, "not-hex"));
-        assert!(
-            TokenSigner::new("secret").verify(&s1, &t),
-            "instances sharing a secret agree"
+    fn a_token_is_bound_to_its_session_secret_and_scope() {
+        let signer = TokenSigner::new("secret");
+        let full = signer.issue(&s("a"), Scope::Full, HOUR);
+        let stream = signer.issue(&s("a"), Scope::Stream, HOUR);
+        assert_eq!(signer.check(&s("a"), &full.token), Ok(Scope::Full));
+        assert_eq!(signer.check(&s("a"), &stream.token), Ok(Scope::Stream));
+        assert_eq!(signer.check(&s("b"), &full.token), Err(TokenError::Invalid));
+        assert_eq!(
+            TokenSigner::new("other").check(&s("a"), &full.token),
+            Err(TokenError::Invalid)
         );
-        assert!(!format!("{a:?}").contains("secret"));
+        // Turning a stream token into a full one breaks the MAC.
+        let forged = stream.token.replacen("s.", "f.", 1);
+        assert_eq!(signer.check(&s("a"), &forged), Err(TokenError::Invalid));
+        // So does pushing its expiry out.
+        let (_, rest) = full.token.split_once('.').unwrap();
+        let (_, mac) = rest.split_once('.').unwrap();
+        let later = format!("f.{}.{mac}", full.expires + 1000);
+        assert_eq!(signer.check(&s("a"), &later), Err(TokenError::Invalid));
+        for bad in ["", "f", "f.1", "x.1.00", "f.soon.00", "f.1.zz"] {
+            assert_eq!(
+                signer.check(&s("a"), bad),
+                Err(TokenError::Malformed),
+                "{bad:?}"
+            );
+        }
+        assert!(Scope::Full.allows(Scope::Stream) && !Scope::Stream.allows(Scope::Full));
+    }
+
+    #[test]
+    fn tokens_expire_and_survive_a_rotation() {
+        let old = TokenSigner::new("old-secret");
+        let token = old.issue(&s("a"), Scope::Full, HOUR).token;
+        let expired = old.issue(&s("a"), Scope::Full, Duration::ZERO).token;
+        assert_eq!(old.check(&s("a"), &expired), Err(TokenError::Expired));
+        let rotated = TokenSigner::new("new-secret").with_previous("old-secret");
+        assert_eq!(rotated.check(&s("a"), &token), Ok(Scope::Full));
+        let fresh = rotated.issue(&s("a"), Scope::Full, HOUR).token;
+        assert_eq!(
+            old.check(&s("a"), &fresh),
+            Err(TokenError::Invalid),
+            "signed with the new key"
+        );
     }
 }

@@ -543,3 +543,97 @@ async fn one_address_holds_at_most_its_share_of_streams() {
     .await;
     assert!(ok, "a closed stream gives its slot back");
 }
+
+async fn create(server: &Server) -> Value {
+    let res = client().post(server.url("/sessions")).send().await.unwrap();
+    assert_eq!(res.status(), 201);
+    res.json().await.unwrap()
+}
+
+// Fails before the fix: one token never expired and both read and wrote.
+#[tokio::test]
+async fn stream_tokens_only_stream_and_tokens_expire_unless_refreshed() {
+    let server = Server::start(&[("SESSION_TOKEN_TTL_SECS", "5")]);
+    let started = Instant::now();
+    let created = create(&server).await;
+    let id = created["id"].as_str().unwrap().to_owned();
+    let full = created["token"].as_str().unwrap().to_owned();
+    let stream = created["stream_token"].as_str().unwrap().to_owned();
+    assert!(created["expires_at"].as_u64().is_some());
+    // The stream token opens the stream (query string, as EventSource)...
+    let mut sse = SseClient::open(&server, &id, &stream).await;
+    sse.expect_connected().await;
+    // ...and nothing else.
+    assert_eq!(
+        error_code(message(&server, &id, &stream, "hi").await).await,
+        (403, "forbidden".into())
+    );
+    assert_eq!(message(&server, &id, &full, "hi").await.status(), 202);
+
+    tokio::time::sleep_until((started + Duration::from_millis(2100)).into()).await;
+    let res = client()
+        .post(server.url(&format!("/sessions/{id}/tokens")))
+        .bearer_auth(&full)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    let fresh: Value = res.json().await.unwrap();
+    let renewed = fresh["token"].as_str().unwrap().to_owned();
+    assert!(fresh["expires_at"].as_u64() > created["expires_at"].as_u64());
+
+    tokio::time::sleep_until((started + Duration::from_millis(5200)).into()).await;
+    assert_eq!(
+        error_code(message(&server, &id, &full, "late").await).await,
+        (401, "token_expired".into())
+    );
+    assert_eq!(
+        message(&server, &id, &renewed, "renewed").await.status(),
+        202
+    );
+}
+
+// Fails before the fix: there was no way to rotate SESSION_SECRET without
+// invalidating every token at once.
+#[tokio::test]
+async fn a_rotated_secret_keeps_tokens_working() {
+    let old = "old-secret-of-at-least-32-bytes-0123456789";
+    let new = "new-secret-of-at-least-32-bytes-0123456789";
+    let before = Server::start(&[("SESSION_SECRET", old)]);
+    let created = create(&before).await;
+    let id = created["id"].as_str().unwrap().to_owned();
+    let token = created["token"].as_str().unwrap().to_owned();
+    let rotating = Server::start(&[("SESSION_SECRET", new), ("SESSION_SECRET_PREVIOUS", old)]);
+    assert_eq!(
+        message(&rotating, &id, &token, "still valid")
+            .await
+            .status(),
+        202
+    );
+    let after = Server::start(&[("SESSION_SECRET", new)]);
+    assert_eq!(message(&after, &id, &token, "retired").await.status(), 403);
+}
+
+// Fails before the fix: debug request spans carried the whole URI,
+// `?token=` included.
+#[tokio::test]
+async fn tokens_stay_out_of_the_server_log() {
+    let server = Server::start(&[("RUST_LOG", "debug")]);
+    let created = create(&server).await;
+    let id = created["id"].as_str().unwrap();
+    let token = created["stream_token"].as_str().unwrap();
+    let mut sse = SseClient::open(&server, id, token).await;
+    sse.expect_connected().await;
+    drop(sse);
+    let seen = eventually(T, || async {
+        server
+            .log
+            .lock()
+            .unwrap()
+            .contains(&format!("/sessions/{id}/events"))
+    })
+    .await;
+    let log = server.log.lock().unwrap().clone();
+    assert!(seen, "no request span logged:\n{log}");
+    assert!(!log.contains(token), "the token reached the log");
+}

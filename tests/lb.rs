@@ -701,3 +701,48 @@ async fn a_forged_forwarded_for_changes_nothing_behind_haproxy_and_nginx() {
     let lb = Balancer::nginx("nginx/header-hash.conf.template", &apps.addrs()).await;
     forged_forwarded_for_changes_nothing(&lb).await;
 }
+
+/// Opens a stream through `lb` with its token in the query string (as
+/// `EventSource` does) over a plain socket, reads its start, closes the
+/// socket, and checks the balancer's access log names the path but not the
+/// token.
+async fn token_stays_out_of_the_log(lb: &Balancer, log_file: &str) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut jar = Jar::default();
+    let (s, _) = create_session(lb, &mut jar).await;
+    let path = format!("/sessions/{}/events", s.id);
+    let mut conn = tokio::net::TcpStream::connect(&lb.addr).await.unwrap();
+    let head = format!("GET {path}?token={} HTTP/1.1\r\nHost: x\r\n\r\n", s.token);
+    conn.write_all(head.as_bytes()).await.unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(5), conn.read(&mut buf))
+        .await
+        .expect("the stream starts")
+        .unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+    drop(conn);
+    let logged = balancer::eventually_sync(Duration::from_secs(10), || {
+        std::fs::read_to_string(lb.dir.join(log_file))
+            .unwrap_or_default()
+            .contains(&path)
+    });
+    let log = std::fs::read_to_string(lb.dir.join(log_file)).unwrap_or_default();
+    assert!(logged, "{:?} logged no stream request:\n{log}", lb.kind);
+    assert!(
+        !log.contains(&s.token),
+        "{:?} logged the token:\n{log}",
+        lb.kind
+    );
+}
+
+// Fails before the fix: HAProxy's `option httplog` and nginx's default
+// access log wrote the whole request line, `?token=` included.
+#[tokio::test]
+async fn stream_tokens_stay_out_of_balancer_logs() {
+    let apps = Apps::start();
+    let lb = Balancer::haproxy("haproxy/haproxy.cfg", &apps.addrs(), &[]).await;
+    token_stays_out_of_the_log(&lb, "balancer.log").await;
+    drop(lb);
+    let lb = Balancer::nginx("nginx/cookie-map.conf.template", &apps.addrs()).await;
+    token_stays_out_of_the_log(&lb, "access.log").await;
+}

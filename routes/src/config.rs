@@ -49,6 +49,17 @@ pub struct Config {
     #[arg(long, env = "SESSION_SECRET", hide_env_values = true)]
     pub session_secret: Option<String>,
 
+    /// A secret being rotated out: tokens it signed are still accepted
+    /// (new ones are signed with `SESSION_SECRET`). At least 32 bytes.
+    #[arg(long, env = "SESSION_SECRET_PREVIOUS", hide_env_values = true)]
+    pub session_secret_previous: Option<String>,
+
+    /// Seconds a session token is valid; clients refresh it with
+    /// `POST /sessions/{id}/tokens` before it expires.
+    #[arg(long, env = "SESSION_TOKEN_TTL_SECS", default_value_t = 86_400,
+          value_parser = clap::value_parser!(u64).range(1..=30 * 86_400))]
+    pub session_token_ttl_secs: u64,
+
     /// Bearer token for the operator endpoints (`/stats`, `/flags`,
     /// `POST /announcements`), at least 16 bytes; unset or empty, they
     /// answer 403.
@@ -286,7 +297,12 @@ impl Config {
         if self.trust_forwarded_for {
             return Err(ConfigError::TrustForwardedForRemoved);
         }
-        if self.session_secret.as_ref().is_some_and(|s| s.len() < 32) {
+        if self.session_secret.as_ref().is_some_and(|s| s.len() < 32)
+            || self
+                .session_secret_previous
+                .as_ref()
+                .is_some_and(|s| s.len() < 32)
+        {
             return Err(ConfigError::SecretTooShort);
         }
         if self
@@ -384,6 +400,14 @@ impl std::fmt::Debug for Config {
             .field("host", &self.host)
             .field("port", &self.port)
             .field("instance_id", &self.instance_id)
+            .field(
+                "admin_token",
+                &self.admin_token.as_ref().map(|_| "<redacted>"),
+            )
+            .field(
+                "session_secret_previous",
+                &self.session_secret_previous.as_ref().map(|_| "<redacted>"),
+            )
             .field(
                 "session_secret",
                 &self.session_secret.as_ref().map(|_| "<redacted>"),

@@ -14,18 +14,36 @@ use axum::http::request::Parts;
 use axum::http::StatusCode;
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
+use sse_scale::token::{Scope, TokenError};
 use sse_scale::SessionId;
 
 use crate::error::AppError;
 use crate::state::AppState;
 use sse_scale::stall::PeerAddr;
 
-/// A session whose token the request proved it holds.
+/// A session whose full token the request proved it holds: it may publish,
+/// run pipelines and ask for new tokens.
 ///
-/// The token comes from `Authorization: Bearer <token>` or, for browsers'
-/// `EventSource` (which cannot set headers), `?token=<token>`.
+/// The token comes from `Authorization: Bearer <token>` or `?token=<token>`.
 #[derive(Debug, Clone)]
 pub struct AuthedSession(pub SessionId);
+
+/// A session whose stream the request may open: a full token, or the
+/// stream-only token meant for `EventSource`'s query string (which cannot
+/// set headers).
+#[derive(Debug, Clone)]
+pub struct StreamSession(pub SessionId);
+
+impl FromRequestParts<Arc<AppState>> for StreamSession {
+    type Rejection = AppError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &Arc<AppState>,
+    ) -> Result<Self, Self::Rejection> {
+        authorize(parts, state, Scope::Stream).await.map(Self)
+    }
+}
 
 #[derive(Deserialize)]
 struct TokenQuery {
@@ -39,6 +57,17 @@ impl FromRequestParts<Arc<AppState>> for AuthedSession {
         parts: &mut Parts,
         state: &Arc<AppState>,
     ) -> Result<Self, Self::Rejection> {
+        authorize(parts, state, Scope::Full).await.map(Self)
+    }
+}
+
+/// The session in the path, if the request's token grants `needed` on it.
+async fn authorize(
+    parts: &mut Parts,
+    state: &Arc<AppState>,
+    needed: Scope,
+) -> Result<SessionId, AppError> {
+    {
         let Path(params) =
             Path::<HashMap<String, String>>::from_request_parts(parts, state).await?;
         let raw = params
@@ -65,14 +94,24 @@ impl FromRequestParts<Arc<AppState>> for AuthedSession {
                 "missing session token: send `Authorization: Bearer <token>` or `?token=<token>`",
             ));
         };
-        if !state.signer.verify(&session, &token) {
-            return Err(AppError::new(
+        match state.signer.check(&session, &token) {
+            Ok(scope) if scope.allows(needed) => Ok(session),
+            Ok(_) => Err(AppError::new(
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                "a stream token only opens the stream; publishing needs the session's full token",
+            )),
+            Err(TokenError::Expired) => Err(AppError::new(
+                StatusCode::UNAUTHORIZED,
+                "token_expired",
+                "the session token has expired: refresh it before it expires (POST /sessions/{id}/tokens) or create a new session",
+            )),
+            Err(_) => Err(AppError::new(
                 StatusCode::FORBIDDEN,
                 "forbidden",
                 "the token does not grant access to this session",
-            ));
+            )),
         }
-        Ok(Self(session))
     }
 }
 

@@ -61,6 +61,7 @@ pub fn app(state: Arc<AppState>) -> Result<Router, axum::http::header::InvalidHe
             get(sessions::stream).post(sessions::publish),
         )
         .route("/{id}/messages", post(sessions::message))
+        .route("/{id}/tokens", post(sessions::refresh))
         .route("/{id}/pipeline", post(pipeline::start))
         .route("/{id}/pipeline/{run_id}", delete(pipeline::cancel))
         .route("/{id}/pipeline/{run_id}/gate", post(pipeline::gate))
@@ -80,7 +81,13 @@ pub fn app(state: Arc<AppState>) -> Result<Router, axum::http::header::InvalidHe
             INSTANCE_HEADER,
             instance,
         ))
-        .layer(TraceLayer::new_for_http());
+        // Spans name the path, never the query: `?token=` must not reach
+        // the logs.
+        .layer(TraceLayer::new_for_http().make_span_with(
+            |req: &axum::http::Request<axum::body::Body>| {
+                tracing::debug_span!("request", method = %req.method(), path = %req.uri().path())
+            },
+        ));
     let router = match cors(&state.cors_allowed_origins) {
         Some(layer) => router.layer(layer),
         None => router,

@@ -69,7 +69,10 @@ async fn run(config: Config) -> anyhow::Result<()> {
         )
     });
     let signer = match &config.session_secret {
-        Some(secret) => TokenSigner::new(secret),
+        Some(secret) => match &config.session_secret_previous {
+            Some(previous) => TokenSigner::new(secret).with_previous(previous),
+            None => TokenSigner::new(secret),
+        },
         None => {
             tracing::warn!(
                 "SESSION_SECRET is not set: using a random secret; every instance of a \

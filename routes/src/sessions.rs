@@ -13,10 +13,11 @@ use serde::Deserialize;
 use serde_json::{json, value::RawValue};
 use sse_scale::axum::LastEventId;
 use sse_scale::stream::StreamEnd;
+use sse_scale::token::Scope;
 use sse_scale::{EventType, OutgoingEvent, ResumeOutcome, SessionId};
 
 use crate::error::AppError;
-use crate::extract::{AuthedSession, ClientIp, JsonBody};
+use crate::extract::{AuthedSession, ClientIp, JsonBody, StreamSession};
 use crate::state::AppState;
 
 /// `POST /sessions` → `201 {"id", "token"}`.
@@ -35,20 +36,34 @@ pub async fn create(
     let Ok(id) = SessionId::parse(&raw) else {
         unreachable!("uuid is a valid session id")
     };
-    let token = state.signer.sign(&id);
     let jar = state.affinity.pin(jar, &headers);
-    Ok((
-        StatusCode::CREATED,
-        jar,
-        Json(json!({ "id": id.as_str(), "token": token })),
-    )
-        .into_response())
+    let mut body = tokens(&state, &id);
+    body["id"] = id.as_str().into();
+    Ok((StatusCode::CREATED, jar, Json(body)).into_response())
+}
+
+/// A full token and a stream-only token for `session`, and when they
+/// expire (Unix seconds).
+fn tokens(state: &AppState, session: &SessionId) -> serde_json::Value {
+    let full = state.signer.issue(session, Scope::Full, state.token_ttl);
+    let stream = state.signer.issue(session, Scope::Stream, state.token_ttl);
+    json!({ "token": full.token, "stream_token": stream.token, "expires_at": full.expires })
+}
+
+/// `POST /sessions/{id}/tokens` (full token) → `200 {"token", "stream_token",
+/// "expires_at"}`: fresh tokens before the old ones expire.
+pub async fn refresh(
+    State(state): State<Arc<AppState>>,
+    AuthedSession(session): AuthedSession,
+    _body: axum::body::Bytes,
+) -> Json<serde_json::Value> {
+    Json(tokens(&state, &session))
 }
 
 /// `GET /sessions/{id}/events` → `text/event-stream`.
 pub async fn stream(
     State(state): State<Arc<AppState>>,
-    AuthedSession(session): AuthedSession,
+    StreamSession(session): StreamSession,
     ClientIp(ip): ClientIp,
     LastEventId(resume_from): LastEventId,
     jar: CookieJar,

@@ -51,6 +51,8 @@ pub struct AppState {
     pub streams_by_address: std::sync::Mutex<std::collections::HashMap<IpAddr, usize>>,
     pub max_streams_per_address: usize,
     pub signer: TokenSigner,
+    /// How long issued session tokens are valid.
+    pub token_ttl: Duration,
     /// `ADMIN_TOKEN`: the bearer token of the operator endpoints.
     pub admin_token: Option<String>,
     /// `CORS_ALLOWED_ORIGINS` (validated at start-up).
@@ -121,6 +123,7 @@ impl AppState {
             streams_by_address: Default::default(),
             max_streams_per_address: config.max_streams_per_address as usize,
             signer,
+            token_ttl: Duration::from_secs(config.session_token_ttl_secs),
             // Empty is unset: the endpoints stay closed.
             admin_token: config.admin_token.clone().filter(|t| !t.is_empty()),
             cors_allowed_origins: config.cors_allowed_origins.clone(),

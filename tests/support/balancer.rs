@@ -301,3 +301,15 @@ fn base_env(cmd: &mut Command, listen: &str, apps: &[&str; 3], dir: &Path) {
         .env("APP_2", apps[1])
         .env("APP_3", apps[2]);
 }
+
+/// Polls `f` until it holds or `within` passes.
+pub fn eventually_sync(within: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = std::time::Instant::now() + within;
+    while std::time::Instant::now() < deadline {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    f()
+}
