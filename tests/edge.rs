@@ -637,3 +637,28 @@ async fn tokens_stay_out_of_the_server_log() {
     assert!(seen, "no request span logged:\n{log}");
     assert!(!log.contains(token), "the token reached the log");
 }
+
+// The session-creation limit is one budget for the whole fleet in Redis
+// mode: an address cannot multiply it by the number of instances.
+#[tokio::test]
+async fn the_session_creation_limit_holds_across_instances() {
+    let redis = RedisServer::start();
+    let url = redis.url();
+    let env = [
+        ("SSE_ADAPTER", "redis"),
+        ("REDIS_URL", url.as_str()),
+        ("RATE_LIMIT_SESSIONS_PER_MIN", "3"),
+    ];
+    let a = Server::start(&env);
+    let b = Server::start(&env);
+    new_session(&a).await;
+    new_session(&a).await;
+    new_session(&b).await;
+    let res = client().post(b.url("/sessions")).send().await.unwrap();
+    assert_eq!(error_code(res).await, (429, "rate_limited".into()));
+    assert_eq!(
+        b.stats().await["rate_limit_fallback_checks"],
+        0,
+        "counted in Redis"
+    );
+}

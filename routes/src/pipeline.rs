@@ -190,6 +190,8 @@ pub async fn cancel(
     State(state): State<Arc<AppState>>,
     AuthedSession(session): AuthedSession,
     Path((_, run_id)): Path<(String, String)>,
+    // Read so the keep-alive connection stays usable if one was sent.
+    _body: axum::body::Bytes,
 ) -> Result<Response, AppError> {
     if !state.runs.cancel(&session, &run_id) {
         return Err(unknown_run(&run_id));
