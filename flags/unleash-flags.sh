@@ -43,6 +43,15 @@ api() {
     rm -f "$out"
 }
 
+# Stops with a clear message when the flag has not been created yet (the
+# API would only answer 404).
+require_flag() {
+    if ! api GET "$base/$flag" >/dev/null 2>&1; then
+        echo "error: $flag does not exist in project $project; run '$0 create' first" >&2
+        exit 1
+    fi
+}
+
 # The id of the flag's flexibleRollout strategy in the environment, if any.
 rollout_strategy() {
     api GET "$base/$flag/environments/$env/strategies" |
@@ -73,6 +82,7 @@ rollout() {
         echo "error: rollout wants a whole percentage 0-100, not '$pct'" >&2
         exit 2
     fi
+    require_flag
     local id
     id=$(rollout_strategy)
     if [ -z "$id" ]; then
@@ -87,11 +97,18 @@ rollout() {
 }
 
 switch() {
+    require_flag
     api POST "$base/$flag/environments/$env/$1" >/dev/null
     echo "$flag: $1 in $env"
+    if [ "$1" = off ]; then
+        echo "warning: with $flag off, each event reaches only the instance it was published on." >&2
+        echo "warning: that is safe only while the balancer keeps every session on one instance (the sticky configs of phases 1 and 2);" >&2
+        echo "warning: behind a phase-3 (round-robin) balancer, clients on other instances stop getting events." >&2
+    fi
 }
 
 status() {
+    require_flag
     api GET "$base/$flag" | jq --arg e "$env" '{name, environment: $e,
         enabled: ([.environments[] | select(.name == $e)][0].enabled),
         strategies: [([.environments[] | select(.name == $e)][0].strategies // [])[]

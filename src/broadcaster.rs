@@ -82,6 +82,9 @@ pub trait Broadcaster: Send + Sync + 'static {
     /// Sessions with a subscriber on this instance.
     fn sessions(&self) -> Vec<SessionId>;
 
+    /// Whether `session` has a subscriber on this instance.
+    fn holds(&self, session: &SessionId) -> bool;
+
     /// Whether a publish to `session` from this instance goes to other
     /// instances now (the flag's answer where there is a cross-instance
     /// broker; false where there is none).

@@ -233,6 +233,10 @@ impl Broadcaster for Fanout {
         self.hub.sessions()
     }
 
+    fn holds(&self, session: &SessionId) -> bool {
+        self.hub.contains(session)
+    }
+
     fn crosses_instances(&self, session: &SessionId) -> bool {
         self.remote.is_some() && self.flags.redis_broadcast(session)
     }

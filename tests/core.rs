@@ -511,6 +511,8 @@ async fn gate_before_the_run_reaches_it_is_a_conflict() {
 async fn sigterm_drains_then_closes_streams_with_retry_hints_and_exits() {
     let mut server = Server::start(&[
         ("SHUTDOWN_GRACE_SECS", "5"),
+        // Streams start closing at once (no balancer to leave first).
+        ("SHUTDOWN_UNREADY_SECS", "0"),
         ("SHUTDOWN_DRAIN_SECS", "1"),
         ("SSE_RETRY_MS", "1000"),
     ]);
@@ -784,4 +786,69 @@ async fn streams_work_on_new_and_reused_connections_and_with_split_heads() {
         "{answer}"
     );
     assert!(answer.contains("\"code\":\"unauthorized\""), "{answer}");
+}
+
+// Fails before the fix: a draining instance accepted publishes for
+// sessions whose stream it no longer held (flag off: nobody would ever
+// receive them), and it closed streams the moment SIGTERM arrived, while
+// the balancer still sent it requests.
+#[tokio::test]
+async fn a_draining_instance_leaves_the_pool_before_streams_close_and_refuses_orphan_publishes() {
+    let mut server = Server::start(&[
+        ("SHUTDOWN_UNREADY_SECS", "2"),
+        ("SHUTDOWN_DRAIN_SECS", "1"),
+        ("SHUTDOWN_GRACE_SECS", "10"),
+    ]);
+    let (held, held_token) = new_session(&server).await;
+    let (orphan, orphan_token) = new_session(&server).await;
+    let mut sse = SseClient::open(&server, &held, &held_token).await;
+    sse.expect_connected().await;
+    let started = std::time::Instant::now();
+    server.signal("TERM");
+    let c = client();
+    assert!(
+        eventually(T, || async {
+            c.get(server.url("/readyz"))
+                .send()
+                .await
+                .map(|r| r.status() == 503)
+                .unwrap_or(false)
+        })
+        .await
+    );
+    // Unready, but the stream stays open: the balancer takes the instance
+    // out first.
+    assert_eq!(
+        message(&server, &held, &held_token, "still here")
+            .await
+            .status(),
+        202
+    );
+    assert_eq!(
+        sse.next_event(T).await.unwrap().json()["text"],
+        "still here"
+    );
+    let orphaned = message(&server, &orphan, &orphan_token, "for nobody").await;
+    assert_eq!(
+        orphaned.status(),
+        503,
+        "a publish nobody here could receive"
+    );
+    assert!(orphaned.headers().contains_key("retry-after"));
+    // The stream closes only after the unready period.
+    let hint = sse.next_block(T).await.expect("the retry hint");
+    assert!(hint.retry.is_some());
+    assert!(sse.next_block(T).await.is_none());
+    assert!(
+        started.elapsed() >= Duration::from_secs(2),
+        "closed after {:?}",
+        started.elapsed()
+    );
+    // With no stream left, it exits without waiting out the window.
+    assert_eq!(server.wait_exit(Duration::from_secs(5)), Some(0));
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        started.elapsed()
+    );
 }

@@ -579,3 +579,191 @@ async fn resume_replays_what_history_holds_and_resets_beyond_it() {
     assert_eq!(body["error"]["code"], "invalid_last_event_id");
     assert!(server.stats().await["resets"].as_u64() >= Some(1));
 }
+
+/// What a phase-1 drain test saw: accepted publishes (number, when the 202
+/// came back) and the client's side (numbers received, when resets came).
+#[derive(Default, Debug)]
+struct DrainLog {
+    accepted: Vec<(u64, std::time::Instant)>,
+    received: Vec<u64>,
+    resets: Vec<std::time::Instant>,
+    instances: Vec<String>,
+}
+
+/// A browser-like client through `lb`, pinned by `X-Session-ID`: reads the
+/// stream, reconnects with `Last-Event-ID` whenever it ends, records what
+/// arrives.
+async fn drain_reader(
+    lb: String,
+    session: String,
+    token: String,
+    log: Arc<Mutex<DrainLog>>,
+    stop: Arc<AtomicBool>,
+) {
+    let c = reqwest::Client::new();
+    let mut last: Option<String> = None;
+    while !stop.load(Ordering::Relaxed) {
+        let mut req = c
+            .get(format!("{lb}/sessions/{session}/events?token={token}"))
+            .header("x-session-id", &session);
+        if let Some(id) = &last {
+            req = req.header("last-event-id", id);
+        }
+        let Ok(res) = req.send().await else {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        };
+        if res.status() != 200 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        }
+        let mut sse = SseClient::from_response(res);
+        // Heartbeats come every second: three without a block is a dead
+        // stream.
+        while let Some(block) = tokio::time::timeout(
+            Duration::from_secs(3),
+            sse.next_block(Duration::from_secs(30)),
+        )
+        .await
+        .ok()
+        .flatten()
+        {
+            if let Some(id) = &block.id {
+                last = Some(id.clone());
+            }
+            let mut l = log.lock().unwrap();
+            match block.event.as_deref() {
+                Some("connected") => l.instances.push(
+                    block.json()["instance_id"]
+                        .as_str()
+                        .unwrap_or("")
+                        .to_owned(),
+                ),
+                Some("reset") => l.resets.push(std::time::Instant::now()),
+                Some("n") => l.received.push(block.json().as_u64().unwrap()),
+                _ => {}
+            }
+            drop(l);
+            if stop.load(Ordering::Relaxed) {
+                return;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Phase 1 behind a header-affinity balancer, flag off everywhere: the
+/// instance holding a client's stream is drained while the client keeps
+/// publishing through the balancer every 100 ms. Every publish the server
+/// accepted reaches the client after it reconnects, unless the client was
+/// told `reset` after the publish was accepted — never a silent gap.
+async fn phase1_drain_loses_no_accepted_publish(lb: &Balancer, servers: &mut [Server]) {
+    let (session, token) = new_session(&servers[0]).await;
+    let log = Arc::new(Mutex::new(DrainLog::default()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let base = format!("http://{}", lb.addr);
+    let reader = tokio::spawn(drain_reader(
+        base.clone(),
+        session.clone(),
+        token.clone(),
+        log.clone(),
+        stop.clone(),
+    ));
+    assert!(
+        eventually(T, || async { !log.lock().unwrap().instances.is_empty() }).await,
+        "the client never connected"
+    );
+    let holder = log.lock().unwrap().instances[0].clone();
+    let c = reqwest::Client::new();
+    let publish = |n: u64| {
+        c.post(format!("{base}/sessions/{session}/events"))
+            .bearer_auth(&token)
+            .header("x-session-id", &session)
+            .json(&json!({ "type": "n", "data": n }))
+            .send()
+    };
+    let started = std::time::Instant::now();
+    let mut n = 0;
+    let mut signalled = false;
+    while started.elapsed() < Duration::from_secs(8) {
+        if !signalled && started.elapsed() > Duration::from_secs(1) {
+            let i = servers
+                .iter()
+                .position(|s| {
+                    s.log
+                        .lock()
+                        .unwrap()
+                        .contains(&format!("instance_id={holder}"))
+                })
+                .expect("the holder is one of the servers");
+            servers[i].signal("TERM");
+            signalled = true;
+        }
+        n += 1;
+        if let Ok(res) = publish(n).await {
+            if res.status() == 202 {
+                log.lock()
+                    .unwrap()
+                    .accepted
+                    .push((n, std::time::Instant::now()));
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop.store(true, Ordering::Relaxed);
+    let _ = tokio::time::timeout(Duration::from_secs(2), reader).await;
+    let log = log.lock().unwrap();
+    let received: std::collections::BTreeSet<u64> = log.received.iter().copied().collect();
+    let accepted_after_drain = log
+        .accepted
+        .iter()
+        .filter(|(_, at)| at.duration_since(started) > Duration::from_secs(5))
+        .count();
+    assert!(
+        accepted_after_drain > 10,
+        "publishing stopped after the drain: {log:?}"
+    );
+    assert!(log.instances.len() >= 2, "the client never moved: {log:?}");
+    for (n, at) in &log.accepted {
+        if received.contains(n) {
+            continue;
+        }
+        let told = log.resets.iter().any(|reset| reset > at);
+        assert!(
+            told,
+            "{:?}: publish {n} was accepted, never delivered, and no reset followed: {log:?}",
+            lb.kind
+        );
+    }
+}
+
+// The runbook's phase-1 drain, walked with the shipped header-affinity
+// files: whatever the timing of the balancer's checks and the client's
+// reconnect, an accepted event is delivered or followed by a `reset`.
+#[tokio::test]
+async fn a_phase1_drain_loses_no_accepted_publish_behind_haproxy_and_nginx() {
+    let env = [
+        ("SHUTDOWN_UNREADY_SECS", "3"),
+        ("SHUTDOWN_DRAIN_SECS", "1"),
+        ("SHUTDOWN_GRACE_SECS", "10"),
+        ("SSE_HEARTBEAT_SECS", "1"),
+    ];
+    for kind in ["haproxy", "nginx"] {
+        let mut servers: Vec<Server> = ["app1", "app2", "app3"]
+            .iter()
+            .map(|id| {
+                let mut e = env.to_vec();
+                e.push(("INSTANCE_ID", id));
+                Server::start(&e)
+            })
+            .collect();
+        let addrs: Vec<String> = servers.iter().map(|s| s.addr.clone()).collect();
+        let apps = [addrs[0].as_str(), addrs[1].as_str(), addrs[2].as_str()];
+        let lb = match kind {
+            "haproxy" => Balancer::haproxy("haproxy/haproxy-header.cfg", &apps, &[]).await,
+            _ => Balancer::nginx("nginx/header-hash.conf.template", &apps).await,
+        };
+        phase1_drain_loses_no_accepted_publish(&lb, &mut servers).await;
+    }
+}

@@ -182,6 +182,14 @@ struct Fleet {
 async fn fleet(rollout: &str, switch: &str) -> Fleet {
     let redis = RedisServer::start();
     let unleash = Unleash::start().await;
+    // Out of order, the operators' script says what to do (not a raw 404).
+    let early = unleash.flags_output(&["rollout", "10"]).await;
+    let said = String::from_utf8_lossy(&early.stderr);
+    assert_eq!(early.status.code(), Some(1), "{said}");
+    assert!(
+        said.contains("run") && said.contains("create' first"),
+        "{said}"
+    );
     unleash.flags(&["create"]).await;
     unleash.flags(&["rollout", rollout]).await;
     unleash.flags(&[switch]).await;

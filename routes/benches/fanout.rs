@@ -73,6 +73,7 @@ impl Server {
             .env("MAX_STREAMS", "19000")
             .env("SSE_CLIENT_QUEUE", "1024")
             // End quickly when the benchmark is done with a server.
+            .env("SHUTDOWN_UNREADY_SECS", "0")
             .env("SHUTDOWN_DRAIN_SECS", "0")
             .env("SHUTDOWN_GRACE_SECS", "2")
             .env("RUST_LOG", "info")

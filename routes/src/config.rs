@@ -125,9 +125,10 @@ pub struct Config {
     pub redis_prefix: String,
 
     /// Send events through Redis to other instances (needs the redis
-    /// adapter). Read at start-up; a flag service can change it at run time.
+    /// adapter): true/false, on/off, yes/no, 1/0. Read at start-up; a flag
+    /// service can change it at run time.
     #[arg(long, env = "FF_REDIS_SSE_BROADCAST", action = clap::ArgAction::Set,
-          value_parser = clap::builder::BoolishValueParser::new())]
+          value_parser = clap::builder::BoolishValueParser::new(), hide_possible_values = true)]
     pub ff_redis_sse_broadcast: Option<bool>,
 
     /// Approximate number of events kept per session in Redis history.
@@ -197,14 +198,23 @@ pub struct Config {
     pub affinity_cookie: String,
 
     /// Always mark the affinity cookie `Secure` (it is also marked when the
-    /// request arrived with `X-Forwarded-Proto: https`).
-    #[arg(long, env = "AFFINITY_COOKIE_SECURE", default_value_t = false, action = clap::ArgAction::Set)]
+    /// request arrived with `X-Forwarded-Proto: https`): true/false, on/off,
+    /// yes/no, 1/0.
+    #[arg(long, env = "AFFINITY_COOKIE_SECURE", default_value_t = false, action = clap::ArgAction::Set,
+          value_parser = clap::builder::BoolishValueParser::new(), hide_possible_values = true)]
     pub affinity_cookie_secure: bool,
 
     /// Seconds a graceful shutdown may take before the process exits anyway.
     #[arg(long, env = "SHUTDOWN_GRACE_SECS", default_value_t = 30,
           value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub shutdown_grace_secs: u64,
+
+    /// Seconds an instance stays unready (`/readyz` 503) after SIGTERM
+    /// before its first stream closes: at least the balancer's health-check
+    /// interval × fall, so it is out of the pool before clients reconnect.
+    #[arg(long, env = "SHUTDOWN_UNREADY_SECS", default_value_t = 3,
+          value_parser = clap::value_parser!(u64).range(0..=600))]
+    pub shutdown_unready_secs: u64,
 
     /// Seconds over which open streams are closed on shutdown (each at a
     /// random moment in the window), so their reconnects do not arrive at
@@ -278,7 +288,9 @@ pub enum ConfigError {
     AdminTokenTooShort,
     #[error("CORS_ALLOWED_ORIGINS: {0:?} is not an origin like https://app.example.com")]
     CorsOriginInvalid(String),
-    #[error("SHUTDOWN_DRAIN_SECS must be shorter than SHUTDOWN_GRACE_SECS")]
+    #[error(
+        "SHUTDOWN_UNREADY_SECS + SHUTDOWN_DRAIN_SECS must be shorter than SHUTDOWN_GRACE_SECS"
+    )]
     DrainLongerThanGrace,
     #[error("UNLEASH_URL must be an http:// or https:// URL: {0}")]
     UnleashUrlInvalid(String),
@@ -320,7 +332,7 @@ impl Config {
                 return Err(ConfigError::CorsOriginInvalid(origin.clone()));
             }
         }
-        if self.shutdown_drain_secs >= self.shutdown_grace_secs {
+        if self.shutdown_unready_secs + self.shutdown_drain_secs >= self.shutdown_grace_secs {
             return Err(ConfigError::DrainLongerThanGrace);
         }
         if let Some(url) = &self.redis_url {
@@ -366,6 +378,10 @@ impl Config {
 
     pub fn shutdown_grace(&self) -> Duration {
         Duration::from_secs(self.shutdown_grace_secs)
+    }
+
+    pub fn shutdown_unready(&self) -> Duration {
+        Duration::from_secs(self.shutdown_unready_secs)
     }
 
     pub fn shutdown_drain(&self) -> Duration {

@@ -138,22 +138,43 @@ async fn run(config: Config) -> anyhow::Result<()> {
         sse_scale_server::app(state.clone()).context("INSTANCE_ID is not a valid header value")?;
 
     tracing::info!(%addr, instance_id = %state.instance_id, mode = state.broadcaster.stats().mode, "listening");
-    // SIGTERM: unready at once, streams close spread over the drain window
-    // (publishes keep working meanwhile), then the server stops.
+    // SIGTERM: unready at once, so the balancer takes this instance out
+    // before any stream closes (SHUTDOWN_UNREADY_SECS); then streams close
+    // spread over the drain window (publishes keep working meanwhile), and
+    // the server stops as soon as the last stream is gone.
     let signal_state = state.clone();
+    let unready_for = config.shutdown_unready();
     state.tasks.spawn(async move {
         tokio::select! {
             () = shutdown_signal() => {}
             () = signal_state.shutdown.cancelled() => {}
         }
-        signal_state.start_drain();
+        signal_state.start_unready();
         tracing::info!(
-            window_secs = signal_state.drain_window.as_secs_f64(),
-            "draining"
+            unready_secs = unready_for.as_secs_f64(),
+            "unready: waiting for the balancer to take this instance out"
         );
         tokio::select! {
-            () = tokio::time::sleep(signal_state.drain_window) => {}
+            () = tokio::time::sleep(unready_for) => {}
             () = signal_state.shutdown.cancelled() => {}
+        }
+        signal_state.close_streams();
+        tracing::info!(
+            window_secs = signal_state.drain_window.as_secs_f64(),
+            streams = signal_state
+                .open_streams
+                .load(std::sync::atomic::Ordering::Relaxed),
+            "draining"
+        );
+        let deadline = tokio::time::Instant::now() + signal_state.drain_window;
+        while tokio::time::Instant::now() < deadline
+            && signal_state
+                .open_streams
+                .load(std::sync::atomic::Ordering::Relaxed)
+                > 0
+            && !signal_state.shutdown.is_cancelled()
+        {
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
         signal_state.shutdown.cancel();
     });

@@ -187,7 +187,7 @@ pub async fn message(
     AuthedSession(session): AuthedSession,
     JsonBody(body): JsonBody<MessageBody>,
 ) -> Result<Response, AppError> {
-    state.limit_publish(&session).await?;
+    state.limit_event_publish(&session).await?;
     let event = OutgoingEvent::json(
         EventType::from_static("chat_message"),
         &json!({ "text": body.text }),
@@ -209,7 +209,7 @@ pub async fn publish(
     AuthedSession(session): AuthedSession,
     JsonBody(body): JsonBody<PublishBody>,
 ) -> Result<Response, AppError> {
-    state.limit_publish(&session).await?;
+    state.limit_event_publish(&session).await?;
     let event_type = EventType::parse(&body.event_type)?;
     let data = body.data.map_or_else(
         || "null".to_owned(),

@@ -155,12 +155,40 @@ impl AppState {
         self.draining.load(Ordering::Acquire)
     }
 
-    /// Starts draining: `/readyz` turns unready, new streams are refused and
-    /// open ones close spread over the drain window.
-    pub fn start_drain(&self) {
+    /// Starts draining: `/readyz` turns unready and new streams are refused;
+    /// publishes for sessions whose stream is not here are refused too (see
+    /// [`AppState::accept_publish`]).
+    pub fn start_unready(&self) {
         self.draining.store(true, Ordering::Release);
+    }
+
+    /// Open streams close, spread over the drain window.
+    pub fn close_streams(&self) {
         self.drain.cancel();
         self.scale.start_drain();
+    }
+
+    /// Both at once (tests and embedding).
+    pub fn start_drain(&self) {
+        self.start_unready();
+        self.close_streams();
+    }
+
+    /// A draining instance refuses (503, retried elsewhere by the shipped
+    /// balancers) a publish that would stay on it — flag off — for a session
+    /// whose stream is not here: nobody here would ever receive it, and the
+    /// client's stream has already moved on.
+    pub fn accept_publish(&self, session: &SessionId) -> Result<(), AppError> {
+        if self.is_draining()
+            && !self.broadcaster.crosses_instances(session)
+            && !self.broadcaster.holds(session)
+        {
+            return Err(AppError::unavailable(
+                "this instance is draining and does not hold this session's stream; retry",
+                1,
+            ));
+        }
+        Ok(())
     }
 
     /// Checks the event's size on the wire (a payload of many short lines
@@ -176,6 +204,13 @@ impl AppState {
         }
         let id = self.broadcaster.publish(session, event).await?;
         Ok(id.to_string())
+    }
+
+    /// The per-session limit of the publishing routes, after
+    /// [`AppState::accept_publish`].
+    pub async fn limit_event_publish(&self, session: &SessionId) -> Result<(), AppError> {
+        self.accept_publish(session)?;
+        self.limit_publish(session).await
     }
 
     /// The per-session limit of the publishing routes.

@@ -25,7 +25,7 @@ pub async fn replan(
     AuthedSession(session): AuthedSession,
     JsonBody(body): JsonBody<ReplanBody>,
 ) -> Result<Response, AppError> {
-    state.limit_publish(&session).await?;
+    state.limit_event_publish(&session).await?;
     let event = OutgoingEvent::json(
         EventType::from_static("replan"),
         &json!({ "reason": body.reason }),
@@ -40,7 +40,7 @@ pub async fn preferences(
     AuthedSession(session): AuthedSession,
     JsonBody(prefs): JsonBody<Map<String, Value>>,
 ) -> Result<Response, AppError> {
-    state.limit_publish(&session).await?;
+    state.limit_event_publish(&session).await?;
     let event = OutgoingEvent::json(
         EventType::from_static("preferences_updated"),
         &json!({ "preferences": prefs }),

@@ -125,7 +125,19 @@ impl Unleash {
     /// Runs `flags/unleash-flags.sh` (the operators' script) against this
     /// server; panics if it fails.
     pub async fn flags(&self, args: &[&str]) -> String {
-        let out = tokio::process::Command::new("bash")
+        let out = self.flags_output(args).await;
+        assert!(
+            out.status.success(),
+            "unleash-flags.sh {args:?}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Runs the script and returns what it did, success or not.
+    pub async fn flags_output(&self, args: &[&str]) -> std::process::Output {
+        tokio::process::Command::new("bash")
             .arg(repo().join("flags/unleash-flags.sh"))
             .args(args)
             .env(
@@ -136,14 +148,7 @@ impl Unleash {
             .env("UNLEASH_ENVIRONMENT", ENVIRONMENT)
             .output()
             .await
-            .expect("run flags/unleash-flags.sh");
-        assert!(
-            out.status.success(),
-            "unleash-flags.sh {args:?}: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
+            .expect("run flags/unleash-flags.sh")
     }
 
     /// Kills the server (an outage: clients keep polling a closed port).
