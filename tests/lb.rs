@@ -11,6 +11,8 @@ mod support;
 
 #[path = "support/balancer.rs"]
 mod balancer;
+#[path = "support/redis_server.rs"]
+mod redis_server;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
@@ -745,4 +747,105 @@ async fn stream_tokens_stay_out_of_balancer_logs() {
     drop(lb);
     let lb = Balancer::nginx("nginx/cookie-map.conf.template", &apps.addrs()).await;
     token_stays_out_of_the_log(&lb, "access.log").await;
+}
+
+/// Phase 3 behind `lb` (no affinity, three instances with the Redis broker
+/// and the flag on): requests spread over the instances, every stream gets
+/// every event whichever instance took the publish, and a reconnect that
+/// lands elsewhere resumes with `Last-Event-ID`.
+async fn round_robin_suite(lb: &Balancer) {
+    let mut jar = Jar::default();
+    let (s, _) = create_session(lb, &mut jar).await;
+    let spread = instances_without_affinity(lb, 12).await;
+    assert!(
+        spread.len() >= 2,
+        "{:?} pinned every request to {spread:?}",
+        lb.kind
+    );
+    let mut streams = Vec::new();
+    for _ in 0..3 {
+        let (sse, _) = open_stream(lb, &s, &mut Jar::default(), &[]).await;
+        streams.push(sse);
+    }
+    let mut publishers = BTreeSet::new();
+    let mut ids = Vec::new();
+    for n in 0..6 {
+        let c = client();
+        let res = c
+            .post(lb.url(&format!("/sessions/{}/events", s.id)))
+            .bearer_auth(&s.token)
+            .json(&json!({ "type": "rr", "data": n }))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 202);
+        publishers.insert(instance_of(res.headers()));
+        ids.push(
+            res.json::<Value>().await.unwrap()["id"]
+                .as_str()
+                .unwrap()
+                .to_owned(),
+        );
+    }
+    assert!(
+        publishers.len() >= 2,
+        "{:?}: every publish reached {publishers:?}",
+        lb.kind
+    );
+    for sse in &mut streams {
+        for n in 0..6 {
+            let ev = sse
+                .next_event(FAST * 5)
+                .await
+                .expect("every event, on every stream");
+            assert_eq!(ev.json(), json!(n), "{:?}", lb.kind);
+        }
+    }
+    // A client that had the first two comes back through the balancer.
+    drop(streams);
+    let res = client()
+        .get(lb.url(&format!("/sessions/{}/events?token={}", s.id, s.token)))
+        .header("last-event-id", &ids[1])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    let mut sse = SseClient::from_response(res);
+    sse.expect_connected().await;
+    for n in 2..6 {
+        assert_eq!(sse.next_event(FAST * 5).await.unwrap().json(), json!(n));
+    }
+}
+
+fn phase3_apps(redis: &redis_server::RedisServer) -> Apps {
+    let url = redis.url();
+    Apps::start_with(&[
+        ("SSE_ADAPTER", "redis"),
+        ("REDIS_URL", &url),
+        ("FF_REDIS_SSE_BROADCAST", "true"),
+    ])
+}
+
+#[tokio::test]
+async fn haproxy_round_robin_serves_phase_3() {
+    let redis = redis_server::RedisServer::start();
+    let apps = phase3_apps(&redis);
+    let lb = Balancer::haproxy("haproxy/haproxy-roundrobin.cfg", &apps.addrs(), &[]).await;
+    round_robin_suite(&lb).await;
+}
+
+#[tokio::test]
+async fn nginx_round_robin_serves_phase_3() {
+    let redis = redis_server::RedisServer::start();
+    let apps = phase3_apps(&redis);
+    let lb = Balancer::nginx("nginx/roundrobin.conf.template", &apps.addrs()).await;
+    round_robin_suite(&lb).await;
+}
+
+#[tokio::test]
+async fn caddy_round_robin_serves_phase_3() {
+    let redis = redis_server::RedisServer::start();
+    let apps = phase3_apps(&redis);
+    let lb = Balancer::caddy("caddy/Caddyfile.roundrobin", &apps.addrs(), &[]).await;
+    round_robin_suite(&lb).await;
 }

@@ -126,7 +126,7 @@ impl Balancer {
         assert!(status.success(), "envsubst failed: {status}");
         let text = std::fs::read_to_string(&rendered).expect("read rendered config");
         assert!(
-            text.contains("$cookie_sse_affinity") || text.contains("$http_x_session_id"),
+            text.contains("$proxy_add_x_forwarded_for"),
             "envsubst replaced nginx's own variables:\n{text}"
         );
         let mut cmd = Command::new(nginx);
