@@ -852,3 +852,24 @@ async fn a_draining_instance_leaves_the_pool_before_streams_close_and_refuses_or
         started.elapsed()
     );
 }
+
+// Fails before the fix: every health check a draining instance answered
+// with 503 was logged as an ERROR.
+#[tokio::test]
+async fn a_drain_logs_no_errors() {
+    let mut server = Server::start(&[
+        ("SHUTDOWN_UNREADY_SECS", "1"),
+        ("SHUTDOWN_DRAIN_SECS", "1"),
+        ("SHUTDOWN_GRACE_SECS", "5"),
+    ]);
+    server.signal("TERM");
+    let c = client();
+    for _ in 0..5 {
+        let _ = c.get(server.url("/readyz")).send().await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(server.wait_exit(Duration::from_secs(5)), Some(0));
+    let log = server.log.lock().unwrap().clone();
+    assert!(log.contains("unready"), "{log}");
+    assert!(!log.contains("ERROR"), "{log}");
+}

@@ -40,7 +40,7 @@ use axum::routing::{delete, get, post, put};
 use axum::Router;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 use tower_http::set_header::SetResponseHeaderLayer;
-use tower_http::trace::TraceLayer;
+use tower_http::trace::{DefaultOnFailure, TraceLayer};
 
 use crate::error::AppError;
 use crate::state::AppState;
@@ -83,11 +83,16 @@ pub fn app(state: Arc<AppState>) -> Result<Router, axum::http::header::InvalidHe
         ))
         // Spans name the path, never the query: `?token=` must not reach
         // the logs.
-        .layer(TraceLayer::new_for_http().make_span_with(
-            |req: &axum::http::Request<axum::body::Body>| {
-                tracing::debug_span!("request", method = %req.method(), path = %req.uri().path())
-            },
-        ));
+        // 5xx answers are logged at debug, not as errors: a draining
+        // instance answers its balancer's health checks with 503 on
+        // purpose, and the handlers log what needs an operator's eye.
+        .layer(
+            TraceLayer::new_for_http()
+                .make_span_with(|req: &axum::http::Request<axum::body::Body>| {
+                    tracing::debug_span!("request", method = %req.method(), path = %req.uri().path())
+                })
+                .on_failure(DefaultOnFailure::new().level(tracing::Level::DEBUG)),
+        );
     let router = match cors(&state.cors_allowed_origins) {
         Some(layer) => router.layer(layer),
         None => router,
