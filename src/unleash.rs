@@ -22,8 +22,12 @@
 //!
 //! Precedence, as reported in `/stats`: `unleash` (last poll succeeded),
 //! `unleash-last-known` (Unleash answered before but the latest polls
-//! failed), then `env` / `default` before Unleash ever answered, or when the
-//! flag is not defined in Unleash.
+//! failed — in this process, or in any instance of the fleet when a
+//! [`LastKnown`] store is given: every successful poll saves the
+//! configuration there, and a process that starts while Unleash is down
+//! loads it instead of running on the environment value), then `env` /
+//! `default` before Unleash ever answered, or when the flag is not defined
+//! in Unleash.
 
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
@@ -78,6 +82,72 @@ pub struct UnleashSettings {
     /// `FF_REDIS_SSE_BROADCAST` from the environment, used until Unleash
     /// first answers.
     pub env_value: Option<bool>,
+    /// Where the last configuration Unleash answered is kept for processes
+    /// that start while it is down (the shared Redis, in a fleet).
+    pub last_known: Option<Arc<dyn LastKnown>>,
+}
+
+/// A store for the last flag configuration Unleash answered, shared by the
+/// fleet.
+pub trait LastKnown: Send + Sync + 'static {
+    fn load(&self) -> futures::future::BoxFuture<'_, Option<String>>;
+    fn save(&self, configuration: String) -> futures::future::BoxFuture<'_, ()>;
+}
+
+/// [`LastKnown`] in the shared Redis, under `<prefix>flags:unleash`.
+#[cfg(feature = "redis")]
+pub struct RedisLastKnown {
+    redis: crate::redis_client::SharedRedis,
+    key: String,
+}
+
+#[cfg(feature = "redis")]
+impl RedisLastKnown {
+    pub fn new(redis: crate::redis_client::SharedRedis, prefix: &str) -> Self {
+        Self {
+            redis,
+            key: format!("{prefix}flags:unleash"),
+        }
+    }
+}
+
+#[cfg(feature = "redis")]
+impl LastKnown for RedisLastKnown {
+    fn load(&self) -> futures::future::BoxFuture<'_, Option<String>> {
+        use futures::FutureExt;
+        async move {
+            let mut cmd = redis::cmd("GET");
+            cmd.arg(&self.key);
+            let cmd = &cmd;
+            self.redis
+                .call(|mut c| async move { cmd.query_async::<Option<String>>(&mut c).await })
+                .await
+                .ok()
+                .flatten()
+        }
+        .boxed()
+    }
+
+    fn save(&self, configuration: String) -> futures::future::BoxFuture<'_, ()> {
+        use futures::FutureExt;
+        async move {
+            let mut cmd = redis::cmd("SET");
+            // Kept a week: long enough for any outage, gone with the fleet.
+            cmd.arg(&self.key)
+                .arg(configuration)
+                .arg("EX")
+                .arg(7 * 86_400);
+            let cmd = &cmd;
+            if let Err(e) = self
+                .redis
+                .call(|mut c| async move { cmd.query_async::<()>(&mut c).await })
+                .await
+            {
+                tracing::debug!(error = %e, "cannot save the flag configuration");
+            }
+        }
+        .boxed()
+    }
 }
 
 impl UnleashSettings {
@@ -89,6 +159,7 @@ impl UnleashSettings {
             instance_id: String::new(),
             refresh: Duration::from_secs(15),
             env_value: None,
+            last_known: None,
         }
     }
 }
@@ -188,19 +259,12 @@ impl UnleashFlags {
             .http
             .get_json(&features_endpoint(&settings.url), interval)
             .await?;
-        let toggle = match features
-            .features
-            .iter()
-            .find(|f| f.name == REDIS_SSE_BROADCAST)
-        {
-            None => UNDEFINED,
-            Some(f) if f.enabled => ON,
-            Some(_) => OFF,
-        };
-        let metrics = client
-            .memoize(features)
-            .map_err(|e| anyhow::anyhow!("cannot use the flag configuration: {e}"))?;
-        self.inner.toggle.store(toggle, Ordering::Release);
+        if let Some(store) = &settings.last_known {
+            if let Ok(json) = serde_json::to_string(&features) {
+                store.save(json).await;
+            }
+        }
+        let metrics = self.apply(features)?;
         self.inner.status.store(FRESH, Ordering::Release);
         if let Some(metrics) = metrics {
             let sent = client
@@ -212,6 +276,52 @@ impl UnleashFlags {
             }
         }
         Ok(())
+    }
+
+    /// Makes `features` the configuration flags are evaluated on.
+    fn apply(
+        &self,
+        features: ClientFeatures,
+    ) -> anyhow::Result<Option<unleash_api_client::api::Metrics>> {
+        let toggle = match features
+            .features
+            .iter()
+            .find(|f| f.name == REDIS_SSE_BROADCAST)
+        {
+            None => UNDEFINED,
+            Some(f) if f.enabled => ON,
+            Some(_) => OFF,
+        };
+        let metrics = self
+            .inner
+            .client
+            .memoize(features)
+            .map_err(|e| anyhow::anyhow!("cannot use the flag configuration: {e}"))?;
+        self.inner.toggle.store(toggle, Ordering::Release);
+        Ok(metrics)
+    }
+
+    /// Before Unleash ever answered this process: the configuration the
+    /// fleet last got from it, if the store has one.
+    async fn load_last_known(&self, settings: &UnleashSettings) -> bool {
+        let Some(store) = &settings.last_known else {
+            return false;
+        };
+        let Some(json) = store.load().await else {
+            return false;
+        };
+        let Ok(features) = serde_json::from_str::<ClientFeatures>(&json) else {
+            tracing::warn!("the stored flag configuration does not parse; ignored");
+            return false;
+        };
+        if self.apply(features).is_err() {
+            return false;
+        }
+        self.inner.status.store(STALE, Ordering::Release);
+        tracing::info!(
+            "Unleash is unreachable: following the flag configuration the fleet last got from it"
+        );
+        true
     }
 
     /// Polls every `refresh` while Unleash answers; after a failure, backs
@@ -244,6 +354,9 @@ impl UnleashFlags {
                     settings.refresh
                 }
                 Err(e) => {
+                    if self.inner.status.load(Ordering::Acquire) == NEVER {
+                        self.load_last_known(&settings).await;
+                    }
                     let delays = backoff.get_or_insert_with(|| {
                         let status = self.inner.status.load(Ordering::Acquire);
                         let fallback = if status == NEVER {

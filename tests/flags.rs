@@ -463,3 +463,33 @@ fn bad_unleash_settings_stop_the_server_with_exit_code_2() {
         assert!(stderr.contains(needle), "{env:?}: {stderr}");
     }
 }
+
+// Fails before the fix: an instance (re)started while Unleash was down came
+// up on the default (flag off) while its peers ran on the last known value
+// (on), and in phase 3 every publish it took stayed on it.
+#[tokio::test]
+async fn an_instance_started_while_unleash_is_down_follows_the_fleet_s_last_known_flag() {
+    let mut f = fleet("100", "on").await;
+    let (id, token) = new_session(&f.a).await;
+    let mut on_a = SseClient::open(&f.a, &id, &token).await;
+    on_a.expect_connected().await;
+    wait_subscribed(&f.a, 1).await;
+    f.unleash.stop();
+    let late = instance(&f._redis, &f.unleash, "late");
+    wait_flag(
+        &late,
+        json!({ "enabled": true, "source": "unleash-last-known" }),
+    )
+    .await;
+    assert_eq!(
+        message(&late, &id, &token, "from the late one")
+            .await
+            .status(),
+        202
+    );
+    assert_eq!(
+        on_a.next_event(T).await.unwrap().json()["text"],
+        "from the late one",
+        "its publishes cross instances like its peers'"
+    );
+}

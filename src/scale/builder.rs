@@ -14,6 +14,13 @@ use crate::flags::{EnvFlags, FlagSource};
 use crate::history::HistoryLimits;
 use crate::stream::CloseSignal;
 
+/// The shared Redis client and key prefix the flag source may keep its
+/// last-known configuration under.
+#[cfg(feature = "redis")]
+type LastKnownStore = (crate::redis_client::SharedRedis, String);
+#[cfg(not(feature = "redis"))]
+type LastKnownStore = ();
+
 /// Settings of an [`SseScale`]; every one has a default for one instance.
 #[derive(Clone)]
 #[must_use]
@@ -181,7 +188,23 @@ impl Builder {
         let node_id = format!("{instance_id}#{:08x}", rand::random::<u32>());
         let stop = CancellationToken::new();
         let tasks = TaskTracker::new();
-        let flags = self.start_flags(&instance_id, &tasks, &stop)?;
+        // The Redis client first: the flag source keeps its last-known
+        // configuration there.
+        #[cfg(feature = "redis")]
+        let redis = match &self.redis {
+            Some(options) => {
+                let redis = crate::redis_client::SharedRedis::open(&options.url)
+                    .map_err(|e| super::invalid("REDIS_URL", e.to_string()))?;
+                redis.connect(&tasks, stop.clone());
+                Some((redis, options.clone()))
+            }
+            None => None,
+        };
+        #[cfg(feature = "redis")]
+        let store = redis.as_ref().map(|(r, o)| (r.clone(), o.prefix.clone()));
+        #[cfg(not(feature = "redis"))]
+        let store = None::<()>;
+        let flags = self.start_flags(&instance_id, &tasks, &stop, store)?;
         let drain = CancellationToken::new();
         let close = CloseSignal {
             token: drain.clone(),
@@ -204,8 +227,8 @@ impl Builder {
             redis: None,
         };
         #[cfg(feature = "redis")]
-        if let Some(options) = &self.redis {
-            scale.start_redis(options, self.fanout.clone())?;
+        if let Some((client, options)) = redis {
+            scale.start_redis(client, &options, self.fanout.clone());
         }
         Ok(scale)
     }
@@ -215,6 +238,7 @@ impl Builder {
         _instance_id: &str,
         _tasks: &TaskTracker,
         _stop: &CancellationToken,
+        _store: Option<LastKnownStore>,
     ) -> Result<Arc<dyn FlagSource>, BuildError> {
         if let Some(flags) = &self.flags {
             return Ok(flags.clone());
@@ -225,6 +249,12 @@ impl Builder {
             settings.env_value = settings.env_value.or(self.flag);
             if settings.instance_id.is_empty() {
                 settings.instance_id = _instance_id.to_owned();
+            }
+            #[cfg(feature = "redis")]
+            if let (None, Some((redis, prefix))) = (&settings.last_known, _store) {
+                settings.last_known = Some(Arc::new(crate::unleash::RedisLastKnown::new(
+                    redis, &prefix,
+                )));
             }
             let flags = crate::unleash::UnleashFlags::start(settings, _tasks, _stop.clone())
                 .map_err(|e| BuildError::Flags(format!("{e:#}")))?;

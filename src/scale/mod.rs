@@ -189,19 +189,16 @@ impl SseScale {
     #[cfg(feature = "redis")]
     fn start_redis(
         &mut self,
+        redis: crate::redis_client::SharedRedis,
         options: &builder::RedisOptions,
         fanout: FanoutSettings,
-    ) -> Result<(), BuildError> {
+    ) {
         use crate::broker::redis::{RedisBroker, RedisSettings};
         use crate::control::RedisControlBus;
-        use crate::redis_client::SharedRedis;
 
-        let redis =
-            SharedRedis::open(&options.url).map_err(|e| invalid("REDIS_URL", e.to_string()))?;
-        redis.connect(&self.tasks, self.stop.clone());
         self.redis = Some(redis.clone());
         if !options.broker {
-            return Ok(());
+            return;
         }
         let mut settings = RedisSettings::new(&options.prefix, &self.node_id);
         settings.outbox_max = options.outbox_max;
@@ -222,7 +219,6 @@ impl SseScale {
                 "Redis is configured and subscribed, but the flag is off: publishes stay on this instance until it is turned on"
             );
         }
-        Ok(())
     }
 }
 

@@ -8,6 +8,7 @@ use super::{envelope, Inner};
 use crate::broker::BrokerError;
 use crate::event::{EventId, OutgoingEvent, SessionId};
 use crate::redis_client::CallError;
+use crate::sse;
 
 /// KEYS[1] history stream, KEYS[2] the id of the session's first event
 /// (a stream that still holds it was never trimmed);
@@ -57,6 +58,9 @@ impl Inner {
             Ok(id) => {
                 self.publish_recovered();
                 self.local.observe(id);
+                self.note_sent(session, id, || {
+                    sse::frame(id, &event.event_type, &event.data)
+                });
                 self.counters
                     .published_redis
                     .fetch_add(1, Ordering::Relaxed);

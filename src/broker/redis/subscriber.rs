@@ -9,7 +9,7 @@
 //! cursor — the newest id delivered here — which drops a message received
 //! twice and tells a reconnect where to catch up from.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -54,6 +54,11 @@ struct State {
     dirty: HashSet<SessionId>,
     /// Subscribers waiting for their session's channel to be confirmed.
     waiters: HashMap<SessionId, Vec<oneshot::Sender<()>>>,
+    /// This instance's own events of wanted sessions whose echo has not
+    /// come back yet. Normally a few; after a reconnect, those the stream
+    /// no longer has (Redis restarted empty) are delivered from here, so a
+    /// subscriber here never misses an event its own instance published.
+    sent: HashMap<SessionId, VecDeque<Frame>>,
 }
 
 impl Interest {
@@ -62,6 +67,9 @@ impl Interest {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
+
+/// Own events kept per session until their echo arrives.
+const MAX_SENT: usize = 1024;
 
 /// How far before "now" the catch-up of a session wanted while the
 /// connection was down starts.
@@ -129,6 +137,43 @@ impl Inner {
         .boxed()
     }
 
+    /// Remembers an event this instance published through Redis until its
+    /// echo arrives (only for sessions with subscribers here).
+    pub(super) fn note_sent(
+        &self,
+        session: &SessionId,
+        id: EventId,
+        frame: impl FnOnce() -> Frame,
+    ) {
+        let mut st = self.interest.lock();
+        // Not wanted here, or its echo already came (the cursor is updated
+        // under this same lock): nothing to keep.
+        if !st.wanted.contains_key(session) || st.cursors.get(session).is_some_and(|c| *c >= id) {
+            return;
+        }
+        let sent = st.sent.entry(session.clone()).or_default();
+        sent.push_back(frame());
+        if sent.len() > MAX_SENT {
+            sent.pop_front();
+        }
+    }
+
+    /// Delivers own events whose echo never came and that the stream no
+    /// longer had (a catch-up just ran): past the cursor, in order.
+    fn deliver_unechoed(&self, session: &SessionId) {
+        let left = self
+            .interest
+            .lock()
+            .sent
+            .remove(session)
+            .unwrap_or_default();
+        for frame in left {
+            if self.deliver(session, true, false, frame) {
+                tracing::warn!(backend = "redis", session = %session, "an own event missing from Redis delivered here directly");
+            }
+        }
+    }
+
     /// Withdraws interest in `session`, unless a newer generation wants it.
     pub(super) fn unwant(&self, session: &SessionId, generation: u64) {
         {
@@ -139,6 +184,7 @@ impl Inner {
             st.wanted.remove(session);
             st.waiters.remove(session);
             st.floors.remove(session);
+            st.sent.remove(session);
             st.dirty.insert(session.clone());
         }
         self.interest.changed.notify_one();
@@ -246,7 +292,13 @@ impl Inner {
             (st.cursors.get(session).copied(), floor)
         };
         let read = match (cursor, floor) {
-            (Some(from), _) => self.catch_up(session, from).await,
+            (Some(from), _) => {
+                let read = self.catch_up(session, from).await;
+                if read.is_ok() {
+                    self.deliver_unechoed(session);
+                }
+                read
+            }
             (None, Some(floor)) => {
                 self.interest.lock().cursors.insert(session.clone(), floor);
                 self.catch_up(session, floor).await
@@ -463,6 +515,13 @@ impl Inner {
                     return false;
                 }
                 Some(cursor) => *cursor = frame.id,
+            }
+            if own {
+                if let Some(sent) = st.sent.get_mut(session) {
+                    while sent.front().is_some_and(|f| f.id <= frame.id) {
+                        sent.pop_front();
+                    }
+                }
             }
         }
         self.local.observe(frame.id);
