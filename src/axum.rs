@@ -255,35 +255,54 @@ impl SseScale {
 /// starts the drain (open streams close spread over the drain window, each
 /// after a jittered `retry:` hint), waits out the window, and returns. Pass
 /// it to `axum::serve(...).with_graceful_shutdown`, then call
-/// [`SseScale::shutdown`] once `serve` has returned.
-pub async fn drain_on_signal(scale: Arc<SseScale>) {
-    terminate().await;
-    scale.start_drain();
-    tracing::info!(window_secs = scale.drain_window().as_secs_f64(), "draining");
-    tokio::time::sleep(scale.drain_window()).await;
+/// [`SseScale::shutdown`] once `serve` has returned. The signals are
+/// caught from the moment this is called.
+pub fn drain_on_signal(scale: Arc<SseScale>) -> impl std::future::Future<Output = ()> + Send {
+    let signal = terminate();
+    async move {
+        signal.await;
+        scale.start_drain();
+        tracing::info!(window_secs = scale.drain_window().as_secs_f64(), "draining");
+        tokio::time::sleep(scale.drain_window()).await;
+    }
 }
 
-/// SIGTERM or SIGINT.
-pub async fn terminate() {
-    let ctrl_c = async {
-        if tokio::signal::ctrl_c().await.is_err() {
-            std::future::pending::<()>().await;
-        }
-    };
+/// Resolves on SIGTERM or SIGINT. The handlers are installed when this is
+/// called, not when the future is first polled, so a signal sent right
+/// after start-up is caught instead of killing the process. Must be called
+/// inside a tokio runtime.
+pub fn terminate() -> impl std::future::Future<Output = ()> + Send {
     #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let term = signal(SignalKind::terminate());
+        let int = signal(SignalKind::interrupt());
+        if let Err(e) = term.as_ref().and(int.as_ref()) {
+            tracing::error!(error = %e, "cannot listen for SIGTERM/SIGINT");
         }
-    };
+        async move {
+            tokio::select! {
+                () = wait_for(int) => tracing::info!("SIGINT received; shutting down"),
+                () = wait_for(term) => tracing::info!("SIGTERM received; shutting down"),
+            }
+        }
+    }
     #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => tracing::info!("SIGINT received; shutting down"),
-        () = term => tracing::info!("SIGTERM received; shutting down"),
+    {
+        async {
+            let _ = tokio::signal::ctrl_c().await;
+            tracing::info!("interrupt received; shutting down");
+        }
+    }
+}
+
+#[cfg(unix)]
+async fn wait_for(signal: std::io::Result<tokio::signal::unix::Signal>) {
+    match signal {
+        Ok(mut s) => {
+            s.recv().await;
+        }
+        Err(_) => std::future::pending::<()>().await,
     }
 }
 

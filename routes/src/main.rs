@@ -137,6 +137,9 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let app =
         sse_scale_server::app(state.clone()).context("INSTANCE_ID is not a valid header value")?;
 
+    // Signals are caught from here on: the "listening" line below is what
+    // supervisors (and the tests) wait for before they may send SIGTERM.
+    let signal = sse_scale::axum::terminate();
     tracing::info!(%addr, instance_id = %state.instance_id, mode = state.broadcaster.stats().mode, "listening");
     // SIGTERM: unready at once, so the balancer takes this instance out
     // before any stream closes (SHUTDOWN_UNREADY_SECS); then streams close
@@ -146,7 +149,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let unready_for = config.shutdown_unready();
     state.tasks.spawn(async move {
         tokio::select! {
-            () = shutdown_signal() => {}
+            () = signal => {}
             () = signal_state.shutdown.cancelled() => {}
         }
         signal_state.start_unready();
@@ -209,28 +212,4 @@ async fn run(config: Config) -> anyhow::Result<()> {
     }
     tracing::info!("shut down");
     Ok(())
-}
-
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        if let Err(e) = tokio::signal::ctrl_c().await {
-            tracing::error!(error = %e, "cannot listen for SIGINT");
-            std::future::pending::<()>().await;
-        }
-    };
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "cannot listen for SIGTERM");
-                std::future::pending::<()>().await;
-            }
-        }
-    };
-    tokio::select! {
-        () = ctrl_c => tracing::info!("SIGINT received; shutting down"),
-        () = term => tracing::info!("SIGTERM received; shutting down"),
-    }
 }
