@@ -497,21 +497,6 @@ async fn a_client_that_stops_reading_is_cut_and_memory_stays_bounded() {
     drop(stalled);
 }
 
-async fn publish_n(server: &Server, session: &str, token: &str, n: u64) -> String {
-    let res = post(
-        server,
-        token,
-        &format!("/sessions/{session}/events"),
-        json!({ "type": "n", "data": n }),
-    )
-    .await;
-    assert_eq!(res.status(), 202);
-    res.json::<Value>().await.unwrap()["id"]
-        .as_str()
-        .unwrap()
-        .to_owned()
-}
-
 async fn open_from(server: &Server, session: &str, token: &str, last: &str) -> reqwest::Response {
     reqwest::Client::new()
         .get(server.url(&format!("/sessions/{session}/events?token={token}")))
@@ -527,7 +512,7 @@ async fn resume_replays_what_history_holds_and_resets_beyond_it() {
     let (session, token) = new_session(&server).await;
     let mut ids = vec![String::new()];
     for n in 1..=10 {
-        ids.push(publish_n(&server, &session, &token, n).await);
+        ids.push(publish(&server, &session, &token, "n", json!(n)).await);
     }
 
     // Within history: 8, 9, 10, then live.
@@ -540,7 +525,7 @@ async fn resume_replays_what_history_holds_and_resets_beyond_it() {
             (json!(n), Some(ids[n as usize].as_str()))
         );
     }
-    let live = publish_n(&server, &session, &token, 11).await;
+    let live = publish(&server, &session, &token, "n", json!(11)).await;
     let ev = sse.next_event(T).await.unwrap();
     assert_eq!((ev.json(), ev.id), (json!(11), Some(live.clone())));
 
@@ -553,7 +538,7 @@ async fn resume_replays_what_history_holds_and_resets_beyond_it() {
     assert_eq!(reset.json()["oldest_id"], ids[7].as_str());
     assert_eq!(reset.json()["last_event_id"], ids[1].as_str());
     assert_eq!(reset.id, Some(live));
-    let next = publish_n(&server, &session, &token, 12).await;
+    let next = publish(&server, &session, &token, "n", json!(12)).await;
     let ev = sse.next_event(T).await.unwrap();
     assert_eq!((ev.json(), ev.id), (json!(12), Some(next)));
 

@@ -480,29 +480,12 @@ async fn one_session_cannot_push_the_others_history_out() {
         ("RATE_LIMIT_PUBLISH_PER_SEC", "0"),
     ]);
     let (quiet, qt) = new_session(&server).await;
-    let publish = |session: String, token: String, data: Value| {
-        let server = &server;
-        async move {
-            let res = post(
-                server,
-                &token,
-                &format!("/sessions/{session}/events"),
-                json!({ "type": "t", "data": data }),
-            )
-            .await;
-            assert_eq!(res.status(), 202);
-            res.json::<Value>().await.unwrap()["id"]
-                .as_str()
-                .unwrap()
-                .to_owned()
-        }
-    };
-    let first = publish(quiet.clone(), qt.clone(), json!("q1")).await;
-    publish(quiet.clone(), qt.clone(), json!("q2")).await;
+    let first = publish(&server, &quiet, &qt, "t", json!("q1")).await;
+    publish(&server, &quiet, &qt, "t", json!("q2")).await;
     let (busy, bt) = new_session(&server).await;
     let big = json!("x".repeat(8000));
     for _ in 0..200 {
-        publish(busy.clone(), bt.clone(), big.clone()).await;
+        publish(&server, &busy, &bt, "t", big.clone()).await;
     }
     let stats = server.stats().await;
     assert!(

@@ -66,22 +66,6 @@ async fn open_from(server: &Server, session: &str, token: &str, last: &str) -> S
     SseClient::from_response(res)
 }
 
-/// Publishes `{"type": ty, "data": data}`; returns the event id.
-async fn publish(server: &Server, session: &str, token: &str, ty: &str, data: Value) -> String {
-    let res = post(
-        server,
-        token,
-        &format!("/sessions/{session}/events"),
-        json!({ "type": ty, "data": data }),
-    )
-    .await;
-    let status = res.status();
-    let body = res.text().await.unwrap_or_default();
-    assert_eq!(status, 202, "publish {ty} to {}: {body}", server.addr);
-    let body: Value = serde_json::from_str(&body).unwrap();
-    body["id"].as_str().unwrap().to_owned()
-}
-
 /// The next event (comments skipped); the stream must not end.
 async fn next(sse: &mut SseClient, within: Duration) -> SseEvent {
     sse.next_event(within).await.expect("stream ended")

@@ -75,13 +75,7 @@ async fn authorize(
             .ok_or_else(|| AppError::not_found("no session in path"))?;
         let session = SessionId::parse(raw)?;
 
-        let bearer = parts
-            .headers
-            .get(AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .map(|t| t.trim().to_owned());
-        let token = match bearer {
+        let token = match bearer(parts).map(str::to_owned) {
             Some(t) => Some(t),
             None => Query::<TokenQuery>::try_from_uri(&parts.uri)
                 .ok()
@@ -135,13 +129,7 @@ impl FromRequestParts<Arc<AppState>> for Admin {
                 "operator endpoints are closed: set ADMIN_TOKEN and send it as `Authorization: Bearer <token>`",
             ));
         };
-        let given = parts
-            .headers
-            .get(AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .map(str::trim);
-        match given {
+        match bearer(parts) {
             None => Err(AppError::new(
                 StatusCode::UNAUTHORIZED,
                 "unauthorized",
@@ -155,6 +143,16 @@ impl FromRequestParts<Arc<AppState>> for Admin {
             )),
         }
     }
+}
+
+/// The `Authorization: Bearer <token>` value, if any.
+fn bearer(parts: &Parts) -> Option<&str> {
+    parts
+        .headers
+        .get(AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
 }
 
 /// Compares without an early exit, so the time taken says nothing about

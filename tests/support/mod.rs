@@ -144,6 +144,23 @@ pub async fn post(server: &Server, token: &str, path: &str, body: Value) -> reqw
 }
 
 /// Publishes a chat message `{"text": text}` to the session.
+/// Publishes `{"type": ty, "data": data}` to the session; asserts 202 and
+/// returns the event id.
+pub async fn publish(server: &Server, session: &str, token: &str, ty: &str, data: Value) -> String {
+    let res = post(
+        server,
+        token,
+        &format!("/sessions/{session}/events"),
+        serde_json::json!({ "type": ty, "data": data }),
+    )
+    .await;
+    let status = res.status();
+    let body = res.text().await.unwrap_or_default();
+    assert_eq!(status, 202, "publish {ty} to {}: {body}", server.addr);
+    let body: Value = serde_json::from_str(&body).unwrap();
+    body["id"].as_str().unwrap().to_owned()
+}
+
 pub async fn message(server: &Server, id: &str, token: &str, text: &str) -> reqwest::Response {
     post(
         server,

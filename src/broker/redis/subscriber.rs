@@ -377,14 +377,20 @@ impl Inner {
     /// Reads messages until the connection ends (false) or shutdown (true),
     /// applying interest changes as they come.
     async fn pump(&self, sink: &mut PubSubSink, stream: &mut PubSubStream) -> bool {
+        // Changes registered before the connection came up are applied
+        // first; after that only when told (every change notifies), so a
+        // message costs no look at the interest state beyond its cursor.
+        if !self.reconcile(sink).await {
+            return false;
+        }
         loop {
-            // Changes registered before this point are applied first.
-            if !self.reconcile(sink).await {
-                return false;
-            }
             tokio::select! {
                 () = self.cancel.cancelled() => return true,
-                () = self.interest.changed.notified() => {}
+                () = self.interest.changed.notified() => {
+                    if !self.reconcile(sink).await {
+                        return false;
+                    }
+                }
                 msg = stream.next() => match msg {
                     Some(msg) => self.handle(&msg),
                     None => return false,
@@ -437,6 +443,7 @@ impl Inner {
                 } else {
                     // Wanted again meanwhile: subscribe it on the next round.
                     st.dirty.insert(session);
+                    self.interest.changed.notify_one();
                 }
                 self.counters
                     .subscribed
