@@ -9,14 +9,18 @@
 # replaced by the host name. systemd's SIGTERM drains the instance: it turns
 # unready, leaves the balancer, then closes its streams over
 # SHUTDOWN_DRAIN_SECS; clients reconnect elsewhere with Last-Event-ID.
+# READY_TIMEOUT (default 120) is how many seconds an instance has to answer
+# /readyz with 200 again; the script stops with exit code 1 at the first
+# that does not, leaving the rest untouched.
 set -euo pipefail
 restart=${RESTART:-'ssh {host} sudo systemctl restart sse-scale'}
-[ $# -gt 0 ] || { sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
+ready_timeout=${READY_TIMEOUT:-120}
+[ $# -gt 0 ] || { sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
 for target in "$@"; do
     host=${target%:*}
     echo "restarting $target"
     eval "${restart//\{host\}/$host}"
-    for _ in $(seq 1 120); do
+    for _ in $(seq 1 "$ready_timeout"); do
         if curl -fsS -o /dev/null "http://$target/readyz"; then
             echo "$target is ready"
             # Let the balancer's checks (rise 2 x 1 s in the shipped files)
@@ -26,6 +30,6 @@ for target in "$@"; do
         fi
         sleep 1
     done
-    echo "error: $target did not become ready within 120 s; stopping here" >&2
+    echo "error: $target did not become ready within $ready_timeout s; stopping here" >&2
     exit 1
 done

@@ -19,6 +19,9 @@ pub const ADMIN_TOKEN: &str = "*:*.sse-scale-test-admin";
 /// Backend token for the `development` environment the servers read.
 pub const CLIENT_TOKEN: &str = "default:development.sse-scale-test-client";
 pub const ENVIRONMENT: &str = "development";
+/// Backend token for the `production` environment, the one the operators'
+/// documents use (`tests/docs.rs`).
+pub const PRODUCTION_CLIENT_TOKEN: &str = "default:production.sse-scale-test-client";
 
 fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
@@ -88,7 +91,10 @@ impl Unleash {
             .env("HTTP_PORT", port.to_string())
             .env("LOG_LEVEL", "warn")
             .env("INIT_ADMIN_API_TOKENS", ADMIN_TOKEN)
-            .env("INIT_BACKEND_API_TOKENS", CLIENT_TOKEN)
+            .env(
+                "INIT_BACKEND_API_TOKENS",
+                format!("{CLIENT_TOKEN},{PRODUCTION_CLIENT_TOKEN}"),
+            )
             .stdout(log_file.try_clone().expect("log file"))
             .stderr(log_file)
             .spawn()
