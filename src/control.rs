@@ -140,7 +140,7 @@ mod redis_bus {
         loop {
             let connected = async {
                 let mut pubsub =
-                    tokio::time::timeout(CONNECT_TIMEOUT, redis.client().get_async_pubsub())
+                    tokio::time::timeout(CONNECT_TIMEOUT, redis.pubsub())
                         .await
                         .ok()?
                         .ok()?;

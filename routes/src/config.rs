@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
 use sse_scale::history::HistoryLimits;
-use sse_scale::redis_client::{redact_url, SharedRedis};
+use sse_scale::redis_client::{redact_url, SharedRedis, Topology};
 use sse_scale::FanoutSettings;
 
 /// Which broadcaster the server uses.
@@ -119,6 +119,23 @@ pub struct Config {
     /// client is built from it and shared by rate limiting and broadcasting.
     #[arg(long, env = "REDIS_URL", hide_env_values = true)]
     pub redis_url: Option<String>,
+
+    /// Redis Cluster instead: comma-separated seed node URLs (password and
+    /// TLS as in REDIS_URL). Session channels are sharded (SPUBLISH /
+    /// SSUBSCRIBE). At most one of REDIS_URL, REDIS_CLUSTER_NODES and
+    /// REDIS_SENTINEL_NODES.
+    #[arg(long, env = "REDIS_CLUSTER_NODES", hide_env_values = true)]
+    pub redis_cluster_nodes: Option<String>,
+
+    /// Redis behind Sentinel instead: comma-separated sentinel URLs; their
+    /// password, database and TLS also apply to the primary. Needs
+    /// REDIS_SENTINEL_MASTER.
+    #[arg(long, env = "REDIS_SENTINEL_NODES", hide_env_values = true)]
+    pub redis_sentinel_nodes: Option<String>,
+
+    /// The name the sentinels monitor the primary under.
+    #[arg(long, env = "REDIS_SENTINEL_MASTER")]
+    pub redis_sentinel_master: Option<String>,
 
     /// Prefix of every Redis key and channel.
     #[arg(long, env = "REDIS_PREFIX", default_value = "sse:")]
@@ -276,9 +293,9 @@ fn parse_net(raw: &str) -> Result<ipnet::IpNet, String> {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum ConfigError {
-    #[error("SSE_ADAPTER=redis needs REDIS_URL to be set")]
+    #[error("SSE_ADAPTER=redis needs REDIS_URL, REDIS_CLUSTER_NODES or REDIS_SENTINEL_NODES")]
     RedisUrlMissing,
-    #[error("REDIS_URL is not a valid Redis URL: {0}")]
+    #[error("{0}")]
     RedisUrlInvalid(String),
     #[error("TRUST_FORWARDED_FOR is replaced by TRUSTED_PROXIES: list the balancers' addresses (it took the client's own X-Forwarded-For at its word)")]
     TrustForwardedForRemoved,
@@ -303,7 +320,8 @@ pub enum ConfigError {
 impl Config {
     /// Checks rules that span several variables.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        if self.sse_adapter == Some(Adapter::Redis) && self.redis_url.is_none() {
+        let topology = self.redis_topology_checked()?;
+        if self.sse_adapter == Some(Adapter::Redis) && topology.is_none() {
             return Err(ConfigError::RedisUrlMissing);
         }
         if self.trust_forwarded_for {
@@ -335,8 +353,9 @@ impl Config {
         if self.shutdown_unready_secs + self.shutdown_drain_secs >= self.shutdown_grace_secs {
             return Err(ConfigError::DrainLongerThanGrace);
         }
-        if let Some(url) = &self.redis_url {
-            SharedRedis::open(url).map_err(|e| ConfigError::RedisUrlInvalid(e.to_string()))?;
+        if let Some(topology) = topology {
+            SharedRedis::with_topology(topology.clone())
+                .map_err(|e| ConfigError::RedisUrlInvalid(format!("{}: {e}", topology.variable())))?;
         }
         if let Some(url) = &self.unleash_url {
             let parsed = url::Url::parse(url)
@@ -354,10 +373,26 @@ impl Config {
         Ok(())
     }
 
-    /// The broadcaster to use: as configured, else `redis` when
-    /// `REDIS_URL` is set.
+    fn redis_topology_checked(&self) -> Result<Option<Topology>, ConfigError> {
+        Topology::from_settings(
+            self.redis_url.as_deref(),
+            self.redis_cluster_nodes.as_deref(),
+            self.redis_sentinel_nodes.as_deref(),
+            self.redis_sentinel_master.as_deref(),
+        )
+        .map_err(|e| ConfigError::RedisUrlInvalid(e.to_string()))
+    }
+
+    /// Where Redis is (`REDIS_URL`, `REDIS_CLUSTER_NODES` or
+    /// `REDIS_SENTINEL_NODES`), once [`Config::validate`] passed.
+    pub fn redis_topology(&self) -> Option<Topology> {
+        self.redis_topology_checked().ok().flatten()
+    }
+
+    /// The broadcaster to use: as configured, else `redis` when a Redis
+    /// topology is set.
     pub fn adapter(&self) -> Adapter {
-        self.sse_adapter.unwrap_or(if self.redis_url.is_some() {
+        self.sse_adapter.unwrap_or(if self.redis_topology().is_some() {
             Adapter::Redis
         } else {
             Adapter::Memory
@@ -435,6 +470,8 @@ impl std::fmt::Debug for Config {
             .field("max_event_bytes", &self.max_event_bytes)
             .field("sse_adapter", &self.sse_adapter)
             .field("redis_url", &self.redis_url.as_deref().map(redact_url))
+            .field("redis_cluster_nodes", &self.redis_cluster_nodes.as_deref().map(redact_url))
+            .field("redis_sentinel_nodes", &self.redis_sentinel_nodes.as_deref().map(redact_url))
             .field("redis_prefix", &self.redis_prefix)
             .field("ff_redis_sse_broadcast", &self.ff_redis_sse_broadcast)
             .field("history_maxlen", &self.history_maxlen)

@@ -98,9 +98,9 @@ async fn run(config: Config) -> anyhow::Result<()> {
     if let Some(on) = config.ff_redis_sse_broadcast {
         builder = builder.flag(on);
     }
-    if let Some(url) = &config.redis_url {
+    if let Some(topology) = config.redis_topology() {
         builder = builder
-            .redis(url)
+            .redis_topology(topology)
             .redis_prefix(&config.redis_prefix)
             .outbox_max(config.outbox_max as usize);
         if config.adapter() == Adapter::Memory {

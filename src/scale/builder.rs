@@ -41,7 +41,7 @@ pub struct Builder {
 #[cfg(feature = "redis")]
 #[derive(Clone)]
 pub(super) struct RedisOptions {
-    pub(super) url: String,
+    pub(super) topology: crate::redis_client::Topology,
     pub(super) prefix: String,
     pub(super) outbox_max: usize,
     /// Events cross instances through Redis (false: the client is only
@@ -127,17 +127,24 @@ impl Builder {
         self
     }
 
-    /// Fan out across instances through Redis at `url`
+    /// Fan out across instances through the Redis server at `url`
     /// (`redis://[:password@]host:port[/db]`, or `rediss://`).
     #[cfg(feature = "redis")]
-    pub fn redis(mut self, url: impl Into<String>) -> Self {
+    pub fn redis(self, url: impl Into<String>) -> Self {
+        self.redis_topology(crate::redis_client::Topology::Single(url.into()))
+    }
+
+    /// Fan out across instances through Redis in any topology: one
+    /// server, a Redis Cluster (sharded Pub/Sub) or Sentinel.
+    #[cfg(feature = "redis")]
+    pub fn redis_topology(mut self, topology: crate::redis_client::Topology) -> Self {
         let options = self.redis.get_or_insert_with(|| RedisOptions {
-            url: String::new(),
+            topology: topology.clone(),
             prefix: "sse:".into(),
             outbox_max: 10_000,
             broker: true,
         });
-        options.url = url.into();
+        options.topology = topology;
         self
     }
 
@@ -193,8 +200,8 @@ impl Builder {
         #[cfg(feature = "redis")]
         let redis = match &self.redis {
             Some(options) => {
-                let redis = crate::redis_client::SharedRedis::open(&options.url)
-                    .map_err(|e| super::invalid("REDIS_URL", e.to_string()))?;
+                let redis = crate::redis_client::SharedRedis::with_topology(options.topology.clone())
+                    .map_err(|e| super::invalid(options.topology.variable(), e.to_string()))?;
                 redis.connect(&tasks, stop.clone());
                 Some((redis, options.clone()))
             }

@@ -66,11 +66,12 @@ impl Builder {
             b = b.drain_window(Duration::from_secs(n));
         }
         let adapter = var("SSE_ADAPTER");
-        match (adapter.as_deref(), var("REDIS_URL")) {
+        let topology = redis_topology(&var)?;
+        match (adapter.as_deref(), topology) {
             (Some("memory") | None, None) => {}
             #[cfg(feature = "redis")]
-            (Some("redis" | "memory") | None, Some(url)) => {
-                b = b.redis(url);
+            (Some("redis" | "memory") | None, Some(topology)) => {
+                b = b.redis_topology(topology);
                 if let Some(prefix) = var("REDIS_PREFIX") {
                     b = b.redis_prefix(prefix);
                 }
@@ -84,13 +85,18 @@ impl Builder {
             #[cfg(not(feature = "redis"))]
             (Some("memory"), Some(_)) => {}
             #[cfg(not(feature = "redis"))]
-            (Some("redis") | None, Some(_)) => {
+            (Some("redis") | None, Some(variable)) => {
                 return Err(invalid(
-                    "REDIS_URL",
+                    variable,
                     "this build has no Redis support (feature `redis`)",
                 ))
             }
-            (Some("redis"), None) => return Err(invalid("SSE_ADAPTER", "redis needs REDIS_URL")),
+            (Some("redis"), None) => {
+                return Err(invalid(
+                    "SSE_ADAPTER",
+                    "redis needs REDIS_URL, REDIS_CLUSTER_NODES or REDIS_SENTINEL_NODES",
+                ))
+            }
             (Some(other), _) => {
                 return Err(invalid(
                     "SSE_ADAPTER",
@@ -114,4 +120,29 @@ impl Builder {
         }
         Ok(b)
     }
+}
+
+/// The Redis topology the variables name (at most one of `REDIS_URL`,
+/// `REDIS_CLUSTER_NODES`, `REDIS_SENTINEL_NODES`).
+#[cfg(feature = "redis")]
+fn redis_topology(
+    var: &impl Fn(&'static str) -> Option<String>,
+) -> Result<Option<crate::redis_client::Topology>, BuildError> {
+    crate::redis_client::Topology::from_settings(
+        var("REDIS_URL").as_deref(),
+        var("REDIS_CLUSTER_NODES").as_deref(),
+        var("REDIS_SENTINEL_NODES").as_deref(),
+        var("REDIS_SENTINEL_MASTER").as_deref(),
+    )
+    .map_err(|e| invalid(e.variable, e.message))
+}
+
+/// Without Redis support: the first Redis variable that is set, to refuse.
+#[cfg(not(feature = "redis"))]
+fn redis_topology(
+    var: &impl Fn(&'static str) -> Option<String>,
+) -> Result<Option<&'static str>, BuildError> {
+    Ok(["REDIS_URL", "REDIS_CLUSTER_NODES", "REDIS_SENTINEL_NODES"]
+        .into_iter()
+        .find(|name| var(name).is_some()))
 }

@@ -88,8 +88,9 @@ impl SseScale {
         Builder::default()
     }
 
-    /// Builds from the environment: `REDIS_URL` (Redis mode when set, unless
-    /// `SSE_ADAPTER=memory`), `REDIS_PREFIX`, `FF_REDIS_SSE_BROADCAST`,
+    /// Builds from the environment: `REDIS_URL`, or `REDIS_CLUSTER_NODES`,
+    /// or `REDIS_SENTINEL_NODES` with `REDIS_SENTINEL_MASTER` (Redis mode
+    /// when one is set, unless `SSE_ADAPTER=memory`), `REDIS_PREFIX`, `FF_REDIS_SSE_BROADCAST`,
     /// `INSTANCE_ID`, `HISTORY_MAXLEN`, `HISTORY_TTL_SECS`,
     /// `HISTORY_MEMORY_MB`, `SSE_CLIENT_QUEUE`, `REPLAY_MAX_BYTES`,
     /// `OUTBOX_MAX`, `SSE_HEARTBEAT_SECS`, `SSE_RETRY_MS`,

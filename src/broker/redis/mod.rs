@@ -32,12 +32,13 @@ use super::memory::MemoryBroker;
 use super::{Broker, BrokerError, Handler, Replay};
 use crate::event::{EventId, OutgoingEvent, SessionId};
 use crate::history::HistoryLimits;
-use crate::redis_client::SharedRedis;
+use crate::redis_client::{SharedRedis, TopologyKind};
 
 pub mod envelope;
 mod history;
 mod outbox;
 mod publish;
+mod pubsub;
 mod subscriber;
 
 /// Settings of a [`RedisBroker`].
@@ -106,6 +107,11 @@ pub struct RedisCounters {
     pub caught_up: u64,
     /// Messages received a second time (after a catch-up) and dropped.
     pub duplicates_dropped: u64,
+    /// Session channels Redis unsubscribed by itself (a cluster moved their
+    /// slot or failed their node over) and that were subscribed again.
+    pub resubscribes: u64,
+    /// `single`, `cluster` or `sentinel`.
+    pub topology: Option<TopologyKind>,
 }
 
 /// See the module docs. Cheap to clone.
@@ -134,24 +140,43 @@ struct Inner {
     tasks: TaskTracker,
 }
 
-/// Key and channel names.
+/// Key and channel names. In a cluster the session id is a hash tag
+/// (`sse:session:{<id>}`, `...:history`, `...:first`), so one session's
+/// channel and keys share a slot and the publish script stays one atomic
+/// round trip on one node; a single server keeps the plain names.
 struct Keys {
     session_prefix: String,
     broadcast: String,
+    tagged: bool,
 }
 
 impl Keys {
     fn channel(&self, session: &SessionId) -> String {
-        format!("{}{}", self.session_prefix, session)
+        if self.tagged {
+            format!("{}{{{}}}", self.session_prefix, session)
+        } else {
+            format!("{}{}", self.session_prefix, session)
+        }
     }
 
     fn history(&self, session: &SessionId) -> String {
-        format!("{}{}:history", self.session_prefix, session)
+        format!("{}:history", self.channel(session))
     }
 
     /// The id of the first event the session's stream ever held.
     fn first(&self, session: &SessionId) -> String {
-        format!("{}{}:first", self.session_prefix, session)
+        format!("{}:first", self.channel(session))
+    }
+
+    /// The session a channel belongs to, if it is a session channel.
+    fn session_of(&self, channel: &str) -> Option<SessionId> {
+        let id = channel.strip_prefix(&self.session_prefix)?;
+        let id = if self.tagged {
+            id.strip_prefix('{')?.strip_suffix('}')?
+        } else {
+            id
+        };
+        SessionId::parse(id).ok()
     }
 }
 
@@ -173,6 +198,7 @@ struct Counters {
     outbox_dropped: AtomicU64,
     caught_up: AtomicU64,
     duplicates: AtomicU64,
+    resubscribes: AtomicU64,
 }
 
 /// How long shutdown waits for the outbox to reach Redis.
@@ -191,6 +217,7 @@ impl RedisBroker {
         let keys = Keys {
             session_prefix: format!("{}session:", settings.prefix),
             broadcast: format!("{}broadcast", settings.prefix),
+            tagged: redis.topology() == TopologyKind::Cluster,
         };
         let inner = Arc::new(Inner {
             redis,
@@ -232,6 +259,8 @@ impl RedisBroker {
             outbox_dropped: c.outbox_dropped.load(Ordering::Relaxed),
             caught_up: c.caught_up.load(Ordering::Relaxed),
             duplicates_dropped: c.duplicates.load(Ordering::Relaxed),
+            resubscribes: c.resubscribes.load(Ordering::Relaxed),
+            topology: Some(self.inner.redis.topology()),
         }
     }
 

@@ -12,7 +12,9 @@ use crate::sse;
 
 /// KEYS[1] history stream, KEYS[2] the id of the session's first event
 /// (a stream that still holds it was never trimmed);
-/// ARGV: channel, node, type, data, maxlen, ttl secs, wanted id, held.
+/// ARGV: channel, node, type, data, maxlen, ttl secs, wanted id, held,
+/// and the command that sends on the channel: `PUBLISH`, or `SPUBLISH` in a
+/// cluster (where the channel shares the keys' slot).
 ///
 /// The wanted id is the publisher's floor (an id past everything it has
 /// issued or seen), or, for an outbox event, the id its local subscribers
@@ -35,7 +37,7 @@ local held = ''
 if ARGV[8] == '1' then held = ',"held":true' end
 local env = '{"v":1,"node":' .. cjson.encode(ARGV[2]) .. ',"id":"' .. id ..
   '","type":' .. cjson.encode(ARGV[3]) .. ',"data":' .. cjson.encode(ARGV[4]) .. held .. '}'
-redis.call('PUBLISH', ARGV[1], env)
+redis.call(ARGV[9], ARGV[1], env)
 return id
 "#;
 
@@ -91,7 +93,8 @@ impl Inner {
             .arg(self.settings.history.maxlen)
             .arg(self.settings.history.ttl.as_secs())
             .arg(wanted.to_string())
-            .arg(if held { "1" } else { "0" });
+            .arg(if held { "1" } else { "0" })
+            .arg(if self.keys.tagged { "SPUBLISH" } else { "PUBLISH" });
         let call = &call;
         let id: String = self
             .redis

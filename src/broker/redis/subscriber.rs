@@ -15,16 +15,15 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use futures::future::{BoxFuture, FutureExt};
-use futures::StreamExt;
-use redis::aio::{PubSubSink, PubSubStream};
 use tokio::sync::{oneshot, Notify};
 
 use super::envelope::{self, DecodeError};
 use super::history::PAGE;
+use super::pubsub::{Incoming, PubSubConn};
 use super::Inner;
 use crate::broker::{BrokerError, Target};
 use crate::event::{EventId, Frame, SessionId};
-use crate::redis_client::{CallError, CONNECT_TIMEOUT, RESPONSE_TIMEOUT};
+use crate::redis_client::{CallError, RESPONSE_TIMEOUT};
 use crate::sse;
 
 /// What this instance wants from the subscriber connection.
@@ -200,14 +199,14 @@ impl Inner {
                 return;
             }
             match self.open_subscriber().await {
-                Ok((mut sink, mut stream)) => {
+                Ok(mut conn) => {
                     delay = Duration::from_millis(100);
                     if down_logged {
                         tracing::info!(backend = "redis", "subscriber reconnected");
                     }
                     self.counters.connected.store(true, Ordering::Relaxed);
                     self.counters.connects.fetch_add(1, Ordering::Relaxed);
-                    let stop = self.pump(&mut sink, &mut stream).await;
+                    let stop = self.pump(&mut conn).await;
                     self.counters.connected.store(false, Ordering::Relaxed);
                     self.interest.lock().live.clear();
                     self.counters.subscribed.store(0, Ordering::Relaxed);
@@ -240,12 +239,8 @@ impl Inner {
 
     /// Connects, subscribes the broadcast channel and every wanted session,
     /// and catches up what each missed while the connection was down.
-    async fn open_subscriber(&self) -> Result<(PubSubSink, PubSubStream), String> {
-        let pubsub = tokio::time::timeout(CONNECT_TIMEOUT, self.redis.client().get_async_pubsub())
-            .await
-            .map_err(|_| "connect timed out".to_owned())?
-            .map_err(|e| e.to_string())?;
-        let (mut sink, stream) = pubsub.split();
+    async fn open_subscriber(&self) -> Result<PubSubConn, String> {
+        let mut conn = PubSubConn::open(&self.redis, &self.keys.broadcast).await?;
         let sessions: Vec<SessionId> = {
             let mut st = self.interest.lock();
             let State {
@@ -264,11 +259,11 @@ impl Inner {
         };
         let mut channels: Vec<String> = sessions.iter().map(|s| self.keys.channel(s)).collect();
         channels.push(self.keys.broadcast.clone());
-        tokio::time::timeout(RESPONSE_TIMEOUT * 5, sink.subscribe(&channels))
+        tokio::time::timeout(RESPONSE_TIMEOUT * 5, conn.subscribe(&channels))
             .await
             .map_err(|_| "subscribe timed out".to_owned())?
             .map_err(|e| e.to_string())?;
-        // Messages from here on wait in `stream` while the catch-up reads
+        // Messages from here on wait on the connection while the catch-up reads
         // what was missed; the cursors drop the overlap. A catch-up that
         // cannot read gives this connection up: the next one catches up
         // from the same cursors, so nothing is skipped.
@@ -277,7 +272,7 @@ impl Inner {
                 .await
                 .map_err(|e| format!("catch-up failed: {e}"))?;
         }
-        Ok((sink, stream))
+        Ok(conn)
     }
 
     /// A session's channel is subscribed: catch up from its cursor (a
@@ -376,32 +371,56 @@ impl Inner {
 
     /// Reads messages until the connection ends (false) or shutdown (true),
     /// applying interest changes as they come.
-    async fn pump(&self, sink: &mut PubSubSink, stream: &mut PubSubStream) -> bool {
+    async fn pump(&self, conn: &mut PubSubConn) -> bool {
         // Changes registered before the connection came up are applied
         // first; after that only when told (every change notifies), so a
         // message costs no look at the interest state beyond its cursor.
-        if !self.reconcile(sink).await {
+        if !self.reconcile(conn).await {
             return false;
         }
         loop {
             tokio::select! {
                 () = self.cancel.cancelled() => return true,
                 () = self.interest.changed.notified() => {
-                    if !self.reconcile(sink).await {
+                    if !self.reconcile(conn).await {
                         return false;
                     }
                 }
-                msg = stream.next() => match msg {
-                    Some(msg) => self.handle(&msg),
+                msg = conn.next() => match msg {
+                    Some(Incoming::Message(msg)) => self.handle(&msg),
+                    Some(Incoming::Dropped(channel)) => self.dropped(&channel),
                     None => return false,
                 },
             }
         }
     }
 
+    /// Redis ended a channel's subscription by itself (a cluster moved its
+    /// slot, or demoted its node): subscribe it again on the next round,
+    /// which also catches up from its cursor.
+    fn dropped(&self, channel: &str) {
+        let Some(session) = self.keys.session_of(channel) else {
+            return;
+        };
+        {
+            let mut st = self.interest.lock();
+            // Not wanted: the client's own unsubscribe, confirmed.
+            if !st.wanted.contains_key(&session) || !st.live.remove(&session) {
+                return;
+            }
+            st.dirty.insert(session.clone());
+            self.counters
+                .subscribed
+                .store(st.live.len() as u64, Ordering::Relaxed);
+        }
+        tracing::info!(backend = "redis", channel, "Redis moved the channel; subscribing it again");
+        self.counters.resubscribes.fetch_add(1, Ordering::Relaxed);
+        self.interest.changed.notify_one();
+    }
+
     /// Brings the connection's channels in line with what is wanted. False
     /// if the connection failed.
-    async fn reconcile(&self, sink: &mut PubSubSink) -> bool {
+    async fn reconcile(&self, conn: &mut PubSubConn) -> bool {
         let changes: Vec<(SessionId, bool)> = {
             let mut st = self.interest.lock();
             let dirty: Vec<SessionId> = st.dirty.drain().collect();
@@ -416,9 +435,10 @@ impl Inner {
         for (session, want) in changes {
             let channel = self.keys.channel(&session);
             let result = if want {
-                tokio::time::timeout(RESPONSE_TIMEOUT, sink.subscribe(&channel)).await
+                let one = std::slice::from_ref(&channel);
+                tokio::time::timeout(RESPONSE_TIMEOUT, conn.subscribe(one)).await
             } else {
-                tokio::time::timeout(RESPONSE_TIMEOUT, sink.unsubscribe(&channel)).await
+                tokio::time::timeout(RESPONSE_TIMEOUT, conn.unsubscribe(&channel)).await
             };
             if !matches!(result, Ok(Ok(()))) {
                 tracing::warn!(
@@ -463,10 +483,7 @@ impl Inner {
         let target = if channel == self.keys.broadcast {
             None
         } else {
-            match channel
-                .strip_prefix(&self.keys.session_prefix)
-                .and_then(|id| SessionId::parse(id).ok())
-            {
+            match self.keys.session_of(channel) {
                 Some(session) => Some(session),
                 None => {
                     self.counters.malformed.fetch_add(1, Ordering::Relaxed);

@@ -1,23 +1,27 @@
-//! The process's one Redis client, shared by the rate limiter and the Redis
-//! broadcaster.
+//! The process's one Redis client, shared by the rate limiter, the Redis
+//! broker, the control bus and the flag store.
 //!
-//! Built once at start-up from `REDIS_URL` (password, db index and
-//! `rediss://` as the `redis` crate supports them). Commands go over one
-//! multiplexed, auto-reconnecting [`ConnectionManager`]; clones of it share
-//! the same socket. If Redis is unreachable at start-up the server still
-//! starts: a background task keeps trying, and until it succeeds
+//! Built once at start-up from `REDIS_URL`, `REDIS_CLUSTER_NODES` or
+//! `REDIS_SENTINEL_NODES` (password, db index and `rediss://` as the
+//! `redis` crate supports them; see [`Topology`]). Commands go over one
+//! multiplexed, auto-reconnecting [`Conn`]; clones of it share the same
+//! sockets. If Redis is unreachable at start-up the server still starts: a
+//! background task keeps trying, and until it succeeds
 //! [`SharedRedis::conn`] answers `None`, which callers treat as "Redis down"
 //! (the rate limiter falls back to memory, the broadcaster to local
-//! delivery).
+//! delivery). Under Sentinel, a failing client asks the sentinels again and
+//! moves to the primary they name.
+
+mod topology;
+
+pub use topology::{Conn, Topology, TopologyError, TopologyKind};
 
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::RedisError;
-use tokio::sync::OnceCell;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -37,11 +41,15 @@ pub struct SharedRedis {
 }
 
 struct Inner {
-    client: redis::Client,
-    /// Set once the first connection succeeded; the manager reconnects by
-    /// itself after that.
-    conn: OnceCell<ConnectionManager>,
-    /// `REDIS_URL` with the password masked, for logs.
+    backend: topology::Backend,
+    kind: TopologyKind,
+    /// Set once the first connection succeeded; it reconnects by itself
+    /// after that. Replaced when Sentinel names another primary (with the
+    /// address it was opened to).
+    conn: std::sync::RwLock<Option<(Conn, Option<String>)>>,
+    /// One connection attempt at a time.
+    connecting: tokio::sync::Mutex<()>,
+    /// The configuration with passwords masked, for logs.
     display_url: String,
     /// Cleared when a command fails; while clear, [`SharedRedis::conn`]
     /// answers `None` so callers fall back at once instead of each waiting
@@ -82,6 +90,10 @@ impl CallError {
             || e.is_connection_dropped()
             || e.is_connection_refusal()
             || e.is_timeout()
+            // A replica answering: this is no longer the primary (a
+            // failover demoted it), which is an outage of the client.
+            || e.kind() == redis::ErrorKind::ReadOnly
+            || e.is_cluster_error()
         {
             CallError::Connection(e.to_string())
         } else {
@@ -92,22 +104,35 @@ impl CallError {
 
 /// `REDIS_URL` could not be parsed.
 #[derive(Debug, thiserror::Error)]
-#[error("REDIS_URL is not a valid Redis URL: {0}")]
+#[error("not a valid Redis URL: {0}")]
 pub struct InvalidRedisUrl(String);
 
 impl SharedRedis {
-    /// Parses the URL; does not connect (see [`SharedRedis::connect`]).
+    /// Parses the URL of one server; does not connect (see
+    /// [`SharedRedis::connect`]).
     pub fn open(url: &str) -> Result<Self, InvalidRedisUrl> {
-        let client = redis::Client::open(url).map_err(|e| InvalidRedisUrl(e.to_string()))?;
+        Self::with_topology(Topology::Single(url.to_owned()))
+    }
+
+    /// Parses the configuration of any topology; does not connect.
+    pub fn with_topology(topology: Topology) -> Result<Self, InvalidRedisUrl> {
+        let backend = topology::Backend::open(&topology)?;
         Ok(Self {
             inner: Arc::new(Inner {
-                client,
-                conn: OnceCell::new(),
-                display_url: redact_url(url),
+                backend,
+                kind: topology.kind(),
+                conn: std::sync::RwLock::new(None),
+                connecting: tokio::sync::Mutex::new(()),
+                display_url: topology.display(),
                 healthy: AtomicBool::new(true),
                 runtime: std::sync::OnceLock::new(),
             }),
         })
+    }
+
+    /// Which topology this client is on.
+    pub fn topology(&self) -> TopologyKind {
+        self.inner.kind
     }
 
     /// Connects in the background, retrying with capped backoff until it
@@ -142,29 +167,31 @@ impl SharedRedis {
 
     /// One connection attempt (no-op once connected).
     pub async fn try_connect(&self) -> redis::RedisResult<()> {
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(CONNECT_TIMEOUT)
-            .set_response_timeout(RESPONSE_TIMEOUT)
-            // Reconnect quickly after an outage: 50 ms doubling, at most 2 s.
-            .set_exponent_base(2)
-            .set_factor(50)
-            .set_max_delay(2000)
-            .set_number_of_retries(3);
-        let client = self.inner.client.clone();
-        self.inner
-            .conn
-            .get_or_try_init(|| ConnectionManager::new_with_config(client, config))
-            .await
-            .map(drop)
+        let _one = self.inner.connecting.lock().await;
+        if self.current().is_some() {
+            return Ok(());
+        }
+        let opened = self.inner.backend.connect().await?;
+        *self.write_conn() = Some(opened);
+        Ok(())
+    }
+
+    fn current(&self) -> Option<Conn> {
+        let conn = self.inner.conn.read().unwrap_or_else(|e| e.into_inner());
+        conn.as_ref().map(|(c, _)| c.clone())
+    }
+
+    fn write_conn(&self) -> std::sync::RwLockWriteGuard<'_, Option<(Conn, Option<String>)>> {
+        self.inner.conn.write().unwrap_or_else(|e| e.into_inner())
     }
 
     /// The shared multiplexed connection, or `None` before the first
     /// successful connect and while Redis is known to be failing.
-    pub fn conn(&self) -> Option<ConnectionManager> {
+    pub fn conn(&self) -> Option<Conn> {
         if !self.inner.healthy.load(Ordering::Relaxed) {
             return None;
         }
-        self.inner.conn.get().cloned()
+        self.current()
     }
 
     /// Runs one command (or pipeline, or script) on the shared connection
@@ -173,7 +200,7 @@ impl SharedRedis {
     /// reply does not.
     pub async fn call<T, F, Fut>(&self, f: F) -> Result<T, CallError>
     where
-        F: FnOnce(ConnectionManager) -> Fut,
+        F: FnOnce(Conn) -> Fut,
         Fut: Future<Output = redis::RedisResult<T>>,
     {
         let conn = self.conn().ok_or(CallError::NotConnected)?;
@@ -190,11 +217,13 @@ impl SharedRedis {
 
     /// Whether commands currently go to Redis.
     pub fn is_healthy(&self) -> bool {
-        self.inner.healthy.load(Ordering::Relaxed) && self.inner.conn.get().is_some()
+        self.inner.healthy.load(Ordering::Relaxed) && self.current().is_some()
     }
 
     /// Tells the client a command failed: callers fall back until a probe
-    /// (PING every [`PROBE_INTERVAL`]) succeeds.
+    /// (PING every [`PROBE_INTERVAL`]) succeeds. Under Sentinel the probe
+    /// first asks the sentinels for the primary and, when they name another
+    /// one, moves the client there.
     pub fn report_failure(&self) {
         if !self.inner.healthy.swap(false, Ordering::Relaxed) {
             return; // A probe is already running.
@@ -211,7 +240,8 @@ impl SharedRedis {
                     () = cancel.cancelled() => return,
                     () = tokio::time::sleep(PROBE_INTERVAL) => {}
                 }
-                let Some(mut conn) = this.inner.conn.get().cloned() else {
+                this.follow_primary().await;
+                let Some(mut conn) = this.current() else {
                     continue;
                 };
                 let cmd = redis::cmd("PING");
@@ -225,10 +255,49 @@ impl SharedRedis {
         });
     }
 
-    /// The client, for the dedicated Pub/Sub connection (Redis needs one
-    /// connection in subscriber mode, apart from commands).
-    pub fn client(&self) -> &redis::Client {
-        &self.inner.client
+    /// Under Sentinel: when the sentinels name another primary than the
+    /// one the client is on, reconnects there.
+    async fn follow_primary(&self) {
+        let Some(named) = self.inner.backend.primary_addr().await else {
+            return;
+        };
+        let Ok(named) = named else { return };
+        let on = self
+            .inner
+            .conn
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .and_then(|(_, addr)| addr.clone());
+        if on.as_deref() == Some(named.as_str()) {
+            return;
+        }
+        let _one = self.inner.connecting.lock().await;
+        match self.inner.backend.connect().await {
+            Ok(opened) => {
+                tracing::warn!(backend = "redis", from = ?on, to = ?opened.1, "Sentinel names another primary; moved there");
+                *self.write_conn() = Some(opened);
+            }
+            Err(e) => {
+                tracing::debug!(backend = "redis", error = %e, "cannot reach the primary Sentinel names yet");
+            }
+        }
+    }
+
+    /// A dedicated connection for classic Pub/Sub (Redis needs one
+    /// connection in subscriber mode, apart from commands): to the server,
+    /// to the primary Sentinel names now, or to any cluster node.
+    pub async fn pubsub(&self) -> redis::RedisResult<redis::aio::PubSub> {
+        self.inner.backend.pubsub().await
+    }
+
+    /// In a cluster: a RESP3 connection for sharded Pub/Sub, whose pushes
+    /// go to `pushes`. `None` on the other topologies.
+    pub async fn sharded_pubsub(
+        &self,
+        pushes: tokio::sync::mpsc::UnboundedSender<redis::PushInfo>,
+    ) -> Option<redis::RedisResult<redis::cluster_async::ClusterConnection>> {
+        self.inner.backend.sharded_pubsub(pushes).await
     }
 
     pub fn display_url(&self) -> &str {
