@@ -7,7 +7,6 @@
 //! text says. A block that fails as written fails its walk; a shell block
 //! without a walk fails `every_shell_block_of_the_runbooks_is_walked`.
 
-#[allow(dead_code)]
 #[path = "support/redis_server.rs"]
 mod redis_server;
 #[allow(dead_code)]
