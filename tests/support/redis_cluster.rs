@@ -132,7 +132,11 @@ impl RedisCluster {
         cluster.poll("cluster to converge after create", SETTLE, |c| {
             c.settled()?;
             let roles = c.live_roles()?;
-            let primaries: Vec<u16> = roles.iter().filter(|r| r.1.is_none()).map(|r| r.0).collect();
+            let primaries: Vec<u16> = roles
+                .iter()
+                .filter(|r| r.1.is_none())
+                .map(|r| r.0)
+                .collect();
             for &p in &primaries {
                 if !roles.iter().any(|r| r.1 == Some(p)) {
                     return Err(format!("primary {p} has no replica yet; roles {roles:?}"));
@@ -148,7 +152,11 @@ impl RedisCluster {
 
     /// `redis://127.0.0.1:P` of all six nodes, comma-separated (for an env var).
     pub fn seed_urls(&self) -> String {
-        self.ports().iter().map(|&p| url(p)).collect::<Vec<_>>().join(",")
+        self.ports()
+            .iter()
+            .map(|&p| url(p))
+            .collect::<Vec<_>>()
+            .join(",")
     }
 
     /// The ports of all six nodes, dead or alive, in a fixed order.
@@ -178,9 +186,11 @@ impl RedisCluster {
     /// epoch). Waits up to 10 s for one to claim it (during a failover none
     /// may), then panics with every node's claim.
     pub fn owner_of_slot(&self, slot: u16) -> u16 {
-        self.poll(&format!("a live primary to serve slot {slot}"), Duration::from_secs(10), |c| {
-            c.claimed_owner(slot)
-        })
+        self.poll(
+            &format!("a live primary to serve slot {slot}"),
+            Duration::from_secs(10),
+            |c| c.claimed_owner(slot),
+        )
     }
 
     /// The running node that replicates `primary` now (by the replicas'
@@ -196,7 +206,10 @@ impl RedisCluster {
     /// Kills the node (SIGKILL: a crash, not a shutdown). If it was a
     /// primary, remembers its replica for [`RedisCluster::wait_promoted`].
     pub fn kill(&mut self, port: u16) {
-        assert!(self.node(port).child.is_some(), "node {port} is not running");
+        assert!(
+            self.node(port).child.is_some(),
+            "node {port} is not running"
+        );
         if let Ok((None, _)) = role(port) {
             if let Some(r) = self.replica_of(port) {
                 self.replica_at_kill.insert(port, r);
@@ -213,7 +226,10 @@ impl RedisCluster {
     /// and, if it is a replica now (a failed-over primary comes back as the
     /// replica of its successor), its replication link is up.
     pub fn restart(&mut self, port: u16) {
-        assert!(self.node(port).child.is_none(), "node {port} is still running");
+        assert!(
+            self.node(port).child.is_none(),
+            "node {port} is still running"
+        );
         self.spawn(port);
         self.wait_answers(port);
         self.poll(&format!("node {port} to rejoin"), SETTLE, |c| c.settled());
@@ -250,9 +266,10 @@ impl RedisCluster {
 
     /// Moves one slot, with its keys, from its current owner to the primary
     /// `to_primary` (which must be running and a primary): `CLUSTER SETSLOT
-    /// slot IMPORTING` on the target, `MIGRATING` on the source, `GETKEYSINSLOT`
-    /// + `MIGRATE ... KEYS` until the slot is empty, then `SETSLOT slot NODE
-    /// target` on the target, the source and every other primary. Waits until
+    /// slot IMPORTING` on the target, `MIGRATING` on the source,
+    /// `GETKEYSINSLOT` and `MIGRATE ... KEYS` until the slot is empty, then
+    /// `SETSLOT slot NODE target` on the target, the source and every other
+    /// primary. Does nothing if `to_primary` serves the slot already. Waits until
     /// every running node maps the slot to the target, neither end has an
     /// open migrating/importing state, and the cluster is settled.
     pub fn move_slot(&self, slot: u16, to_primary: u16) {
@@ -267,8 +284,14 @@ impl RedisCluster {
         let from_id = self.node(from).id.clone();
         let to_id = self.node(to_primary).id.clone();
         let setslot = |port: u16, how: &str, id: &str| {
-            let r: Result<String, String> =
-                query(port, redis::cmd("CLUSTER").arg("SETSLOT").arg(slot).arg(how).arg(id));
+            let r: Result<String, String> = query(
+                port,
+                redis::cmd("CLUSTER")
+                    .arg("SETSLOT")
+                    .arg(slot)
+                    .arg(how)
+                    .arg(id),
+            );
             if let Err(e) = r {
                 panic!("CLUSTER SETSLOT {slot} {how} {id} on {port}: {e}");
             }
@@ -277,20 +300,34 @@ impl RedisCluster {
         setslot(from, "MIGRATING", &to_id);
         let mut moved = 0usize;
         loop {
-            let keys: Vec<Vec<u8>> =
-                query(from, redis::cmd("CLUSTER").arg("GETKEYSINSLOT").arg(slot).arg(100))
-                    .unwrap_or_else(|e| panic!("CLUSTER GETKEYSINSLOT {slot} 100 on {from}: {e}"));
+            let keys: Vec<Vec<u8>> = query(
+                from,
+                redis::cmd("CLUSTER")
+                    .arg("GETKEYSINSLOT")
+                    .arg(slot)
+                    .arg(100),
+            )
+            .unwrap_or_else(|e| panic!("CLUSTER GETKEYSINSLOT {slot} 100 on {from}: {e}"));
             if keys.is_empty() {
                 break;
             }
             let mut migrate = redis::cmd("MIGRATE");
-            migrate.arg("127.0.0.1").arg(to_primary).arg("").arg(0).arg(5000).arg("KEYS");
+            migrate
+                .arg("127.0.0.1")
+                .arg(to_primary)
+                .arg("")
+                .arg(0)
+                .arg(5000)
+                .arg("KEYS");
             for k in &keys {
                 migrate.arg(&k[..]);
             }
             let r: Result<String, String> = query(from, &migrate);
             if let Err(e) = r {
-                panic!("MIGRATE of {} keys of slot {slot} from {from} to {to_primary}: {e}", keys.len());
+                panic!(
+                    "MIGRATE of {} keys of slot {slot} from {from} to {to_primary}: {e}",
+                    keys.len()
+                );
             }
             moved += keys.len();
         }
@@ -302,12 +339,17 @@ impl RedisCluster {
             }
         }
         self.poll(
-            &format!("all nodes to agree slot {slot} moved from {from} to {to_primary} ({moved} keys)"),
+            &format!(
+                "all nodes to agree slot {slot} moved from {from} to {to_primary} ({moved} keys)"
+            ),
             SETTLE,
             |c| {
                 for p in c.live_ports() {
                     let slots = slots_view(p)?;
-                    let owner = slots.iter().find(|r| r.0 <= slot && slot <= r.1).map(|r| r.2);
+                    let owner = slots
+                        .iter()
+                        .find(|r| r.0 <= slot && slot <= r.1)
+                        .map(|r| r.2);
                     if owner != Some(to_primary) {
                         return Err(format!("{p} maps slot {slot} to {owner:?}"));
                     }
@@ -332,12 +374,15 @@ impl RedisCluster {
         for c in channels {
             cmd.arg(c);
         }
-        let flat: Vec<redis::Value> =
-            query(port, &cmd).unwrap_or_else(|e| panic!("PUBSUB SHARDNUMSUB {channels:?} on {port}: {e}"));
+        let flat: Vec<redis::Value> = query(port, &cmd)
+            .unwrap_or_else(|e| panic!("PUBSUB SHARDNUMSUB {channels:?} on {port}: {e}"));
         flat.chunks(2)
             .map(|pair| {
                 let parsed: redis::RedisResult<(String, i64)> = (|| {
-                    Ok((redis::from_redis_value(&pair[0])?, redis::from_redis_value(&pair[1])?))
+                    Ok((
+                        redis::from_redis_value(&pair[0])?,
+                        redis::from_redis_value(&pair[1])?,
+                    ))
                 })();
                 parsed.unwrap_or_else(|e| panic!("PUBSUB SHARDNUMSUB on {port}: {pair:?}: {e}"))
             })
@@ -369,7 +414,11 @@ impl RedisCluster {
     }
 
     fn live_ports(&self) -> Vec<u16> {
-        self.nodes.iter().filter(|n| n.child.is_some()).map(|n| n.port).collect()
+        self.nodes
+            .iter()
+            .filter(|n| n.child.is_some())
+            .map(|n| n.port)
+            .collect()
     }
 
     fn any_live(&self) -> u16 {
@@ -379,7 +428,8 @@ impl RedisCluster {
     fn spawn(&mut self, port: u16) {
         let dir = self.dir.clone();
         let node = self.node_mut(port);
-        let out = File::create(dir.join(format!("node-{port}.out"))).expect("create node output file");
+        let out =
+            File::create(dir.join(format!("node-{port}.out"))).expect("create node output file");
         let child = Command::new("redis-server")
             .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
             .args(["--cluster-enabled", "yes"])
@@ -393,6 +443,9 @@ impl RedisCluster {
             // ... and replicas stay where they are put.
             .args(["--cluster-allow-replica-migration", "no"])
             .args(["--save", "", "--appendonly", "no"])
+            // A replica's full sync starts at once (the default waits 5 s
+            // for more replicas to share a diskless transfer).
+            .args(["--repl-diskless-sync-delay", "0"])
             .arg("--dir")
             .arg(&dir)
             .arg("--logfile")
@@ -406,20 +459,30 @@ impl RedisCluster {
     }
 
     fn wait_answers(&self, port: u16) {
-        self.poll(&format!("node {port} to answer PING"), Duration::from_secs(10), |_| {
-            query::<String>(port, &redis::cmd("PING")).map(|_| ())
-        });
+        self.poll(
+            &format!("node {port} to answer PING"),
+            Duration::from_secs(10),
+            |_| query::<String>(port, &redis::cmd("PING")).map(|_| ()),
+        );
     }
 
     /// Polls `f` every 50 ms until it returns Ok or `within` passes; then
     /// panics with its last error and the nodes' log tails.
-    fn poll<T>(&self, what: &str, within: Duration, mut f: impl FnMut(&Self) -> Result<T, String>) -> T {
+    fn poll<T>(
+        &self,
+        what: &str,
+        within: Duration,
+        mut f: impl FnMut(&Self) -> Result<T, String>,
+    ) -> T {
         let deadline = Instant::now() + within;
         loop {
             match f(self) {
                 Ok(v) => return v,
                 Err(seen) if Instant::now() >= deadline => {
-                    panic!("waited {within:?} for {what}; last seen: {seen}\n{}", self.logs())
+                    panic!(
+                        "waited {within:?} for {what}; last seen: {seen}\n{}",
+                        self.logs()
+                    )
                 }
                 Err(_) => std::thread::sleep(POLL),
             }
@@ -444,13 +507,19 @@ impl RedisCluster {
                     if me.is_master() && me.serves(slot) {
                         claims.push((me.epoch, p));
                     }
-                    seen.push(format!("{p}: {:?} {:?} epoch {}", me.flags, me.slots, me.epoch));
+                    seen.push(format!(
+                        "{p}: {:?} {:?} epoch {}",
+                        me.flags, me.slots, me.epoch
+                    ));
                 }
                 Err(e) => seen.push(e),
             }
         }
         claims.sort();
-        claims.last().map(|c| c.1).ok_or_else(|| format!("no claim; nodes: {}", seen.join("; ")))
+        claims
+            .last()
+            .map(|c| c.1)
+            .ok_or_else(|| format!("no claim; nodes: {}", seen.join("; ")))
     }
 
     /// Ok when the running nodes form a healthy cluster: each reports
@@ -460,14 +529,16 @@ impl RedisCluster {
     /// node's own role (and primary); every replica's link is up.
     fn settled(&self) -> Result<(), String> {
         let live = self.live_ports();
-        let mut first: Option<(u16, Vec<(u16, u16, u16)>)> = None;
+        let mut first: Option<(u16, Vec<SlotRange>)> = None;
         let mut roles = HashMap::new();
         for &p in &live {
             let (master, state) = role(p)?;
             if master.is_some() {
                 let link = info_field(p, "replication", "master_link_status")?;
                 if link.as_deref() != Some("up") || state != "connected" {
-                    return Err(format!("replica {p} of {master:?}: ROLE {state}, master_link_status {link:?}"));
+                    return Err(format!(
+                        "replica {p} of {master:?}: ROLE {state}, master_link_status {link:?}"
+                    ));
                 }
             }
             roles.insert(p, master);
@@ -480,7 +551,10 @@ impl RedisCluster {
             let slots = slots_view(p)?;
             let covered: u32 = slots.iter().map(|r| (r.1 - r.0) as u32 + 1).sum();
             if covered != SLOTS {
-                return Err(format!("{p}: CLUSTER SLOTS covers {covered}: {}", show_slots(&slots)));
+                return Err(format!(
+                    "{p}: CLUSTER SLOTS covers {covered}: {}",
+                    show_slots(&slots)
+                ));
             }
             if let Some(r) = slots.iter().find(|r| !live.contains(&r.2)) {
                 return Err(format!("{p}: slots {}-{} on dead node {}", r.0, r.1, r.2));
@@ -501,7 +575,9 @@ impl RedisCluster {
                 return Err(format!("{p} knows {} nodes: {view:?}", view.len()));
             }
             for line in &view {
-                let Some(own) = roles.get(&line.port) else { continue };
+                let Some(own) = roles.get(&line.port) else {
+                    continue;
+                };
                 let t = line.troubled();
                 if !t.is_empty() {
                     return Err(format!("{p} flags {} {t:?}", line.port));
@@ -532,7 +608,10 @@ impl RedisCluster {
         for n in &self.nodes {
             let state = if n.child.is_some() { "running" } else { "dead" };
             s.push_str(&format!("--- node {} ({state}, id {}):\n", n.port, n.id));
-            for name in [format!("node-{}.out", n.port), format!("node-{}.log", n.port)] {
+            for name in [
+                format!("node-{}.out", n.port),
+                format!("node-{}.log", n.port),
+            ] {
                 s.push_str(&tail(&self.dir.join(name), 8));
             }
         }
@@ -576,21 +655,31 @@ fn role(port: u16) -> Result<(Option<u16>, String), String> {
     let s = |i: usize| -> Result<String, String> {
         v.get(i)
             .ok_or_else(|| format!("{port}: short ROLE reply {v:?}"))
-            .and_then(|x| redis::from_redis_value(x).map_err(|e| format!("{port}: ROLE {v:?}: {e}")))
+            .and_then(|x| {
+                redis::from_redis_value(x).map_err(|e| format!("{port}: ROLE {v:?}: {e}"))
+            })
     };
     match s(0)?.as_str() {
         "master" => Ok((None, String::new())),
         "slave" => {
-            let mp: u16 = s(2)?.parse().map_err(|e| format!("{port}: ROLE {v:?}: {e}"))?;
+            let mp: u16 = s(2)?
+                .parse()
+                .map_err(|e| format!("{port}: ROLE {v:?}: {e}"))?;
             Ok((Some(mp), s(3)?))
         }
         other => Err(format!("{port}: unexpected ROLE {other}")),
     }
 }
 
-/// One field of `INFO <section>`.
+/// One field of `INFO <section>`, or of `CLUSTER INFO` for section "cluster"
+/// (`INFO cluster` only says `cluster_enabled`).
 fn info_field(port: u16, section: &str, field: &str) -> Result<Option<String>, String> {
-    let info: String = query(port, redis::cmd("INFO").arg(section))?;
+    let cmd = if section == "cluster" {
+        redis::cmd("CLUSTER").arg("INFO").clone()
+    } else {
+        redis::cmd("INFO").arg(section).clone()
+    };
+    let info: String = query(port, &cmd)?;
     Ok(info.lines().find_map(|l| {
         l.strip_prefix(field)
             .and_then(|rest| rest.strip_prefix(':'))
@@ -598,8 +687,11 @@ fn info_field(port: u16, section: &str, field: &str) -> Result<Option<String>, S
     }))
 }
 
-/// `CLUSTER SLOTS` as (first, last, primary port) ranges, sorted.
-fn slots_view(port: u16) -> Result<Vec<(u16, u16, u16)>, String> {
+/// (first slot, last slot, primary port).
+type SlotRange = (u16, u16, u16);
+
+/// `CLUSTER SLOTS` as ranges, sorted.
+fn slots_view(port: u16) -> Result<Vec<SlotRange>, String> {
     let ranges: Vec<Vec<redis::Value>> = query(port, redis::cmd("CLUSTER").arg("SLOTS"))?;
     let mut out = Vec::new();
     for r in &ranges {
@@ -617,14 +709,21 @@ fn slots_view(port: u16) -> Result<Vec<(u16, u16, u16)>, String> {
     Ok(out)
 }
 
-fn show_slots(slots: &[(u16, u16, u16)]) -> String {
-    slots.iter().map(|r| format!("{}-{}@{}", r.0, r.1, r.2)).collect::<Vec<_>>().join(" ")
+fn show_slots(slots: &[SlotRange]) -> String {
+    slots
+        .iter()
+        .map(|r| format!("{}-{}@{}", r.0, r.1, r.2))
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// `CLUSTER NODES`, parsed.
 fn nodes_view(port: u16) -> Result<Vec<NodeLine>, String> {
     let text: String = query(port, redis::cmd("CLUSTER").arg("NODES"))?;
-    text.lines().filter(|l| !l.trim().is_empty()).map(|l| parse_node_line(l).ok_or_else(|| format!("{port}: bad CLUSTER NODES line {l:?}"))).collect()
+    text.lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| parse_node_line(l).ok_or_else(|| format!("{port}: bad CLUSTER NODES line {l:?}")))
+        .collect()
 }
 
 /// The node's own line of `CLUSTER NODES`.
@@ -672,7 +771,10 @@ fn free_ports(n: usize) -> Vec<u16> {
     let listeners: Vec<_> = (0..n)
         .map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("bind a free port"))
         .collect();
-    listeners.iter().map(|l| l.local_addr().unwrap().port()).collect()
+    listeners
+        .iter()
+        .map(|l| l.local_addr().unwrap().port())
+        .collect()
 }
 
 /// A new empty directory under the system temp dir.
@@ -698,7 +800,9 @@ fn temp_dir(prefix: &str) -> PathBuf {
 
 /// The last `n` lines of a file ("" if it does not exist).
 fn tail(path: &Path, n: usize) -> String {
-    let Ok(f) = File::open(path) else { return String::new() };
+    let Ok(f) = File::open(path) else {
+        return String::new();
+    };
     let lines: Vec<String> = BufReader::new(f).lines().map_while(Result::ok).collect();
     let mut s = String::new();
     for l in &lines[lines.len().saturating_sub(n)..] {

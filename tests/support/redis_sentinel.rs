@@ -48,17 +48,25 @@ impl RedisSentinel {
         let mut s = RedisSentinel {
             dir: temp_dir("redis-sentinel"),
             master_name: master_name.to_owned(),
-            data: ports[..2].iter().map(|&port| Proc { port, child: None }).collect(),
-            sentinels: ports[2..].iter().map(|&port| Proc { port, child: None }).collect(),
+            data: ports[..2]
+                .iter()
+                .map(|&port| Proc { port, child: None })
+                .collect(),
+            sentinels: ports[2..]
+                .iter()
+                .map(|&port| Proc { port, child: None })
+                .collect(),
         };
         let (primary, replica) = (ports[0], ports[1]);
         s.spawn_data(primary, None);
         s.spawn_data(replica, Some(primary));
         s.wait_answers(primary);
         s.wait_answers(replica);
-        s.poll(&format!("replica {replica} to sync from {primary}"), SETTLE, |_| {
-            replica_link(replica, primary)
-        });
+        s.poll(
+            &format!("replica {replica} to sync from {primary}"),
+            SETTLE,
+            |_| replica_link(replica, primary),
+        );
         for i in 0..s.sentinels.len() {
             let port = s.sentinels[i].port;
             let conf = s.dir.join(format!("sentinel-{port}.conf"));
@@ -90,26 +98,46 @@ impl RedisSentinel {
         for p in s.sentinel_ports() {
             s.wait_answers(p);
         }
-        s.poll("every sentinel to know the master, its replica and the other sentinels", SETTLE, |s| {
-            for p in s.sentinel_ports() {
-                let m = s.master_info(p)?;
-                let get = |k: &str| m.iter().find(|(f, _)| f == k).map(|(_, v)| v.as_str()).unwrap_or("");
-                let num = |k: &str| get(k).parse::<i64>().unwrap_or(-1);
-                if get("flags") != "master" || get("port") != primary.to_string() || num("num-slaves") < 1 || num("num-other-sentinels") < 2 {
-                    return Err(format!(
-                        "sentinel {p}: flags {} port {} num-slaves {} num-other-sentinels {}",
-                        get("flags"), get("port"), get("num-slaves"), get("num-other-sentinels")
-                    ));
+        s.poll(
+            "every sentinel to know the master, its replica and the other sentinels",
+            SETTLE,
+            |s| {
+                for p in s.sentinel_ports() {
+                    let m = s.master_info(p)?;
+                    let get = |k: &str| {
+                        m.iter()
+                            .find(|(f, _)| f == k)
+                            .map(|(_, v)| v.as_str())
+                            .unwrap_or("")
+                    };
+                    let num = |k: &str| get(k).parse::<i64>().unwrap_or(-1);
+                    if get("flags") != "master"
+                        || get("port") != primary.to_string()
+                        || num("num-slaves") < 1
+                        || num("num-other-sentinels") < 2
+                    {
+                        return Err(format!(
+                            "sentinel {p}: flags {} port {} num-slaves {} num-other-sentinels {}",
+                            get("flags"),
+                            get("port"),
+                            get("num-slaves"),
+                            get("num-other-sentinels")
+                        ));
+                    }
                 }
-            }
-            Ok(())
-        });
+                Ok(())
+            },
+        );
         s
     }
 
     /// `redis://127.0.0.1:P` of the three sentinels, comma-separated.
     pub fn sentinel_urls(&self) -> String {
-        self.sentinel_ports().iter().map(|&p| url(p)).collect::<Vec<_>>().join(",")
+        self.sentinel_ports()
+            .iter()
+            .map(|&p| url(p))
+            .collect::<Vec<_>>()
+            .join(",")
     }
 
     /// The ports of the three sentinels.
@@ -197,7 +225,11 @@ impl RedisSentinel {
             let primary = s.master_addr_any()?;
             if primary == port {
                 let r = role(port)?;
-                return if r == "master" { Ok(()) } else { Err(format!("named primary {port} has ROLE {r}")) };
+                return if r == "master" {
+                    Ok(())
+                } else {
+                    Err(format!("named primary {port} has ROLE {r}"))
+                };
             }
             replica_link(port, primary)?;
             for p in s.sentinel_ports() {
@@ -205,9 +237,13 @@ impl RedisSentinel {
                 let me = replicas
                     .iter()
                     .find(|r| r.iter().any(|(k, v)| k == "port" && *v == port.to_string()));
-                let flags = me.and_then(|r| r.iter().find(|(k, _)| k == "flags")).map(|(_, v)| v.as_str());
+                let flags = me
+                    .and_then(|r| r.iter().find(|(k, _)| k == "flags"))
+                    .map(|(_, v)| v.as_str());
                 if flags != Some("slave") {
-                    return Err(format!("sentinel {p} lists replica {port} with flags {flags:?}"));
+                    return Err(format!(
+                        "sentinel {p} lists replica {port} with flags {flags:?}"
+                    ));
                 }
             }
             Ok(())
@@ -232,6 +268,9 @@ impl RedisSentinel {
         let mut cmd = Command::new("redis-server");
         cmd.args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no"])
+            // A replica's full sync starts at once (the default waits 5 s
+            // for more replicas to share a diskless transfer).
+            .args(["--repl-diskless-sync-delay", "0"])
             .arg("--dir")
             .arg(&self.dir)
             .arg("--logfile")
@@ -245,24 +284,38 @@ impl RedisSentinel {
             .stderr(out)
             .spawn()
             .expect("redis-server must be installed (tests/run-all.sh installs it)");
-        self.data.iter_mut().find(|p| p.port == port).expect("data node").child = Some(child);
+        self.data
+            .iter_mut()
+            .find(|p| p.port == port)
+            .expect("data node")
+            .child = Some(child);
     }
 
     fn wait_answers(&self, port: u16) {
-        self.poll(&format!("{port} to answer PING"), Duration::from_secs(10), |_| {
-            query::<String>(port, &redis::cmd("PING")).map(|_| ())
-        });
+        self.poll(
+            &format!("{port} to answer PING"),
+            Duration::from_secs(10),
+            |_| query::<String>(port, &redis::cmd("PING")).map(|_| ()),
+        );
     }
 
     /// Polls `f` every 50 ms until it returns Ok or `within` passes; then
     /// panics with its last error and the log tails.
-    fn poll<T>(&self, what: &str, within: Duration, mut f: impl FnMut(&Self) -> Result<T, String>) -> T {
+    fn poll<T>(
+        &self,
+        what: &str,
+        within: Duration,
+        mut f: impl FnMut(&Self) -> Result<T, String>,
+    ) -> T {
         let deadline = Instant::now() + within;
         loop {
             match f(self) {
                 Ok(v) => return v,
                 Err(seen) if Instant::now() >= deadline => {
-                    panic!("waited {within:?} for {what}; last seen: {seen}\n{}", self.logs())
+                    panic!(
+                        "waited {within:?} for {what}; last seen: {seen}\n{}",
+                        self.logs()
+                    )
                 }
                 Err(_) => std::thread::sleep(POLL),
             }
@@ -273,7 +326,9 @@ impl RedisSentinel {
     fn master_addr(&self, sentinel: u16) -> Result<u16, String> {
         let addr: Option<(String, u16)> = query(
             sentinel,
-            redis::cmd("SENTINEL").arg("GET-MASTER-ADDR-BY-NAME").arg(&self.master_name),
+            redis::cmd("SENTINEL")
+                .arg("GET-MASTER-ADDR-BY-NAME")
+                .arg(&self.master_name),
         )?;
         addr.map(|a| a.1)
             .ok_or_else(|| format!("sentinel {sentinel} does not know {:?}", self.master_name))
@@ -292,21 +347,31 @@ impl RedisSentinel {
 
     /// `SENTINEL MASTER <name>` as field/value pairs.
     fn master_info(&self, sentinel: u16) -> Result<Vec<(String, String)>, String> {
-        let flat: Vec<String> = query(sentinel, redis::cmd("SENTINEL").arg("MASTER").arg(&self.master_name))?;
+        let flat: Vec<String> = query(
+            sentinel,
+            redis::cmd("SENTINEL").arg("MASTER").arg(&self.master_name),
+        )?;
         Ok(pairs(flat))
     }
 
     /// `SENTINEL REPLICAS <name>`, each as field/value pairs.
     fn replicas_info(&self, sentinel: u16) -> Result<Vec<Vec<(String, String)>>, String> {
-        let all: Vec<Vec<String>> =
-            query(sentinel, redis::cmd("SENTINEL").arg("REPLICAS").arg(&self.master_name))?;
+        let all: Vec<Vec<String>> = query(
+            sentinel,
+            redis::cmd("SENTINEL")
+                .arg("REPLICAS")
+                .arg(&self.master_name),
+        )?;
         Ok(all.into_iter().map(pairs).collect())
     }
 
     /// The last lines of every process's log and output, for panic messages.
     fn logs(&self) -> String {
         let mut s = String::new();
-        for (kind, procs, log) in [("data node", &self.data, "redis"), ("sentinel", &self.sentinels, "sentinel")] {
+        for (kind, procs, log) in [
+            ("data node", &self.data, "redis"),
+            ("sentinel", &self.sentinels, "sentinel"),
+        ] {
             for p in procs {
                 let state = if p.child.is_some() { "running" } else { "dead" };
                 s.push_str(&format!("--- {kind} {} ({state}):\n", p.port));
@@ -364,7 +429,11 @@ fn replica_link(port: u16, primary: u16) -> Result<(), String> {
             .map(str::trim)
             .unwrap_or("")
     };
-    let (r, mp, link) = (field("role"), field("master_port"), field("master_link_status"));
+    let (r, mp, link) = (
+        field("role"),
+        field("master_port"),
+        field("master_link_status"),
+    );
     if r == "slave" && mp == primary.to_string() && link == "up" {
         Ok(())
     } else {
@@ -385,7 +454,10 @@ fn free_ports(n: usize) -> Vec<u16> {
     let listeners: Vec<_> = (0..n)
         .map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("bind a free port"))
         .collect();
-    listeners.iter().map(|l| l.local_addr().unwrap().port()).collect()
+    listeners
+        .iter()
+        .map(|l| l.local_addr().unwrap().port())
+        .collect()
 }
 
 /// A new empty directory under the system temp dir.
@@ -411,7 +483,9 @@ fn temp_dir(prefix: &str) -> PathBuf {
 
 /// The last `n` lines of a file ("" if it does not exist).
 fn tail(path: &Path, n: usize) -> String {
-    let Ok(f) = File::open(path) else { return String::new() };
+    let Ok(f) = File::open(path) else {
+        return String::new();
+    };
     let lines: Vec<String> = BufReader::new(f).lines().map_while(Result::ok).collect();
     let mut s = String::new();
     for l in &lines[lines.len().saturating_sub(n)..] {

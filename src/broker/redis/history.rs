@@ -19,6 +19,23 @@ use crate::sse;
 /// Entries read per round trip.
 pub(super) const PAGE: usize = 200;
 
+/// KEYS[1] the session's lost marker; ARGV: an id, ttl secs. Keeps the
+/// greater of the stored id and ARGV[1].
+pub(super) const MARK_LOST_SCRIPT: &str = r#"
+local function parse(s)
+  local ms, seq = string.match(s, '^(%d+)-(%d+)$')
+  return tonumber(ms), tonumber(seq)
+end
+local cur = redis.call('GET', KEYS[1])
+if cur then
+  local a, b = parse(cur)
+  local c, d = parse(ARGV[1])
+  if a and c and (a > c or (a == c and b >= d)) then return 0 end
+end
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+return 1
+"#;
+
 /// One stream entry, decoded.
 pub(super) struct Entry {
     pub node: String,
@@ -58,7 +75,9 @@ impl Inner {
             .arg("COUNT")
             .arg(1)
             .cmd("GET")
-            .arg(self.keys.first(session));
+            .arg(self.keys.first(session))
+            .cmd("GET")
+            .arg(self.keys.lost(session));
         if let Some(start) = start {
             pipe.cmd("XRANGE")
                 .arg(&key)
@@ -68,10 +87,11 @@ impl Inner {
                 .arg(PAGE);
         }
         let pipe = &pipe;
-        let (held, head, top, first, page): (
+        let (held, head, top, first, lost, page): (
             StreamRangeReply,
             StreamRangeReply,
             StreamRangeReply,
+            Option<String>,
             Option<String>,
             Option<StreamRangeReply>,
         ) = if start.is_some() {
@@ -79,17 +99,24 @@ impl Inner {
                 .call(|mut conn| async move { pipe.query_async(&mut conn).await })
                 .await?
         } else {
-            let (a, b, c, d) = self
+            let (a, b, c, d, e) = self
                 .redis
                 .call(|mut conn| async move { pipe.query_async(&mut conn).await })
                 .await?;
-            (a, b, c, d, None)
+            (a, b, c, d, e, None)
         };
         let oldest = first_id(&head);
         let newest = first_id(&top);
         let first: Option<EventId> = first.and_then(|f| f.parse().ok());
         let untrimmed = oldest.is_none() || oldest == first;
         let holds = !held.ids.is_empty();
+        // Events up to the marker were lost (see `check_lost`): past an id
+        // before it the stream has a hole, so it vouches for nothing; the
+        // marker itself is where a subscriber had delivered everything, so
+        // it vouches for that id although the stream lost it.
+        let lost = lost.and_then(|l| l.parse::<EventId>().ok());
+        let lost_after = lost.is_some_and(|l| after < l);
+        let holds = holds || lost == Some(after);
 
         let mut frames = Vec::new();
         let mut bytes = 0;
@@ -118,12 +145,57 @@ impl Inner {
         }
         Ok(Replay {
             frames,
-            vouched: holds || (after == EventId::ZERO && untrimmed),
+            vouched: !lost_after && (holds || (after == EventId::ZERO && untrimmed)),
             gapless: untrimmed || oldest.is_some_and(|o| o <= after),
             too_large,
             oldest,
             newest,
         })
+    }
+
+    /// Before a reconnected subscriber catches a session up from `cursor`
+    /// (the newest id it delivered): a stream that no longer holds it,
+    /// though it was not trimmed that far, lost events — a failover
+    /// promoted a replica that had not received them, or Redis restarted
+    /// empty. The session is marked, so a resume from before the loss gets
+    /// `reset` instead of a replay with a hole in it.
+    pub(super) async fn check_lost(&self, session: &SessionId, cursor: EventId) -> Result<(), CallError> {
+        if cursor == EventId::ZERO {
+            return Ok(());
+        }
+        let key = self.keys.history(session);
+        let mut pipe = redis::pipe();
+        pipe.cmd("XRANGE")
+            .arg(&key)
+            .arg(cursor.to_string())
+            .arg(cursor.to_string())
+            .cmd("XRANGE")
+            .arg(&key)
+            .arg("-")
+            .arg("+")
+            .arg("COUNT")
+            .arg(1);
+        let pipe = &pipe;
+        let (held, head): (StreamRangeReply, StreamRangeReply) = self
+            .redis
+            .call(|mut conn| async move { pipe.query_async(&mut conn).await })
+            .await?;
+        let trimmed_past = first_id(&head).is_some_and(|oldest| oldest > cursor);
+        if !held.ids.is_empty() || trimmed_past {
+            return Ok(());
+        }
+        let mut call = self.mark_lost.key(self.keys.lost(session));
+        call.arg(cursor.to_string())
+            .arg(self.settings.history.ttl.as_secs());
+        let call = &call;
+        let _: i64 = self
+            .redis
+            .call(|mut conn| async move { call.invoke_async(&mut conn).await })
+            .await?;
+        self.counters.history_lost.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(backend = "redis", session = %session, cursor = %cursor,
+            "the session's stream lost events this instance delivered; resumes from before them get reset");
+        Ok(())
     }
 
     /// Up to `count` entries from `from` (inclusive).

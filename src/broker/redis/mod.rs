@@ -110,6 +110,10 @@ pub struct RedisCounters {
     /// Session channels Redis unsubscribed by itself (a cluster moved their
     /// slot or failed their node over) and that were subscribed again.
     pub resubscribes: u64,
+    /// Sessions whose stream was found without events already delivered
+    /// (lost with a primary that died before its replica had them); resumes
+    /// from before the loss get `reset`.
+    pub history_lost: u64,
     /// `single`, `cluster` or `sentinel`.
     pub topology: Option<TopologyKind>,
 }
@@ -128,6 +132,7 @@ struct Inner {
     local: Arc<MemoryBroker>,
     handler: Handler,
     script: redis::Script,
+    mark_lost: redis::Script,
     outbox: outbox::Outbox,
     interest: Arc<subscriber::Interest>,
     /// Set while publishing to Redis fails, so an outage is logged once.
@@ -168,6 +173,13 @@ impl Keys {
         format!("{}:first", self.channel(session))
     }
 
+    /// Set when a session's stream was found to have lost events a
+    /// subscriber had delivered (a failover promoted a replica that had not
+    /// received them): resumes from before that id get `reset`.
+    fn lost(&self, session: &SessionId) -> String {
+        format!("{}:lost", self.channel(session))
+    }
+
     /// The session a channel belongs to, if it is a session channel.
     fn session_of(&self, channel: &str) -> Option<SessionId> {
         let id = channel.strip_prefix(&self.session_prefix)?;
@@ -199,6 +211,7 @@ struct Counters {
     caught_up: AtomicU64,
     duplicates: AtomicU64,
     resubscribes: AtomicU64,
+    history_lost: AtomicU64,
 }
 
 /// How long shutdown waits for the outbox to reach Redis.
@@ -227,6 +240,7 @@ impl RedisBroker {
             local,
             handler,
             script: redis::Script::new(publish::PUBLISH_SCRIPT),
+            mark_lost: redis::Script::new(history::MARK_LOST_SCRIPT),
             interest: Arc::default(),
             publish_outage: AtomicBool::new(false),
             counters: Counters::default(),
@@ -260,6 +274,7 @@ impl RedisBroker {
             caught_up: c.caught_up.load(Ordering::Relaxed),
             duplicates_dropped: c.duplicates.load(Ordering::Relaxed),
             resubscribes: c.resubscribes.load(Ordering::Relaxed),
+            history_lost: c.history_lost.load(Ordering::Relaxed),
             topology: Some(self.inner.redis.topology()),
         }
     }

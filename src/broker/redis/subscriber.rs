@@ -288,7 +288,10 @@ impl Inner {
         };
         let read = match (cursor, floor) {
             (Some(from), _) => {
-                let read = self.catch_up(session, from).await;
+                let read = match self.check_lost(session, from).await {
+                    Ok(()) => self.catch_up(session, from).await,
+                    Err(e) => Err(e),
+                };
                 if read.is_ok() {
                     self.deliver_unechoed(session);
                 }
