@@ -25,6 +25,7 @@ pub mod config;
 pub mod error;
 pub mod extract;
 pub mod health;
+pub mod page;
 pub mod pipeline;
 pub mod runs;
 pub mod serve;
@@ -74,6 +75,7 @@ pub fn app(state: Arc<AppState>) -> Result<Router, axum::http::header::InvalidHe
         .route("/stats", get(admin::stats))
         .route("/flags", get(admin::flags))
         .route("/announcements", post(admin::announce))
+        .merge(page::routes())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(body_limit))
