@@ -22,6 +22,9 @@ command -v socat >/dev/null || need+=(socat)
 command -v openssl >/dev/null || need+=(openssl)
 command -v ip >/dev/null || need+=(iproute2)
 command -v systemd-analyze >/dev/null || need+=(systemd)
+# The browser tests (tests/browser.rs): Debian's Chromium, driven by
+# playwright-core (installed by tests/browser/setup.sh).
+command -v chromium >/dev/null || need+=(chromium)
 command -v jq >/dev/null || need+=(jq)
 command -v psql >/dev/null || need+=(postgresql-client)
 command -v node >/dev/null || need+=(nodejs)
@@ -67,8 +70,10 @@ if [ -z "${SSE_SCALE_PG_URL:-}" ] && ! psql -qXtAc 'select 1' "postgres://postgr
     fi
 fi
 
-# The Unleash server for the flag tests, cached outside the repository.
+# The Unleash server for the flag tests, and playwright-core for the
+# browser tests, cached outside the repository.
 tests/unleash/setup.sh >/dev/null
+tests/browser/setup.sh >/dev/null
 
 if ! command -v cargo >/dev/null; then
     echo "error: cargo not found; install Rust 1.83 or newer (https://rustup.rs)" >&2
