@@ -38,6 +38,11 @@ pub struct BroadcasterStats {
     /// Late events answered with a `reset` instead of being delivered out
     /// of order (see [`crate::hub`]).
     pub order_resets: u64,
+    /// Events handed to this instance's subscriptions, one per subscriber.
+    pub deliveries: u64,
+    /// Evaluations of `FF_REDIS_SSE_BROADCAST` by publishes here that had a
+    /// Redis path to take: `[on, off]`.
+    pub flag_evaluations: [u64; 2],
     /// Sessions with in-process history (for resume) and its size.
     pub history_sessions: usize,
     pub history_bytes: usize,

@@ -54,6 +54,8 @@ pub struct Fanout {
     flags: Arc<dyn FlagSource>,
     replay_max_bytes: usize,
     published: AtomicU64,
+    /// Flag evaluations of publishes with a Redis broker: [on, off].
+    flag_evaluations: [AtomicU64; 2],
 }
 
 impl Fanout {
@@ -108,14 +110,21 @@ impl Fanout {
             flags,
             replay_max_bytes: settings.replay_max_bytes,
             published: AtomicU64::new(0),
+            flag_evaluations: Default::default(),
         }
     }
 
     /// The broker a publish to `session` takes now.
     fn path(&self, session: &SessionId) -> &dyn Broker {
-        match &self.remote {
-            Some(remote) if self.flags.redis_broadcast(session) => remote.as_ref(),
-            _ => self.local.as_ref(),
+        let Some(remote) = &self.remote else {
+            return self.local.as_ref();
+        };
+        let on = self.flags.redis_broadcast(session);
+        self.flag_evaluations[usize::from(!on)].fetch_add(1, Ordering::Relaxed);
+        if on {
+            remote.as_ref()
+        } else {
+            self.local.as_ref()
         }
     }
 
@@ -264,6 +273,11 @@ impl Broadcaster for Fanout {
             subscribers: self.hub.subscriber_count(),
             published: self.published.load(Ordering::Relaxed),
             order_resets: self.hub.order_resets(),
+            deliveries: self.hub.deliveries(),
+            flag_evaluations: [
+                self.flag_evaluations[0].load(Ordering::Relaxed),
+                self.flag_evaluations[1].load(Ordering::Relaxed),
+            ],
             history_sessions,
             history_bytes,
             redis: self.remote.as_ref().map(|r| r.stats()),

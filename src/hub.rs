@@ -66,6 +66,8 @@ struct Inner {
     closed: AtomicBool,
     subscribers: AtomicUsize,
     order_resets: AtomicU64,
+    /// Frames handed to subscriptions (one per subscriber per event).
+    deliveries: AtomicU64,
     on_vacated: OnceLock<OnVacated>,
 }
 
@@ -109,6 +111,7 @@ impl Hub {
                 closed: AtomicBool::new(false),
                 subscribers: AtomicUsize::new(0),
                 order_resets: AtomicU64::new(0),
+                deliveries: AtomicU64::new(0),
                 on_vacated: OnceLock::new(),
             }),
         }
@@ -177,7 +180,18 @@ impl Hub {
             sse::order_reset(slot.last, frame.id)
         };
         // An error only means every receiver left since the lookup.
-        slot.tx.send(frame).is_ok()
+        match slot.tx.send(frame) {
+            Ok(n) => {
+                self.inner.deliveries.fetch_add(n as u64, Ordering::Relaxed);
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
+    /// Frames handed to subscriptions so far (one per subscriber per event).
+    pub fn deliveries(&self) -> u64 {
+        self.inner.deliveries.load(Ordering::Relaxed)
     }
 
     /// Late events answered with a `reset` instead of being delivered out
@@ -189,7 +203,9 @@ impl Hub {
     /// Delivers `frame` to every session with subscribers here.
     pub fn deliver_all(&self, frame: &Frame) {
         for slot in self.inner.lock().slots.values() {
-            let _ = slot.tx.send(frame.clone());
+            if let Ok(n) = slot.tx.send(frame.clone()) {
+                self.inner.deliveries.fetch_add(n as u64, Ordering::Relaxed);
+            }
         }
     }
 

@@ -45,6 +45,7 @@ pub mod fanout;
 pub mod flags;
 pub mod history;
 pub mod hub;
+pub mod metrics;
 pub mod ratelimit;
 #[cfg(feature = "redis")]
 pub mod redis_client;

@@ -46,6 +46,9 @@ pub enum StreamEnd {
     Shutdown,
     /// The client fell behind its queue and was cut.
     Lagged,
+    /// The response was dropped before it ended: the client went away (or
+    /// the server cut its connection, e.g. for a stalled write).
+    ClientGone,
 }
 
 /// The body of one SSE response. See the module docs.
@@ -165,6 +168,14 @@ impl SseStream {
     }
 }
 
+impl Drop for SseStream {
+    fn drop(&mut self) {
+        if let Some(f) = self.on_end.take() {
+            f(StreamEnd::ClientGone);
+        }
+    }
+}
+
 impl Stream for SseStream {
     type Item = Result<Bytes, Infallible>;
 
@@ -206,6 +217,7 @@ impl Stream for SseStream {
                     if this.already_sent(frame.id) {
                         continue;
                     }
+                    crate::metrics::written(frame.id);
                     return Poll::Ready(Some(Ok(frame.bytes)));
                 }
                 Poll::Ready(Some(Err(SubscriptionError::Lagged(_)))) => {

@@ -25,6 +25,7 @@ pub mod config;
 pub mod error;
 pub mod extract;
 pub mod health;
+pub mod metrics;
 pub mod page;
 pub mod pipeline;
 pub mod runs;
@@ -73,6 +74,7 @@ pub fn app(state: Arc<AppState>) -> Result<Router, axum::http::header::InvalidHe
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
         .route("/stats", get(admin::stats))
+        .route("/metrics", get(metrics::metrics))
         .route("/flags", get(admin::flags))
         .route("/announcements", post(admin::announce))
         .merge(page::routes())

@@ -97,7 +97,9 @@ pub async fn stream(
         _ => {}
     }
     let ended = state.clone();
+    state.stream_opens.fetch_add(1, Ordering::Relaxed);
     let response = response.hold(slot).hold(per_address).on_end(move |why| {
+        ended.stream_ends.count(why);
         if why == StreamEnd::Lagged {
             ended.slow_consumers_cut.fetch_add(1, Ordering::Relaxed);
             tracing::info!(session = %session, "stream cut: client fell behind its queue");

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use sse_scale::flags::FlagSource;
+use sse_scale::stream::StreamEnd;
 use sse_scale::ratelimit::{Decision, Limit, RateLimiter};
 use sse_scale::{Broadcaster, ControlBus, OutgoingEvent, SessionId, SseScale, TokenSigner};
 use tokio_util::sync::CancellationToken;
@@ -94,6 +95,45 @@ pub struct AppState {
     pub resumes: AtomicU64,
     /// Resumes whose id was older than the history (answered with `reset`).
     pub resets: AtomicU64,
+    /// Streams opened (answered 200).
+    pub stream_opens: AtomicU64,
+    /// Streams that ended, by why.
+    pub stream_ends: StreamEnds,
+    /// 429 answers, by limit.
+    pub rate_limited: RateLimited,
+}
+
+/// Streams that ended, by why (see `sse_scale::stream::StreamEnd`).
+#[derive(Debug, Default)]
+pub struct StreamEnds {
+    /// Closed by the drain (SIGTERM).
+    pub drain: AtomicU64,
+    /// Cut for falling behind the queue.
+    pub lag_cut: AtomicU64,
+    /// The connection went away (the client, or a cut for a stalled write).
+    pub dropped: AtomicU64,
+    /// The broadcaster closed.
+    pub closed: AtomicU64,
+}
+
+impl StreamEnds {
+    pub fn count(&self, why: StreamEnd) {
+        let counter = match why {
+            StreamEnd::Shutdown => &self.drain,
+            StreamEnd::Lagged => &self.lag_cut,
+            StreamEnd::Closed => &self.closed,
+            _ => &self.dropped,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// 429 answers, by limit.
+#[derive(Debug, Default)]
+pub struct RateLimited {
+    pub publish: AtomicU64,
+    pub sessions: AtomicU64,
+    pub streams: AtomicU64,
 }
 
 impl AppState {
@@ -148,6 +188,9 @@ impl AppState {
             heads_refused: Arc::new(AtomicU64::new(0)),
             resumes: AtomicU64::new(0),
             resets: AtomicU64::new(0),
+            stream_opens: AtomicU64::new(0),
+            stream_ends: StreamEnds::default(),
+            rate_limited: RateLimited::default(),
         }
     }
 
@@ -216,14 +259,14 @@ impl AppState {
     /// The per-session limit of the publishing routes.
     pub async fn limit_publish(&self, session: &SessionId) -> Result<(), AppError> {
         let key = format!("publish:{session}");
-        limited(self.limiter.check(&key, self.publish_limit).await)
+        limited(self.limiter.check(&key, self.publish_limit).await, &self.rate_limited.publish)
     }
 
     /// The per-client-IP limit on creating sessions: without it, creating
     /// sessions would turn every per-session limit into none.
     pub async fn limit_session_create(&self, ip: IpAddr) -> Result<(), AppError> {
         let key = format!("sessions:{ip}");
-        limited(self.limiter.check(&key, self.session_limit).await)
+        limited(self.limiter.check(&key, self.session_limit).await, &self.rate_limited.sessions)
     }
 
     /// Waits until the session's publish budget has room: background work
@@ -241,15 +284,18 @@ impl AppState {
     /// The per-client-IP limit on opening streams.
     pub async fn limit_stream_open(&self, ip: IpAddr) -> Result<(), AppError> {
         let key = format!("streams:{ip}");
-        limited(self.limiter.check(&key, self.stream_limit).await)
+        limited(self.limiter.check(&key, self.stream_limit).await, &self.rate_limited.streams)
     }
 }
 
-fn limited(decision: Decision) -> Result<(), AppError> {
+fn limited(decision: Decision, refused: &AtomicU64) -> Result<(), AppError> {
     match decision {
         Decision::Allowed => Ok(()),
-        Decision::Limited { retry_after } => Err(AppError::too_many_requests(
-            retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0),
-        )),
+        Decision::Limited { retry_after } => {
+            refused.fetch_add(1, Ordering::Relaxed);
+            Err(AppError::too_many_requests(
+                retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0),
+            ))
+        }
     }
 }

@@ -204,7 +204,10 @@ impl SharedRedis {
         Fut: Future<Output = redis::RedisResult<T>>,
     {
         let conn = self.conn().ok_or(CallError::NotConnected)?;
-        let error = match tokio::time::timeout(RESPONSE_TIMEOUT, f(conn)).await {
+        let started = std::time::Instant::now();
+        let outcome = tokio::time::timeout(RESPONSE_TIMEOUT, f(conn)).await;
+        crate::metrics::redis_call(started.elapsed());
+        let error = match outcome {
             Ok(Ok(value)) => return Ok(value),
             Ok(Err(e)) => CallError::classify(&e),
             Err(_) => CallError::Timeout(RESPONSE_TIMEOUT),
