@@ -31,6 +31,16 @@ pub enum Adapter {
 )]
 #[non_exhaustive]
 pub struct Config {
+    /// Run a tool instead of the server.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+
+    /// Log lines as `text` (for people) or `json` (one object per line, for
+    /// log collectors). Request spans carry the path, never the query, so
+    /// stream tokens stay out of the logs either way.
+    #[arg(long, env = "LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+
     /// Address to bind.
     #[arg(long, env = "HOST", default_value = "0.0.0.0")]
     pub host: String,
@@ -287,6 +297,22 @@ fn parse_net(raw: &str) -> Result<ipnet::IpNet, String> {
     raw.parse::<ipnet::IpNet>()
         .or_else(|_| raw.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
         .map_err(|_| format!("{raw:?} is not an address or CIDR (like 10.0.0.0/8)"))
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Tools of the same binary.
+#[derive(Debug, Clone, clap::Subcommand)]
+#[non_exhaustive]
+pub enum Command {
+    /// Check a running deployment through its balancer: buffering, idle
+    /// timeouts, compression, affinity, resume, flag agreement. Exit code 0
+    /// when every check passes, 1 otherwise.
+    Doctor(crate::doctor::DoctorArgs),
 }
 
 /// A configuration that parsed but does not make sense as a whole.

@@ -22,6 +22,7 @@
 pub mod admin;
 pub mod affinity;
 pub mod config;
+pub mod doctor;
 pub mod error;
 pub mod extract;
 pub mod health;

@@ -12,7 +12,7 @@ use clap::Parser;
 use sse_scale::ratelimit::RateLimiter;
 use sse_scale::unleash::UnleashSettings;
 use sse_scale::{SseScale, TokenSigner};
-use sse_scale_server::config::{Adapter, Config};
+use sse_scale_server::config::{Adapter, Command, Config, LogFormat};
 use sse_scale_server::state::{AppState, Services};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -22,13 +22,17 @@ use tracing_subscriber::EnvFilter;
 fn main() -> ExitCode {
     // clap prints the problem and exits with code 2 on a bad value.
     let config = Config::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-        )
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr)
-        .init();
+    if let Some(Command::Doctor(args)) = &config.command {
+        return sse_scale_server::doctor::main(args.clone());
+    }
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match config.log_format {
+        LogFormat::Json => logs.json().init(),
+        LogFormat::Text => logs.with_ansi(std::io::stderr().is_terminal()).init(),
+    }
     // Every open stream is a socket, and the usual soft open-file limit
     // (1024) would refuse connections long before MAX_STREAMS; the hard limit
     // is what the operator meant to allow.

@@ -34,7 +34,7 @@ pub async fn metrics(_: Admin, State(state): State<Arc<AppState>>) -> Response {
     if let Err(e) = prometheus_client::encoding::prometheus_text::encode(&mut body, &registry) {
         // Writing into a String cannot fail; a collector bug still must not
         // take the endpoint down with a panic.
-        let _ = write!(body, "# encoding failed: {e}\n");
+        let _ = writeln!(body, "# encoding failed: {e}");
     }
     (
         [(CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
