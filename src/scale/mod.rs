@@ -290,12 +290,22 @@ mod tests {
         .unwrap();
         assert_eq!(memory.broadcaster().stats().mode, "local");
         assert!(memory.redis().is_some(), "kept for the application");
+        // A bad URL is refused when the variables are read.
         assert!(matches!(
-            Builder::from_lookup(env(&[("REDIS_URL", "http://x")]))
-                .unwrap()
-                .build(),
+            Builder::from_lookup(env(&[("REDIS_URL", "http://x")])),
             Err(BuildError::Invalid {
                 var: "REDIS_URL",
+                ..
+            })
+        ));
+        assert!(matches!(
+            Builder::from_lookup(env(&[
+                ("REDIS_URL", "redis://127.0.0.1:1"),
+                ("REDIS_SENTINEL_NODES", "redis://127.0.0.1:2"),
+                ("REDIS_SENTINEL_MASTER", "m"),
+            ])),
+            Err(BuildError::Invalid {
+                var: "REDIS_SENTINEL_NODES",
                 ..
             })
         ));
