@@ -351,9 +351,14 @@ fn apps(fleet: &[Server]) -> [&str; 3] {
 /// Runs `sse-scale doctor --json` against the balancer; (exit code,
 /// status of each check by name).
 async fn doctor(lb: &Balancer, hold: u64) -> (i32, Vec<(String, String, String)>) {
+    doctor_with(lb, hold, &[]).await
+}
+
+async fn doctor_with(lb: &Balancer, hold: u64, extra: &[&str]) -> (i32, Vec<(String, String, String)>) {
     let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_sse-scale"))
         .env_clear()
         .args(["doctor", "--json", "--hold", &hold.to_string(), "--admin-token", ADMIN])
+        .args(extra)
         .arg(format!("http://{}", lb.addr))
         .output()
         .await
@@ -400,6 +405,48 @@ async fn doctor_passes_every_check_behind_each_shipped_sticky_config() {
         let (code, checks) = doctor(&lb, 3).await;
         for name in CHECKS {
             assert_eq!(status_of(&checks, name), "pass", "{:?}: {checks:?}", lb.kind);
+        }
+        assert_eq!(code, 0, "{:?}: {checks:?}", lb.kind);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn doctor_passes_behind_the_header_and_round_robin_configs() {
+    // The header-hash files pin by X-Session-ID, which a fetch()-based
+    // client sends (`--session-header`).
+    let servers = fleet("1");
+    for lb in [
+        Balancer::haproxy("haproxy/haproxy-header.cfg", &apps(&servers), &[]).await,
+        Balancer::nginx("nginx/header-hash.conf.template", &apps(&servers)).await,
+        Balancer::caddy("caddy/Caddyfile.header", &apps(&servers), &[]).await,
+    ] {
+        let (code, checks) = doctor_with(&lb, 2, &["--session-header"]).await;
+        for name in CHECKS {
+            assert_eq!(status_of(&checks, name), "pass", "{:?} header: {checks:?}", lb.kind);
+        }
+        assert_eq!(code, 0, "{:?}: {checks:?}", lb.kind);
+    }
+    drop(servers);
+    // Phase 3: no affinity, Redis on every instance.
+    let redis = RedisServer::start();
+    let servers: Vec<Server> = (1..=3)
+        .map(|i| {
+            Server::start(&[
+                ("INSTANCE_ID", &format!("app{i}")),
+                ("SSE_HEARTBEAT_SECS", "1"),
+                ("REDIS_URL", &redis.url()),
+                ("FF_REDIS_SSE_BROADCAST", "true"),
+            ])
+        })
+        .collect();
+    for lb in [
+        Balancer::haproxy("haproxy/haproxy-roundrobin.cfg", &apps(&servers), &[]).await,
+        Balancer::nginx("nginx/roundrobin.conf.template", &apps(&servers)).await,
+        Balancer::caddy("caddy/Caddyfile.roundrobin", &apps(&servers), &[]).await,
+    ] {
+        let (code, checks) = doctor(&lb, 2).await;
+        for name in CHECKS {
+            assert_eq!(status_of(&checks, name), "pass", "{:?} round robin: {checks:?}", lb.kind);
         }
         assert_eq!(code, 0, "{:?}: {checks:?}", lb.kind);
     }

@@ -10,9 +10,11 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
+use reqwest::cookie::Jar;
 use reqwest::header::{ACCEPT_ENCODING, CONTENT_ENCODING};
 use serde::Serialize;
 use serde_json::{json, Value};
@@ -36,6 +38,12 @@ pub struct DoctorArgs {
     /// Print the results as one JSON object.
     #[arg(long)]
     pub json: bool,
+
+    /// Send `X-Session-ID` with every request of the session, as a
+    /// fetch()-based client does behind the header-hash configs
+    /// (`haproxy-header.cfg`, `nginx/header-hash`, `Caddyfile.header`).
+    #[arg(long)]
+    pub session_header: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -79,7 +87,7 @@ const COMPRESSION: &str = "the balancer compresses the stream, which buffers it:
     for text/event-stream (nginx `gzip off;`, Caddy without `encode`, HAProxy without \
     `compression`), see lb-config/README.md, \"SSE-safe settings\"";
 const IDLE: &str = "the balancer closed an idle stream: its idle timeouts must be longer than \
-    SSE_HEARTBEAT_SECS (HAProxy `timeout client`/`timeout server`, nginx `proxy_read_timeout`, \
+    SSE_HEARTBEAT_SECS (HAProxy `timeout client`/`server`/`tunnel`, nginx `proxy_read_timeout`, \
     Caddy `read_timeout`), as in lb-config/haproxy/haproxy.cfg; or lower SSE_HEARTBEAT_SECS";
 const AFFINITY: &str = "requests of one browser reach several instances and events do not cross \
     them: use a sticky config (lb-config/haproxy/haproxy.cfg, \
@@ -199,8 +207,18 @@ fn parse(raw: &str) -> Block {
 
 /// A browser: its own cookie jar, so affinity cookies are kept.
 fn browser() -> reqwest::Client {
+    client_with(Arc::new(Jar::default()), None)
+}
+
+/// A client on `jar`, sending `X-Session-ID: <session>` when given.
+fn client_with(jar: Arc<Jar>, session: Option<&str>) -> reqwest::Client {
+    let mut headers = reqwest::header::HeaderMap::new();
+    if let Some(id) = session.and_then(|s| reqwest::header::HeaderValue::from_str(s).ok()) {
+        headers.insert("x-session-id", id);
+    }
     reqwest::Client::builder()
-        .cookie_store(true)
+        .cookie_provider(jar)
+        .default_headers(headers)
         .connect_timeout(Duration::from_secs(5))
         .build()
         .expect("a reqwest client builds")
@@ -325,12 +343,15 @@ async fn instance_of(client: &reqwest::Client, base: &str) -> Option<String> {
 
 pub async fn run(args: &DoctorArgs) -> Vec<Check> {
     let base = args.base_url.trim_end_matches('/');
-    let client = browser();
+    let jar = Arc::new(Jar::default());
+    let client = client_with(jar.clone(), None);
     let mut checks = Vec::new();
     let session = match create_session(&client, base).await {
         Ok(s) => s,
         Err(e) => return vec![Check::fail("session", e, SESSION)],
     };
+    // From here on the browser's requests belong to the session.
+    let client = client_with(jar, args.session_header.then_some(session.id.as_str()));
     let (encoding, mut stream) = match open(&client, base, &session, None).await {
         Ok(opened) => opened,
         Err(e) if e == HEADERS_LATE => {
