@@ -139,11 +139,10 @@ mod redis_bus {
         let mut delay = Duration::from_millis(100);
         loop {
             let connected = async {
-                let mut pubsub =
-                    tokio::time::timeout(CONNECT_TIMEOUT, redis.pubsub())
-                        .await
-                        .ok()?
-                        .ok()?;
+                let mut pubsub = tokio::time::timeout(CONNECT_TIMEOUT, redis.pubsub())
+                    .await
+                    .ok()?
+                    .ok()?;
                 tokio::time::timeout(RESPONSE_TIMEOUT, pubsub.subscribe(&channel))
                     .await
                     .ok()?

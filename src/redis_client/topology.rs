@@ -70,7 +70,8 @@ impl Topology {
         fn set(v: Option<&str>) -> Option<&str> {
             v.map(str::trim).filter(|v| !v.is_empty())
         }
-        let (url, cluster, sentinels, master) = (set(url), set(cluster), set(sentinels), set(master));
+        let (url, cluster, sentinels, master) =
+            (set(url), set(cluster), set(sentinels), set(master));
         let named: Vec<&str> = [
             ("REDIS_URL", url),
             ("REDIS_CLUSTER_NODES", cluster),
@@ -243,7 +244,9 @@ fn invalid(e: redis::RedisError) -> InvalidRedisUrl {
 impl Backend {
     pub(super) fn open(topology: &Topology) -> Result<Self, InvalidRedisUrl> {
         Ok(match topology {
-            Topology::Single(url) => Backend::Single(redis::Client::open(url.as_str()).map_err(invalid)?),
+            Topology::Single(url) => {
+                Backend::Single(redis::Client::open(url.as_str()).map_err(invalid)?)
+            }
             Topology::Cluster(nodes) => Backend::Cluster {
                 client: ClusterClient::builder(nodes.clone())
                     .connection_timeout(CONNECT_TIMEOUT)
@@ -284,7 +287,9 @@ impl Backend {
     pub(super) async fn connect(&self) -> RedisResult<(Conn, Option<String>)> {
         match self {
             Backend::Single(client) => Ok((
-                Conn::Single(ConnectionManager::new_with_config(client.clone(), manager_config()).await?),
+                Conn::Single(
+                    ConnectionManager::new_with_config(client.clone(), manager_config()).await?,
+                ),
                 None,
             )),
             Backend::Cluster { client, .. } => {
@@ -336,7 +341,8 @@ impl Backend {
             Backend::Cluster { nodes, .. } => {
                 let mut last = None;
                 for node in nodes {
-                    let attempt = async { redis::Client::open(node.as_str())?.get_async_pubsub().await };
+                    let attempt =
+                        async { redis::Client::open(node.as_str())?.get_async_pubsub().await };
                     match tokio::time::timeout(CONNECT_TIMEOUT, attempt).await {
                         Ok(Ok(pubsub)) => return Ok(pubsub),
                         Ok(Err(e)) => last = Some(e),

@@ -200,8 +200,9 @@ impl Builder {
         #[cfg(feature = "redis")]
         let redis = match &self.redis {
             Some(options) => {
-                let redis = crate::redis_client::SharedRedis::with_topology(options.topology.clone())
-                    .map_err(|e| super::invalid(options.topology.variable(), e.to_string()))?;
+                let redis =
+                    crate::redis_client::SharedRedis::with_topology(options.topology.clone())
+                        .map_err(|e| super::invalid(options.topology.variable(), e.to_string()))?;
                 redis.connect(&tasks, stop.clone());
                 Some((redis, options.clone()))
             }

@@ -159,7 +159,11 @@ impl Inner {
     /// promoted a replica that had not received them, or Redis restarted
     /// empty. The session is marked, so a resume from before the loss gets
     /// `reset` instead of a replay with a hole in it.
-    pub(super) async fn check_lost(&self, session: &SessionId, cursor: EventId) -> Result<(), CallError> {
+    pub(super) async fn check_lost(
+        &self,
+        session: &SessionId,
+        cursor: EventId,
+    ) -> Result<(), CallError> {
         if cursor == EventId::ZERO {
             return Ok(());
         }

@@ -94,7 +94,11 @@ impl Inner {
             .arg(self.settings.history.ttl.as_secs())
             .arg(wanted.to_string())
             .arg(if held { "1" } else { "0" })
-            .arg(if self.keys.tagged { "SPUBLISH" } else { "PUBLISH" });
+            .arg(if self.keys.tagged {
+                "SPUBLISH"
+            } else {
+                "PUBLISH"
+            });
         let call = &call;
         let id: String = self
             .redis

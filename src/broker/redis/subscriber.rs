@@ -416,7 +416,11 @@ impl Inner {
                 .subscribed
                 .store(st.live.len() as u64, Ordering::Relaxed);
         }
-        tracing::info!(backend = "redis", channel, "Redis moved the channel; subscribing it again");
+        tracing::info!(
+            backend = "redis",
+            channel,
+            "Redis moved the channel; subscribing it again"
+        );
         self.counters.resubscribes.fetch_add(1, Ordering::Relaxed);
         self.interest.changed.notify_one();
     }
