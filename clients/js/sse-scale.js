@@ -580,7 +580,7 @@ export class SseScaleStream extends StreamBase {
             // EventSource has given up (a non-200 answer): find out why.
             this._es = null;
             es.close();
-            this._probeAndRetry(generation);
+            this._probeAndRetry(generation).catch((error) => this._error(error));
           } else {
             // EventSource reconnects by itself (network error or a closed
             // stream), after the server's `retry:` hint, with Last-Event-ID.

@@ -258,6 +258,7 @@ function feedItem(kind, ev, text) {
   const item = el('li', { 'data-kind': kind, 'data-id': ev.id, 'data-seq': ++seq }, text);
   list.append(item);
   cap(list, FEED_MAX, 'first');
+  $('chat-empty').hidden = true;
   return item;
 }
 

@@ -29,6 +29,14 @@ run(async () => {
   await page.waitForTimeout(300);
   state = await readPage(page);
 
+  // Requests go through the balancer to a live instance as well.
+  await page.fill('#chat-text', 'Still here after the failover');
+  await page.click('#chat-send');
+  state = await until(page, (s) => s.feed.some((f) => f.text === 'Still here after the failover'), 'the chat message');
+  await page.waitForTimeout(200);
+  state = await readPage(page);
+  check(state.feed.filter((f) => f.kind === 'chat').length === 1, 'the chat message shows once', state.feed);
+
   checkExactly(arrived(state, runId), expectedSections(SECTIONS), 'sections');
   const connections = state.log.filter((l) => l.kind === 'connected').map((l) => l.instance);
   check(connections.length >= 2, 'the stream reconnected', connections);
