@@ -370,8 +370,10 @@ function openStream() {
     open: false,
   });
   stream.onState(renderState);
+  // A failed refetch after a reset, or a bug in a handler above: shown,
+  // while the stream goes on.
   stream.onError((error) => {
-    notice(`Refetching after a reset failed: ${error?.message ?? error}`);
+    notice(`Updating the page failed: ${error?.message ?? error}`);
     log('error', String(error?.message ?? error));
   });
   stream.on('connected', onConnected);

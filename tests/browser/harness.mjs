@@ -109,31 +109,49 @@ export async function launch() {
 }
 
 /**
- * Records every request to the stream URL and its answer, with the time
- * node saw it: what the page really did on the wire, independent of what
- * the page reports about itself.
+ * Records every request to the stream URL and its answer: what the page
+ * really did on the wire, independent of what the page reports about
+ * itself. Times are the browser's own (`request.timing()`: when the request
+ * started, when the answer's head arrived), so how late node hears of an
+ * event does not skew them; node's clock is the fallback.
  */
 export function recordStreamRequests(p) {
   const log = [];
   const isStream = (url) => /\/sessions\/[^/]+\/events(\?|$)/.test(url);
   p.on('request', (r) => {
-    if (isStream(r.url())) log.push({ kind: 'request', method: r.method(), at: Date.now(), url: r.url() });
+    if (!isStream(r.url())) return;
+    const entry = { kind: 'request', method: r.method(), seen: Date.now(), url: r.url() };
+    Object.defineProperty(entry, 'request', { value: r });
+    Object.defineProperty(entry, 'at', { enumerable: true, get: () => started(entry) });
+    log.push(entry);
   });
   p.on('response', (r) => {
-    if (isStream(r.url())) {
-      log.push({
-        kind: 'response',
-        method: r.request().method(),
-        at: Date.now(),
-        status: r.status(),
-        retryAfter: r.headers()['retry-after'] ?? null,
-      });
-    }
+    if (!isStream(r.url())) return;
+    const entry = {
+      kind: 'response',
+      method: r.request().method(),
+      seen: Date.now(),
+      status: r.status(),
+      retryAfter: r.headers()['retry-after'] ?? null,
+    };
+    Object.defineProperty(entry, 'request', { value: r.request() });
+    Object.defineProperty(entry, 'at', { enumerable: true, get: () => answered(entry) });
+    log.push(entry);
   });
   p.on('requestfailed', (r) => {
     if (isStream(r.url())) log.push({ kind: 'failed', method: r.method(), at: Date.now(), error: r.failure()?.errorText });
   });
   return log;
+}
+
+function started(entry) {
+  const t = entry.request.timing();
+  return t.startTime > 0 ? t.startTime : entry.seen;
+}
+
+function answered(entry) {
+  const t = entry.request.timing();
+  return t.startTime > 0 && t.responseStart >= 0 ? t.startTime + t.responseStart : entry.seen;
 }
 
 /**
