@@ -1,0 +1,184 @@
+// Types of sse-scale.js, the browser client of an sse-scale event stream.
+// See docs/browser.md for how to use it and what the server sends.
+
+/** Connection states, in the order a stream usually goes through them. */
+export const CONNECTING: 'connecting';
+export const OPEN: 'open';
+export const RECONNECTING: 'reconnecting';
+export const CLOSED: 'closed';
+export type ConnectionState = 'connecting' | 'open' | 'reconnecting' | 'closed';
+
+/** Event types of the reference server; the EventSource transport listens to these and to every type passed to `on()` or `events`. */
+export const SERVER_EVENTS: readonly string[];
+
+/** One event as delivered to the app, in stream order. */
+export interface StreamEvent<T = unknown> {
+  /** The SSE `event:` name (`message` when the server sent none). */
+  type: string;
+  /**
+   * The stream position after this event: its `id:`, or for an event
+   * without one (announcements) the previous id, as `MessageEvent.lastEventId`.
+   * Opaque: compare for equality only.
+   */
+  id: string | null;
+  /** `data` parsed as JSON, or the string itself when it is not JSON. */
+  data: T;
+  /** `data` as received (multi-line data joined with `\n`). */
+  raw: string;
+}
+
+/** The server's `connected` event: which instance holds the stream. */
+export type ConnectedEvent = StreamEvent<{ instance_id: string; session_id: string }>;
+
+/**
+ * The server's `reset` event: the history no longer reaches the id the
+ * client resumed from. `id` is the newest id the history holds (`0-0` when
+ * none); `oldest_id` the oldest (`null` when none). Reload your state.
+ */
+export type ResetEvent = StreamEvent<{ last_event_id: string; oldest_id: string | null; reason?: string }>;
+
+/** A state change. */
+export interface StateChange {
+  state: ConnectionState;
+  /** `Date.now()` when it happened. */
+  at: number;
+  /** `reconnecting`: milliseconds until the next attempt (`null`: the browser's EventSource decides, after the server's `retry:` hint). */
+  delayMs?: number | null;
+  /** `reconnecting`: 1 for the first attempt after a failure, growing with the backoff. */
+  attempt?: number;
+  /** Who reconnects: `'browser'` (EventSource by itself) or `'module'`. */
+  by?: 'browser' | 'module';
+  /** The HTTP status that caused it (0: network error), when known. */
+  status?: number;
+  /** The server's `Retry-After`, in milliseconds, when it sent one. */
+  retryAfterMs?: number | null;
+  /** Why: `'refused'`, `'network'`, `'ended'`, `'closed'` (by `close()`), ... */
+  reason?: string;
+  /** `open`: `'eventsource'` or `'fetch'`. */
+  transport?: 'eventsource' | 'fetch';
+}
+
+export interface BackoffOptions {
+  /** First wait after a failure (default 1000 ms). */
+  initialMs?: number;
+  /** Longest backoff (default 30000 ms); a longer `Retry-After` is still obeyed. */
+  maxMs?: number;
+  /** Growth per attempt (default 2). */
+  factor?: number;
+  /** Spread, 0..1 (default 0.3): backoff in [1 - jitter, 1] of itself, a Retry-After wait in [1, 1 + jitter] of it. */
+  jitter?: number;
+}
+
+export interface StreamOptions {
+  /** The stream URL, e.g. `/sessions/${id}/events` (relative: same origin). */
+  url: string;
+  /**
+   * The session's stream token (`stream_token` from `POST /sessions`), or a
+   * function returning the current one (asked on every connect, so a
+   * refreshed token is used). EventSource sends it as `?token=`, the fetch
+   * transport as `Authorization: Bearer`.
+   */
+  token?: string | (() => string | Promise<string>);
+  /** Resume from this id on the first connect. */
+  lastEventId?: string;
+  /** Event types to listen to besides `SERVER_EVENTS` (EventSource needs the names). */
+  events?: string[];
+  backoff?: BackoffOptions;
+  /**
+   * Called after a `reset` was delivered; events that arrive meanwhile are
+   * held back and delivered, in order, once the promise settles. Reload the
+   * app's state here (e.g. from your API, or with `readHistory`).
+   */
+  resync?: (reset: ResetEvent, stream: SseScaleStream | SseScaleFetchStream) => void | Promise<unknown>;
+  /** Most events held back during a resync (default 10000); beyond, the connection is dropped and resumed from the last delivered id afterwards. */
+  maxHeldEvents?: number;
+  /** `false`: do not connect until `open()`. */
+  open?: boolean;
+}
+
+export interface FetchStreamOptions extends StreamOptions {
+  /** Sent as `X-Session-ID` on every request, for balancers that route on it. */
+  sessionId?: string;
+  /** Wait before reopening a stream that ended, until the server sends `retry:` (default 2000 ms). */
+  retryMs?: number;
+  /** Reconnect when nothing (not even a heartbeat) arrived for this long (default 45000 ms; 0: never). */
+  idleTimeoutMs?: number;
+}
+
+export interface HistoryRead {
+  /** The events after `from`, up to and including `to`, in order. */
+  events: StreamEvent[];
+  /** `false`: the history no longer reached `from` either; `events` is what followed. */
+  complete: boolean;
+}
+
+declare class StreamBase {
+  /** The id of the last event delivered (what the next reconnect resumes from, unless events are held). */
+  readonly lastEventId: string | null;
+  readonly state: ConnectionState | null;
+  /** The instance holding the stream, from the latest `connected`. */
+  readonly instanceId: string | null;
+  /** Reconnect attempts so far (browser and module). */
+  readonly reconnects: number;
+  on(type: 'connected', fn: (ev: ConnectedEvent) => void): () => void;
+  on(type: 'reset', fn: (ev: ResetEvent) => void): () => void;
+  /** Events of one type; `'*'`: every event. Returns an unsubscribe function. */
+  on<T = unknown>(type: string, fn: (ev: StreamEvent<T>) => void): () => void;
+  onState(fn: (change: StateChange) => void): () => void;
+  /** Errors thrown by listeners or the resync hook (default: console.error). */
+  onError(fn: (error: unknown) => void): () => void;
+  /** Connects (done by the constructor unless `open: false`); after `close()` or a refusal, connects again. */
+  open(): this;
+  /** Closes the stream; no reconnect follows. */
+  close(): void;
+  /**
+   * Reads the events after `from` up to and including `to` from the
+   * server's history with a short-lived fetch() read (one stream open).
+   * If the history dropped `from` meanwhile, reads again after the oldest
+   * event it holds (`complete: false`).
+   */
+  readHistory(range: { from: string | null; to: string | null; timeoutMs?: number; signal?: AbortSignal }): Promise<HistoryRead>;
+}
+
+/** The stream over EventSource, with a HEAD probe and backoff once EventSource gives up. */
+export class SseScaleStream extends StreamBase {
+  constructor(options: StreamOptions);
+}
+
+/** The stream over fetch(): sends X-Session-ID, Authorization and Last-Event-ID itself. */
+export class SseScaleFetchStream extends StreamBase {
+  constructor(options: FetchStreamOptions);
+}
+
+export function openStream(options: FetchStreamOptions & { transport: 'fetch' }): SseScaleFetchStream;
+export function openStream(options: StreamOptions & { transport?: 'eventsource' }): SseScaleStream;
+
+/** `Retry-After` (seconds or an HTTP date) in milliseconds from `now`; `null` when absent or unreadable. */
+export function parseRetryAfter(value: string | null | undefined, now?: number): number | null;
+
+/** The wait before attempt `attempt` (1-based): jittered exponential backoff, never below `retryAfterMs`. */
+export function retryDelay(attempt: number, retryAfterMs?: number | null, backoff?: BackoffOptions, random?: () => number): number;
+
+/**
+ * Orders two sse-scale ids (`<ms>-<seq>`): -1, 0 or 1; `null` when either is
+ * not of that form. Treat ids as opaque in apps; the module uses this only
+ * to bound a history read.
+ */
+export function compareIds(a: string | null | undefined, b: string | null | undefined): -1 | 0 | 1 | null;
+
+/** A WHATWG `text/event-stream` parser over decoded text. */
+export class SseParser {
+  constructor(handlers?: {
+    onEvent?: (ev: { type: string; data: string; id: string }) => void;
+    onRetry?: (ms: number) => void;
+    onComment?: (text: string) => void;
+    /** Longest unfinished line kept (default 1 Mi characters); longer throws. */
+    maxLineLength?: number;
+  });
+  /** The last event id seen (persists across events, as in EventSource). */
+  lastEventId: string;
+  /** Feeds the next chunk of decoded text. */
+  feed(text: string): void;
+  /** Drops a partial line and block (before reading a new response); keeps `lastEventId`. */
+  reset(): void;
+}
