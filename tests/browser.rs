@@ -1,4 +1,4 @@
-//! The demo page and the client module (`clients/js/sse-scale.js`) in a real
+//! The demo page and the client module (`src/js/sse-scale.js`) in a real
 //! browser: Debian's Chromium, headless, driven by playwright-core scripts
 //! (`tests/browser/*.mjs`, one per scenario), against real `sse-scale`
 //! processes, a real `redis-server` and the shipped balancer configs.

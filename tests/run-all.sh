@@ -2,7 +2,8 @@
 # Runs the whole sse-scale test suite on a fresh Debian machine.
 #
 # Installs what the tests need and the machine lacks (redis-server, haproxy,
-# nginx, caddy, PostgreSQL, Node; Debian packages), then runs every test of
+# nginx, caddy, PostgreSQL, Node, Chromium, Prometheus, socat, systemd's
+# tools; Debian packages), then runs every test of
 # the workspace. The tests start their own redis-server, balancer, Unleash and
 # server processes on free ports; the only shared service is PostgreSQL
 # (Unleash's database), which this script starts if nothing listens on
@@ -25,6 +26,8 @@ command -v systemd-analyze >/dev/null || need+=(systemd)
 # The browser tests (tests/browser.rs): Debian's Chromium, driven by
 # playwright-core (installed by tests/browser/setup.sh).
 command -v chromium >/dev/null || need+=(chromium)
+# The operations tests (tests/ops.rs): a real Prometheus and promtool.
+command -v prometheus >/dev/null || need+=(prometheus)
 command -v jq >/dev/null || need+=(jq)
 command -v psql >/dev/null || need+=(postgresql-client)
 command -v node >/dev/null || need+=(nodejs)
@@ -38,7 +41,7 @@ if [ ${#need[@]} -gt 0 ]; then
     $sudo apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
     # The packages start system services we do not use; the tests run their own.
-    for svc in redis-server haproxy nginx caddy; do
+    for svc in redis-server haproxy nginx caddy prometheus; do
         $sudo service "$svc" stop >/dev/null 2>&1 || true
     done
 fi

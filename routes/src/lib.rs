@@ -123,6 +123,8 @@ fn cors(origins: &[String]) -> Option<CorsLayer> {
                 header::AUTHORIZATION,
                 header::CONTENT_TYPE,
                 HeaderName::from_static("last-event-id"),
+                // The fetch()-based client sends it for header-hash balancers.
+                HeaderName::from_static("x-session-id"),
             ])
             .expose_headers([INSTANCE_HEADER])
             .max_age(std::time::Duration::from_secs(600)),

@@ -1,5 +1,5 @@
 //! The demo page at `/`: the résumé-writing pipeline as a browser sees it,
-//! built on the client module `clients/js/sse-scale.js`. The files are
+//! built on the client module `src/js/sse-scale.js`. The files are
 //! embedded in the binary, so the page works wherever the server runs and
 //! behind every shipped balancer config, with no separate static hosting.
 
@@ -28,7 +28,7 @@ const FILES: &[(&str, &str, &str)] = &[
     (
         "/sse-scale.js",
         "text/javascript; charset=utf-8",
-        include_str!("../../clients/js/sse-scale.js"),
+        include_str!("../../src/js/sse-scale.js"),
     ),
 ];
 

@@ -5,7 +5,7 @@
 // and the backoff's floor. Prints `{"result", "ok", "failures"}` like the
 // browser scenarios and exits non-zero on failure.
 
-import { SseParser, parseRetryAfter, retryDelay, compareIds } from '../../clients/js/sse-scale.js';
+import { SseParser, parseRetryAfter, retryDelay, compareIds } from '../../src/js/sse-scale.js';
 
 const failures = [];
 let checks = 0;
