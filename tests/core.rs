@@ -603,6 +603,33 @@ async fn streams_beyond_max_streams_get_503() {
     assert_eq!(server.stats().await["streams_refused"], 1);
 }
 
+// The browser client's probe: HEAD tells what a stream open would get now
+// without opening one.
+#[tokio::test]
+async fn head_on_a_stream_answers_its_status_without_opening_it() {
+    let server = Server::start(&[("MAX_STREAMS", "1")]);
+    let (id, token) = new_session(&server).await;
+    let url = server.url(&format!("/sessions/{id}/events?token={token}"));
+    let res = client().head(&url).header("last-event-id", "1-0").send().await.unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(res.headers()["content-type"], "text/event-stream");
+    let stats = server.stats().await;
+    assert_eq!(stats["open_streams"], 0, "{stats}");
+    assert_eq!(stats["resumes"], 0, "a probe is not a resume: {stats}");
+    assert_eq!(stats["resets"], 0, "{stats}");
+    let mut only = SseClient::open(&server, &id, &token).await;
+    only.expect_connected().await;
+    let full = client().head(&url).send().await.unwrap();
+    assert_eq!(full.status(), 503);
+    assert_eq!(full.headers()["retry-after"], "2");
+    let wrong = client()
+        .head(server.url(&format!("/sessions/{id}/events?token=nope")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(wrong.status(), 403, "a token that is not this session's");
+}
+
 #[tokio::test]
 async fn health_ready_and_stats() {
     let server = Server::start(&[("INSTANCE_ID", "node-s")]);

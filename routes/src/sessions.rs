@@ -5,7 +5,8 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::header::{CACHE_CONTROL, CONTENT_TYPE};
+use axum::http::{HeaderMap, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use axum_extra::extract::cookie::CookieJar;
@@ -66,6 +67,7 @@ pub async fn stream(
     StreamSession(session): StreamSession,
     ClientIp(ip): ClientIp,
     LastEventId(resume_from): LastEventId,
+    method: Method,
     jar: CookieJar,
     headers: HeaderMap,
 ) -> Result<Response, AppError> {
@@ -78,6 +80,17 @@ pub async fn stream(
     }
     let slot = OpenStream::try_new(state.clone())?;
     let per_address = AddressSlot::try_new(state.clone(), ip)?;
+    if method == Method::HEAD {
+        // The browser client's probe after `EventSource` gave up: the
+        // status (and `Retry-After`) a stream would get now, without
+        // opening one, reading history or counting a resume.
+        drop((slot, per_address));
+        return Ok((
+            [(CONTENT_TYPE, "text/event-stream"), (CACHE_CONTROL, "no-cache")],
+            (),
+        )
+            .into_response());
+    }
     let (response, outcome) = state
         .scale
         .respond_with_outcome(&session, resume_from)
