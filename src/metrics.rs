@@ -38,6 +38,10 @@ fn histograms() -> &'static Histograms {
 /// clock difference between hosts adds to it). Replayed events are not
 /// counted: their age is the client's absence, not the server's latency.
 pub fn written(id: EventId) {
+    // Announcements and order resets carry no id: nothing to time.
+    if id == EventId::ZERO {
+        return;
+    }
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default()

@@ -153,8 +153,10 @@ impl SseStream {
         }
     }
 
-    /// Called once when the server ends the stream (not when the client
-    /// goes away: then the stream is simply dropped).
+    /// Called once when the stream ends: by the server ([`StreamEnd::Closed`],
+    /// [`StreamEnd::Shutdown`], [`StreamEnd::Lagged`]), or with
+    /// [`StreamEnd::ClientGone`] when the response is dropped first (the
+    /// client went away, or its connection was cut).
     pub fn on_end(mut self, f: impl FnOnce(StreamEnd) + Send + Sync + 'static) -> Self {
         self.on_end = Some(Box::new(f));
         self

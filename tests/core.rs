@@ -610,7 +610,12 @@ async fn head_on_a_stream_answers_its_status_without_opening_it() {
     let server = Server::start(&[("MAX_STREAMS", "1")]);
     let (id, token) = new_session(&server).await;
     let url = server.url(&format!("/sessions/{id}/events?token={token}"));
-    let res = client().head(&url).header("last-event-id", "1-0").send().await.unwrap();
+    let res = client()
+        .head(&url)
+        .header("last-event-id", "1-0")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(res.status(), 200);
     assert_eq!(res.headers()["content-type"], "text/event-stream");
     let stats = server.stats().await;

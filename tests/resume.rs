@@ -843,3 +843,67 @@ async fn a_stream_that_lost_delivered_events_resets_resumes_from_before_them() {
     from_ten.expect_connected().await;
     assert_eq!(next(&mut from_ten, T).await.json(), json!(11));
 }
+
+// A stream opened while the subscriber cannot confirm its channel starts
+// its cursor at an estimate ("shortly before now"), which no stream holds.
+// A later reconnect must not take that estimate's absence from the stream
+// for lost events: a client resuming from the session's real last event
+// gets an exact resume, not a reset.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_estimated_cursor_is_never_taken_for_lost_events() {
+    let redis = RedisServer::start();
+    let a = redis_instance(&redis, "a", true, &[]);
+    let (session, token) = new_session(&a).await;
+    let first = publish(&a, &session, &token, "n", json!(1)).await;
+    // Older than the estimate's margin.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    // Redis holds every client's commands for 3 s: the subscribe is not
+    // confirmed within the stream's 2 s wait.
+    let _: () = redis::cmd("CLIENT")
+        .arg("PAUSE")
+        .arg(3000)
+        .arg("ALL")
+        .query(&mut redis.conn())
+        .unwrap();
+    let res = reqwest::Client::new()
+        .get(a.url(&format!("/sessions/{session}/events?token={token}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    let _held = SseClient::from_response(res);
+    wait_subscribed(&a, 1).await;
+    let connects = a.stats().await["redis"]["subscriber_connects"]
+        .as_u64()
+        .unwrap();
+    let _: i64 = redis::cmd("CLIENT")
+        .arg("KILL")
+        .arg("TYPE")
+        .arg("pubsub")
+        .query(&mut redis.conn())
+        .unwrap();
+    let ok = eventually(T, || async {
+        let s = a.stats().await;
+        s["redis"]["subscriber_connects"].as_u64() > Some(connects)
+            && s["redis"]["subscribed_channels"].as_u64() == Some(1)
+    })
+    .await;
+    assert!(ok, "{}", a.stats().await);
+    assert_eq!(
+        a.stats().await["redis"]["history_lost"],
+        0,
+        "{}",
+        a.stats().await
+    );
+    let mut resumed = open_from(&a, &session, &token, &first).await;
+    resumed.expect_connected().await;
+    publish(&a, &session, &token, "n", json!(2)).await;
+    let ev = next(&mut resumed, T).await;
+    assert_eq!(
+        ev.event.as_deref(),
+        Some("n"),
+        "an exact resume, not {}",
+        brief(&ev)
+    );
+    assert_eq!(ev.json(), json!(2));
+}

@@ -168,9 +168,11 @@ impl Collector for StateCollector {
             "Streams that ended or were refused, by reason",
             "reason",
             &[
-                // A stalled write is cut by closing the connection, which
-                // drops the stream: it is counted there, not twice.
-                ("client_gone", load(&ends.dropped).saturating_sub(stalled)),
+                // Every stream whose connection went away, including those
+                // the server cut for a stalled write (which `stalled_write`
+                // also counts, per connection): each label is counted where
+                // it happens, so none can ever go backwards.
+                ("client_gone", load(&ends.dropped)),
                 ("stalled_write", stalled),
                 ("drain", load(&ends.drain)),
                 ("lag_cut", load(&ends.lag_cut)),
@@ -203,17 +205,22 @@ impl Collector for StateCollector {
             b.order_resets,
         )?;
 
-        let redis_path = num(&redis, "published_redis");
-        let outbox = num(&redis, "fallback_local");
+        // Local: the flag sent the publish down the in-process path (or
+        // there is no Redis at all). Redis and outbox: the broker's counts.
+        let local = if b.redis.is_some() {
+            b.flag_evaluations[1]
+        } else {
+            b.published
+        };
         counters(
             &mut e,
             "sse_events_published",
             "Events published through this instance, by path",
             "path",
             &[
-                ("local", b.published.saturating_sub(redis_path + outbox)),
-                ("redis", redis_path),
-                ("outbox", outbox),
+                ("local", local),
+                ("redis", num(&redis, "published_redis")),
+                ("outbox", num(&redis, "fallback_local")),
             ],
         )?;
         counter(

@@ -86,7 +86,10 @@ pub async fn stream(
         // opening one, reading history or counting a resume.
         drop((slot, per_address));
         return Ok((
-            [(CONTENT_TYPE, "text/event-stream"), (CACHE_CONTROL, "no-cache")],
+            [
+                (CONTENT_TYPE, "text/event-stream"),
+                (CACHE_CONTROL, "no-cache"),
+            ],
             (),
         )
             .into_response());

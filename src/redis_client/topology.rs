@@ -247,6 +247,9 @@ impl Backend {
             Topology::Single(url) => {
                 Backend::Single(redis::Client::open(url.as_str()).map_err(invalid)?)
             }
+            Topology::Cluster(nodes) if nodes.is_empty() => {
+                return Err(InvalidRedisUrl("no cluster node URL".into()))
+            }
             Topology::Cluster(nodes) => Backend::Cluster {
                 client: ClusterClient::builder(nodes.clone())
                     .connection_timeout(CONNECT_TIMEOUT)
@@ -257,7 +260,10 @@ impl Backend {
                 nodes: nodes.clone(),
             },
             Topology::Sentinel { sentinels, master } => {
-                let first = ConnectionInfo::from_str(&sentinels[0]).map_err(invalid)?;
+                let Some(first) = sentinels.first() else {
+                    return Err(InvalidRedisUrl("no sentinel URL".into()));
+                };
+                let first = ConnectionInfo::from_str(first).map_err(invalid)?;
                 let tls_mode = match first.addr {
                     ConnectionAddr::TcpTls { insecure, .. } => Some(if insecure {
                         redis::TlsMode::Insecure

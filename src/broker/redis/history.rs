@@ -146,7 +146,9 @@ impl Inner {
         Ok(Replay {
             frames,
             vouched: !lost_after && (holds || (after == EventId::ZERO && untrimmed)),
-            gapless: untrimmed || oldest.is_some_and(|o| o <= after),
+            // A hole past `after` also stops the in-process history from
+            // vouching for the merge.
+            gapless: !lost_after && (untrimmed || oldest.is_some_and(|o| o <= after)),
             too_large,
             oldest,
             newest,
@@ -178,14 +180,19 @@ impl Inner {
             .arg("-")
             .arg("+")
             .arg("COUNT")
-            .arg(1);
+            .arg(1)
+            .cmd("EXISTS")
+            .arg(self.keys.first(session));
         let pipe = &pipe;
-        let (held, head): (StreamRangeReply, StreamRangeReply) = self
+        let (held, head, first): (StreamRangeReply, StreamRangeReply, bool) = self
             .redis
             .call(|mut conn| async move { pipe.query_async(&mut conn).await })
             .await?;
         let trimmed_past = first_id(&head).is_some_and(|oldest| oldest > cursor);
-        if !held.ids.is_empty() || trimmed_past {
+        // Nothing left at all, bookkeeping included: the session's history
+        // expired (HISTORY_TTL_SECS), it did not lose events.
+        let expired = head.ids.is_empty() && !first;
+        if !held.ids.is_empty() || trimmed_past || expired {
             return Ok(());
         }
         let mut call = self.mark_lost.key(self.keys.lost(session));

@@ -11,7 +11,8 @@ use crate::redis_client::CallError;
 use crate::sse;
 
 /// KEYS[1] history stream, KEYS[2] the id of the session's first event
-/// (a stream that still holds it was never trimmed);
+/// (a stream that still holds it was never trimmed), KEYS[3] the lost
+/// marker (its life follows the stream's, so it outlives no hole);
 /// ARGV: channel, node, type, data, maxlen, ttl secs, wanted id, held,
 /// and the command that sends on the channel: `PUBLISH`, or `SPUBLISH` in a
 /// cluster (where the channel shares the keys' slot).
@@ -33,6 +34,7 @@ end
 redis.call('EXPIRE', KEYS[1], ARGV[6])
 redis.call('SET', KEYS[2], id, 'NX')
 redis.call('EXPIRE', KEYS[2], ARGV[6])
+redis.call('EXPIRE', KEYS[3], ARGV[6])
 local held = ''
 if ARGV[8] == '1' then held = ',"held":true' end
 local env = '{"v":1,"node":' .. cjson.encode(ARGV[2]) .. ',"id":"' .. id ..
@@ -86,6 +88,7 @@ impl Inner {
     ) -> Result<EventId, CallError> {
         let mut call = self.script.key(self.keys.history(session));
         call.key(self.keys.first(session));
+        call.key(self.keys.lost(session));
         call.arg(self.keys.channel(session))
             .arg(&self.settings.node_id)
             .arg(event.event_type.as_str())

@@ -44,6 +44,10 @@ struct State {
     /// first, where the session's stream stood when it was subscribed).
     /// Exact: a message at or before it is a repeat.
     cursors: HashMap<SessionId, EventId>,
+    /// Sessions whose cursor is still such an estimate (no event delivered
+    /// since): not an id the stream ever held, so its absence from the
+    /// stream says nothing about lost events.
+    estimated: HashSet<SessionId>,
     /// Sessions wanted and not yet subscribed: an estimate of "when it was
     /// wanted", and whether the catch-up must start there — the connection
     /// was down, or the subscriber stopped waiting — rather than at the
@@ -183,6 +187,7 @@ impl Inner {
             st.wanted.remove(session);
             st.waiters.remove(session);
             st.floors.remove(session);
+            st.estimated.remove(session);
             st.sent.remove(session);
             st.dirty.insert(session.clone());
         }
@@ -288,7 +293,13 @@ impl Inner {
         };
         let read = match (cursor, floor) {
             (Some(from), _) => {
-                let read = match self.check_lost(session, from).await {
+                let estimated = self.interest.lock().estimated.contains(session);
+                let checked = if estimated {
+                    Ok(())
+                } else {
+                    self.check_lost(session, from).await
+                };
+                let read = match checked {
                     Ok(()) => self.catch_up(session, from).await,
                     Err(e) => Err(e),
                 };
@@ -298,7 +309,11 @@ impl Inner {
                 read
             }
             (None, Some(floor)) => {
-                self.interest.lock().cursors.insert(session.clone(), floor);
+                {
+                    let mut st = self.interest.lock();
+                    st.cursors.insert(session.clone(), floor);
+                    st.estimated.insert(session.clone());
+                }
                 self.catch_up(session, floor).await
             }
             (None, None) => {
@@ -467,6 +482,7 @@ impl Inner {
                 st.live.remove(&session);
                 if !st.wanted.contains_key(&session) {
                     st.cursors.remove(&session);
+                    st.estimated.remove(&session);
                 } else {
                     // Wanted again meanwhile: subscribe it on the next round.
                     st.dirty.insert(session);
@@ -547,6 +563,7 @@ impl Inner {
                 }
                 Some(cursor) => *cursor = frame.id,
             }
+            st.estimated.remove(session);
             if own {
                 if let Some(sent) = st.sent.get_mut(session) {
                     while sent.front().is_some_and(|f| f.id <= frame.id) {
