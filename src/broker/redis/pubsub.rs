@@ -1,7 +1,8 @@
 //! The subscriber's connection, over either kind of Pub/Sub: classic
 //! channels on one server (or the primary Sentinel names), or sharded
 //! channels in a cluster (`SSUBSCRIBE`, each session's channel on the node
-//! that owns its slot; the broadcast channel stays classic, which a cluster
+//! that owns its slot; the broadcast channel stays classic, on a connection
+//! of its own to any node, which a cluster
 //! forwards to every node). The subscriber sees the same three operations
 //! on both and never asks which it has.
 
@@ -33,6 +34,12 @@ pub(super) enum PubSubConn {
         conn: ClusterConnection,
         pushes: UnboundedReceiver<PushInfo>,
         broadcast: String,
+        /// The broadcast channel on a classic connection of its own: on the
+        /// cluster connection the client would subscribe it again after
+        /// every slot-map change, possibly on a second node, and each
+        /// announcement would then arrive twice.
+        classic_sink: PubSubSink,
+        classic: PubSubStream,
     },
 }
 
@@ -48,10 +55,18 @@ impl PubSubConn {
             .await
             .map_err(|_| "connect timed out".to_owned())?;
         if let Some(conn) = sharded {
+            let conn = conn.map_err(|e| e.to_string())?;
+            let classic = tokio::time::timeout(CONNECT_TIMEOUT * 3, redis.pubsub())
+                .await
+                .map_err(|_| "connect timed out".to_owned())?
+                .map_err(|e| e.to_string())?;
+            let (classic_sink, classic) = classic.split();
             return Ok(PubSubConn::Sharded {
-                conn: conn.map_err(|e| e.to_string())?,
+                conn,
                 pushes,
                 broadcast: broadcast.to_owned(),
+                classic_sink,
+                classic,
             });
         }
         let pubsub = tokio::time::timeout(CONNECT_TIMEOUT, redis.pubsub())
@@ -67,20 +82,21 @@ impl PubSubConn {
         match self {
             PubSubConn::Classic { sink, .. } => sink.subscribe(channels).await,
             PubSubConn::Sharded {
-                conn, broadcast, ..
+                conn,
+                broadcast,
+                classic_sink,
+                ..
             } => {
+                if channels.contains(broadcast) {
+                    classic_sink.subscribe(broadcast.as_str()).await?;
+                }
                 let jobs: Vec<_> = channels
                     .iter()
-                    .map(|channel| (conn.clone(), channel.clone(), channel == broadcast))
+                    .filter(|channel| *channel != broadcast)
+                    .map(|channel| (conn.clone(), channel.clone()))
                     .collect();
                 let results: Vec<RedisResult<()>> = futures::stream::iter(jobs)
-                    .map(|(mut conn, channel, classic)| async move {
-                        if classic {
-                            conn.subscribe(channel).await
-                        } else {
-                            conn.ssubscribe(channel).await
-                        }
-                    })
+                    .map(|(mut conn, channel)| async move { conn.ssubscribe(channel).await })
                     .buffer_unordered(PARALLEL_SUBSCRIBES)
                     .collect()
                     .await;
@@ -102,10 +118,15 @@ impl PubSubConn {
     pub(super) async fn next(&mut self) -> Option<Incoming> {
         match self {
             PubSubConn::Classic { stream, .. } => stream.next().await.map(Incoming::Message),
-            PubSubConn::Sharded { pushes, .. } => loop {
-                let push = pushes.recv().await?;
+            PubSubConn::Sharded {
+                pushes, classic, ..
+            } => loop {
+                let push = tokio::select! {
+                    msg = classic.next() => return msg.map(Incoming::Message),
+                    push = pushes.recv() => push?,
+                };
                 match push.kind {
-                    PushKind::Message | PushKind::SMessage => {
+                    PushKind::SMessage => {
                         if let Some(msg) = redis::Msg::from_push_info(push) {
                             return Some(Incoming::Message(msg));
                         }
