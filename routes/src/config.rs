@@ -380,8 +380,9 @@ impl Config {
             return Err(ConfigError::DrainLongerThanGrace);
         }
         if let Some(topology) = topology {
-            SharedRedis::with_topology(topology.clone())
-                .map_err(|e| ConfigError::RedisUrlInvalid(format!("{}: {e}", topology.variable())))?;
+            SharedRedis::with_topology(topology.clone()).map_err(|e| {
+                ConfigError::RedisUrlInvalid(format!("{}: {e}", topology.variable()))
+            })?;
         }
         if let Some(url) = &self.unleash_url {
             let parsed = url::Url::parse(url)
@@ -418,11 +419,12 @@ impl Config {
     /// The broadcaster to use: as configured, else `redis` when a Redis
     /// topology is set.
     pub fn adapter(&self) -> Adapter {
-        self.sse_adapter.unwrap_or(if self.redis_topology().is_some() {
-            Adapter::Redis
-        } else {
-            Adapter::Memory
-        })
+        self.sse_adapter
+            .unwrap_or(if self.redis_topology().is_some() {
+                Adapter::Redis
+            } else {
+                Adapter::Memory
+            })
     }
 
     pub fn heartbeat(&self) -> Duration {
@@ -496,8 +498,14 @@ impl std::fmt::Debug for Config {
             .field("max_event_bytes", &self.max_event_bytes)
             .field("sse_adapter", &self.sse_adapter)
             .field("redis_url", &self.redis_url.as_deref().map(redact_url))
-            .field("redis_cluster_nodes", &self.redis_cluster_nodes.as_deref().map(redact_url))
-            .field("redis_sentinel_nodes", &self.redis_sentinel_nodes.as_deref().map(redact_url))
+            .field(
+                "redis_cluster_nodes",
+                &self.redis_cluster_nodes.as_deref().map(redact_url),
+            )
+            .field(
+                "redis_sentinel_nodes",
+                &self.redis_sentinel_nodes.as_deref().map(redact_url),
+            )
             .field("redis_prefix", &self.redis_prefix)
             .field("ff_redis_sse_broadcast", &self.ff_redis_sse_broadcast)
             .field("history_maxlen", &self.history_maxlen)

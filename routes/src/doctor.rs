@@ -60,15 +60,30 @@ pub struct Check {
 
 impl Check {
     fn pass(name: &'static str, detail: String) -> Self {
-        Check { name, status: Status::Pass, detail, advice: None }
+        Check {
+            name,
+            status: Status::Pass,
+            detail,
+            advice: None,
+        }
     }
 
     fn fail(name: &'static str, detail: String, advice: &'static str) -> Self {
-        Check { name, status: Status::Fail, detail, advice: Some(advice) }
+        Check {
+            name,
+            status: Status::Fail,
+            detail,
+            advice: Some(advice),
+        }
     }
 
     fn skip(name: &'static str, detail: String) -> Self {
-        Check { name, status: Status::Skip, detail, advice: None }
+        Check {
+            name,
+            status: Status::Skip,
+            detail,
+            advice: None,
+        }
     }
 }
 
@@ -106,7 +121,10 @@ pub fn main(args: DoctorArgs) -> ExitCode {
     let checks = runtime.block_on(run(&args));
     let ok = checks.iter().all(|c| c.status != Status::Fail);
     if args.json {
-        println!("{}", json!({ "base_url": args.base_url, "ok": ok, "checks": checks }));
+        println!(
+            "{}",
+            json!({ "base_url": args.base_url, "ok": ok, "checks": checks })
+        );
     } else {
         for c in &checks {
             let status = match c.status {
@@ -222,8 +240,16 @@ async fn create_session(client: &reqwest::Client, base: &str) -> Result<Session,
     if res.status() != 201 {
         return Err(format!("POST /sessions answered {}", res.status()));
     }
-    let body: Value = res.json().await.map_err(|e| format!("POST /sessions: {e}"))?;
-    let field = |k: &str| body[k].as_str().map(str::to_owned).ok_or(format!("POST /sessions: no {k}"));
+    let body: Value = res
+        .json()
+        .await
+        .map_err(|e| format!("POST /sessions: {e}"))?;
+    let field = |k: &str| {
+        body[k]
+            .as_str()
+            .map(str::to_owned)
+            .ok_or(format!("POST /sessions: no {k}"))
+    };
     Ok(Session {
         id: field("id")?,
         token: field("token")?,
@@ -245,7 +271,10 @@ async fn open(
     last: Option<&str>,
 ) -> Result<(Option<String>, Stream), String> {
     let mut req = client
-        .get(format!("{base}/sessions/{}/events?token={}", s.id, s.stream_token))
+        .get(format!(
+            "{base}/sessions/{}/events?token={}",
+            s.id, s.stream_token
+        ))
         .header(ACCEPT_ENCODING, "gzip, deflate, br");
     if let Some(last) = last {
         req = req.header("last-event-id", last);
@@ -271,7 +300,12 @@ async fn open(
     ))
 }
 
-async fn publish(client: &reqwest::Client, base: &str, s: &Session, n: u64) -> Result<String, String> {
+async fn publish(
+    client: &reqwest::Client,
+    base: &str,
+    s: &Session,
+    n: u64,
+) -> Result<String, String> {
     let res = client
         .post(format!("{base}/sessions/{}/events", s.id))
         .bearer_auth(&s.token)
@@ -288,7 +322,11 @@ async fn publish(client: &reqwest::Client, base: &str, s: &Session, n: u64) -> R
 }
 
 /// Reads until the `doctor` event numbered `n`; its id and how long it took.
-async fn expect_event(stream: &mut Stream, n: u64, within: Duration) -> Result<(String, Duration), String> {
+async fn expect_event(
+    stream: &mut Stream,
+    n: u64,
+    within: Duration,
+) -> Result<(String, Duration), String> {
     let started = Instant::now();
     loop {
         let left = within.saturating_sub(started.elapsed());
@@ -299,7 +337,9 @@ async fn expect_event(stream: &mut Stream, n: u64, within: Duration) -> Result<(
                 return Err(format!("got reset instead of event {n}: {}", b.data))
             }
             Ok(Some(b)) if b.event.as_deref() == Some("doctor") => {
-                let got = serde_json::from_str::<Value>(&b.data).ok().and_then(|v| v["n"].as_u64());
+                let got = serde_json::from_str::<Value>(&b.data)
+                    .ok()
+                    .and_then(|v| v["n"].as_u64());
                 if got == Some(n) {
                     return Ok((b.id.unwrap_or_default(), started.elapsed()));
                 }
@@ -337,7 +377,10 @@ pub async fn run(args: &DoctorArgs) -> Vec<Check> {
             // Buffered so thoroughly that nothing of the stream arrives:
             // what needs the stream cannot be checked, the rest can.
             checks.push(Check::fail("unbuffered", e, UNBUFFERED));
-            checks.push(Check::skip("no_compression", "no stream headers to look at".into()));
+            checks.push(Check::skip(
+                "no_compression",
+                "no stream headers to look at".into(),
+            ));
             checks.push(followups_pinned(&client, base).await);
             checks.push(Check::skip("idle_timeout", "no stream to hold".into()));
             checks.push(Check::skip("resume", "no stream to resume".into()));
@@ -367,37 +410,64 @@ pub async fn run(args: &DoctorArgs) -> Vec<Check> {
     };
     let mut last_id = None;
     checks.push(match &first {
-        Ok((id, took)) if connected_after < Duration::from_secs(1) && *took < Duration::from_secs(1) => {
+        Ok((id, took))
+            if connected_after < Duration::from_secs(1) && *took < Duration::from_secs(1) =>
+        {
             last_id = Some(id.clone());
             Check::pass(
                 "unbuffered",
-                format!("connected after {} ms, an event {} ms after its publish", connected_after.as_millis(), took.as_millis()),
+                format!(
+                    "connected after {} ms, an event {} ms after its publish",
+                    connected_after.as_millis(),
+                    took.as_millis()
+                ),
             )
         }
         Ok((id, took)) => {
             last_id = Some(id.clone());
             Check::fail(
                 "unbuffered",
-                format!("connected after {} ms, an event {} ms after its publish (want < 1 s)", connected_after.as_millis(), took.as_millis()),
+                format!(
+                    "connected after {} ms, an event {} ms after its publish (want < 1 s)",
+                    connected_after.as_millis(),
+                    took.as_millis()
+                ),
                 UNBUFFERED,
             )
         }
         Err(e) => Check::fail("unbuffered", e.clone(), UNBUFFERED),
     });
     checks.push(match &encoding {
-        None => Check::pass("no_compression", "no Content-Encoding with Accept-Encoding: gzip, deflate, br".into()),
-        Some(enc) => Check::fail("no_compression", format!("Content-Encoding: {enc}"), COMPRESSION),
+        None => Check::pass(
+            "no_compression",
+            "no Content-Encoding with Accept-Encoding: gzip, deflate, br".into(),
+        ),
+        Some(enc) => Check::fail(
+            "no_compression",
+            format!("Content-Encoding: {enc}"),
+            COMPRESSION,
+        ),
     });
 
     // Affinity: follow-up requests reach the stream's instance, or events
     // cross instances anyway.
     let mut seen = Vec::new();
     for _ in 0..10 {
-        seen.push(instance_of(&client, base).await.unwrap_or_else(|| "?".into()));
+        seen.push(
+            instance_of(&client, base)
+                .await
+                .unwrap_or_else(|| "?".into()),
+        );
     }
     let pinned = holder.is_some() && seen.iter().all(|i| Some(i) == holder.as_ref());
     let affinity = if pinned {
-        Check::pass("affinity", format!("10 follow-up requests reached {}", holder.clone().unwrap_or_default()))
+        Check::pass(
+            "affinity",
+            format!(
+                "10 follow-up requests reached {}",
+                holder.clone().unwrap_or_default()
+            ),
+        )
     } else {
         // Not pinned: with Redis on, a publish that lands anywhere arrives.
         let stranger = browser();
@@ -416,7 +486,13 @@ pub async fn run(args: &DoctorArgs) -> Vec<Check> {
         distinct.sort();
         distinct.dedup();
         if crossed {
-            Check::pass("affinity", format!("not pinned (requests reached {}), but events cross instances", distinct.join(", ")))
+            Check::pass(
+                "affinity",
+                format!(
+                    "not pinned (requests reached {}), but events cross instances",
+                    distinct.join(", ")
+                ),
+            )
         } else {
             Check::fail(
                 "affinity",
@@ -444,10 +520,20 @@ pub async fn run(args: &DoctorArgs) -> Vec<Check> {
         }
     }
     checks.push(match closed_after {
-        None => Check::pass("idle_timeout", format!("an idle stream stayed open {} s ({heartbeats} heartbeats)", args.hold)),
+        None => Check::pass(
+            "idle_timeout",
+            format!(
+                "an idle stream stayed open {} s ({heartbeats} heartbeats)",
+                args.hold
+            ),
+        ),
         Some(after) => Check::fail(
             "idle_timeout",
-            format!("the stream closed after {:.1} s of {} s idle ({heartbeats} heartbeats)", after.as_secs_f64(), args.hold),
+            format!(
+                "the stream closed after {:.1} s of {} s idle ({heartbeats} heartbeats)",
+                after.as_secs_f64(),
+                args.hold
+            ),
             IDLE,
         ),
     });
@@ -464,7 +550,10 @@ pub async fn run(args: &DoctorArgs) -> Vec<Check> {
             }
             .await;
             match result {
-                Ok(_) => Check::pass("resume", format!("a reconnect with Last-Event-ID {last} got the event it missed")),
+                Ok(_) => Check::pass(
+                    "resume",
+                    format!("a reconnect with Last-Event-ID {last} got the event it missed"),
+                ),
                 Err(e) => Check::fail("resume", e, RESUME),
             }
         }
@@ -479,20 +568,40 @@ pub async fn run(args: &DoctorArgs) -> Vec<Check> {
 async fn followups_pinned(client: &reqwest::Client, base: &str) -> Check {
     let mut seen = BTreeSet::new();
     for _ in 0..10 {
-        seen.insert(instance_of(client, base).await.unwrap_or_else(|| "?".into()));
+        seen.insert(
+            instance_of(client, base)
+                .await
+                .unwrap_or_else(|| "?".into()),
+        );
     }
     let list: Vec<String> = seen.into_iter().collect();
     if list.len() == 1 {
-        Check::pass("affinity", format!("10 follow-up requests reached {} (the stream itself could not be checked)", list[0]))
+        Check::pass(
+            "affinity",
+            format!(
+                "10 follow-up requests reached {} (the stream itself could not be checked)",
+                list[0]
+            ),
+        )
     } else {
-        Check::fail("affinity", format!("follow-up requests of one browser reached {}", list.join(", ")), AFFINITY)
+        Check::fail(
+            "affinity",
+            format!(
+                "follow-up requests of one browser reached {}",
+                list.join(", ")
+            ),
+            AFFINITY,
+        )
     }
 }
 
 /// Asks `/stats` through the balancer until several instances answered.
 async fn flag_agreement(base: &str, token: Option<&str>) -> Check {
     let Some(token) = token else {
-        return Check::skip("flag_agreement", "no ADMIN_TOKEN (--admin-token) to read /stats with".into());
+        return Check::skip(
+            "flag_agreement",
+            "no ADMIN_TOKEN (--admin-token) to read /stats with".into(),
+        );
     };
     let mut by_instance = BTreeMap::new();
     for _ in 0..12 {
@@ -504,13 +613,27 @@ async fn flag_agreement(base: &str, token: Option<&str>) -> Check {
             .await;
         let res = match res {
             Ok(r) if r.status() == 200 => r,
-            Ok(r) => return Check::fail("flag_agreement", format!("/stats answered {}", r.status()), FLAGS),
+            Ok(r) => {
+                return Check::fail(
+                    "flag_agreement",
+                    format!("/stats answered {}", r.status()),
+                    FLAGS,
+                )
+            }
             Err(e) => return Check::fail("flag_agreement", format!("/stats: {e}"), FLAGS),
         };
-        let Ok(stats) = res.json::<Value>().await else { continue };
+        let Ok(stats) = res.json::<Value>().await else {
+            continue;
+        };
         let instance = stats["instance_id"].as_str().unwrap_or("?").to_owned();
         let flag = &stats["flag"]["state"];
-        by_instance.insert(instance, (flag["enabled"].as_bool().unwrap_or(false), flag["source"].as_str().unwrap_or("?").to_owned()));
+        by_instance.insert(
+            instance,
+            (
+                flag["enabled"].as_bool().unwrap_or(false),
+                flag["source"].as_str().unwrap_or("?").to_owned(),
+            ),
+        );
     }
     let values: BTreeSet<bool> = by_instance.values().map(|(on, _)| *on).collect();
     let shown: Vec<String> = by_instance
@@ -518,7 +641,14 @@ async fn flag_agreement(base: &str, token: Option<&str>) -> Check {
         .map(|(i, (on, source))| format!("{i}={} ({source})", if *on { "on" } else { "off" }))
         .collect();
     if values.len() <= 1 {
-        Check::pass("flag_agreement", format!("{} instance(s) agree: {}", by_instance.len(), shown.join(", ")))
+        Check::pass(
+            "flag_agreement",
+            format!(
+                "{} instance(s) agree: {}",
+                by_instance.len(),
+                shown.join(", ")
+            ),
+        )
     } else {
         Check::fail("flag_agreement", shown.join(", "), FLAGS)
     }

@@ -31,7 +31,10 @@ pub async fn healthz(
     let stats = state.broadcaster.stats();
     let mut reasons = Vec::new();
     if state.scale.redis().is_some_and(|r| !r.is_healthy()) {
-        reasons.push("redis_unreachable: publishes are delivered on this instance and wait in the outbox".to_owned());
+        reasons.push(
+            "redis_unreachable: publishes are delivered on this instance and wait in the outbox"
+                .to_owned(),
+        );
     }
     if let Some(redis) = &stats.redis {
         if redis["subscriber_connected"] != json!(true) {

@@ -89,7 +89,10 @@ impl Collector for StateCollector {
         let redis = b.redis.clone().unwrap_or(Value::Null);
 
         {
-            let topology = redis.get("topology").and_then(Value::as_str).unwrap_or("none");
+            let topology = redis
+                .get("topology")
+                .and_then(Value::as_str)
+                .unwrap_or("none");
             let mut m = e.encode_descriptor(
                 "sse_instance",
                 "This instance: its id, broadcaster mode and Redis topology (always 1)",
@@ -102,16 +105,61 @@ impl Collector for StateCollector {
                 ("topology", topology),
             ])?)?;
         }
-        gauge(&mut e, "sse_open_streams", "Streams open now", s.open_streams.load(Ordering::Relaxed) as i64)?;
-        gauge(&mut e, "sse_max_streams", "MAX_STREAMS", s.max_streams as i64)?;
-        gauge(&mut e, "sse_sessions_with_subscribers", "Sessions with a stream here", b.sessions as i64)?;
-        gauge(&mut e, "sse_subscribers", "Live subscriptions here", b.subscribers as i64)?;
-        gauge(&mut e, "sse_draining", "1 while the instance drains", i64::from(s.is_draining()))?;
-        gauge(&mut e, "sse_pipeline_runs", "Pipeline runs executing here", s.runs.len() as i64)?;
-        gauge(&mut e, "sse_history_sessions", "Sessions with in-process history", b.history_sessions as i64)?;
-        gauge(&mut e, "sse_history_bytes", "Bytes of in-process history", b.history_bytes as i64)?;
+        gauge(
+            &mut e,
+            "sse_open_streams",
+            "Streams open now",
+            s.open_streams.load(Ordering::Relaxed) as i64,
+        )?;
+        gauge(
+            &mut e,
+            "sse_max_streams",
+            "MAX_STREAMS",
+            s.max_streams as i64,
+        )?;
+        gauge(
+            &mut e,
+            "sse_sessions_with_subscribers",
+            "Sessions with a stream here",
+            b.sessions as i64,
+        )?;
+        gauge(
+            &mut e,
+            "sse_subscribers",
+            "Live subscriptions here",
+            b.subscribers as i64,
+        )?;
+        gauge(
+            &mut e,
+            "sse_draining",
+            "1 while the instance drains",
+            i64::from(s.is_draining()),
+        )?;
+        gauge(
+            &mut e,
+            "sse_pipeline_runs",
+            "Pipeline runs executing here",
+            s.runs.len() as i64,
+        )?;
+        gauge(
+            &mut e,
+            "sse_history_sessions",
+            "Sessions with in-process history",
+            b.history_sessions as i64,
+        )?;
+        gauge(
+            &mut e,
+            "sse_history_bytes",
+            "Bytes of in-process history",
+            b.history_bytes as i64,
+        )?;
 
-        counter(&mut e, "sse_stream_opens", "Streams opened", load(&s.stream_opens))?;
+        counter(
+            &mut e,
+            "sse_stream_opens",
+            "Streams opened",
+            load(&s.stream_opens),
+        )?;
         let ends = &s.stream_ends;
         let stalled = load(&s.stalled_writes_cut);
         counters(
@@ -130,10 +178,30 @@ impl Collector for StateCollector {
                 ("refused", load(&s.streams_refused)),
             ],
         )?;
-        counter(&mut e, "sse_heads_refused", "Connections closed at once (MAX_PENDING_HEADS)", load(&s.heads_refused))?;
-        counter(&mut e, "sse_resumes", "Streams resumed from history with Last-Event-ID", load(&s.resumes))?;
-        counter(&mut e, "sse_resets", "Resumes answered with reset", load(&s.resets))?;
-        counter(&mut e, "sse_order_resets", "Late events answered with reset instead of out of order", b.order_resets)?;
+        counter(
+            &mut e,
+            "sse_heads_refused",
+            "Connections closed at once (MAX_PENDING_HEADS)",
+            load(&s.heads_refused),
+        )?;
+        counter(
+            &mut e,
+            "sse_resumes",
+            "Streams resumed from history with Last-Event-ID",
+            load(&s.resumes),
+        )?;
+        counter(
+            &mut e,
+            "sse_resets",
+            "Resumes answered with reset",
+            load(&s.resets),
+        )?;
+        counter(
+            &mut e,
+            "sse_order_resets",
+            "Late events answered with reset instead of out of order",
+            b.order_resets,
+        )?;
 
         let redis_path = num(&redis, "published_redis");
         let outbox = num(&redis, "fallback_local");
@@ -148,7 +216,12 @@ impl Collector for StateCollector {
                 ("outbox", outbox),
             ],
         )?;
-        counter(&mut e, "sse_deliveries", "Events handed to subscriptions here, one per subscriber", b.deliveries)?;
+        counter(
+            &mut e,
+            "sse_deliveries",
+            "Events handed to subscriptions here, one per subscriber",
+            b.deliveries,
+        )?;
         counters(
             &mut e,
             "sse_rate_limited",
@@ -183,33 +256,102 @@ impl Collector for StateCollector {
             "sse_flag_evaluations",
             "Flag evaluations of publishes that had a Redis path, by value",
             "value",
-            &[("on", b.flag_evaluations[0]), ("off", b.flag_evaluations[1])],
+            &[
+                ("on", b.flag_evaluations[0]),
+                ("off", b.flag_evaluations[1]),
+            ],
         )?;
 
         if b.redis.is_some() {
-            gauge(&mut e, "sse_redis_subscriber_connected", "1 while the subscriber connection is up", i64::from(redis.get("subscriber_connected") == Some(&Value::Bool(true))))?;
-            gauge(&mut e, "sse_redis_subscribed_channels", "Session channels subscribed", num(&redis, "subscribed_channels") as i64)?;
-            gauge(&mut e, "sse_redis_outbox_len", "Events waiting for Redis", num(&redis, "outbox_len") as i64)?;
+            gauge(
+                &mut e,
+                "sse_redis_subscriber_connected",
+                "1 while the subscriber connection is up",
+                i64::from(redis.get("subscriber_connected") == Some(&Value::Bool(true))),
+            )?;
+            gauge(
+                &mut e,
+                "sse_redis_subscribed_channels",
+                "Session channels subscribed",
+                num(&redis, "subscribed_channels") as i64,
+            )?;
+            gauge(
+                &mut e,
+                "sse_redis_outbox_len",
+                "Events waiting for Redis",
+                num(&redis, "outbox_len") as i64,
+            )?;
             counters(
                 &mut e,
                 "sse_redis_received",
                 "Events delivered here from the subscriber connection, by publisher",
                 "origin",
-                &[("other", num(&redis, "received")), ("own", num(&redis, "own_received"))],
+                &[
+                    ("other", num(&redis, "received")),
+                    ("own", num(&redis, "own_received")),
+                ],
             )?;
             for (name, key, help) in [
-                ("sse_redis_messages_in", "messages_in", "Messages on the subscriber connection"),
-                ("sse_redis_bytes_in", "bytes_in", "Channel and payload bytes of those messages"),
-                ("sse_redis_subscriber_connects", "subscriber_connects", "Times the subscriber connection was (re-)established"),
-                ("sse_redis_outbox_flushed", "outbox_flushed", "Outbox events published once Redis was back"),
-                ("sse_redis_outbox_reassigned", "outbox_reassigned", "Outbox events published under a new id"),
-                ("sse_redis_outbox_dropped", "outbox_dropped", "Events dropped because the outbox was full"),
-                ("sse_redis_caught_up", "caught_up", "Events read from history after a reconnect"),
-                ("sse_redis_duplicates_dropped", "duplicates_dropped", "Messages received twice and dropped"),
-                ("sse_redis_malformed_dropped", "malformed_dropped", "Messages or entries that did not parse"),
-                ("sse_redis_foreign_version_dropped", "foreign_version_dropped", "Messages of another protocol version"),
-                ("sse_redis_resubscribes", "resubscribes", "Channels Redis moved and that were subscribed again"),
-                ("sse_redis_history_lost", "history_lost", "Sessions whose stream lost delivered events (failover)"),
+                (
+                    "sse_redis_messages_in",
+                    "messages_in",
+                    "Messages on the subscriber connection",
+                ),
+                (
+                    "sse_redis_bytes_in",
+                    "bytes_in",
+                    "Channel and payload bytes of those messages",
+                ),
+                (
+                    "sse_redis_subscriber_connects",
+                    "subscriber_connects",
+                    "Times the subscriber connection was (re-)established",
+                ),
+                (
+                    "sse_redis_outbox_flushed",
+                    "outbox_flushed",
+                    "Outbox events published once Redis was back",
+                ),
+                (
+                    "sse_redis_outbox_reassigned",
+                    "outbox_reassigned",
+                    "Outbox events published under a new id",
+                ),
+                (
+                    "sse_redis_outbox_dropped",
+                    "outbox_dropped",
+                    "Events dropped because the outbox was full",
+                ),
+                (
+                    "sse_redis_caught_up",
+                    "caught_up",
+                    "Events read from history after a reconnect",
+                ),
+                (
+                    "sse_redis_duplicates_dropped",
+                    "duplicates_dropped",
+                    "Messages received twice and dropped",
+                ),
+                (
+                    "sse_redis_malformed_dropped",
+                    "malformed_dropped",
+                    "Messages or entries that did not parse",
+                ),
+                (
+                    "sse_redis_foreign_version_dropped",
+                    "foreign_version_dropped",
+                    "Messages of another protocol version",
+                ),
+                (
+                    "sse_redis_resubscribes",
+                    "resubscribes",
+                    "Channels Redis moved and that were subscribed again",
+                ),
+                (
+                    "sse_redis_history_lost",
+                    "history_lost",
+                    "Sessions whose stream lost delivered events (failover)",
+                ),
             ] {
                 counter(&mut e, name, help, num(&redis, key))?;
             }

@@ -10,9 +10,21 @@ use axum::Router;
 
 /// (path, content type, body) of every embedded file.
 const FILES: &[(&str, &str, &str)] = &[
-    ("/", "text/html; charset=utf-8", include_str!("../static/index.html")),
-    ("/app.js", "text/javascript; charset=utf-8", include_str!("../static/app.js")),
-    ("/style.css", "text/css; charset=utf-8", include_str!("../static/style.css")),
+    (
+        "/",
+        "text/html; charset=utf-8",
+        include_str!("../static/index.html"),
+    ),
+    (
+        "/app.js",
+        "text/javascript; charset=utf-8",
+        include_str!("../static/app.js"),
+    ),
+    (
+        "/style.css",
+        "text/css; charset=utf-8",
+        include_str!("../static/style.css"),
+    ),
     (
         "/sse-scale.js",
         "text/javascript; charset=utf-8",
@@ -22,20 +34,22 @@ const FILES: &[(&str, &str, &str)] = &[
 
 /// The page's routes, to merge into the application's router.
 pub fn routes<S: Clone + Send + Sync + 'static>() -> Router<S> {
-    FILES.iter().fold(Router::new(), |router, (path, kind, body)| {
-        router.route(
-            path,
-            get(move || async move {
-                (
-                    [
-                        (CONTENT_TYPE, *kind),
-                        // A deploy changes the files; a browser asks again.
-                        (CACHE_CONTROL, "no-cache"),
-                    ],
-                    *body,
-                )
-                    .into_response()
-            }),
-        )
-    })
+    FILES
+        .iter()
+        .fold(Router::new(), |router, (path, kind, body)| {
+            router.route(
+                path,
+                get(move || async move {
+                    (
+                        [
+                            (CONTENT_TYPE, *kind),
+                            // A deploy changes the files; a browser asks again.
+                            (CACHE_CONTROL, "no-cache"),
+                        ],
+                        *body,
+                    )
+                        .into_response()
+                }),
+            )
+        })
 }

@@ -9,8 +9,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use sse_scale::flags::FlagSource;
-use sse_scale::stream::StreamEnd;
 use sse_scale::ratelimit::{Decision, Limit, RateLimiter};
+use sse_scale::stream::StreamEnd;
 use sse_scale::{Broadcaster, ControlBus, OutgoingEvent, SessionId, SseScale, TokenSigner};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -259,14 +259,20 @@ impl AppState {
     /// The per-session limit of the publishing routes.
     pub async fn limit_publish(&self, session: &SessionId) -> Result<(), AppError> {
         let key = format!("publish:{session}");
-        limited(self.limiter.check(&key, self.publish_limit).await, &self.rate_limited.publish)
+        limited(
+            self.limiter.check(&key, self.publish_limit).await,
+            &self.rate_limited.publish,
+        )
     }
 
     /// The per-client-IP limit on creating sessions: without it, creating
     /// sessions would turn every per-session limit into none.
     pub async fn limit_session_create(&self, ip: IpAddr) -> Result<(), AppError> {
         let key = format!("sessions:{ip}");
-        limited(self.limiter.check(&key, self.session_limit).await, &self.rate_limited.sessions)
+        limited(
+            self.limiter.check(&key, self.session_limit).await,
+            &self.rate_limited.sessions,
+        )
     }
 
     /// Waits until the session's publish budget has room: background work
@@ -284,7 +290,10 @@ impl AppState {
     /// The per-client-IP limit on opening streams.
     pub async fn limit_stream_open(&self, ip: IpAddr) -> Result<(), AppError> {
         let key = format!("streams:{ip}");
-        limited(self.limiter.check(&key, self.stream_limit).await, &self.rate_limited.streams)
+        limited(
+            self.limiter.check(&key, self.stream_limit).await,
+            &self.rate_limited.streams,
+        )
     }
 }
 
