@@ -95,25 +95,43 @@ fn every_shell_block_of_the_runbooks_is_walked() {
     }
     // The runbooks do hold commands; an empty list would mean the markers
     // were lost, not that everything is walked.
-    assert!(all.len() >= 15, "only {} walked blocks found: {all:?}", all.len());
+    assert!(
+        all.len() >= 15,
+        "only {} walked blocks found: {all:?}",
+        all.len()
+    );
 }
 
 #[test]
 fn haproxy_run_and_drain_commands_work_as_written() {
     let ran = walk("haproxy", &[]);
-    assert_eq!(ran, ["haproxy-check", "haproxy-start", "haproxy-drain", "haproxy-ready"]);
+    assert_eq!(
+        ran,
+        [
+            "haproxy-check",
+            "haproxy-start",
+            "haproxy-drain",
+            "haproxy-ready"
+        ]
+    );
 }
 
 #[test]
 fn nginx_run_and_drain_commands_work_as_written() {
     let ran = walk("nginx", &[]);
-    assert_eq!(ran, ["nginx-check", "nginx-start", "nginx-drain", "nginx-ready"]);
+    assert_eq!(
+        ran,
+        ["nginx-check", "nginx-start", "nginx-drain", "nginx-ready"]
+    );
 }
 
 #[test]
 fn caddy_run_and_drain_commands_work_as_written() {
     let ran = walk("caddy", &[]);
-    assert_eq!(ran, ["caddy-check", "caddy-start", "caddy-drain", "caddy-ready"]);
+    assert_eq!(
+        ran,
+        ["caddy-check", "caddy-start", "caddy-drain", "caddy-ready"]
+    );
 }
 
 #[test]
@@ -142,5 +160,13 @@ async fn flag_rollout_and_rollback_work_as_written_against_unleash() {
     })
     .await
     .expect("the walk");
-    assert_eq!(ran, ["flags-env", "flags-rollout", "flags-inspect", "flags-rollback"]);
+    assert_eq!(
+        ran,
+        [
+            "flags-env",
+            "flags-rollout",
+            "flags-inspect",
+            "flags-rollback"
+        ]
+    );
 }

@@ -43,14 +43,22 @@ async fn scrape(server: &Server) -> String {
         .await
         .unwrap();
     assert_eq!(res.status(), 200);
-    assert!(res.headers()["content-type"].to_str().unwrap().starts_with("text/plain"));
+    assert!(res.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/plain"));
     res.text().await.unwrap()
 }
 
 /// The value of one sample line (`name{labels} value`) of a scrape.
 fn sample(text: &str, series: &str) -> Option<f64> {
-    text.lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok())
+    text.lines().find_map(|l| {
+        l.strip_prefix(series)?
+            .strip_prefix(' ')?
+            .trim()
+            .parse()
+            .ok()
+    })
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -68,20 +76,42 @@ async fn metrics_need_the_admin_token_and_follow_what_happens() {
         sse.next_event(T).await.unwrap();
     }
     let text = scrape(&a).await;
-    assert_eq!(sample(&text, "sse_events_published_total{path=\"redis\"}"), Some(5.0), "{text}");
+    assert_eq!(
+        sample(&text, "sse_events_published_total{path=\"redis\"}"),
+        Some(5.0),
+        "{text}"
+    );
     assert_eq!(sample(&text, "sse_deliveries_total"), Some(5.0), "{text}");
     assert_eq!(sample(&text, "sse_open_streams"), Some(1.0), "{text}");
-    assert_eq!(sample(&text, "sse_redis_subscriber_connected"), Some(1.0), "{text}");
-    assert_eq!(sample(&text, "sse_flag_enabled{source=\"env\"}"), Some(1.0), "{text}");
-    assert_eq!(sample(&text, "sse_publish_to_write_seconds_count"), Some(5.0), "{text}");
-    assert!(sample(&text, "sse_redis_round_trip_seconds_count").unwrap() >= 5.0, "{text}");
+    assert_eq!(
+        sample(&text, "sse_redis_subscriber_connected"),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(
+        sample(&text, "sse_flag_enabled{source=\"env\"}"),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(
+        sample(&text, "sse_publish_to_write_seconds_count"),
+        Some(5.0),
+        "{text}"
+    );
+    assert!(
+        sample(&text, "sse_redis_round_trip_seconds_count").unwrap() >= 5.0,
+        "{text}"
+    );
     assert!(
         !text.contains(&session),
         "a session id reached a label: labels must stay bounded"
     );
     drop(sse);
     let closed = eventually(T, || async {
-        sample(&scrape(&a).await, "sse_stream_closes_total{reason=\"client_gone\"}") == Some(1.0)
+        sample(
+            &scrape(&a).await,
+            "sse_stream_closes_total{reason=\"client_gone\"}",
+        ) == Some(1.0)
     })
     .await;
     assert!(closed, "{}", scrape(&a).await);
@@ -95,7 +125,12 @@ async fn metrics_need_the_admin_token_and_follow_what_happens() {
         .spawn()
         .unwrap();
     use std::io::Write as _;
-    check.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+    check
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
     let out = check.wait_with_output().unwrap();
     assert!(
         out.status.success(),
@@ -106,7 +141,9 @@ async fn metrics_need_the_admin_token_and_follow_what_happens() {
 }
 
 fn require(name: &str) -> String {
-    balancer::require_binary(name).to_string_lossy().into_owned()
+    balancer::require_binary(name)
+        .to_string_lossy()
+        .into_owned()
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -127,8 +164,14 @@ async fn a_real_prometheus_scrapes_two_instances_and_sees_counters_move() {
     )
     .unwrap();
     let mut prometheus = Command::new(require("prometheus"))
-        .arg(format!("--config.file={}", dir.join("prometheus.yml").display()))
-        .arg(format!("--storage.tsdb.path={}", dir.join("data").display()))
+        .arg(format!(
+            "--config.file={}",
+            dir.join("prometheus.yml").display()
+        ))
+        .arg(format!(
+            "--storage.tsdb.path={}",
+            dir.join("data").display()
+        ))
         .arg(format!("--web.listen-address=127.0.0.1:{port}"))
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -138,9 +181,17 @@ async fn a_real_prometheus_scrapes_two_instances_and_sees_counters_move() {
     let query = |q: &'static str| {
         let api = api.clone();
         async move {
-            let res = client().get(&api).query(&[("query", q)]).send().await.ok()?;
+            let res = client()
+                .get(&api)
+                .query(&[("query", q)])
+                .send()
+                .await
+                .ok()?;
             let body: Value = res.json().await.ok()?;
-            body["data"]["result"][0]["value"][1].as_str()?.parse::<f64>().ok()
+            body["data"]["result"][0]["value"][1]
+                .as_str()?
+                .parse::<f64>()
+                .ok()
         }
     };
     let up = eventually(Duration::from_secs(30), || async {
@@ -148,10 +199,19 @@ async fn a_real_prometheus_scrapes_two_instances_and_sees_counters_move() {
     })
     .await;
     assert!(up, "Prometheus did not scrape both instances");
-    let before = query("sum(sse_events_published_total)").await.unwrap_or(0.0);
+    let before = query("sum(sse_events_published_total)")
+        .await
+        .unwrap_or(0.0);
     let (session, token) = new_session(&a).await;
     for i in 0..7 {
-        publish(if i % 2 == 0 { &a } else { &b }, &session, &token, "n", json!(i)).await;
+        publish(
+            if i % 2 == 0 { &a } else { &b },
+            &session,
+            &token,
+            "n",
+            json!(i),
+        )
+        .await;
     }
     let moved = eventually(Duration::from_secs(20), || async {
         query("sum(sse_events_published_total)").await == Some(before + 7.0)
@@ -159,7 +219,10 @@ async fn a_real_prometheus_scrapes_two_instances_and_sees_counters_move() {
     .await;
     let _ = prometheus.kill();
     let _ = prometheus.wait();
-    assert!(moved, "sse_events_published_total did not move by 7 in Prometheus");
+    assert!(
+        moved,
+        "sse_events_published_total did not move by 7 in Prometheus"
+    );
 }
 
 fn tempdir(name: &str) -> PathBuf {
@@ -187,7 +250,8 @@ fn metric_names(text: &str) -> BTreeSet<String> {
     let mut i = 0;
     while let Some(pos) = text[i..].find("sse_") {
         let start = i + pos;
-        let boundary = start == 0 || !(bytes[start - 1].is_ascii_alphanumeric() || bytes[start - 1] == b'_');
+        let boundary =
+            start == 0 || !(bytes[start - 1].is_ascii_alphanumeric() || bytes[start - 1] == b'_');
         let end = text[start..]
             .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
             .map_or(text.len(), |e| start + e);
@@ -208,7 +272,11 @@ async fn the_alert_rules_and_the_dashboard_use_only_metrics_the_server_exposes()
         .arg(&rules)
         .output()
         .unwrap();
-    assert!(out.status.success(), "promtool check rules: {}", String::from_utf8_lossy(&out.stdout));
+    assert!(
+        out.status.success(),
+        "promtool check rules: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
     let redis = RedisServer::start();
     let a = redis_instance(&redis, "a");
     let exposed: BTreeSet<String> = scrape(&a)
@@ -218,9 +286,10 @@ async fn the_alert_rules_and_the_dashboard_use_only_metrics_the_server_exposes()
         .filter_map(|l| l.split_whitespace().next())
         .map(str::to_owned)
         .collect();
-    let dashboard: Value =
-        serde_json::from_str(&std::fs::read_to_string(repo().join("docs/ops/grafana-dashboard.json")).unwrap())
-            .expect("the dashboard is JSON");
+    let dashboard: Value = serde_json::from_str(
+        &std::fs::read_to_string(repo().join("docs/ops/grafana-dashboard.json")).unwrap(),
+    )
+    .expect("the dashboard is JSON");
     let mut exprs = String::new();
     for panel in dashboard["panels"].as_array().unwrap() {
         for target in panel["targets"].as_array().into_iter().flatten() {
@@ -266,15 +335,25 @@ async fn json_logs_are_one_object_per_line_without_tokens() {
     let mut lines = Vec::new();
     let deadline = Instant::now() + T;
     let addr = loop {
-        let line = rx.recv_timeout(deadline - Instant::now()).expect("a listening line");
-        let parsed: Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        let line = rx
+            .recv_timeout(deadline - Instant::now())
+            .expect("a listening line");
+        let parsed: Value =
+            serde_json::from_str(&line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
         lines.push(line);
         if let Some(addr) = parsed["fields"]["addr"].as_str() {
             break addr.to_owned();
         }
     };
     let http = client();
-    let created: Value = http.post(format!("http://{addr}/sessions")).send().await.unwrap().json().await.unwrap();
+    let created: Value = http
+        .post(format!("http://{addr}/sessions"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     let token = created["stream_token"].as_str().unwrap().to_owned();
     let id = created["id"].as_str().unwrap();
     let res = http
@@ -296,7 +375,9 @@ async fn json_logs_are_one_object_per_line_without_tokens() {
         assert!(!line.contains(&token), "a token reached the log: {line}");
     }
     assert!(
-        lines.iter().any(|l| l.contains("/sessions/") && l.contains("events")),
+        lines
+            .iter()
+            .any(|l| l.contains("/sessions/") && l.contains("events")),
         "the request span is logged (with its path): {lines:?}"
     );
 }
@@ -325,8 +406,15 @@ async fn a_redis_outage_keeps_the_instance_ready_and_says_degraded() {
     let (_, body) = health("/healthz?verbose").await;
     assert!(degraded, "{body}");
     let reasons = body["reasons"].to_string();
-    assert!(reasons.contains("redis_unreachable") && reasons.contains("subscriber_disconnected"), "{body}");
-    assert_eq!(health("/readyz").await.0, 200, "a Redis outage must not take the instance out of the pool");
+    assert!(
+        reasons.contains("redis_unreachable") && reasons.contains("subscriber_disconnected"),
+        "{body}"
+    );
+    assert_eq!(
+        health("/readyz").await.0,
+        200,
+        "a Redis outage must not take the instance out of the pool"
+    );
     assert_eq!(health("/healthz").await, (200, json!({ "status": "ok" })));
 }
 
@@ -345,7 +433,11 @@ fn fleet(heartbeat: &str) -> Vec<Server> {
 }
 
 fn apps(fleet: &[Server]) -> [&str; 3] {
-    [fleet[0].addr.as_str(), fleet[1].addr.as_str(), fleet[2].addr.as_str()]
+    [
+        fleet[0].addr.as_str(),
+        fleet[1].addr.as_str(),
+        fleet[2].addr.as_str(),
+    ]
 }
 
 /// Runs `sse-scale doctor --json` against the balancer; (exit code,
@@ -353,13 +445,25 @@ fn apps(fleet: &[Server]) -> [&str; 3] {
 async fn doctor(lb: &Balancer, hold: u64) -> (i32, Vec<(String, String, String)>) {
     let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_sse-scale"))
         .env_clear()
-        .args(["doctor", "--json", "--hold", &hold.to_string(), "--admin-token", ADMIN])
+        .args([
+            "doctor",
+            "--json",
+            "--hold",
+            &hold.to_string(),
+            "--admin-token",
+            ADMIN,
+        ])
         .arg(format!("http://{}", lb.addr))
         .output()
         .await
         .unwrap();
-    let report: Value = serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|e| panic!("doctor --json ({e}): {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)));
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "doctor --json ({e}): {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
     let checks = report["checks"]
         .as_array()
         .unwrap()
@@ -387,19 +491,41 @@ fn advice_of<'a>(checks: &'a [(String, String, String)], name: &str) -> &'a str 
     &checks.iter().find(|c| c.0 == name).unwrap().2
 }
 
-const CHECKS: [&str; 6] = ["unbuffered", "no_compression", "affinity", "idle_timeout", "resume", "flag_agreement"];
+const CHECKS: [&str; 6] = [
+    "unbuffered",
+    "no_compression",
+    "affinity",
+    "idle_timeout",
+    "resume",
+    "flag_agreement",
+];
 
 #[tokio::test(flavor = "multi_thread")]
 async fn doctor_passes_every_check_behind_each_shipped_sticky_config() {
     let servers = fleet("1");
     for lb in [
-        Balancer::haproxy("haproxy/haproxy.cfg", &apps(&servers), &[("LB_STREAM_TIMEOUT", "2s")]).await,
+        Balancer::haproxy(
+            "haproxy/haproxy.cfg",
+            &apps(&servers),
+            &[("LB_STREAM_TIMEOUT", "2s")],
+        )
+        .await,
         Balancer::nginx("nginx/cookie-map.conf.template", &apps(&servers)).await,
-        Balancer::caddy("caddy/Caddyfile", &apps(&servers), &[("LB_COOKIE_SECRET", "0123456789abcdef0123456789abcdef")]).await,
+        Balancer::caddy(
+            "caddy/Caddyfile",
+            &apps(&servers),
+            &[("LB_COOKIE_SECRET", "0123456789abcdef0123456789abcdef")],
+        )
+        .await,
     ] {
         let (code, checks) = doctor(&lb, 3).await;
         for name in CHECKS {
-            assert_eq!(status_of(&checks, name), "pass", "{:?}: {checks:?}", lb.kind);
+            assert_eq!(
+                status_of(&checks, name),
+                "pass",
+                "{:?}: {checks:?}",
+                lb.kind
+            );
         }
         assert_eq!(code, 0, "{:?}: {checks:?}", lb.kind);
     }
@@ -410,7 +536,8 @@ async fn doctor_fails_exactly_the_broken_setting_with_advice() {
     // nginx that buffers: the shipped file with buffering on and the app's
     // X-Accel-Buffering ignored.
     let servers = fleet("1");
-    let shipped = std::fs::read_to_string(repo().join("lb-config/nginx/cookie-map.conf.template")).unwrap();
+    let shipped =
+        std::fs::read_to_string(repo().join("lb-config/nginx/cookie-map.conf.template")).unwrap();
     assert!(shipped.contains("proxy_buffering off;"));
     let broken = shipped.replace(
         "proxy_buffering off;",
@@ -423,26 +550,55 @@ async fn doctor_fails_exactly_the_broken_setting_with_advice() {
     let (code, checks) = doctor(&lb, 2).await;
     assert_eq!(code, 1, "{checks:?}");
     assert_eq!(status_of(&checks, "unbuffered"), "fail", "{checks:?}");
-    assert!(advice_of(&checks, "unbuffered").contains("proxy_buffering off"), "{checks:?}");
+    assert!(
+        advice_of(&checks, "unbuffered").contains("proxy_buffering off"),
+        "{checks:?}"
+    );
     for name in ["affinity", "flag_agreement"] {
-        assert_eq!(status_of(&checks, name), "pass", "nginx buffering, {name}: {checks:?}");
+        assert_eq!(
+            status_of(&checks, name),
+            "pass",
+            "nginx buffering, {name}: {checks:?}"
+        );
     }
     // Nothing of the stream arrives, so what needs it is skipped, not failed.
     for name in ["no_compression", "idle_timeout", "resume"] {
-        assert_eq!(status_of(&checks, name), "skip", "nginx buffering, {name}: {checks:?}");
+        assert_eq!(
+            status_of(&checks, name),
+            "skip",
+            "nginx buffering, {name}: {checks:?}"
+        );
     }
     drop(lb);
     drop(servers);
 
     // HAProxy cutting idle streams after 2 s, heartbeats every 15 s.
     let servers = fleet("15");
-    let lb = Balancer::haproxy("haproxy/haproxy.cfg", &apps(&servers), &[("LB_STREAM_TIMEOUT", "2s")]).await;
+    let lb = Balancer::haproxy(
+        "haproxy/haproxy.cfg",
+        &apps(&servers),
+        &[("LB_STREAM_TIMEOUT", "2s")],
+    )
+    .await;
     let (code, checks) = doctor(&lb, 5).await;
     assert_eq!(code, 1, "{checks:?}");
     assert_eq!(status_of(&checks, "idle_timeout"), "fail", "{checks:?}");
-    assert!(advice_of(&checks, "idle_timeout").contains("SSE_HEARTBEAT_SECS"), "{checks:?}");
-    for name in ["unbuffered", "no_compression", "affinity", "resume", "flag_agreement"] {
-        assert_eq!(status_of(&checks, name), "pass", "HAProxy 2 s idle, {name}: {checks:?}");
+    assert!(
+        advice_of(&checks, "idle_timeout").contains("SSE_HEARTBEAT_SECS"),
+        "{checks:?}"
+    );
+    for name in [
+        "unbuffered",
+        "no_compression",
+        "affinity",
+        "resume",
+        "flag_agreement",
+    ] {
+        assert_eq!(
+            status_of(&checks, name),
+            "pass",
+            "HAProxy 2 s idle, {name}: {checks:?}"
+        );
     }
     drop(lb);
 
@@ -451,8 +607,15 @@ async fn doctor_fails_exactly_the_broken_setting_with_advice() {
     let (code, checks) = doctor(&lb, 1).await;
     assert_eq!(code, 1, "{checks:?}");
     assert_eq!(status_of(&checks, "affinity"), "fail", "{checks:?}");
-    assert!(advice_of(&checks, "affinity").contains("lb-config/haproxy/haproxy.cfg"), "{checks:?}");
+    assert!(
+        advice_of(&checks, "affinity").contains("lb-config/haproxy/haproxy.cfg"),
+        "{checks:?}"
+    );
     for name in ["no_compression", "idle_timeout", "flag_agreement"] {
-        assert_eq!(status_of(&checks, name), "pass", "round robin, {name}: {checks:?}");
+        assert_eq!(
+            status_of(&checks, name),
+            "pass",
+            "round robin, {name}: {checks:?}"
+        );
     }
 }

@@ -823,7 +823,9 @@ async fn a_stream_that_lost_delivered_events_resets_resumes_from_before_them() {
         .unwrap();
     assert_eq!(deleted, 3);
     let _: i64 = redis::cmd("CLIENT")
-        .arg("KILL").arg("TYPE").arg("pubsub")
+        .arg("KILL")
+        .arg("TYPE")
+        .arg("pubsub")
         .query(&mut conn)
         .unwrap();
     let ok = eventually(T, || async {

@@ -60,7 +60,10 @@ fn channel(session: &str) -> String {
 
 /// Sessions created on `server` until every primary owns at least one;
 /// returns (id, token, owner port), one per primary.
-async fn one_session_per_primary(cluster: &RedisCluster, server: &Server) -> Vec<(String, String, u16)> {
+async fn one_session_per_primary(
+    cluster: &RedisCluster,
+    server: &Server,
+) -> Vec<(String, String, u16)> {
     let primaries: BTreeSet<u16> = cluster.primaries().into_iter().collect();
     assert_eq!(primaries.len(), 3, "three primaries");
     let mut found = Vec::new();
@@ -83,12 +86,23 @@ async fn subscribed(server: &Server, channels: u64) {
         server.stats().await["redis"]["subscribed_channels"].as_u64() >= Some(channels)
     })
     .await;
-    assert!(ok, "{} never subscribed {channels}: {}", server.addr, server.stats().await);
+    assert!(
+        ok,
+        "{} never subscribed {channels}: {}",
+        server.addr,
+        server.stats().await
+    );
 }
 
 /// Opens a stream with `Last-Event-ID` and reads until `n` numbered events
 /// or a reset arrived.
-async fn resume(server: &Server, session: &str, token: &str, last: &str, n: usize) -> (Vec<u64>, bool) {
+async fn resume(
+    server: &Server,
+    session: &str,
+    token: &str,
+    last: &str,
+    n: usize,
+) -> (Vec<u64>, bool) {
     let res = client()
         .get(server.url(&format!("/sessions/{session}/events?token={token}")))
         .header("last-event-id", last)
@@ -99,7 +113,9 @@ async fn resume(server: &Server, session: &str, token: &str, last: &str, n: usiz
     let mut sse = SseClient::from_response(res);
     let mut numbers = Vec::new();
     while numbers.len() < n {
-        let Some(ev) = sse.next_event(T).await else { break };
+        let Some(ev) = sse.next_event(T).await else {
+            break;
+        };
         match ev.event.as_deref() {
             Some("reset") => return (numbers, true),
             Some("n") => numbers.push(ev.json().as_u64().unwrap()),
@@ -111,19 +127,33 @@ async fn resume(server: &Server, session: &str, token: &str, last: &str, n: usiz
 
 /// A client that was at event `k` (its id in `seen`) resumes on `server`:
 /// it must get `k+1..=n` exactly once and in order, or a reset.
-async fn assert_resume_exact_or_reset(server: &Server, session: &str, token: &str, seen: &Seen, k: usize, n: u64) {
+async fn assert_resume_exact_or_reset(
+    server: &Server,
+    session: &str,
+    token: &str,
+    seen: &Seen,
+    k: usize,
+    n: u64,
+) {
     let last = &seen.ids[k - 1];
     assert_eq!(seen.numbers[k - 1], k as u64);
     let want: Vec<u64> = (k as u64 + 1..=n).collect();
     let (got, reset) = resume(server, session, token, last, want.len()).await;
-    eprintln!("resume from event {k} of {n}: {}", if reset { "reset" } else { "exact replay" });
+    eprintln!(
+        "resume from event {k} of {n}: {}",
+        if reset { "reset" } else { "exact replay" }
+    );
     if reset {
         assert!(
             got.is_empty(),
             "a reset must come before any replayed event: {got:?}"
         );
     } else {
-        assert_eq!(got, want, "resume from event {k} ({last}) on {}", server.addr);
+        assert_eq!(
+            got, want,
+            "resume from event {k} ({last}) on {}",
+            server.addr
+        );
     }
 }
 
@@ -154,7 +184,11 @@ async fn sessions_on_every_primary_cross_instances_exactly_once_and_in_order() {
             assert_eq!(ev.event.as_deref(), Some("n"), "{ev:?}");
             got.push(ev.json().as_u64().unwrap());
         }
-        assert_eq!(got, (1..=20).collect::<Vec<u64>>(), "session {id} on primary {owner}");
+        assert_eq!(
+            got,
+            (1..=20).collect::<Vec<u64>>(),
+            "session {id} on primary {owner}"
+        );
         sse.expect_silence(Duration::from_millis(300)).await;
     }
     // Each session's channel is subscribed once, by the instance holding
@@ -163,13 +197,19 @@ async fn sessions_on_every_primary_cross_instances_exactly_once_and_in_order() {
         for node in cluster.primaries() {
             let count = cluster.shard_numsub(node, &[channel(id)])[0].1;
             let expected = i64::from(node == *owner);
-            assert_eq!(count, expected, "SHARDNUMSUB of {id} on node {node} (owner {owner})");
+            assert_eq!(
+                count, expected,
+                "SHARDNUMSUB of {id} on node {node} (owner {owner})"
+            );
         }
     }
     let (sa, sb) = (a.stats().await, b.stats().await);
     assert_eq!(sa["redis"]["topology"], "cluster", "{sa}");
     assert_eq!(sa["redis"]["subscribed_channels"], 3, "{sa}");
-    assert_eq!(sb["redis"]["subscribed_channels"], 0, "b holds no stream: {sb}");
+    assert_eq!(
+        sb["redis"]["subscribed_channels"], 0,
+        "b holds no stream: {sb}"
+    );
     assert_eq!(sa["redis"]["received"], 60, "{sa}");
 }
 
@@ -201,13 +241,22 @@ async fn announcements_gates_and_rate_limits_work_on_a_cluster() {
     assert_eq!(ev.event.as_deref(), Some("notice"), "{ev:?}");
 
     // A pipeline runs on a; its gate is answered through b (control bus).
-    let res = post(&a, &token, &format!("/sessions/{id}/pipeline"), json!({ "gate": true, "step_ms": 10, "sections_per_stage": 1 })).await;
+    let res = post(
+        &a,
+        &token,
+        &format!("/sessions/{id}/pipeline"),
+        json!({ "gate": true, "step_ms": 10, "sections_per_stage": 1 }),
+    )
+    .await;
     assert_eq!(res.status(), 202);
     let run: Value = res.json().await.unwrap();
     let run_id = run["run_id"].as_str().unwrap().to_owned();
     let gate = format!("/sessions/{id}/pipeline/{run_id}/gate");
     let ok = eventually(T, || async {
-        post(&b, &token, &gate, json!({ "approve": true })).await.status() == 202
+        post(&b, &token, &gate, json!({ "approve": true }))
+            .await
+            .status()
+            == 202
     })
     .await;
     assert!(ok, "the gate answer through b was never relayed to a");
@@ -217,7 +266,15 @@ async fn announcements_gates_and_rate_limits_work_on_a_cluster() {
     // is in the same window.
     let mut codes = Vec::new();
     for _ in 0..6 {
-        codes.push(client().post(b.url("/sessions")).send().await.unwrap().status().as_u16());
+        codes.push(
+            client()
+                .post(b.url("/sessions"))
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16(),
+        );
     }
     assert_eq!(codes, [201, 201, 201, 201, 429, 429], "{codes:?}");
     assert_eq!(b.stats().await["rate_limit_fallback_checks"], 0);
@@ -259,9 +316,20 @@ async fn a_primary_killed_under_traffic_loses_nothing_silently() {
     for (r, n) in readers.into_iter().zip(&counts) {
         seen.push(r.finish(*n as usize).await);
     }
-    assert_exactly_once("the stream of the session on the killed primary", &seen[0], counts[0]);
-    assert_exactly_once("the stream of a session on another primary", &seen[1], counts[1]);
-    assert_eq!(cluster.owner_of_slot(cluster.slot_of(&channel(&doomed.0))), promoted);
+    assert_exactly_once(
+        "the stream of the session on the killed primary",
+        &seen[0],
+        counts[0],
+    );
+    assert_exactly_once(
+        "the stream of a session on another primary",
+        &seen[1],
+        counts[1],
+    );
+    assert_eq!(
+        cluster.owner_of_slot(cluster.slot_of(&channel(&doomed.0))),
+        promoted
+    );
     // A client that was at event 30 (before the kill) resumes on b.
     for ((id, token, _), (s, n)) in [doomed, other].iter().zip(seen.iter().zip(&counts)) {
         assert_resume_exact_or_reset(&b, id, token, s, 30, *n).await;
@@ -302,7 +370,10 @@ async fn a_slot_moved_under_traffic_keeps_delivering() {
         a.stats().await
     );
     let stats = a.stats().await;
-    assert!(stats["redis"]["resubscribes"].as_u64() >= Some(1), "{stats}");
+    assert!(
+        stats["redis"]["resubscribes"].as_u64() >= Some(1),
+        "{stats}"
+    );
     let n = publisher.finish().await;
     let seen = reader.finish(n as usize).await;
     assert_exactly_once("the stream of the moved session", &seen, n);
@@ -339,11 +410,20 @@ async fn a_sentinel_failover_under_traffic_loses_nothing_silently() {
 fn two_redis_topologies_at_once_stop_the_server_with_exit_code_2() {
     for (env, names) in [
         (
-            vec![("REDIS_URL", "redis://127.0.0.1:1"), ("REDIS_CLUSTER_NODES", "redis://127.0.0.1:2")],
+            vec![
+                ("REDIS_URL", "redis://127.0.0.1:1"),
+                ("REDIS_CLUSTER_NODES", "redis://127.0.0.1:2"),
+            ],
             "REDIS_CLUSTER_NODES",
         ),
-        (vec![("REDIS_SENTINEL_NODES", "redis://127.0.0.1:3")], "REDIS_SENTINEL_MASTER"),
-        (vec![("REDIS_CLUSTER_NODES", "redis://127.0.0.1:2,http://x")], "REDIS_CLUSTER_NODES"),
+        (
+            vec![("REDIS_SENTINEL_NODES", "redis://127.0.0.1:3")],
+            "REDIS_SENTINEL_MASTER",
+        ),
+        (
+            vec![("REDIS_CLUSTER_NODES", "redis://127.0.0.1:2,http://x")],
+            "REDIS_CLUSTER_NODES",
+        ),
     ] {
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_sse-scale"))
             .env_clear()
@@ -353,6 +433,9 @@ fn two_redis_topologies_at_once_stop_the_server_with_exit_code_2() {
             .unwrap();
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{env:?}: {stderr}");
-        assert!(stderr.contains(names), "{env:?} must name {names}: {stderr}");
+        assert!(
+            stderr.contains(names),
+            "{env:?} must name {names}: {stderr}"
+        );
     }
 }

@@ -243,4 +243,3 @@ pub fn assert_exactly_once(who: &str, seen: &Seen, n: u64) {
         );
     }
 }
-
