@@ -645,3 +645,90 @@ async fn the_session_creation_limit_holds_across_instances() {
         "counted in Redis"
     );
 }
+
+/// Reads from `conn` until `needle` has arrived; returns all that was read.
+async fn read_until(conn: &mut TcpStream, needle: &str) -> String {
+    let mut got = String::new();
+    let mut buf = [0u8; 4096];
+    let deadline = tokio::time::Instant::now() + T;
+    while !got.contains(needle) {
+        let n = tokio::time::timeout_at(deadline, conn.read(&mut buf))
+            .await
+            .unwrap_or_else(|_| panic!("{needle:?} in time, got {got:?}"))
+            .unwrap();
+        assert!(n > 0, "closed before {needle:?}: {got:?}");
+        got.push_str(&String::from_utf8_lossy(&buf[..n]));
+    }
+    got
+}
+
+// Fails before the change: a stream opened as a later request of a
+// kept-alive connection stayed with hyper for its whole life (chunked
+// encoding, and hyper's per-connection buffers, ~20 KB per idle stream);
+// now the connection is taken back from hyper and the stream is written
+// like a first-request stream (close-delimited), while the responses
+// before it keep the connection alive.
+#[tokio::test]
+async fn a_stream_on_a_kept_alive_connection_is_taken_from_hyper() {
+    let server = Server::start(&[]);
+    let (id, token) = new_session(&server).await;
+    let stream_head = format!(
+        "GET /sessions/{id}/events?token={token} HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\n\r\n"
+    );
+
+    // One request, its whole response, then the stream.
+    let mut conn = connect(&server).await;
+    conn.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    assert_eq!(read_response(&mut conn).await.0, 200);
+    conn.write_all(stream_head.as_bytes()).await.unwrap();
+    let got = read_until(&mut conn, "event: connected").await;
+    assert!(got.starts_with("HTTP/1.1 200 OK\r\n"), "{got}");
+    assert!(got.contains("connection: close\r\n"), "{got}");
+    assert!(!got.contains("transfer-encoding"), "{got}");
+
+    // Pipelined: a publish with a body and the stream in one write; the
+    // publish is answered with the connection kept open, then the stream
+    // follows on the same connection.
+    let mut piped = connect(&server).await;
+    let body = r#"{"text":"before the stream"}"#;
+    let publish = format!(
+        "POST /sessions/{id}/messages HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    piped
+        .write_all(format!("{publish}{stream_head}").as_bytes())
+        .await
+        .unwrap();
+    let got = read_until(&mut piped, "event: connected").await;
+    let (first, rest) = got.split_once("\r\n\r\n").unwrap();
+    assert!(first.starts_with("HTTP/1.1 202"), "{got}");
+    assert!(
+        !first.to_ascii_lowercase().contains("connection: close"),
+        "{got}"
+    );
+    let stream = &rest[rest.find("HTTP/1.1 ").expect("the stream's response")..];
+    assert!(stream.starts_with("HTTP/1.1 200 OK\r\n"), "{got}");
+    assert!(stream.contains("connection: close\r\n"), "{got}");
+
+    // Both streams get what is published next, and count as open.
+    let ok = eventually(T, || async { server.stats().await["open_streams"] == 2 }).await;
+    assert!(ok, "{}", server.stats().await);
+    let res = post(
+        &server,
+        &token,
+        &format!("/sessions/{id}/messages"),
+        json!({ "text": "to both" }),
+    )
+    .await;
+    assert_eq!(res.status(), 202);
+    read_until(&mut conn, "to both").await;
+    read_until(&mut piped, "to both").await;
+
+    // A client that closes its end ends the stream.
+    drop(conn);
+    drop(piped);
+    let ok = eventually(T, || async { server.stats().await["open_streams"] == 0 }).await;
+    assert!(ok, "{}", server.stats().await);
+}

@@ -14,8 +14,15 @@
 //! written here: the head, then each frame straight from its shared bytes,
 //! until the stream ends or the client goes away. The response is
 //! close-delimited (`Connection: close`), which every HTTP/1 client and
-//! proxy reads. Everything else, including streams opened later on a
-//! keep-alive connection, is hyper's.
+//! proxy reads. Everything else is hyper's — until a later request of a
+//! kept-alive HTTP/1 connection opens a stream (a balancer that reuses its
+//! upstream connections sends streams that way): the bytes hyper reads pass
+//! through [`Boundaries`], which finds each request head before hyper sees
+//! it. A stream head is held back, hyper is told to finish (it is between
+//! requests, so it just stops, with no `Connection: close` on the responses
+//! it already sent), and the connection, taken back from hyper with its
+//! buffers freed, is written by the same loop as a first-request stream.
+//! HTTP/2 connections stay with hyper for their whole life.
 //!
 //! **Slow or idle clients.** The first head is read (not peeked) against
 //! one deadline for the whole head, waiting on socket readiness; the bytes
@@ -25,11 +32,13 @@
 //! every later request head must also arrive within the deadline, which
 //! also closes a keep-alive connection left idle that long.
 
+use std::convert::Infallible;
+use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::AtomicU64;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::task::Poll;
 use std::time::Duration;
 
@@ -52,6 +61,8 @@ use sse_scale::stall::{PeerAddr, StallGuard};
 
 /// Longest request head the stream path parses; bigger heads go to hyper.
 const MAX_HEAD: usize = 8192;
+/// How an HTTP/2 prior-knowledge (h2c) connection starts.
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0";
 /// Largest non-stream response the stream path buffers (its error bodies).
 const MAX_ERROR_BODY: usize = 64 * 1024;
 
@@ -94,6 +105,10 @@ pub async fn serve(
         .keep_alive_interval(Some(limits.head_timeout))
         .keep_alive_timeout(limits.head_timeout);
     let builder = Arc::new(builder);
+    let mut h1 = hyper::server::conn::http1::Builder::new();
+    h1.timer(TokioTimer::new())
+        .header_read_timeout(limits.head_timeout);
+    let h1 = Arc::new(h1);
     let pending = Arc::new(Semaphore::new(limits.max_pending_heads));
     loop {
         let (tcp, peer) = tokio::select! {
@@ -132,6 +147,7 @@ pub async fn serve(
             stalled: limits.stalled.clone(),
         };
         let builder = builder.clone();
+        let h1 = h1.clone();
         let watcher = graceful.watcher();
         let stop = shutdown.clone();
         conns.spawn(async move {
@@ -141,9 +157,15 @@ pub async fn serve(
             let sniffed = Box::pin(conn.sniff(&mut tcp, &stop)).await;
             drop(waiting);
             match sniffed {
-                Sniff::Stream(req) => conn.serve_stream(tcp, *req).await,
-                Sniff::Other(read) => {
+                Sniff::Stream(req) => conn.serve_stream(conn.guard(tcp), *req).await,
+                Sniff::Other(read) if read.starts_with(H2_PREFACE) => {
                     Box::pin(conn.serve_hyper(tcp, read, &builder, watcher)).await
+                }
+                Sniff::Other(read) => {
+                    let taken = Box::pin(conn.serve_http1(tcp, read, &h1, &stop)).await;
+                    if let Some((io, req)) = taken {
+                        conn.serve_stream(io, *req).await;
+                    }
                 }
                 Sniff::Gone => {}
             }
@@ -230,9 +252,60 @@ impl Conn {
         }
     }
 
+    /// Serves an HTTP/1 connection with hyper until it ends, or until a
+    /// later request on it opens a stream: then the connection and that
+    /// request are returned, for the stream writer.
+    async fn serve_http1(
+        &self,
+        tcp: TcpStream,
+        read: bytes::Bytes,
+        builder: &hyper::server::conn::http1::Builder,
+        stop: &CancellationToken,
+    ) -> Option<(StallGuard, Box<Request<Body>>)> {
+        let handoff = Arc::new(Handoff::default());
+        let io = Boundaries {
+            pending: read.to_vec(),
+            framing: Framing::Head,
+            held: false,
+            peer: self.peer,
+            io: self.guard(tcp),
+            handoff: handoff.clone(),
+        };
+        let svc = Service {
+            app: self.app.clone(),
+            peer: self.peer,
+            handoff: handoff.clone(),
+        };
+        let mut conn = builder.serve_connection(TokioIo::new(io), svc);
+        let mut stopping = std::pin::pin!(stop.cancelled());
+        let mut finishing = false;
+        let served = std::future::poll_fn(|cx| {
+            handoff.waker.register(cx.waker());
+            if !finishing && (stopping.as_mut().poll(cx).is_ready() || handoff.ready()) {
+                // Between requests (a stream head is held, nothing is in
+                // flight) hyper closes at once; in a response, after it.
+                Pin::new(&mut conn).graceful_shutdown();
+                finishing = true;
+            }
+            conn.poll_without_shutdown(cx)
+        })
+        .await;
+        if let Err(e) = &served {
+            tracing::debug!(error = %e, "connection ended with an error");
+        }
+        let mut io = conn.into_parts().io.into_inner().io;
+        let held = handoff.stream.lock().expect("handoff lock").take();
+        match held {
+            Some(req) if served.is_ok() && !stop.is_cancelled() => Some((io, req)),
+            _ => {
+                let _ = io.shutdown().await;
+                None
+            }
+        }
+    }
+
     /// Runs a stream request through the router and writes the response.
-    async fn serve_stream(&self, tcp: TcpStream, req: Request<Body>) {
-        let mut io = self.guard(tcp);
+    async fn serve_stream(&self, mut io: StallGuard, req: Request<Body>) {
         let Ok(res) = Box::pin(self.app.clone().oneshot(req)).await;
         let (head, streaming, body) = response_head(res);
         let written = if streaming {
@@ -303,6 +376,293 @@ fn stream_request(parsed: &httparse::Request<'_, '_>, peer: SocketAddr) -> Optio
     *req.headers_mut() = headers;
     req.extensions_mut().insert(ConnectInfo(PeerAddr(peer)));
     Some(req)
+}
+
+/// What a kept-alive HTTP/1 connection's service, its I/O and its task
+/// share, to take a stream request away from hyper.
+#[derive(Default)]
+struct Handoff {
+    /// Requests given to the router whose response body hyper still holds.
+    in_flight: AtomicUsize,
+    /// A stream request held back from hyper.
+    stream: Mutex<Option<Box<Request<Body>>>>,
+    /// The connection task, woken when the stream can be taken.
+    waker: futures::task::AtomicWaker,
+}
+
+impl Handoff {
+    /// A stream is held and hyper has no request left to finish.
+    fn ready(&self) -> bool {
+        self.in_flight.load(Ordering::Acquire) == 0
+            && self.stream.lock().expect("handoff lock").is_some()
+    }
+}
+
+/// Decrements the in-flight count when hyper drops a response body.
+struct InFlight(Arc<Handoff>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+        self.0.waker.wake();
+    }
+}
+
+/// A response body that counts as in flight until hyper drops it.
+struct Tracked {
+    body: Body,
+    _in_flight: InFlight,
+}
+
+impl http_body::Body for Tracked {
+    type Data = bytes::Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
+/// The router as a hyper service for [`Conn::serve_http1`] (its future is
+/// boxed, so the connection can be polled without being consumed).
+struct Service {
+    app: Router,
+    peer: SocketAddr,
+    handoff: Arc<Handoff>,
+}
+
+type Responding = Pin<Box<dyn Future<Output = Result<Response<Body>, Infallible>> + Send>>;
+
+impl hyper::service::Service<Request<hyper::body::Incoming>> for Service {
+    type Response = Response<Body>;
+    type Error = Infallible;
+    type Future = Responding;
+
+    fn call(&self, mut req: Request<hyper::body::Incoming>) -> Self::Future {
+        req.extensions_mut()
+            .insert(ConnectInfo(PeerAddr(self.peer)));
+        self.handoff.in_flight.fetch_add(1, Ordering::AcqRel);
+        let in_flight = InFlight(self.handoff.clone());
+        let app = self.app.clone();
+        Box::pin(async move {
+            let Ok(res) = app.oneshot(req.map(Body::new)).await;
+            Ok(res.map(|body| {
+                Body::new(Tracked {
+                    body,
+                    _in_flight: in_flight,
+                })
+            }))
+        })
+    }
+}
+
+/// Where the bytes hyper reads stand, in HTTP/1 request terms.
+#[derive(Debug, Clone, Copy)]
+enum Framing {
+    /// The next request head: collected here before hyper gets any of it.
+    Head,
+    /// This many more bytes (a head and its `Content-Length` body) go to
+    /// hyper as they are.
+    Through(usize),
+    /// Past what is tracked (a chunked body, an upgrade, a head too big or
+    /// not HTTP/1): everything goes straight to hyper from here on, and no
+    /// stream is taken from this connection.
+    Opaque,
+}
+
+/// The I/O hyper serves a kept-alive HTTP/1 connection over: it reads each
+/// request head whole before handing it on, and holds back one that opens
+/// a stream (see the module docs).
+struct Boundaries {
+    /// Bytes read from the socket that hyper has not been given yet.
+    pending: Vec<u8>,
+    framing: Framing,
+    /// A stream head was held: hyper reads nothing more.
+    held: bool,
+    peer: SocketAddr,
+    io: StallGuard,
+    handoff: Arc<Handoff>,
+}
+
+/// What a complete request head at the front of a connection's bytes is.
+enum Boundary {
+    /// Not complete yet.
+    Partial,
+    /// An event stream (no body).
+    Stream(Box<Request<Body>>),
+    /// Anything else: its head and `Content-Length` body, in bytes.
+    Request(usize),
+    /// Not trackable: chunked, an upgrade, too big, not HTTP/1.
+    Opaque,
+}
+
+fn boundary(bytes: &[u8], peer: SocketAddr) -> Boundary {
+    let mut headers = [httparse::EMPTY_HEADER; 64];
+    let mut parsed = httparse::Request::new(&mut headers);
+    let head = match parsed.parse(bytes) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) if bytes.len() < MAX_HEAD => return Boundary::Partial,
+        Ok(httparse::Status::Partial) | Err(_) => return Boundary::Opaque,
+    };
+    if let Some(req) = stream_request(&parsed, peer) {
+        return Boundary::Stream(Box::new(req));
+    }
+    let mut body = 0usize;
+    for h in parsed.headers.iter() {
+        if h.name.eq_ignore_ascii_case("transfer-encoding")
+            || h.name.eq_ignore_ascii_case("upgrade")
+        {
+            return Boundary::Opaque;
+        }
+        if h.name.eq_ignore_ascii_case("content-length") {
+            match std::str::from_utf8(h.value)
+                .ok()
+                .and_then(|v| v.trim().parse().ok())
+            {
+                Some(n) => body = n,
+                // hyper answers a bad length; nothing after it is tracked.
+                None => return Boundary::Opaque,
+            }
+        }
+    }
+    Boundary::Request(head.saturating_add(body))
+}
+
+impl Boundaries {
+    /// Reads more of the socket into `pending`; `Ok(0)` at its end.
+    fn fill(&mut self, cx: &mut std::task::Context<'_>) -> Poll<io::Result<usize>> {
+        let mut chunk = [0u8; 4096];
+        let mut buf = ReadBuf::new(&mut chunk);
+        std::task::ready!(Pin::new(&mut self.io).poll_read(cx, &mut buf))?;
+        self.pending.extend_from_slice(buf.filled());
+        Poll::Ready(Ok(buf.filled().len()))
+    }
+
+    /// Hands up to `limit` pending bytes to hyper.
+    fn give(&mut self, buf: &mut ReadBuf<'_>, limit: usize) -> usize {
+        let n = self.pending.len().min(buf.remaining()).min(limit);
+        buf.put_slice(&self.pending[..n]);
+        self.pending.drain(..n);
+        n
+    }
+}
+
+impl AsyncRead for Boundaries {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        loop {
+            if this.held {
+                // The connection task takes the connection from here.
+                return Poll::Pending;
+            }
+            match this.framing {
+                Framing::Opaque if this.pending.is_empty() => {
+                    return Pin::new(&mut this.io).poll_read(cx, buf);
+                }
+                Framing::Opaque => {
+                    this.give(buf, usize::MAX);
+                    return Poll::Ready(Ok(()));
+                }
+                Framing::Through(left) if !this.pending.is_empty() => {
+                    let n = this.give(buf, left);
+                    this.framing = if n == left {
+                        Framing::Head
+                    } else {
+                        Framing::Through(left - n)
+                    };
+                    return Poll::Ready(Ok(()));
+                }
+                Framing::Through(_) => {
+                    if std::task::ready!(this.fill(cx))? == 0 {
+                        return Poll::Ready(Ok(()));
+                    }
+                }
+                Framing::Head => {
+                    if !this.pending.is_empty() {
+                        match boundary(&this.pending, this.peer) {
+                            Boundary::Stream(req) => {
+                                // Anything after a stream head is ignored,
+                                // as on a first-request stream.
+                                this.pending = Vec::new();
+                                this.held = true;
+                                *this.handoff.stream.lock().expect("handoff lock") = Some(req);
+                                this.handoff.waker.wake();
+                                continue;
+                            }
+                            Boundary::Request(len) => {
+                                this.framing = Framing::Through(len);
+                                continue;
+                            }
+                            Boundary::Opaque => {
+                                this.framing = Framing::Opaque;
+                                continue;
+                            }
+                            Boundary::Partial => {}
+                        }
+                    }
+                    if std::task::ready!(this.fill(cx))? == 0 {
+                        // The client's end: what is left (a partial head)
+                        // is hyper's to answer or drop.
+                        this.framing = Framing::Opaque;
+                        if this.pending.is_empty() {
+                            return Poll::Ready(Ok(()));
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl AsyncWrite for Boundaries {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
 }
 
 /// A connection whose first bytes were already read: hyper reads them
