@@ -170,7 +170,16 @@ ip link set lo up
 for a in 11 12 13 20; do ip addr add "10.0.0.$a/32" dev lo; done
 printf '127.0.0.1 localhost\n::1 localhost\n10.0.0.20 unleash\n' >"$work/hosts"
 mount --bind "$work/hosts" /etc/hosts
-mount -t tmpfs tmpfs /tmp
+# A private /tmp, unless the checkout or the binary lives there (a clone in
+# /tmp): then the walk uses the machine's /tmp and removes what the
+# documents' commands put there.
+leftover=
+case "$repo:$bin" in
+/tmp/* | *:/tmp/*)
+    [ -e /tmp/sse-nginx ] || leftover=/tmp/sse-nginx
+    ;;
+*) mount -t tmpfs tmpfs /tmp ;;
+esac
 mount -t tmpfs tmpfs /run
 # The installed binary, as the documents call it.
 mkdir -p "$work/bin"
@@ -184,6 +193,7 @@ pids=()
 cleanup_inside() {
     local status=$?
     set +e
+    [ -z "$leftover" ] || rm -rf "$leftover"
     for n in 1 2 3; do
         [ -f "$work/app$n.pid" ] && kill -KILL "$(cat "$work/app$n.pid")" 2>/dev/null
     done
