@@ -228,6 +228,27 @@ async fn announcements_gates_and_rate_limits_work_on_a_cluster() {
     let mut sse = SseClient::open(&a, &id, &token).await;
     sse.expect_connected().await;
     subscribed(&a, 1).await;
+    // b's client connects to the cluster in the background; until it has,
+    // its publishes are delivered locally and held (an announcement would
+    // stay on b). Wait until one went through Redis.
+    let mut n = 0;
+    let through = eventually(T, || {
+        n += 1;
+        let (b, id, token) = (&b, id.clone(), token.clone());
+        async move {
+            publish(b, &id, &token, "warmup", json!(n)).await;
+            b.stats().await["redis"]["published_redis"].as_u64() >= Some(1)
+        }
+    })
+    .await;
+    assert!(
+        through,
+        "b never published through Redis: {}",
+        b.stats().await
+    );
+    // The warm-up events (some held and flushed from b's outbox).
+    let ok = eventually(T, || async { b.stats().await["redis"]["outbox_len"] == 0 }).await;
+    assert!(ok, "{}", b.stats().await);
     // An announcement published on b reaches the stream on a.
     let res = client()
         .post(b.url("/announcements"))
@@ -237,7 +258,12 @@ async fn announcements_gates_and_rate_limits_work_on_a_cluster() {
         .await
         .unwrap();
     assert_eq!(res.status(), 202, "{:?}", res.text().await);
-    let ev = sse.next_event(T).await.expect("announcement");
+    let ev = loop {
+        let ev = sse.next_event(T).await.expect("announcement");
+        if ev.event.as_deref() != Some("warmup") {
+            break ev;
+        }
+    };
     assert_eq!(ev.event.as_deref(), Some("notice"), "{ev:?}");
 
     // A pipeline runs on a; its gate is answered through b (control bus).

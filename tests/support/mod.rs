@@ -249,10 +249,13 @@ impl SseClient {
         }
     }
 
-    /// The next event, skipping comments and bare retry blocks.
+    /// The next event, skipping comments and bare retry blocks; `within`
+    /// bounds the whole wait, heartbeats included.
     pub async fn next_event(&mut self, within: Duration) -> Option<SseEvent> {
+        let deadline = tokio::time::Instant::now() + within;
         loop {
-            let block = self.next_block(within).await?;
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let block = self.next_block(left).await?;
             if block.event.is_some() || block.data.is_some() {
                 return Some(block);
             }
