@@ -218,11 +218,17 @@ impl IntoResponse for SseResponse {
                 HeaderValue::from_static("no"),
             ),
         ];
+        // A writer that sends the body's bytes to the socket as they are
+        // (the reference server's stream writer) may take this and let
+        // deliveries write into the socket directly; any other ignores it.
+        let direct = self.body.direct_writer();
         let body = Held {
             body: self.body,
             _guards: self.guards,
         };
-        (headers, Body::from_stream(body)).into_response()
+        let mut res = (headers, Body::from_stream(body)).into_response();
+        res.extensions_mut().insert(direct);
+        res
     }
 }
 

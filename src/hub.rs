@@ -2,11 +2,13 @@
 //! connected to this instance. It knows nothing of brokers or Redis: it
 //! hands out [`Subscription`]s and delivers frames it is given.
 //!
-//! Each session with subscribers has one `tokio::sync::broadcast` channel.
-//! A delivery sends the shared [`Frame`] into it; each subscriber's receiver
-//! holds only a cursor into the channel's ring, so an idle subscriber costs a
-//! few dozen bytes and a stalled one cannot grow memory past the ring (it
-//! lags and is cut instead).
+//! Each subscriber has a [`Sink`](crate::sink): a bounded queue its stream
+//! task reads, or, once the stream's writer handed over its socket, a
+//! direct write from the delivering task. A delivery offers the shared
+//! [`Frame`] to each sink of the session in turn, so it is encoded once and
+//! each subscriber costs a pointer copy or one `write`. An idle subscriber
+//! holds an empty queue; a stalled one cannot grow memory past its queue's
+//! bound (it is cut instead).
 //!
 //! A session's presence here has a **generation**: a number that grows each
 //! time the session gains its first subscriber. [`Hub::subscribe`] returns it
@@ -24,8 +26,11 @@
 //! instead, carrying the newest id, so their clients reload their state
 //! rather than silently keep a gap. Counted as `order_resets`.
 //!
-//! The map is behind a `std::sync::Mutex`: it is never held across an
-//! `.await`, and the critical sections are a hash lookup and a channel send.
+//! The map is behind a `std::sync::Mutex` held only to find, add or remove a
+//! session; each session's subscribers are behind a mutex of their own,
+//! held while a delivery offers them a frame (which keeps its order). No
+//! lock is held across an `.await`; the map's lock is taken before a
+//! session's, never after.
 
 use std::collections::HashMap;
 use std::pin::Pin;
@@ -33,12 +38,11 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::task::{Context, Poll};
 
+use bytes::Bytes;
 use futures::Stream;
-use tokio::sync::broadcast;
-use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
-use tokio_stream::wrappers::BroadcastStream;
 
 use crate::event::{EventId, Frame, SessionId};
+use crate::sink::{DirectWriter, Ended, Offered, Sink};
 use crate::sse;
 
 /// Default length of each session's queue (events a subscriber may fall
@@ -73,15 +77,27 @@ struct Inner {
 
 #[derive(Default)]
 struct Map {
-    slots: HashMap<SessionId, Slot>,
+    slots: HashMap<SessionId, Arc<Slot>>,
     next_generation: u64,
 }
 
+/// One session's presence here.
 struct Slot {
-    tx: broadcast::Sender<Frame>,
     generation: u64,
+    members: Mutex<Members>,
+}
+
+struct Members {
+    sinks: Vec<Arc<Sink>>,
     /// The newest id delivered to this session here.
     last: EventId,
+}
+
+impl Slot {
+    fn lock(&self) -> MutexGuard<'_, Members> {
+        // As for the map: every critical section leaves it consistent.
+        self.members.lock().unwrap_or_else(|e| e.into_inner())
+    }
 }
 
 /// What [`Hub::subscribe`] hands back.
@@ -130,22 +146,25 @@ impl Hub {
         if self.inner.closed.load(Ordering::Acquire) {
             return Err(Closed);
         }
+        let sink = Arc::new(Sink::default());
         let mut map = self.inner.lock();
-        let (rx, generation, first) = match map.slots.get(session) {
-            Some(slot) => (slot.tx.subscribe(), slot.generation, false),
+        let (generation, first) = match map.slots.get(session) {
+            Some(slot) => {
+                slot.lock().sinks.push(sink.clone());
+                (slot.generation, false)
+            }
             None => {
                 map.next_generation += 1;
                 let generation = map.next_generation;
-                let (tx, rx) = broadcast::channel(self.inner.queue);
-                map.slots.insert(
-                    session.clone(),
-                    Slot {
-                        tx,
-                        generation,
+                let slot = Slot {
+                    generation,
+                    members: Mutex::new(Members {
+                        sinks: vec![sink.clone()],
                         last: EventId::ZERO,
-                    },
-                );
-                (rx, generation, true)
+                    }),
+                };
+                map.slots.insert(session.clone(), Arc::new(slot));
+                (generation, true)
             }
         };
         drop(map);
@@ -153,9 +172,13 @@ impl Hub {
         let guard = Leave {
             inner: self.inner.clone(),
             session: session.clone(),
+            sink: sink.clone(),
         };
         Ok(Joined {
-            subscription: Subscription::new(rx, guard),
+            subscription: Subscription {
+                sink,
+                _guard: Box::new(guard),
+            },
             generation,
             first,
         })
@@ -164,29 +187,27 @@ impl Hub {
     /// Delivers `frame` to this instance's subscribers of `session`, in id
     /// order (see the module docs). Returns whether the session had any.
     pub fn deliver(&self, session: &SessionId, frame: Frame) -> bool {
-        let mut map = self.inner.lock();
-        let Some(slot) = map.slots.get_mut(session) else {
+        let Some(slot) = self.inner.lock().slots.get(session).cloned() else {
             return false;
         };
-        let frame = if frame.id == EventId::ZERO || frame.id > slot.last {
+        let mut members = slot.lock();
+        if members.sinks.is_empty() {
+            // Its last subscriber left since the lookup.
+            return false;
+        }
+        let frame = if frame.id == EventId::ZERO || frame.id > members.last {
             if frame.id != EventId::ZERO {
-                slot.last = frame.id;
+                members.last = frame.id;
             }
             frame
-        } else if frame.id == slot.last {
+        } else if frame.id == members.last {
             return true;
         } else {
             self.inner.order_resets.fetch_add(1, Ordering::Relaxed);
-            sse::order_reset(slot.last, frame.id)
+            sse::order_reset(members.last, frame.id)
         };
-        // An error only means every receiver left since the lookup.
-        match slot.tx.send(frame) {
-            Ok(n) => {
-                self.inner.deliveries.fetch_add(n as u64, Ordering::Relaxed);
-                true
-            }
-            Err(_) => false,
-        }
+        self.inner.offer(&members.sinks, &frame);
+        true
     }
 
     /// Frames handed to subscriptions so far (one per subscriber per event).
@@ -202,10 +223,9 @@ impl Hub {
 
     /// Delivers `frame` to every session with subscribers here.
     pub fn deliver_all(&self, frame: &Frame) {
-        for slot in self.inner.lock().slots.values() {
-            if let Ok(n) = slot.tx.send(frame.clone()) {
-                self.inner.deliveries.fetch_add(n as u64, Ordering::Relaxed);
-            }
+        let slots: Vec<Arc<Slot>> = self.inner.lock().slots.values().cloned().collect();
+        for slot in slots {
+            self.inner.offer(&slot.lock().sinks, frame);
         }
     }
 
@@ -232,8 +252,12 @@ impl Hub {
     /// Refuses new subscribers and ends every subscription.
     pub fn close(&self) {
         self.inner.closed.store(true, Ordering::Release);
-        // Dropping every sender ends every subscription stream.
-        self.inner.lock().slots.clear();
+        let slots: Vec<Arc<Slot>> = self.inner.lock().slots.drain().map(|(_, s)| s).collect();
+        for slot in slots {
+            for sink in &slot.lock().sinks {
+                sink.close();
+            }
+        }
     }
 }
 
@@ -243,12 +267,36 @@ impl Inner {
         // poisoned lock still guards a consistent map.
         self.sessions.lock().unwrap_or_else(|e| e.into_inner())
     }
+
+    /// Offers `frame` to each of a session's sinks (its lock held by the
+    /// caller, which keeps deliveries in order).
+    fn offer(&self, sinks: &[Arc<Sink>], frame: &Frame) {
+        let (mut delivered, mut direct) = (0, false);
+        for sink in sinks {
+            match sink.offer(frame, self.queue) {
+                Offered::Written => {
+                    delivered += 1;
+                    direct = true;
+                }
+                Offered::Queued => delivered += 1,
+                Offered::Dropped => {}
+            }
+        }
+        self.deliveries.fetch_add(delivered, Ordering::Relaxed);
+        if direct {
+            // Written together, in this one pass: one observation stands
+            // for all of them (a queued write is observed by its stream).
+            crate::metrics::written(frame.id);
+        }
+    }
 }
 
-/// Removes the session's slot when its last subscriber leaves.
+/// Takes the subscriber out of its session, and the session out of the map
+/// when it was the last.
 struct Leave {
     inner: Arc<Inner>,
     session: SessionId,
+    sink: Arc<Sink>,
 }
 
 impl Drop for Leave {
@@ -256,16 +304,21 @@ impl Drop for Leave {
         self.inner.subscribers.fetch_sub(1, Ordering::Relaxed);
         let vacated = {
             let mut map = self.inner.lock();
-            // The receiver was dropped just before this guard (field order
-            // in `Subscription`), and receivers are only made under this lock.
-            match map.slots.get(&self.session) {
-                Some(slot) if slot.tx.receiver_count() == 0 => {
-                    let generation = slot.generation;
-                    map.slots.remove(&self.session);
-                    Some(generation)
+            // A sink is only added under the map's lock, so a session found
+            // empty here stays empty until it is removed.
+            let vacated = match map.slots.get(&self.session) {
+                Some(slot) => {
+                    let mut members = slot.lock();
+                    members.sinks.retain(|s| !Arc::ptr_eq(s, &self.sink));
+                    members.sinks.is_empty().then_some(slot.generation)
                 }
-                _ => None,
+                // The hub closed.
+                None => None,
+            };
+            if vacated.is_some() {
+                map.slots.remove(&self.session);
             }
+            vacated
         };
         if let (Some(generation), Some(f)) = (vacated, self.inner.on_vacated.get()) {
             f(&self.session, generation);
@@ -281,6 +334,10 @@ pub enum SubscriptionError {
     /// `.0` events; it must reconnect (and resume by id).
     #[error("subscriber lagged behind by {0} events")]
     Lagged(u64),
+    /// A write straight into the stream's socket failed: its client is
+    /// gone.
+    #[error("the stream's connection is gone")]
+    Gone,
 }
 
 /// The stream of frames for one subscriber of one session.
@@ -289,29 +346,48 @@ pub enum SubscriptionError {
 /// the queue's length behind gets [`SubscriptionError::Lagged`] instead of
 /// growing memory. Dropping the subscription unsubscribes.
 pub struct Subscription {
-    // Field order matters: `stream` (the receiver) is dropped before
-    // `_guard`, so the guard sees whether this was the last receiver.
-    stream: BroadcastStream<Frame>,
+    sink: Arc<Sink>,
     _guard: Box<dyn Send + Sync>,
 }
 
 impl Subscription {
-    /// Wraps a receiver and a guard whose `Drop` releases the subscription.
-    pub fn new(rx: broadcast::Receiver<Frame>, guard: impl Send + Sync + 'static) -> Self {
-        Self {
-            stream: BroadcastStream::new(rx),
-            _guard: Box::new(guard),
-        }
+    /// The handle through which the stream's writer may let deliveries
+    /// write into its socket directly (see [`DirectWriter`]).
+    pub fn direct_writer(&self) -> DirectWriter {
+        DirectWriter(self.sink.clone())
+    }
+
+    /// Frames with ids up to `position` are not yielded (the client is past
+    /// them).
+    pub(crate) fn set_position(&self, position: EventId) {
+        self.sink.set_position(position);
+    }
+
+    pub(crate) fn raise_position(&self, position: EventId) {
+        self.sink.raise_position(position);
+    }
+
+    /// Yields `bytes` after what is queued (the writer's heartbeat).
+    pub(crate) fn push_own(&self, bytes: Bytes) {
+        self.sink.push_own(bytes);
+    }
+
+    /// Yields `last` after what is queued, then ends.
+    pub(crate) fn seal(&self, last: Bytes) {
+        self.sink.seal(last);
     }
 }
 
 impl Stream for Subscription {
     type Item = Result<Frame, SubscriptionError>;
 
-    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        Pin::new(&mut self.stream).poll_next(cx).map(|item| {
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        self.sink.poll_next(cx).map(|item| {
             item.map(|r| {
-                r.map_err(|BroadcastStreamRecvError::Lagged(n)| SubscriptionError::Lagged(n))
+                r.map_err(|why| match why {
+                    Ended::Lagged(n) => SubscriptionError::Lagged(n),
+                    Ended::Gone | Ended::Closed => SubscriptionError::Gone,
+                })
             })
         })
     }
@@ -408,10 +484,12 @@ mod tests {
         for n in 0..10 {
             hub.deliver(&s("x"), f(n));
         }
+        // Cut at the first frame past its queue; what it held is freed.
         assert!(matches!(
             slow.next().await,
-            Some(Err(SubscriptionError::Lagged(6)))
+            Some(Err(SubscriptionError::Lagged(5)))
         ));
+        assert!(slow.next().await.is_none());
     }
 
     #[tokio::test]

@@ -51,6 +51,7 @@ pub mod ratelimit;
 pub mod redis_client;
 pub mod resume;
 pub mod scale;
+pub mod sink;
 pub mod sse;
 pub mod stall;
 pub mod stream;

@@ -31,8 +31,13 @@ pub struct PeerAddr(pub SocketAddr);
 
 /// A TCP stream whose writes fail with `TimedOut` once one has been pending
 /// for longer than the limit.
+///
+/// The socket is shared (`Arc`): a stream's writer may hand it to the
+/// connection map, whose deliveries then write frames into it directly
+/// (see [`crate::sink`]). Reads and writes here go through the socket's
+/// readiness, which works on a shared socket.
 pub struct StallGuard {
-    io: TcpStream,
+    io: Arc<TcpStream>,
     limit: Duration,
     /// Armed while a write is pending; dropped as soon as one succeeds, so
     /// an idle or healthy connection carries no timer.
@@ -44,7 +49,7 @@ impl StallGuard {
     /// `stalled` counts connections closed because a write stalled.
     pub fn new(io: TcpStream, limit: Duration, stalled: Arc<AtomicU64>) -> Self {
         Self {
-            io,
+            io: Arc::new(io),
             limit,
             stall: None,
             stalled,
@@ -54,6 +59,12 @@ impl StallGuard {
     /// The socket, to wait for the client's side to close.
     pub fn tcp(&self) -> &TcpStream {
         &self.io
+    }
+
+    /// The socket, shared: for a writer that also lets others write into it
+    /// (they must keep to its order; see [`crate::sink`]).
+    pub fn shared(&self) -> Arc<TcpStream> {
+        self.io.clone()
     }
 
     fn check<T>(&mut self, cx: &mut Context<'_>, res: Poll<io::Result<T>>) -> Poll<io::Result<T>> {
@@ -87,11 +98,34 @@ impl StallGuard {
 
 impl AsyncRead for StallGuard {
     fn poll_read(
-        mut self: Pin<&mut Self>,
+        self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_read(cx, buf)
+        loop {
+            std::task::ready!(self.io.poll_read_ready(cx))?;
+            // `try_read_buf` clears the readiness it consumed on WouldBlock.
+            match self.io.try_read_buf(buf) {
+                Ok(_) => return Poll::Ready(Ok(())),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+    }
+}
+
+/// One write attempt on readiness, as tokio's own `poll_write` does.
+fn poll_write_with(
+    io: &TcpStream,
+    cx: &mut Context<'_>,
+    mut write: impl FnMut(&TcpStream) -> io::Result<usize>,
+) -> Poll<io::Result<usize>> {
+    loop {
+        std::task::ready!(io.poll_write_ready(cx))?;
+        match write(io) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            res => return Poll::Ready(res),
+        }
     }
 }
 
@@ -101,7 +135,7 @@ impl AsyncWrite for StallGuard {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        let res = Pin::new(&mut self.io).poll_write(cx, buf);
+        let res = poll_write_with(&self.io, cx, |io| io.try_write(buf));
         self.check(cx, res)
     }
 
@@ -110,20 +144,20 @@ impl AsyncWrite for StallGuard {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        let res = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
+        let res = poll_write_with(&self.io, cx, |io| io.try_write_vectored(bufs));
         self.check(cx, res)
     }
 
     fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
+        true
     }
 
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let res = Pin::new(&mut self.io).poll_flush(cx);
-        self.check(cx, res)
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        // TCP writes are not buffered here.
+        Poll::Ready(Ok(()))
     }
 
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_shutdown(cx)
+    fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(socket2::SockRef::from(&*self.io).shutdown(std::net::Shutdown::Write))
     }
 }

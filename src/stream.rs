@@ -34,6 +34,7 @@ use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 use crate::event::{EventId, Frame};
 use crate::hub::{Subscription, SubscriptionError};
+use crate::sink::DirectWriter;
 use crate::sse::{encode_retry, HEARTBEAT};
 
 /// Why a stream ended, reported to the `on_end` callback.
@@ -52,13 +53,15 @@ pub enum StreamEnd {
 }
 
 /// The body of one SSE response. See the module docs.
+///
+/// Its writer may hand the stream's socket to the connection map
+/// ([`SseStream::direct_writer`]); live frames are then written by the
+/// deliveries themselves whenever this body has nothing queued, and it
+/// yields only what had to wait (a full socket), heartbeats and its end.
 pub struct SseStream {
     prelude: Option<Bytes>,
     /// History frames still to send, before any live frame.
     replay: VecDeque<Frame>,
-    /// Live frames with ids up to this one were sent by the replay or
-    /// belong before the client's position. Cleared once live frames pass it.
-    position: Option<EventId>,
     /// A `reset` event to send after the prelude.
     reset: Option<Bytes>,
     subscription: Subscription,
@@ -101,7 +104,6 @@ impl SseStream {
         Self {
             prelude: Some(prelude),
             replay: VecDeque::new(),
-            position: None,
             reset: None,
             subscription,
             heartbeat: interval,
@@ -114,8 +116,8 @@ impl SseStream {
     /// History holds every event up to its newest id (an event is recorded
     /// before it is delivered), so a position read from history after
     /// subscribing never hides an event the client has not seen.
-    pub fn positioned(mut self, position: EventId) -> Self {
-        self.position = Some(position);
+    pub fn positioned(self, position: EventId) -> Self {
+        self.subscription.set_position(position);
         self
     }
 
@@ -123,8 +125,9 @@ impl SseStream {
     /// order) after the prelude and before live frames, and drops live
     /// frames that repeat them.
     pub fn resume(mut self, frames: Vec<Frame>) -> Self {
-        let last = frames.last().map(|f| f.id);
-        self.position = self.position.max(last);
+        if let Some(last) = frames.last() {
+            self.subscription.raise_position(last.id);
+        }
         self.replay = frames.into();
         self
     }
@@ -136,21 +139,10 @@ impl SseStream {
         self
     }
 
-    /// Whether a live frame is at or before the stream's position.
-    fn already_sent(&mut self, id: EventId) -> bool {
-        if id == EventId::ZERO {
-            // An announcement: unordered, never a repeat.
-            return false;
-        }
-        match self.position {
-            Some(p) if id <= p => true,
-            Some(_) => {
-                // Past it: ids only grow from here.
-                self.position = None;
-                false
-            }
-            None => false,
-        }
+    /// The handle through which this stream's writer may let deliveries
+    /// write into its socket directly (see [`DirectWriter`]).
+    pub fn direct_writer(&self) -> DirectWriter {
+        self.subscription.direct_writer()
     }
 
     /// Called once when the stream ends: by the server ([`StreamEnd::Closed`],
@@ -192,6 +184,9 @@ impl Stream for SseStream {
         if let Some(frame) = this.replay.pop_front() {
             return Poll::Ready(Some(Ok(frame.bytes)));
         }
+        // The closing hint and the heartbeat go through the subscription's
+        // queue, behind what is queued there: deliveries may be writing into
+        // the socket directly, and the queue is what orders the two.
         loop {
             match &mut this.close {
                 Closing::Waiting(fired, signal) => {
@@ -206,32 +201,27 @@ impl Stream for SseStream {
                     if sleep.as_mut().poll(cx).is_pending() {
                         break;
                     }
-                    let hint = encode_retry(*retry);
+                    this.subscription.seal(encode_retry(*retry));
                     this.close = Closing::Done;
-                    return Poll::Ready(Some(Ok(hint)));
                 }
-                Closing::Done => return this.end(StreamEnd::Shutdown),
+                Closing::Done => break,
             }
         }
-        loop {
-            match Pin::new(&mut this.subscription).poll_next(cx) {
-                Poll::Ready(Some(Ok(frame))) => {
-                    if this.already_sent(frame.id) {
-                        continue;
-                    }
-                    crate::metrics::written(frame.id);
-                    return Poll::Ready(Some(Ok(frame.bytes)));
-                }
-                Poll::Ready(Some(Err(SubscriptionError::Lagged(_)))) => {
-                    return this.end(StreamEnd::Lagged)
-                }
-                Poll::Ready(None) => return this.end(StreamEnd::Closed),
-                Poll::Pending => break,
+        if !matches!(this.close, Closing::Done) && this.heartbeat.poll_tick(cx).is_ready() {
+            this.subscription.push_own(HEARTBEAT);
+        }
+        match Pin::new(&mut this.subscription).poll_next(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                crate::metrics::written(frame.id);
+                Poll::Ready(Some(Ok(frame.bytes)))
             }
+            Poll::Ready(Some(Err(SubscriptionError::Lagged(_)))) => this.end(StreamEnd::Lagged),
+            Poll::Ready(Some(Err(_))) => this.end(StreamEnd::ClientGone),
+            Poll::Ready(None) if matches!(this.close, Closing::Done) => {
+                this.end(StreamEnd::Shutdown)
+            }
+            Poll::Ready(None) => this.end(StreamEnd::Closed),
+            Poll::Pending => Poll::Pending,
         }
-        if this.heartbeat.poll_tick(cx).is_ready() {
-            return Poll::Ready(Some(Ok(HEARTBEAT)));
-        }
-        Poll::Pending
     }
 }

@@ -57,6 +57,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower::ServiceExt;
 
+use sse_scale::sink::DirectWriter;
 use sse_scale::stall::{PeerAddr, StallGuard};
 
 /// Longest request head the stream path parses; bigger heads go to hyper.
@@ -307,9 +308,10 @@ impl Conn {
     /// Runs a stream request through the router and writes the response.
     async fn serve_stream(&self, mut io: StallGuard, req: Request<Body>) {
         let Ok(res) = Box::pin(self.app.clone().oneshot(req)).await;
+        let direct = res.extensions().get::<DirectWriter>().cloned();
         let (head, streaming, body) = response_head(res);
         let written = if streaming {
-            pump(&mut io, head, body).await
+            pump(&mut io, head, body, direct).await
         } else {
             Box::pin(write_whole(&mut io, head, body)).await
         };
@@ -774,11 +776,23 @@ enum Next {
 }
 
 /// An event stream: the head, then each frame as the body yields it, until
-/// the body ends or the client goes away.
-async fn pump(io: &mut StallGuard, mut head: Vec<u8>, mut body: Body) -> io::Result<()> {
+/// the body ends or the client goes away. The body's bytes go to the socket
+/// as they are, each write finished before the body is polled again, so the
+/// socket is handed to the connection map (`direct`): live frames are then
+/// written by the deliveries themselves, and the body yields only what had
+/// to wait for a full socket, heartbeats and its end.
+async fn pump(
+    io: &mut StallGuard,
+    mut head: Vec<u8>,
+    mut body: Body,
+    direct: Option<DirectWriter>,
+) -> io::Result<()> {
     head.extend_from_slice(b"\r\n");
     io.write_all(&head).await?;
     drop(head);
+    if let Some(direct) = direct {
+        direct.attach(io.shared());
+    }
     let mut scratch = [0u8; 16];
     loop {
         // One poll for both sources, without a readiness future per frame:

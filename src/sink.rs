@@ -1,0 +1,433 @@
+//! [`Sink`]: one subscriber's end of the connection map. It holds a bounded
+//! queue of frames for the subscriber's stream task and, once the stream's
+//! writer has handed over its socket ([`DirectWriter::attach`]), a direct
+//! path: the delivering task writes the frame into the socket itself, with
+//! one non-blocking write.
+//!
+//! Why the direct path: a delivery through a queue wakes the stream's
+//! task, which is scheduled, polls its body and then writes, several times
+//! the user-space work of the write itself (docs/benchmarks.md). Written
+//! from the delivering task, a delivery is one `write`, the least any server
+//! can do.
+//!
+//! **Order** rests on one rule: a direct write is allowed only while the
+//! stream's writer is *idle*, with nothing queued and nothing in flight. The
+//! writer turns idle only when it asks for its next frame and finds none; a
+//! writer asks only after its previous write finished, so nothing of its
+//! own is in flight then. It stops being idle the moment anything is queued
+//! for it. A direct write that does not go through whole (the socket is
+//! full) queues the rest and wakes the writer. The writer finishes it with
+//! its own awaited, stall-guarded writes, and later frames queue behind it.
+//!
+//! **Bounds.** The queue holds at most the hub's queue length of frames (the
+//! writer's own heartbeat and closing hint aside). A subscriber that falls
+//! further behind is cut ([`Ended::Lagged`]), its queue freed. A direct
+//! write that fails (the peer reset the connection) ends the subscriber too
+//! ([`Ended::Gone`]).
+
+use std::collections::VecDeque;
+use std::io;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll, Waker};
+
+use bytes::Bytes;
+use tokio::net::TcpStream;
+
+use crate::event::{EventId, Frame};
+
+/// Why a sink takes no more frames.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Ended {
+    /// It fell more than its queue behind and missed `.0` events.
+    Lagged(u64),
+    /// A direct write failed: the connection is gone.
+    Gone,
+    /// The hub closed, or the writer sealed it after its closing hint.
+    Closed,
+}
+
+/// What became of one offered frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Offered {
+    /// Written whole into the socket.
+    Written,
+    /// Queued for the writer.
+    Queued,
+    /// Not for this subscriber (before its position, or it has ended).
+    Dropped,
+}
+
+/// See the module docs.
+#[derive(Default)]
+pub(crate) struct Sink {
+    state: Mutex<State>,
+}
+
+#[derive(Default)]
+struct State {
+    queue: VecDeque<Frame>,
+    waker: Option<Waker>,
+    /// The stream's socket, once its writer handed it over.
+    socket: Option<Arc<TcpStream>>,
+    /// The writer has nothing queued or in flight: see the module docs.
+    idle: bool,
+    /// Frames up to this id are not for this subscriber: the replay carried
+    /// them, or they predate its connection.
+    position: Option<EventId>,
+    ended: Option<Ended>,
+    /// The end was reported to the writer.
+    reported: bool,
+}
+
+/// A queue this long, once empty, gives its memory back.
+const KEEP_CAPACITY: usize = 16;
+
+impl State {
+    fn wants(&self, id: EventId) -> bool {
+        // An announcement or a reset carries no id: never a repeat. Ids only
+        // grow, so a position once passed stays passed.
+        id == EventId::ZERO || self.position.is_none_or(|p| id > p)
+    }
+
+    fn end(&mut self, why: Ended) -> Option<Waker> {
+        self.ended.get_or_insert(why);
+        self.idle = false;
+        if why != Ended::Closed {
+            // Cut: what is queued will never be written.
+            self.queue = VecDeque::new();
+        }
+        self.waker.take()
+    }
+}
+
+impl Sink {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // Every critical section leaves the state consistent, so a poisoned
+        // lock still guards a usable one.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Offers a delivered frame: written straight into the socket when the
+    /// writer is idle, else queued for it (or the subscriber is cut when its
+    /// queue already holds `cap` frames).
+    pub(crate) fn offer(&self, frame: &Frame, cap: usize) -> Offered {
+        let mut st = self.lock();
+        if st.ended.is_some() || !st.wants(frame.id) {
+            return Offered::Dropped;
+        }
+        if st.idle {
+            if let Some(socket) = &st.socket {
+                match socket.try_write(&frame.bytes) {
+                    Ok(n) if n == frame.bytes.len() => return Offered::Written,
+                    Ok(n) => {
+                        let rest = Frame {
+                            id: frame.id,
+                            bytes: frame.bytes.slice(n..),
+                        };
+                        st.idle = false;
+                        st.queue.push_back(rest);
+                        let waker = st.waker.take();
+                        drop(st);
+                        wake(waker);
+                        return Offered::Queued;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(_) => {
+                        let waker = st.end(Ended::Gone);
+                        drop(st);
+                        wake(waker);
+                        return Offered::Dropped;
+                    }
+                }
+            }
+        }
+        if st.queue.len() >= cap {
+            let missed = st.queue.len() as u64 + 1;
+            let waker = st.end(Ended::Lagged(missed));
+            drop(st);
+            wake(waker);
+            return Offered::Dropped;
+        }
+        st.idle = false;
+        st.queue.push_back(frame.clone());
+        let waker = st.waker.take();
+        drop(st);
+        wake(waker);
+        Offered::Queued
+    }
+
+    /// Queues the writer's own bytes (a heartbeat) behind what is queued.
+    /// They are not counted against the queue's bound.
+    pub(crate) fn push_own(&self, bytes: Bytes) {
+        let mut st = self.lock();
+        if st.ended.is_some() {
+            return;
+        }
+        st.idle = false;
+        st.queue.push_back(Frame {
+            id: EventId::ZERO,
+            bytes,
+        });
+    }
+
+    /// Queues the writer's last bytes and takes nothing after them: the
+    /// writer ends once it has written them.
+    pub(crate) fn seal(&self, last: Bytes) {
+        let mut st = self.lock();
+        if st.ended.is_some() {
+            return;
+        }
+        st.idle = false;
+        st.queue.push_back(Frame {
+            id: EventId::ZERO,
+            bytes: last,
+        });
+        st.ended = Some(Ended::Closed);
+    }
+
+    /// Ends the subscriber (the hub closed).
+    pub(crate) fn close(&self) {
+        let waker = self.lock().end(Ended::Closed);
+        wake(waker);
+    }
+
+    /// Frames up to `position` are not delivered.
+    pub(crate) fn set_position(&self, position: EventId) {
+        self.lock().position = Some(position);
+    }
+
+    /// Raises the position to `position` if it is further.
+    pub(crate) fn raise_position(&self, position: EventId) {
+        let mut st = self.lock();
+        st.position = st.position.max(Some(position));
+    }
+
+    /// The writer's next frame. `Pending` makes the writer idle (direct
+    /// writes may follow); anything else makes it busy until it asks again.
+    /// After the queue, an end is reported once as an error (a lag, a gone
+    /// connection) or as the end of the frames.
+    pub(crate) fn poll_next(&self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame, Ended>>> {
+        let mut st = self.lock();
+        while let Some(frame) = st.queue.pop_front() {
+            if st.queue.is_empty() && st.queue.capacity() > KEEP_CAPACITY {
+                st.queue = VecDeque::new();
+            }
+            if st.wants(frame.id) {
+                st.idle = false;
+                return Poll::Ready(Some(Ok(frame)));
+            }
+        }
+        match st.ended {
+            Some(why) => {
+                st.idle = false;
+                if std::mem::replace(&mut st.reported, true) || why == Ended::Closed {
+                    Poll::Ready(None)
+                } else {
+                    Poll::Ready(Some(Err(why)))
+                }
+            }
+            None => {
+                st.idle = st.socket.is_some();
+                if !st.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                    st.waker = Some(cx.waker().clone());
+                }
+                Poll::Pending
+            }
+        }
+    }
+
+    fn attach(&self, socket: Arc<TcpStream>) {
+        let mut st = self.lock();
+        if st.ended.is_none() {
+            // Not idle yet: the writer turns idle when it next finds
+            // nothing to write, after what it already holds.
+            st.socket = Some(socket);
+        }
+    }
+}
+
+fn wake(waker: Option<Waker>) {
+    if let Some(waker) = waker {
+        waker.wake();
+    }
+}
+
+/// The handle a stream's writer uses to hand its socket to the connection
+/// map. A writer may attach only if it writes the stream's bytes to the
+/// socket as they are (a close-delimited HTTP/1 response, no chunked
+/// framing, no TLS), it has written the response head, and it writes
+/// nothing but the frames its body yields from then on, each before it
+/// polls the body again.
+#[derive(Clone)]
+pub struct DirectWriter(pub(crate) Arc<Sink>);
+
+impl DirectWriter {
+    /// From now on, deliveries write straight into `socket` whenever the
+    /// writer is idle (see the module docs).
+    pub fn attach(&self, socket: Arc<TcpStream>) {
+        self.0.attach(socket);
+    }
+}
+
+impl std::fmt::Debug for DirectWriter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DirectWriter").finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncReadExt;
+    use tokio::net::TcpListener;
+
+    async fn pair() -> (Arc<TcpStream>, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        // Small buffers: a reader that pauses fills the socket soon.
+        socket2::SockRef::from(&server)
+            .set_send_buffer_size(32 * 1024)
+            .unwrap();
+        socket2::SockRef::from(&client)
+            .set_recv_buffer_size(32 * 1024)
+            .unwrap();
+        (Arc::new(server), client)
+    }
+
+    fn frame(n: u64, len: usize) -> Frame {
+        let mut body = format!("{n:08}").into_bytes();
+        body.resize(len, b'.');
+        Frame {
+            id: EventId { ms: n, seq: 0 },
+            bytes: Bytes::from(body),
+        }
+    }
+
+    /// What a stream's writer does: take the next frame, write it whole,
+    /// only then ask again.
+    async fn writer(sink: Arc<Sink>, socket: Arc<TcpStream>) -> u64 {
+        let mut written = 0;
+        while let Some(Ok(frame)) = std::future::poll_fn(|cx| sink.poll_next(cx)).await {
+            let mut rest = &frame.bytes[..];
+            while !rest.is_empty() {
+                socket.writable().await.unwrap();
+                match socket.try_write(rest) {
+                    Ok(n) => rest = &rest[n..],
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(e) => panic!("{e}"),
+                }
+            }
+            written += 1;
+        }
+        written
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn direct_and_queued_writes_keep_their_order_through_a_full_socket() {
+        let (server, mut client) = pair().await;
+        let sink = Arc::new(Sink::default());
+        sink.attach(server.clone());
+        let task = tokio::spawn(writer(sink.clone(), server));
+        // Let the writer find nothing and turn idle.
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        const N: u64 = 2000;
+        const LEN: usize = 8 * 1024;
+        // A slow reader: the socket fills and drains while frames arrive, so
+        // deliveries meet an idle writer, a full socket and a busy writer.
+        let reader = tokio::spawn(async move {
+            let mut got = vec![0u8; N as usize * LEN];
+            let mut filled = 0;
+            while filled < got.len() {
+                let end = (filled + 64 * 1024).min(got.len());
+                filled += client.read(&mut got[filled..end]).await.unwrap();
+                tokio::time::sleep(std::time::Duration::from_micros(200)).await;
+            }
+            got
+        });
+        let mut offered = [0usize; 3];
+        for n in 1..=N {
+            let o = sink.offer(&frame(n, LEN), N as usize);
+            offered[o as usize] += 1;
+            if n % 16 == 0 {
+                tokio::time::sleep(std::time::Duration::from_micros(100)).await;
+            }
+        }
+        let got = reader.await.unwrap();
+        assert!(
+            offered[Offered::Written as usize] > 0,
+            "some went straight into the socket"
+        );
+        assert!(
+            offered[Offered::Queued as usize] > 0,
+            "some queued behind a full socket"
+        );
+        assert_eq!(offered[Offered::Dropped as usize], 0);
+        for (i, chunk) in got.chunks(LEN).enumerate() {
+            assert_eq!(&chunk[..8], format!("{:08}", i + 1).as_bytes(), "frame {i}");
+            assert!(chunk[8..].iter().all(|&b| b == b'.'), "frame {i} whole");
+        }
+        // Idle again: the next one is direct.
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        assert_eq!(sink.offer(&frame(N + 1, 10), 1), Offered::Written);
+        sink.close();
+        assert!(task.await.unwrap() >= offered[1] as u64);
+    }
+
+    #[tokio::test]
+    async fn nothing_is_written_directly_before_the_writer_asks() {
+        let (server, mut client) = pair().await;
+        let sink = Arc::new(Sink::default());
+        sink.attach(server);
+        // The writer still holds its prelude: a delivery must wait behind it.
+        assert_eq!(sink.offer(&frame(1, 4), 8), Offered::Queued);
+        sink.set_position(EventId { ms: 1, seq: 0 });
+        let next = std::future::poll_fn(|cx| Poll::Ready(sink.poll_next(cx))).await;
+        assert!(next.is_pending(), "frame 1 is before the position");
+        // Now idle: the next is written straight, and one before the
+        // position is dropped.
+        assert_eq!(sink.offer(&frame(2, 4), 8), Offered::Written);
+        assert_eq!(sink.offer(&frame(1, 4), 8), Offered::Dropped);
+        let mut got = [0u8; 4];
+        client.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"0000");
+    }
+
+    #[tokio::test]
+    async fn a_subscriber_past_its_queue_is_cut_and_its_queue_freed() {
+        let sink = Sink::default();
+        for n in 1..=3 {
+            assert_eq!(sink.offer(&frame(n, 4), 3), Offered::Queued);
+        }
+        assert_eq!(sink.offer(&frame(4, 4), 3), Offered::Dropped);
+        assert!(sink.lock().queue.is_empty());
+        let next = std::future::poll_fn(|cx| Poll::Ready(sink.poll_next(cx))).await;
+        assert!(matches!(next, Poll::Ready(Some(Err(Ended::Lagged(4))))));
+        let next = std::future::poll_fn(|cx| Poll::Ready(sink.poll_next(cx))).await;
+        assert!(matches!(next, Poll::Ready(None)));
+    }
+
+    #[tokio::test]
+    async fn a_failed_direct_write_ends_the_subscriber() {
+        let (server, client) = pair().await;
+        let sink = Sink::default();
+        sink.attach(server);
+        let next = std::future::poll_fn(|cx| Poll::Ready(sink.poll_next(cx))).await;
+        assert!(next.is_pending());
+        // A reset from the peer: SO_LINGER 0, then close.
+        socket2::SockRef::from(&client)
+            .set_linger(Some(std::time::Duration::ZERO))
+            .unwrap();
+        drop(client);
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        let mut outcome = Offered::Written;
+        for n in 1..=3 {
+            outcome = sink.offer(&frame(n, 4), 8);
+        }
+        assert_eq!(outcome, Offered::Dropped);
+        let next = std::future::poll_fn(|cx| Poll::Ready(sink.poll_next(cx))).await;
+        assert!(matches!(next, Poll::Ready(Some(Err(Ended::Gone)))));
+    }
+}
