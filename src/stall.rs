@@ -96,21 +96,32 @@ impl StallGuard {
     }
 }
 
+impl StallGuard {
+    /// Reads into `buf`'s spare capacity (a `Vec<u8>` grows into it without
+    /// zeroing it first); `Ok(0)` at the end of the stream.
+    pub fn poll_read_buf(
+        &self,
+        cx: &mut Context<'_>,
+        buf: &mut impl bytes::BufMut,
+    ) -> Poll<io::Result<usize>> {
+        loop {
+            std::task::ready!(self.io.poll_read_ready(cx))?;
+            // `try_read_buf` clears the readiness it consumed on WouldBlock.
+            match self.io.try_read_buf(buf) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                res => return Poll::Ready(res),
+            }
+        }
+    }
+}
+
 impl AsyncRead for StallGuard {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        loop {
-            std::task::ready!(self.io.poll_read_ready(cx))?;
-            // `try_read_buf` clears the readiness it consumed on WouldBlock.
-            match self.io.try_read_buf(buf) {
-                Ok(_) => return Poll::Ready(Ok(())),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                Err(e) => return Poll::Ready(Err(e)),
-            }
-        }
+        self.poll_read_buf(cx, buf).map_ok(|_| ())
     }
 }
 

@@ -63,8 +63,14 @@ pub struct Issued {
 /// Signs and verifies session tokens. `Debug` hides the keys.
 #[derive(Clone)]
 pub struct TokenSigner {
-    key: Vec<u8>,
-    previous: Option<Vec<u8>>,
+    /// HMAC keyed once: every token costs the message's hashing only.
+    key: HmacSha256,
+    previous: Option<HmacSha256>,
+}
+
+fn keyed(secret: &[u8]) -> HmacSha256 {
+    // HMAC accepts keys of any length, so this cannot fail.
+    HmacSha256::new_from_slice(secret).unwrap_or_else(|_| unreachable!())
 }
 
 fn now_secs() -> u64 {
@@ -76,7 +82,7 @@ fn now_secs() -> u64 {
 impl TokenSigner {
     pub fn new(secret: impl AsRef<[u8]>) -> Self {
         Self {
-            key: secret.as_ref().to_vec(),
+            key: keyed(secret.as_ref()),
             previous: None,
         }
     }
@@ -84,7 +90,7 @@ impl TokenSigner {
     /// Also accepts tokens signed with `previous` (a secret being rotated
     /// out); new tokens are signed with the current one.
     pub fn with_previous(mut self, previous: impl AsRef<[u8]>) -> Self {
-        self.previous = Some(previous.as_ref().to_vec());
+        self.previous = Some(keyed(previous.as_ref()));
         self
     }
 
@@ -94,9 +100,8 @@ impl TokenSigner {
         Self::new(rand::random::<[u8; 32]>())
     }
 
-    fn mac(key: &[u8], session: &SessionId, scope: &str, expires: &str) -> HmacSha256 {
-        // HMAC accepts keys of any length, so this cannot fail.
-        let mut mac = HmacSha256::new_from_slice(key).unwrap_or_else(|_| unreachable!());
+    fn mac(key: &HmacSha256, session: &SessionId, scope: &str, expires: &str) -> HmacSha256 {
+        let mut mac = key.clone();
         for part in ["sse-scale/v1", session.as_str(), scope, expires] {
             mac.update(part.as_bytes());
             mac.update(b"|");

@@ -326,9 +326,9 @@ impl Conn {
 /// async code so the parser's header array never lives in a connection's
 /// future.
 fn classify(bytes: &[u8], full: bool, peer: SocketAddr) -> Option<Classified> {
-    let mut headers = [httparse::EMPTY_HEADER; 64];
-    let mut parsed = httparse::Request::new(&mut headers);
-    match parsed.parse(bytes) {
+    let mut headers = [const { std::mem::MaybeUninit::uninit() }; 64];
+    let mut parsed = httparse::Request::new(&mut []);
+    match parsed.parse_with_uninit_headers(bytes, &mut headers) {
         Ok(httparse::Status::Complete(_)) => Some(match stream_request(&parsed, peer) {
             Some(req) => Classified::Stream(Box::new(req)),
             None => Classified::Other,
@@ -510,9 +510,9 @@ enum Boundary {
 }
 
 fn boundary(bytes: &[u8], peer: SocketAddr) -> Boundary {
-    let mut headers = [httparse::EMPTY_HEADER; 64];
-    let mut parsed = httparse::Request::new(&mut headers);
-    let head = match parsed.parse(bytes) {
+    let mut headers = [const { std::mem::MaybeUninit::uninit() }; 64];
+    let mut parsed = httparse::Request::new(&mut []);
+    let head = match parsed.parse_with_uninit_headers(bytes, &mut headers) {
         Ok(httparse::Status::Complete(n)) => n,
         Ok(httparse::Status::Partial) if bytes.len() < MAX_HEAD => return Boundary::Partial,
         Ok(httparse::Status::Partial) | Err(_) => return Boundary::Opaque,
@@ -544,11 +544,8 @@ fn boundary(bytes: &[u8], peer: SocketAddr) -> Boundary {
 impl Boundaries {
     /// Reads more of the socket into `pending`; `Ok(0)` at its end.
     fn fill(&mut self, cx: &mut std::task::Context<'_>) -> Poll<io::Result<usize>> {
-        let mut chunk = [0u8; 4096];
-        let mut buf = ReadBuf::new(&mut chunk);
-        std::task::ready!(Pin::new(&mut self.io).poll_read(cx, &mut buf))?;
-        self.pending.extend_from_slice(buf.filled());
-        Poll::Ready(Ok(buf.filled().len()))
+        self.pending.reserve(4096);
+        self.io.poll_read_buf(cx, &mut self.pending)
     }
 
     /// Hands up to `limit` pending bytes to hyper.
