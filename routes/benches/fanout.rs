@@ -34,6 +34,10 @@
 
 #[path = "support/baselines.rs"]
 mod baselines;
+#[path = "support/procs.rs"]
+mod procs;
+#[path = "support/sse_client.rs"]
+mod sse_client;
 
 use std::fmt::Write as _;
 use std::io::{BufRead, BufReader};
@@ -42,7 +46,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
 use serde_json::{json, Value};
@@ -50,8 +54,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
 
-const SECRET: &str = "bench-secret-of-at-least-32-bytes-0123456789";
-const ADMIN: &str = "bench-admin-token-0123456789";
+use procs::{machine, proc_cpu_split, proc_rss_kib, today, Redis, ADMIN, SECRET};
+use sse_client::{create_session, now_micros, parse_data, Session};
+
 /// Streams per session in every fan-out scenario.
 const FANOUT: usize = 100;
 /// Publish rate of the latency/CPU sweep: 10,000 deliveries/s at fan-out 100.
@@ -199,119 +204,6 @@ impl Drop for Server {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-/// A private `redis-server` on a free port, without persistence.
-struct Redis {
-    child: Child,
-    port: u16,
-}
-
-impl Redis {
-    fn start() -> Redis {
-        let port = free_port();
-        #[allow(clippy::zombie_processes)] // waited for in Drop
-        let child = Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("redis-server must be installed (tests/run-all.sh installs it)");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                return Redis { child, port };
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        panic!("redis-server on port {port} did not start");
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/", self.port)
-    }
-}
-
-impl Drop for Redis {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port()
-}
-
-/// User and system CPU time of a process (all threads), from `/proc/<pid>/stat`.
-fn proc_cpu_split(pid: u32) -> (Duration, Duration) {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("read /proc/pid/stat");
-    // The command name may contain spaces; fields are counted after its ')'.
-    let rest = &stat[stat.rfind(')').expect("stat format") + 2..];
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    // utime and stime are fields 14 and 15 of the full line (11, 12 here).
-    let user: u64 = fields[11].parse().expect("utime");
-    let sys: u64 = fields[12].parse().expect("stime");
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
-    let time = |ticks: u64| Duration::from_nanos(ticks * 1_000_000_000 / hz);
-    (time(user), time(sys))
-}
-
-/// Resident set size in KiB, from `/proc/<pid>/status`.
-fn proc_rss_kib(pid: u32) -> u64 {
-    let status =
-        std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read /proc/pid/status");
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .expect("VmRSS in /proc/pid/status")
-}
-
-// ---------------------------------------------------------------- HTTP client
-
-struct Session {
-    id: String,
-    token: String,
-}
-
-async fn create_session(http: &reqwest::Client, server: &Server) -> Session {
-    let v: Value = http
-        .post(format!("http://{}/sessions", server.addr))
-        .send()
-        .await
-        .expect("POST /sessions")
-        .json()
-        .await
-        .expect("session JSON");
-    Session {
-        id: v["id"].as_str().expect("id").to_owned(),
-        token: v["token"].as_str().expect("token").to_owned(),
-    }
-}
-
-async fn stats(http: &reqwest::Client, server: &Server) -> Value {
-    http.get(format!("http://{}/stats", server.addr))
-        .bearer_auth(ADMIN)
-        .send()
-        .await
-        .expect("GET /stats")
-        .json()
-        .await
-        .expect("stats JSON")
-}
-
-fn now_micros() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .expect("clock after 1970")
-        .as_micros() as u64
 }
 
 // ---------------------------------------------------------------- streams
@@ -592,17 +484,6 @@ async fn run_h2_stream(
     }
 }
 
-/// `data: {"t":123,"s":4}` → `(123, 4)`.
-fn parse_data(line: &[u8]) -> Option<(u64, u64)> {
-    let rest = line.strip_prefix(b"data: {\"t\":")?;
-    let comma = rest.iter().position(|&b| b == b',')?;
-    let t = std::str::from_utf8(&rest[..comma]).ok()?.parse().ok()?;
-    let rest = rest[comma..].strip_prefix(b",\"s\":")?;
-    let end = rest.iter().position(|&b| b == b'}')?;
-    let s = std::str::from_utf8(&rest[..end]).ok()?.parse().ok()?;
-    Some((t, s))
-}
-
 /// Opens `per_session` streams for each session at `addr`; returns once
 /// every stream has seen `connected` (or failed). At most
 /// `OPEN_CONCURRENCY` streams are in their handshake at once, so the
@@ -779,7 +660,7 @@ async fn fanout(
     let mut home = Vec::new();
     for i in 0..n_sessions {
         let server = servers[i % servers.len()];
-        sessions.push(Arc::new(create_session(&http, server).await));
+        sessions.push(Arc::new(create_session(&http, server.addr).await));
         home.push(i % servers.len());
     }
     let col = Collector::new();
@@ -898,7 +779,7 @@ async fn fanout(
 async fn futures_join(http: &reqwest::Client, servers: &[&Server]) -> Vec<Value> {
     let mut out = Vec::new();
     for s in servers {
-        out.push(stats(http, s).await);
+        out.push(sse_client::stats(http, s.addr, ADMIN).await);
     }
     out
 }
@@ -912,7 +793,7 @@ async fn idle_memory(kind: Kind, via: Via, streams: usize, env: &[(&str, String)
     let sessions: Vec<Arc<Session>> = {
         let mut v = Vec::new();
         for _ in 0..streams.div_ceil(FANOUT) {
-            v.push(Arc::new(create_session(&http, &server).await));
+            v.push(Arc::new(create_session(&http, server.addr).await));
         }
         v
     };
@@ -956,7 +837,7 @@ async fn churn(kind: Kind, rate: f64, secs: f64, env: &[(&str, String)]) -> Valu
     let http = reqwest::Client::new();
     let mut sessions = Vec::new();
     for _ in 0..10 {
-        sessions.push(Arc::new(create_session(&http, &server).await));
+        sessions.push(Arc::new(create_session(&http, server.addr).await));
     }
     let addr = server.addr;
     let opened = Arc::new(AtomicU64::new(0));
@@ -1072,7 +953,7 @@ async fn callgrind(
     let n_sessions = streams.div_ceil(FANOUT);
     let mut sessions = Vec::new();
     for _ in 0..n_sessions {
-        sessions.push(Arc::new(create_session(&http, &server).await));
+        sessions.push(Arc::new(create_session(&http, server.addr).await));
     }
     let col = Collector::new();
     let zero = || {
@@ -1168,28 +1049,6 @@ fn dump_ir(server: &Server, dir: &Path, label: &str) -> u64 {
 }
 
 // ---------------------------------------------------------------- output
-
-fn machine() -> Value {
-    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    let model = cpuinfo
-        .lines()
-        .find_map(|l| l.strip_prefix("model name"))
-        .map(|m| m.trim_start_matches([' ', '\t', ':']).to_owned())
-        .unwrap_or_default();
-    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
-    let mem_kib: u64 = meminfo
-        .lines()
-        .find_map(|l| l.strip_prefix("MemTotal:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0);
-    json!({
-        "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
-        "cpu_model": model,
-        "mem_gib": mem_kib as f64 / 1024.0 / 1024.0,
-        "kernel": std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim(),
-    })
-}
 
 /// What to run. The defaults are the documented benchmark; the variables
 /// exist for profiling one scenario at a time.
@@ -1676,23 +1535,6 @@ fn summary(runs: &[RunResults], opts: &Options, cg: &[Value]) -> String {
         }
     }
     out
-}
-
-/// Today's UTC date, `YYYY-MM-DD` (days-to-civil, proleptic Gregorian).
-fn today() -> String {
-    let secs = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs()) as i64;
-    let z = secs.div_euclid(86_400) + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!("{year:04}-{month:02}-{day:02}")
 }
 
 fn main() {

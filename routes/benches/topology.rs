@@ -31,10 +31,14 @@
 //! (publishes/s, 1,000), `BENCH_SECS` (10), `BENCH_REPS` (3); `BENCH_QUICK=1`
 //! is a small smoke run.
 
+#[path = "support/procs.rs"]
+mod procs;
 #[path = "../../tests/support/redis_cluster.rs"]
 mod redis_cluster;
 #[path = "../../tests/support/redis_server.rs"]
 mod redis_server;
+#[path = "support/sse_client.rs"]
+mod sse_client;
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -44,7 +48,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
 use redis_cluster::RedisCluster;
@@ -54,8 +58,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
 
-const SECRET: &str = "bench-secret-of-at-least-32-bytes-0123456789";
-const ADMIN: &str = "bench-admin-token-0123456789";
+use procs::{machine_ticks, proc_cpu, today, ADMIN, SECRET};
+use sse_client::{create_session, now_micros, parse_data, parse_id, stats, Session};
+
 /// Streams opened at once while setting up a run.
 const OPEN_CONCURRENCY: usize = 256;
 /// Commands counted per Redis node: the publish script (`EVALSHA`, or
@@ -151,38 +156,6 @@ impl Drop for Server {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-/// User + system CPU time of a process (all threads), from `/proc/<pid>/stat`.
-fn proc_cpu(pid: u32) -> Duration {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("read /proc/pid/stat");
-    // The command name may contain spaces; fields are counted after its ')'.
-    let rest = &stat[stat.rfind(')').expect("stat format") + 2..];
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    // utime and stime are fields 14 and 15 of the full line (11, 12 here).
-    let ticks: u64 =
-        fields[11].parse::<u64>().expect("utime") + fields[12].parse::<u64>().expect("stime");
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
-    Duration::from_nanos(ticks * 1_000_000_000 / hz)
-}
-
-/// (busy, total) jiffies of the whole machine, from `/proc/stat`: how
-/// saturated the cores were, whoever used them.
-fn machine_ticks() -> (u64, u64) {
-    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
-    let v: Vec<u64> = stat
-        .lines()
-        .next()
-        .unwrap_or("")
-        .split_whitespace()
-        .skip(1)
-        .filter_map(|x| x.parse().ok())
-        .collect();
-    let total: u64 = v.iter().take(8).sum();
-    // idle + iowait are not busy.
-    let idle = v.get(3).copied().unwrap_or(0) + v.get(4).copied().unwrap_or(0);
-    (total - idle, total)
 }
 
 // ---------------------------------------------------------------- Redis
@@ -319,46 +292,6 @@ fn slot_map(conn: &mut redis::Connection) -> Vec<(u16, u16, u16)> {
         .collect()
 }
 
-// ---------------------------------------------------------------- HTTP client
-
-struct Session {
-    id: String,
-    token: String,
-}
-
-async fn create_session(http: &reqwest::Client, server: &Server) -> Session {
-    let v: Value = http
-        .post(format!("http://{}/sessions", server.addr))
-        .send()
-        .await
-        .expect("POST /sessions")
-        .json()
-        .await
-        .expect("session JSON");
-    Session {
-        id: v["id"].as_str().expect("id").to_owned(),
-        token: v["token"].as_str().expect("token").to_owned(),
-    }
-}
-
-async fn stats(http: &reqwest::Client, server: &Server) -> Value {
-    http.get(format!("http://{}/stats", server.addr))
-        .bearer_auth(ADMIN)
-        .send()
-        .await
-        .expect("GET /stats")
-        .json()
-        .await
-        .expect("stats JSON")
-}
-
-fn now_micros() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .expect("clock after 1970")
-        .as_micros() as u64
-}
-
 // ---------------------------------------------------------------- streams
 
 /// What every stream reports; shared with the controller.
@@ -430,24 +363,6 @@ fn histogram() -> Histogram<u64> {
 /// Which sequence numbers a stream received (a bitset), so loss and
 /// duplicates are exact even if events were reordered.
 type Seen = Arc<Mutex<Vec<u64>>>;
-
-/// `1763894400123-0` → `(1763894400123, 0)`: ids compare as that pair.
-fn parse_id(s: &[u8]) -> Option<(u64, u64)> {
-    let s = std::str::from_utf8(s).ok()?;
-    let (ms, seq) = s.trim().split_once('-')?;
-    Some((ms.parse().ok()?, seq.parse().ok()?))
-}
-
-/// `data: {"t":123,"s":4}` → `(123, 4)`.
-fn parse_data(line: &[u8]) -> Option<(u64, u64)> {
-    let rest = line.strip_prefix(b"data: {\"t\":")?;
-    let comma = rest.iter().position(|&b| b == b',')?;
-    let t = std::str::from_utf8(&rest[..comma]).ok()?.parse().ok()?;
-    let rest = rest[comma..].strip_prefix(b",\"s\":")?;
-    let end = rest.iter().position(|&b| b == b'}')?;
-    let s = std::str::from_utf8(&rest[..end]).ok()?.parse().ok()?;
-    Some((t, s))
-}
 
 /// Opens one SSE stream over raw TCP (cheaper per stream than an HTTP
 /// client, so the load generator takes less of the machine) and reads it
@@ -695,7 +610,7 @@ async fn sessions_for(
     let mut owners = Vec::new();
     if !cluster {
         for _ in 0..n {
-            sessions.push(Arc::new(create_session(http, server).await));
+            sessions.push(Arc::new(create_session(http, server.addr).await));
             owners.push(nodes[0].port);
         }
         return (sessions, owners);
@@ -716,7 +631,7 @@ async fn sessions_for(
             tries < 20 * n + 100,
             "sessions did not spread over the primaries"
         );
-        let s = create_session(http, server).await;
+        let s = create_session(http, server.addr).await;
         let slot: u16 = redis::cmd("CLUSTER")
             .arg("KEYSLOT")
             .arg(channel(&s.id))
@@ -762,7 +677,7 @@ fn run_topology(
         // A stream is `connected` once A's subscription is confirmed; wait
         // for all of them anyway, and let A finish the set-up work.
         let deadline = Instant::now() + Duration::from_secs(30);
-        while stats(&http, &a).await["redis"]["subscribed_channels"].as_u64()
+        while stats(&http, a.addr, ADMIN).await["redis"]["subscribed_channels"].as_u64()
             < Some(sessions.len() as u64)
         {
             assert!(
@@ -793,7 +708,7 @@ fn run_topology(
             .max(1.0) as u64;
         let published = per_session * sessions.len() as u64;
         let expected = published * per_session_streams as u64;
-        let (stats_a0, stats_b0) = (stats(&http, &a).await, stats(&http, &b).await);
+        let (stats_a0, stats_b0) = (stats(&http, a.addr, ADMIN).await, stats(&http, b.addr, ADMIN).await);
         let nodes0: Vec<NodeSample> = nodes.iter_mut().map(Node::sample).collect();
         let (cpu_a0, cpu_b0, cpu_self0) = (a.cpu(), b.cpu(), proc_cpu(std::process::id()));
         let machine0 = machine_ticks();
@@ -811,7 +726,7 @@ fn run_topology(
         let cpu_self = proc_cpu(std::process::id()) - cpu_self0;
         let machine1 = machine_ticks();
         let nodes1: Vec<NodeSample> = nodes.iter_mut().map(Node::sample).collect();
-        let (stats_a1, stats_b1) = (stats(&http, &a).await, stats(&http, &b).await);
+        let (stats_a1, stats_b1) = (stats(&http, a.addr, ADMIN).await, stats(&http, b.addr, ADMIN).await);
         // A little more time for stragglers, so duplicates would show.
         tokio::time::sleep(Duration::from_millis(300)).await;
 
@@ -983,48 +898,14 @@ fn run_topology(
 // ---------------------------------------------------------------- output
 
 fn machine() -> Value {
-    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    let model = cpuinfo
-        .lines()
-        .find_map(|l| l.strip_prefix("model name"))
-        .map(|m| m.trim_start_matches([' ', '\t', ':']).to_owned())
-        .unwrap_or_default();
-    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
-    let mem_kib: u64 = meminfo
-        .lines()
-        .find_map(|l| l.strip_prefix("MemTotal:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0);
     let redis = Command::new("redis-server")
         .arg("--version")
         .output()
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
         .unwrap_or_default();
-    json!({
-        "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
-        "cpu_model": model,
-        "mem_gib": mem_kib as f64 / 1024.0 / 1024.0,
-        "kernel": std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim(),
-        "redis": redis,
-    })
-}
-
-/// Today's UTC date, `YYYY-MM-DD` (days-to-civil, proleptic Gregorian).
-fn today() -> String {
-    let secs = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs()) as i64;
-    let z = secs.div_euclid(86_400) + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!("{year:04}-{month:02}-{day:02}")
+    let mut m = procs::machine();
+    m["redis"] = json!(redis);
+    m
 }
 
 struct Options {

@@ -1,0 +1,186 @@
+//! Bench support: the processes a benchmark starts and measures (a private
+//! `redis-server`, installed binaries) and their CPU time and memory from
+//! `/proc`. Shared by the bench targets, each of which uses part of it.
+
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use serde_json::{json, Value};
+
+/// `SESSION_SECRET` of every server a bench starts.
+pub const SECRET: &str = "bench-secret-of-at-least-32-bytes-0123456789";
+/// `ADMIN_TOKEN` of every server a bench starts (for `/stats`).
+pub const ADMIN: &str = "bench-admin-token-0123456789";
+
+/// A port that was free a moment ago.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
+/// User and system CPU time of a process (all threads), from `/proc/<pid>/stat`.
+pub fn proc_cpu_split(pid: u32) -> (Duration, Duration) {
+    try_proc_cpu_split(pid).expect("read utime and stime from /proc/pid/stat")
+}
+
+/// [`proc_cpu_split`], or `None` once the process is gone.
+pub fn try_proc_cpu_split(pid: u32) -> Option<(Duration, Duration)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may contain spaces; fields are counted after its ')'.
+    let rest = stat.get(stat.rfind(')')? + 2..)?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the full line (11, 12 here).
+    let user: u64 = fields.get(11)?.parse().ok()?;
+    let sys: u64 = fields.get(12)?.parse().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    let time = |ticks: u64| Duration::from_nanos(ticks * 1_000_000_000 / hz);
+    Some((time(user), time(sys)))
+}
+
+/// User + system CPU time of a process (all threads).
+pub fn proc_cpu(pid: u32) -> Duration {
+    let (user, sys) = proc_cpu_split(pid);
+    user + sys
+}
+
+/// [`proc_cpu`], or `None` once the process is gone.
+pub fn try_proc_cpu(pid: u32) -> Option<Duration> {
+    try_proc_cpu_split(pid).map(|(user, sys)| user + sys)
+}
+
+/// Resident set size in KiB, from `/proc/<pid>/status`.
+pub fn proc_rss_kib(pid: u32) -> u64 {
+    let status =
+        std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read /proc/pid/status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .expect("VmRSS in /proc/pid/status")
+}
+
+/// Finds an installed binary, in the sbin directories too (HAProxy lives
+/// in /usr/sbin, which is not on every user's PATH).
+pub fn require_binary(name: &str) -> PathBuf {
+    let path = std::env::var("PATH").unwrap_or_default();
+    let dirs = path
+        .split(':')
+        .map(PathBuf::from)
+        .chain(["/usr/sbin", "/usr/local/sbin", "/sbin"].map(PathBuf::from));
+    for dir in dirs {
+        let candidate = dir.join(name);
+        if candidate.is_file() {
+            return candidate;
+        }
+    }
+    panic!("`{name}` is not installed (tests/run-all.sh installs it on Debian)")
+}
+
+/// A private `redis-server` on a free port, without persistence; stopped
+/// when dropped.
+pub struct Redis {
+    child: Child,
+    pub port: u16,
+}
+
+impl Redis {
+    pub fn start() -> Redis {
+        let port = free_port();
+        #[allow(clippy::zombie_processes)] // waited for in Drop
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server must be installed (tests/run-all.sh installs it)");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                return Redis { child, port };
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("redis-server on port {port} did not start");
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// (busy, total) jiffies of the whole machine, from `/proc/stat`: how
+/// saturated the cores were, whoever used them.
+pub fn machine_ticks() -> (u64, u64) {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let v: Vec<u64> = stat
+        .lines()
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    let total: u64 = v.iter().take(8).sum();
+    // idle + iowait are not busy.
+    let idle = v.get(3).copied().unwrap_or(0) + v.get(4).copied().unwrap_or(0);
+    (total - idle, total)
+}
+
+/// The machine a bench ran on (for the results file).
+pub fn machine() -> Value {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpuinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("model name"))
+        .map(|m| m.trim_start_matches([' ', '\t', ':']).to_owned())
+        .unwrap_or_default();
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let mem_kib: u64 = meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    json!({
+        "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        "cpu_model": model,
+        "mem_gib": mem_kib as f64 / 1024.0 / 1024.0,
+        "kernel": std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim(),
+    })
+}
+
+/// Today's UTC date, `YYYY-MM-DD` (days-to-civil, proleptic Gregorian).
+pub fn today() -> String {
+    let secs = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs()) as i64;
+    let z = secs.div_euclid(86_400) + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!("{year:04}-{month:02}-{day:02}")
+}
