@@ -27,7 +27,9 @@ use crate::stream::{CloseSignal, SseStream};
 pub struct StreamOptions {
     /// Interval of comment heartbeats.
     pub heartbeat: std::time::Duration,
-    /// The `retry:` hint sent first.
+    /// Base of the `retry:` hint sent first. Each stream gets it plus a
+    /// random part of up to half of it again: the clients of an instance
+    /// that dies then do not all come back in the same instant.
     pub retry: std::time::Duration,
     /// When and how the stream ends on shutdown.
     pub close: CloseSignal,
@@ -81,7 +83,8 @@ pub async fn open_stream(
     fields.insert("session_id".into(), Value::from(session.as_str()));
     let connected = OutgoingEvent::json(EventType::from_static("connected"), &fields);
     let mut prelude = BytesMut::new();
-    prelude.extend_from_slice(&encode_retry(options.retry));
+    let retry = options.retry + options.retry.mul_f64(rand::random::<f64>() / 2.0);
+    prelude.extend_from_slice(&encode_retry(retry));
     prelude.extend_from_slice(&encode_event(
         Some(position),
         &connected.event_type,

@@ -20,7 +20,9 @@ async fn stream_opens_with_headers_retry_and_connected() {
     assert_eq!(h["x-accel-buffering"], "no");
     assert_eq!(h["x-instance-id"], "node-a");
     let retry = sse.next_block(T).await.unwrap();
-    assert_eq!(retry.retry, Some(1500));
+    // SSE_RETRY_MS plus up to half of it again, per stream.
+    let hint = retry.retry.expect("retry hint");
+    assert!((1500..2250).contains(&hint), "retry hint {hint}");
     let connected = sse.next_event(T).await.unwrap();
     assert_eq!(connected.event.as_deref(), Some("connected"));
     assert_eq!(

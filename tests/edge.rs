@@ -732,3 +732,29 @@ async fn a_stream_on_a_kept_alive_connection_is_taken_from_hyper() {
     let ok = eventually(T, || async { server.stats().await["open_streams"] == 0 }).await;
     assert!(ok, "{}", server.stats().await);
 }
+
+// Fails before the fix: the listener kept the default backlog of 128, and
+// the clients of a dead instance coming back at once overflowed it (each
+// dropped SYN is retried only after a second).
+#[tokio::test]
+async fn the_listener_queues_a_burst_of_connects() {
+    let server = Server::start(&[]);
+    let port = server.addr.rsplit(':').next().unwrap().to_owned();
+    let out = std::process::Command::new("ss")
+        .args(["-ltnH", &format!("sport = :{port}")])
+        .output()
+        .expect("ss (iproute2) runs");
+    let text = String::from_utf8_lossy(&out.stdout);
+    // LISTEN  Recv-Q  Send-Q(backlog)  local  peer
+    let backlog: u32 = text
+        .split_whitespace()
+        .nth(2)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no listener on :{port} in {text:?}"));
+    let somaxconn: u32 = std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert_eq!(backlog, somaxconn.min(4096));
+}

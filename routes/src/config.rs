@@ -98,7 +98,8 @@ pub struct Config {
           value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub sse_heartbeat_secs: u64,
 
-    /// Reconnect delay hint (`retry:`) sent to clients, in milliseconds.
+    /// Reconnect delay hint (`retry:`) sent to clients, in milliseconds: each
+    /// stream gets this plus a random part of up to half of it again.
     #[arg(long, env = "SSE_RETRY_MS", default_value_t = 2000,
           value_parser = clap::value_parser!(u64).range(100..=600_000))]
     pub sse_retry_ms: u64,

@@ -60,8 +60,34 @@ fn main() -> ExitCode {
     }
 }
 
+/// Pending connections the kernel queues for `accept` (capped by
+/// `net.core.somaxconn`). The default of 128 overflows when the clients of
+/// a dead instance all come back at once: dropped SYNs are retried after a
+/// second, which lands on every one of them.
+const LISTEN_BACKLOG: u32 = 4096;
+
+async fn listen(host: &str, port: u16) -> std::io::Result<TcpListener> {
+    let mut last = None;
+    for addr in tokio::net::lookup_host((host, port)).await? {
+        let socket = if addr.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        socket.set_reuseaddr(true)?;
+        match socket
+            .bind(addr)
+            .and_then(|()| socket.listen(LISTEN_BACKLOG))
+        {
+            Ok(listener) => return Ok(listener),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| std::io::Error::other("the host name resolves to no address")))
+}
+
 async fn run(config: Config) -> anyhow::Result<()> {
-    let listener = TcpListener::bind((config.host.as_str(), config.port))
+    let listener = listen(&config.host, config.port)
         .await
         .with_context(|| format!("cannot listen on {}:{}", config.host, config.port))?;
     let addr = listener.local_addr()?;

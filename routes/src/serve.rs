@@ -204,24 +204,26 @@ impl Conn {
 
     /// Reads the first request head, all of it within the head timeout.
     async fn sniff(&self, tcp: &mut TcpStream, stop: &CancellationToken) -> Sniff {
-        let mut buf = vec![0u8; MAX_HEAD];
-        let mut filled = 0;
+        // Read into spare capacity: nothing is zeroed first.
+        let mut buf = Vec::with_capacity(MAX_HEAD);
         let deadline = tokio::time::Instant::now() + self.head_timeout;
         loop {
-            let n = tokio::select! {
+            let room = MAX_HEAD - buf.len();
+            let mut spare = bytes::BufMut::limit(&mut buf, room);
+            tokio::select! {
                 () = stop.cancelled() => return Sniff::Gone,
                 // Waits on readiness: a head arriving in pieces costs one
                 // wake-up per piece, and the deadline is the whole head's.
-                r = tokio::time::timeout_at(deadline, tcp.read(&mut buf[filled..])) => match r {
+                r = tokio::time::timeout_at(deadline, tcp.read_buf(&mut spare)) => match r {
                     Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return Sniff::Gone,
-                    Ok(Ok(n)) => n,
+                    Ok(Ok(_)) => {}
                 },
-            };
-            filled += n;
-            match classify(&buf[..filled], filled == buf.len(), self.peer) {
+            }
+            match classify(&buf, buf.len() >= MAX_HEAD, self.peer) {
                 Some(Classified::Stream(req)) => return Sniff::Stream(req),
+                // Copied: the head buffer is not kept for the connection's life.
                 Some(Classified::Other) => {
-                    return Sniff::Other(bytes::Bytes::copy_from_slice(&buf[..filled]))
+                    return Sniff::Other(bytes::Bytes::copy_from_slice(&buf))
                 }
                 None => {}
             }

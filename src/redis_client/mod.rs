@@ -33,6 +33,13 @@ pub const RESPONSE_TIMEOUT: Duration = Duration::from_millis(1000);
 pub const PROBE_INTERVAL: Duration = Duration::from_millis(250);
 /// How long one connection attempt may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_millis(1000);
+/// Commands of the shared client in flight at once. The connection is
+/// multiplexed: a command's response waits behind every command sent before
+/// it, so without a bound a burst (ten thousand streams resuming at once)
+/// would make commands wait out [`RESPONSE_TIMEOUT`] behind each other and
+/// be taken for an outage. A command waits for its turn before its timeout
+/// starts.
+pub const MAX_IN_FLIGHT: usize = 256;
 
 /// Cheap to clone; every clone is the same client and connection.
 #[derive(Clone)]
@@ -57,6 +64,8 @@ struct Inner {
     healthy: AtomicBool,
     /// Where the probe task is spawned; set by `connect`.
     runtime: std::sync::OnceLock<(TaskTracker, CancellationToken)>,
+    /// See [`MAX_IN_FLIGHT`].
+    in_flight: tokio::sync::Semaphore,
 }
 
 /// Why one Redis command failed.
@@ -126,6 +135,7 @@ impl SharedRedis {
                 display_url: topology.display(),
                 healthy: AtomicBool::new(true),
                 runtime: std::sync::OnceLock::new(),
+                in_flight: tokio::sync::Semaphore::new(MAX_IN_FLIGHT),
             }),
         })
     }
@@ -195,7 +205,8 @@ impl SharedRedis {
     }
 
     /// Runs one command (or pipeline, or script) on the shared connection
-    /// with the response timeout. An outage (see [`CallError::is_outage`])
+    /// with the response timeout, once one of the [`MAX_IN_FLIGHT`] turns is
+    /// free. An outage (see [`CallError::is_outage`])
     /// marks the client unhealthy until a probe succeeds; a server error
     /// reply does not.
     pub async fn call<T, F, Fut>(&self, f: F) -> Result<T, CallError>
@@ -203,6 +214,8 @@ impl SharedRedis {
         F: FnOnce(Conn) -> Fut,
         Fut: Future<Output = redis::RedisResult<T>>,
     {
+        // Never closed, so the permit always comes.
+        let _turn = self.inner.in_flight.acquire().await;
         let conn = self.conn().ok_or(CallError::NotConnected)?;
         let started = std::time::Instant::now();
         let outcome = tokio::time::timeout(RESPONSE_TIMEOUT, f(conn)).await;

@@ -15,6 +15,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use futures::future::{BoxFuture, FutureExt};
+use futures::StreamExt;
 use tokio::sync::{oneshot, Notify};
 
 use super::envelope::{self, DecodeError};
@@ -77,6 +78,12 @@ const MAX_SENT: usize = 1024;
 /// How far before "now" the catch-up of a session wanted while the
 /// connection was down starts.
 const FLOOR_MARGIN_MS: u64 = 2_000;
+
+/// Channels subscribed with one command.
+const SUBSCRIBE_BATCH: usize = 512;
+
+/// Sessions whose catch-up or first read runs at the same time.
+const PARALLEL_CONFIRMS: usize = 64;
 
 /// Longest wait between reconnect attempts.
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
@@ -272,12 +279,41 @@ impl Inner {
         // what was missed; the cursors drop the overlap. A catch-up that
         // cannot read gives this connection up: the next one catches up
         // from the same cursors, so nothing is skipped.
-        for session in &sessions {
-            self.confirmed(session)
-                .await
-                .map_err(|e| format!("catch-up failed: {e}"))?;
+        if let Err((_, e)) = self.confirm_all(sessions).await {
+            return Err(format!("catch-up failed: {e}"));
         }
         Ok(conn)
+    }
+
+    /// [`Self::confirmed`] for each of `sessions`, [`PARALLEL_CONFIRMS`] at a
+    /// time: each is a read or two on the shared client, and a thousand
+    /// sessions subscribed at once (the streams of a dead instance coming
+    /// back) must not wait on each other's round trips. On failure, the
+    /// sessions not confirmed and the error.
+    async fn confirm_all(
+        &self,
+        sessions: Vec<SessionId>,
+    ) -> Result<(), (Vec<SessionId>, CallError)> {
+        let results: Vec<(SessionId, Result<(), CallError>)> = futures::stream::iter(sessions)
+            .map(|session| async move {
+                let confirmed = self.confirmed(&session).await;
+                (session, confirmed)
+            })
+            .buffer_unordered(PARALLEL_CONFIRMS)
+            .collect()
+            .await;
+        let mut failed = Vec::new();
+        let mut error = None;
+        for (session, confirmed) in results {
+            if let Err(e) = confirmed {
+                failed.push(session);
+                error.get_or_insert(e);
+            }
+        }
+        match error {
+            None => Ok(()),
+            Some(e) => Err((failed, e)),
+        }
     }
 
     /// A session's channel is subscribed: catch up from its cursor (a
@@ -454,14 +490,11 @@ impl Inner {
                 })
                 .collect()
         };
-        for (session, want) in changes {
+        let (subscribe, unsubscribe): (Vec<_>, Vec<_>) =
+            changes.into_iter().partition(|(_, want)| *want);
+        for (session, _) in unsubscribe {
             let channel = self.keys.channel(&session);
-            let result = if want {
-                let one = std::slice::from_ref(&channel);
-                tokio::time::timeout(RESPONSE_TIMEOUT, conn.subscribe(one)).await
-            } else {
-                tokio::time::timeout(RESPONSE_TIMEOUT, conn.unsubscribe(&channel)).await
-            };
+            let result = tokio::time::timeout(RESPONSE_TIMEOUT, conn.unsubscribe(&channel)).await;
             if !matches!(result, Ok(Ok(()))) {
                 tracing::warn!(
                     backend = "redis",
@@ -472,25 +505,48 @@ impl Inner {
                 self.interest.lock().dirty.insert(session);
                 return false;
             }
-            if want {
-                if self.confirmed(&session).await.is_err() {
-                    self.interest.lock().dirty.insert(session);
-                    return false;
-                }
+            let mut st = self.interest.lock();
+            st.live.remove(&session);
+            if !st.wanted.contains_key(&session) {
+                st.cursors.remove(&session);
+                st.estimated.remove(&session);
             } else {
-                let mut st = self.interest.lock();
-                st.live.remove(&session);
-                if !st.wanted.contains_key(&session) {
-                    st.cursors.remove(&session);
-                    st.estimated.remove(&session);
-                } else {
-                    // Wanted again meanwhile: subscribe it on the next round.
-                    st.dirty.insert(session);
-                    self.interest.changed.notify_one();
-                }
-                self.counters
-                    .subscribed
-                    .store(st.live.len() as u64, Ordering::Relaxed);
+                // Wanted again meanwhile: subscribe it on the next round.
+                st.dirty.insert(session);
+                self.interest.changed.notify_one();
+            }
+            self.counters
+                .subscribed
+                .store(st.live.len() as u64, Ordering::Relaxed);
+        }
+        // New sessions in batches: one SUBSCRIBE for many channels, then
+        // their confirmations side by side.
+        let mut subscribe: Vec<SessionId> = subscribe.into_iter().map(|(s, _)| s).collect();
+        while !subscribe.is_empty() {
+            let rest = subscribe.split_off(subscribe.len().min(SUBSCRIBE_BATCH));
+            let batch = std::mem::replace(&mut subscribe, rest);
+            let channels: Vec<String> = batch.iter().map(|s| self.keys.channel(s)).collect();
+            let result =
+                tokio::time::timeout(RESPONSE_TIMEOUT * 5, conn.subscribe(&channels)).await;
+            if !matches!(result, Ok(Ok(()))) {
+                tracing::warn!(
+                    backend = "redis",
+                    channels = channels.len(),
+                    "subscription change failed; reconnecting"
+                );
+                // Still dirty: the next connection subscribes what is wanted.
+                self.interest
+                    .lock()
+                    .dirty
+                    .extend(batch.into_iter().chain(subscribe));
+                return false;
+            }
+            if let Err((failed, _)) = self.confirm_all(batch).await {
+                self.interest
+                    .lock()
+                    .dirty
+                    .extend(failed.into_iter().chain(subscribe));
+                return false;
             }
         }
         true
