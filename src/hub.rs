@@ -302,23 +302,33 @@ struct Leave {
 impl Drop for Leave {
     fn drop(&mut self) {
         self.inner.subscribers.fetch_sub(1, Ordering::Relaxed);
+        // The session's own lock first, without the map's: a delivery may
+        // hold it while it writes, and other sessions must not wait for that.
+        // The slot found by name is this sink's: a slot leaves the map only
+        // when empty, and this sink is in it until here.
+        let Some(slot) = self.inner.lock().slots.get(&self.session).cloned() else {
+            return; // The hub closed.
+        };
+        let empty = {
+            let mut members = slot.lock();
+            members.sinks.retain(|s| !Arc::ptr_eq(s, &self.sink));
+            members.sinks.is_empty()
+        };
+        if !empty {
+            return;
+        }
         let vacated = {
             let mut map = self.inner.lock();
-            // A sink is only added under the map's lock, so a session found
-            // empty here stays empty until it is removed.
-            let vacated = match map.slots.get(&self.session) {
-                Some(slot) => {
-                    let mut members = slot.lock();
-                    members.sinks.retain(|s| !Arc::ptr_eq(s, &self.sink));
-                    members.sinks.is_empty().then_some(slot.generation)
-                }
-                // The hub closed.
-                None => None,
-            };
-            if vacated.is_some() {
+            // Sinks are only added under the map's lock: still empty now
+            // means empty until it is removed.
+            let still = map
+                .slots
+                .get(&self.session)
+                .is_some_and(|s| Arc::ptr_eq(s, &slot) && s.lock().sinks.is_empty());
+            if still {
                 map.slots.remove(&self.session);
             }
-            vacated
+            still.then_some(slot.generation)
         };
         if let (Some(generation), Some(f)) = (vacated, self.inner.on_vacated.get()) {
             f(&self.session, generation);

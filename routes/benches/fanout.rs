@@ -1138,9 +1138,7 @@ impl Options {
                         .collect()
                 })
                 .unwrap_or_default(),
-            out: var("BENCH_OUT")
-                .map(PathBuf::from)
-                .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/bench")),
+            out: procs::bench_out(),
         }
     }
 

@@ -942,9 +942,7 @@ impl Options {
                 .map(|v| v.parse().unwrap_or_else(|_| panic!("{k}: not a number")))
                 .unwrap_or(d)
         };
-        let out_dir = std::env::var_os("BENCH_OUT")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/bench"));
+        let out_dir = procs::bench_out();
         let o = Options {
             streams: num("STORM_STREAMS", 10_000.0) as usize,
             sessions: num("STORM_SESSIONS", 1_000.0) as usize,

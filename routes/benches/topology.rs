@@ -44,7 +44,7 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
@@ -933,9 +933,7 @@ impl Options {
             rate: num("BENCH_RATE", if quick { 100.0 } else { 1_000.0 }),
             secs: num("BENCH_SECS", if quick { 3.0 } else { 10.0 }),
             reps: num("BENCH_REPS", if quick { 1.0 } else { 3.0 }) as usize,
-            out: var("BENCH_OUT")
-                .map(PathBuf::from)
-                .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/bench")),
+            out: procs::bench_out(),
         }
     }
 }

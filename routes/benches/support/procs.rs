@@ -184,3 +184,13 @@ pub fn today() -> String {
     let year = yoe + era * 400 + i64::from(month <= 2);
     format!("{year:04}-{month:02}-{day:02}")
 }
+
+/// Where results go: `BENCH_OUT`, a relative path taken from the workspace
+/// root (cargo runs benches in `routes/`), or `docs/bench`.
+pub fn bench_out() -> PathBuf {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    match std::env::var_os("BENCH_OUT").filter(|v| !v.is_empty()) {
+        Some(out) => root.join(out),
+        None => root.join("docs/bench"),
+    }
+}
