@@ -349,10 +349,20 @@ async fn resume_replays_what_history_holds_and_resets_beyond_it() {
 /// came back) and the client's side (numbers received, when resets came).
 #[derive(Default, Debug)]
 struct DrainLog {
-    accepted: Vec<(u64, std::time::Instant)>,
+    /// Publish number, when its 202 arrived, and the instance and event id
+    /// it names.
+    accepted: Vec<(u64, std::time::Instant, String, String)>,
     received: Vec<u64>,
-    resets: Vec<std::time::Instant>,
+    /// When each `reset` arrived, the instance that sent it and the id it
+    /// carries (where the client stands after it).
+    resets: Vec<(std::time::Instant, String, String)>,
     instances: Vec<String>,
+}
+
+/// `<ms>-<seq>` as a comparable pair.
+fn event_id(id: &str) -> Option<(u64, u64)> {
+    let (ms, seq) = id.split_once('-')?;
+    Some((ms.parse().ok()?, seq.parse().ok()?))
 }
 
 /// A browser-like client through `lb`, pinned by `X-Session-ID`: reads the
@@ -404,7 +414,11 @@ async fn drain_reader(
                         .unwrap_or("")
                         .to_owned(),
                 ),
-                Some("reset") => l.resets.push(std::time::Instant::now()),
+                Some("reset") => {
+                    let from = l.instances.last().cloned().unwrap_or_default();
+                    let id = block.id.clone().unwrap_or_default();
+                    l.resets.push((std::time::Instant::now(), from, id));
+                }
                 Some("n") => l.received.push(block.json().as_u64().unwrap()),
                 _ => {}
             }
@@ -467,10 +481,18 @@ async fn phase1_drain_loses_no_accepted_publish(lb: &Balancer, servers: &mut [Se
         n += 1;
         if let Ok(res) = publish(n).await {
             if res.status() == 202 {
+                let instance = res
+                    .headers()
+                    .get("x-instance-id")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("")
+                    .to_owned();
+                let body: serde_json::Value = res.json().await.unwrap_or_default();
+                let id = body["id"].as_str().unwrap_or("").to_owned();
                 log.lock()
                     .unwrap()
                     .accepted
-                    .push((n, std::time::Instant::now()));
+                    .push((n, std::time::Instant::now(), instance, id));
             }
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -483,18 +505,26 @@ async fn phase1_drain_loses_no_accepted_publish(lb: &Balancer, servers: &mut [Se
     let accepted_after_drain = log
         .accepted
         .iter()
-        .filter(|(_, at)| at.duration_since(started) > Duration::from_secs(5))
+        .filter(|(_, at, _, _)| at.duration_since(started) > Duration::from_secs(5))
         .count();
     assert!(
         accepted_after_drain > 10,
         "publishing stopped after the drain: {log:?}"
     );
     assert!(log.instances.len() >= 2, "the client never moved: {log:?}");
-    for (n, at) in &log.accepted {
+    for (n, at, instance, id) in &log.accepted {
         if received.contains(n) {
             continue;
         }
-        let told = log.resets.iter().any(|reset| reset > at);
+        // Told: a reset arrived after the publish was accepted, or a reset
+        // from the instance that accepted it already stood at or past its
+        // id (the stream opened just after the publish was recorded, and
+        // its 202 was still on its way).
+        let told = log.resets.iter().any(|(reset_at, from, reset_id)| {
+            reset_at > at
+                || (from == instance
+                    && matches!((event_id(reset_id), event_id(id)), (Some(r), Some(e)) if r >= e))
+        });
         assert!(
             told,
             "{:?}: publish {n} was accepted, never delivered, and no reset followed: {log:?}",
