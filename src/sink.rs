@@ -89,6 +89,19 @@ impl State {
         id == EventId::ZERO || self.position.is_none_or(|p| id > p)
     }
 
+    /// Queues the writer's own bytes; false once the sink has ended.
+    fn push_own(&mut self, bytes: Bytes) -> bool {
+        if self.ended.is_some() {
+            return false;
+        }
+        self.idle = false;
+        self.queue.push_back(Frame {
+            id: EventId::ZERO,
+            bytes,
+        });
+        true
+    }
+
     fn end(&mut self, why: Ended) -> Option<Waker> {
         self.ended.get_or_insert(why);
         self.idle = false;
@@ -159,30 +172,16 @@ impl Sink {
     /// Queues the writer's own bytes (a heartbeat) behind what is queued.
     /// They are not counted against the queue's bound.
     pub(crate) fn push_own(&self, bytes: Bytes) {
-        let mut st = self.lock();
-        if st.ended.is_some() {
-            return;
-        }
-        st.idle = false;
-        st.queue.push_back(Frame {
-            id: EventId::ZERO,
-            bytes,
-        });
+        self.lock().push_own(bytes);
     }
 
     /// Queues the writer's last bytes and takes nothing after them: the
     /// writer ends once it has written them.
     pub(crate) fn seal(&self, last: Bytes) {
         let mut st = self.lock();
-        if st.ended.is_some() {
-            return;
+        if st.push_own(last) {
+            st.ended = Some(Ended::Closed);
         }
-        st.idle = false;
-        st.queue.push_back(Frame {
-            id: EventId::ZERO,
-            bytes: last,
-        });
-        st.ended = Some(Ended::Closed);
     }
 
     /// Ends the subscriber (the hub closed).

@@ -604,29 +604,8 @@ async fn publish_all(
             let auth = format!("Bearer {}", session.token);
             for s in 0..per_session {
                 tick.tick().await;
-                let body = format!(
-                    r#"{{"type":"bench","data":{{"t":{},"s":{s}}}}}"#,
-                    now_micros()
-                );
-                let sent = http
-                    .post(&url)
-                    .header("authorization", &auth)
-                    .header("content-type", "application/json")
-                    .body(body)
-                    .send()
-                    .await;
-                let ok = match sent {
-                    Ok(r) if r.status() == reqwest::StatusCode::ACCEPTED => true,
-                    Ok(r) => {
-                        eprintln!("publish refused: {}", r.status());
-                        false
-                    }
-                    Err(e) => {
-                        eprintln!("publish failed: {e}");
-                        false
-                    }
-                };
-                if !ok {
+                if let Err(e) = sse_client::publish_numbered(&http, &url, &auth, s).await {
+                    eprintln!("{e}");
                     failures.fetch_add(1, Ordering::Relaxed);
                 }
             }

@@ -64,7 +64,7 @@ use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
 
 use procs::{free_port, machine, require_binary, today, try_proc_cpu, Redis, ADMIN, SECRET};
-use sse_client::{create_session, now_micros, parse_data, stats, Session};
+use sse_client::{create_session, parse_data, stats, Session};
 
 /// Streams in their first handshake at once while setting up.
 const OPEN_CONCURRENCY: usize = 256;
@@ -888,26 +888,11 @@ async fn publish(
                 if stop.load(Ordering::Relaxed) {
                     return s;
                 }
-                let body = format!(
-                    r#"{{"type":"bench","data":{{"t":{},"s":{s}}}}}"#,
-                    now_micros()
-                );
-                let sent = http
-                    .post(&url)
-                    .header("authorization", &auth)
-                    .header("content-type", "application/json")
-                    .body(body)
-                    .send()
-                    .await;
-                match sent {
-                    Ok(r) if r.status() == reqwest::StatusCode::ACCEPTED => s += 1,
-                    Ok(r) => {
-                        eprintln!("publish refused: {}", r.status());
-                        failures.fetch_add(1, Ordering::Relaxed);
-                        // The sequence must stay gap-free: try this one again.
-                    }
+                match sse_client::publish_numbered(&http, &url, &auth, s).await {
+                    Ok(()) => s += 1,
                     Err(e) => {
-                        eprintln!("publish failed: {e}");
+                        eprintln!("{e}");
+                        // The sequence must stay gap-free: try this one again.
                         failures.fetch_add(1, Ordering::Relaxed);
                     }
                 }

@@ -532,19 +532,10 @@ async fn publish_all(
             let auth = format!("Bearer {}", session.token);
             for s in 0..per_session {
                 tick.tick().await;
-                let body = format!(
-                    r#"{{"type":"bench","data":{{"t":{},"s":{s}}}}}"#,
-                    now_micros()
-                );
-                let ok = http
-                    .post(&url)
-                    .header("authorization", &auth)
-                    .header("content-type", "application/json")
-                    .body(body)
-                    .send()
+                if sse_client::publish_numbered(&http, &url, &auth, s)
                     .await
-                    .is_ok_and(|r| r.status() == reqwest::StatusCode::ACCEPTED);
-                if !ok {
+                    .is_err()
+                {
                     failures.fetch_add(1, Ordering::Relaxed);
                 }
             }

@@ -69,3 +69,29 @@ pub fn parse_data(line: &[u8]) -> Option<(u64, u64)> {
     let s = std::str::from_utf8(&rest[..end]).ok()?.parse().ok()?;
     Some((t, s))
 }
+
+/// Publishes the benchmark's event number `s` (with its send time in
+/// microseconds) to `url`; `Err` says why it was not accepted.
+pub async fn publish_numbered(
+    http: &reqwest::Client,
+    url: &str,
+    auth: &str,
+    s: u64,
+) -> Result<(), String> {
+    let body = format!(
+        r#"{{"type":"bench","data":{{"t":{},"s":{s}}}}}"#,
+        now_micros()
+    );
+    let sent = http
+        .post(url)
+        .header("authorization", auth)
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .await;
+    match sent {
+        Ok(r) if r.status() == reqwest::StatusCode::ACCEPTED => Ok(()),
+        Ok(r) => Err(format!("publish refused: {}", r.status())),
+        Err(e) => Err(format!("publish failed: {e}")),
+    }
+}
