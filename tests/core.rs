@@ -395,6 +395,51 @@ async fn heartbeats_arrive_on_idle_streams() {
     }
 }
 
+// Fails before the change: every open stream kept its connection's task
+// while it waited (docs/benchmarks.md: most of an idle stream's memory
+// after its socket). A waiting stream now holds none, and still gets its
+// heartbeats, its events and its end.
+#[tokio::test]
+async fn waiting_streams_hold_no_task() {
+    const STREAMS: u64 = 40;
+    let server = Server::start(&[("SSE_HEARTBEAT_SECS", "1")]);
+    let (id, token) = new_session(&server).await;
+    let tasks = || async { server.stats().await["tasks"].as_u64().unwrap() };
+    let before = tasks().await;
+    let mut streams = Vec::new();
+    for _ in 0..STREAMS {
+        let mut sse = SseClient::open(&server, &id, &token).await;
+        sse.expect_connected().await;
+        streams.push(sse);
+    }
+    let parked = eventually(T, || async { tasks().await < before + STREAMS / 4 }).await;
+    assert!(
+        parked,
+        "tasks {} with {STREAMS} streams, {before} before",
+        tasks().await
+    );
+    // Heartbeats, then an event, reach every stream while it waits.
+    for sse in &mut streams {
+        let block = sse.next_block(Duration::from_millis(2500)).await.unwrap();
+        assert!(block.comment && block.event.is_none(), "{block:?}");
+    }
+    let event = publish(&server, &id, &token, "note", json!({ "n": 1 })).await;
+    for sse in &mut streams {
+        let got = sse.next_event(T).await.unwrap();
+        assert_eq!(got.id.as_deref(), Some(event.as_str()));
+    }
+    assert!(
+        tasks().await < before + STREAMS / 4,
+        "tasks {}",
+        tasks().await
+    );
+    assert_eq!(server.stats().await["open_streams"], STREAMS);
+    // A client closing ends its stream.
+    drop(streams);
+    let ended = eventually(T, || async { server.stats().await["open_streams"] == 0 }).await;
+    assert!(ended, "{}", server.stats().await);
+}
+
 #[tokio::test]
 async fn pipeline_gate_pauses_and_resumes() {
     let server = Server::start(&[]);

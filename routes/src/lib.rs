@@ -34,6 +34,7 @@ pub mod serve;
 pub mod sessions;
 pub mod state;
 pub mod workflow;
+mod writer;
 
 use std::sync::Arc;
 

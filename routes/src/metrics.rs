@@ -113,6 +113,14 @@ impl Collector for StateCollector {
         )?;
         gauge(
             &mut e,
+            "sse_runtime_tasks",
+            "Tasks alive in the server's runtime (a waiting stream holds none)",
+            tokio::runtime::Handle::current()
+                .metrics()
+                .num_alive_tasks() as i64,
+        )?;
+        gauge(
+            &mut e,
             "sse_max_streams",
             "MAX_STREAMS",
             s.max_streams as i64,

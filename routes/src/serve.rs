@@ -11,9 +11,9 @@
 //! (not consumed) and parsed with `httparse`; if it opens a stream, the
 //! request still goes through the same axum router (routing, auth, rate
 //! limits, the `X-Instance-Id` layer, tracing), and only the response is
-//! written here: the head, then each frame straight from its shared bytes,
-//! until the stream ends or the client goes away. The response is
-//! close-delimited (`Connection: close`), which every HTTP/1 client and
+//! written by [`crate::writer`]: the head, then each frame straight from its
+//! shared bytes, until the stream ends or the client goes away, with no task
+//! while the stream waits. The response is close-delimited (`Connection: close`), which every HTTP/1 client and
 //! proxy reads. Everything else is hyper's — until a later request of a
 //! kept-alive HTTP/1 connection opens a stream (a balancer that reuses its
 //! upstream connections sends streams that way): the bytes hyper reads pass
@@ -21,7 +21,7 @@
 //! it. A stream head is held back, hyper is told to finish (it is between
 //! requests, so it just stops, with no `Connection: close` on the responses
 //! it already sent), and the connection, taken back from hyper with its
-//! buffers freed, is written by the same loop as a first-request stream.
+//! buffers freed, is written by the same writer as a first-request stream.
 //! HTTP/2 connections stay with hyper for their whole life.
 //!
 //! **Slow or idle clients.** The first head is read (not peeked) against
@@ -46,7 +46,6 @@ use axum::body::Body;
 use axum::extract::ConnectInfo;
 use axum::http::{header, HeaderMap, HeaderName, HeaderValue, Method, Request, Response};
 use axum::Router;
-use http_body::Body as _;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
@@ -57,15 +56,12 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower::ServiceExt;
 
-use sse_scale::sink::DirectWriter;
 use sse_scale::stall::{PeerAddr, StallGuard};
 
 /// Longest request head the stream path parses; bigger heads go to hyper.
 const MAX_HEAD: usize = 8192;
 /// How an HTTP/2 prior-knowledge (h2c) connection starts.
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0";
-/// Largest non-stream response the stream path buffers (its error bodies).
-const MAX_ERROR_BODY: usize = 64 * 1024;
 
 /// How connections are bounded.
 #[derive(Debug, Clone)]
@@ -142,6 +138,7 @@ pub async fn serve(
         }
         let conn = Conn {
             app: app.clone(),
+            tracker: conns.clone(),
             peer,
             write_timeout: limits.write_timeout,
             head_timeout: limits.head_timeout,
@@ -191,6 +188,8 @@ enum Sniff {
 
 struct Conn {
     app: Router,
+    /// The server's connections, for a stream that waits without a task.
+    tracker: TaskTracker,
     peer: SocketAddr,
     write_timeout: Duration,
     head_timeout: Duration,
@@ -308,19 +307,9 @@ impl Conn {
     }
 
     /// Runs a stream request through the router and writes the response.
-    async fn serve_stream(&self, mut io: StallGuard, req: Request<Body>) {
+    async fn serve_stream(&self, io: StallGuard, req: Request<Body>) {
         let Ok(res) = Box::pin(self.app.clone().oneshot(req)).await;
-        let direct = res.extensions().get::<DirectWriter>().cloned();
-        let (head, streaming, body) = response_head(res);
-        let written = if streaming {
-            pump(&mut io, head, body, direct).await
-        } else {
-            Box::pin(write_whole(&mut io, head, body)).await
-        };
-        if let Err(e) = written {
-            tracing::debug!(error = %e, "stream connection ended");
-        }
-        let _ = io.shutdown().await;
+        crate::writer::respond(io, res, self.tracker.token()).await;
     }
 }
 
@@ -722,109 +711,5 @@ impl AsyncWrite for Rewind {
         cx: &mut std::task::Context<'_>,
     ) -> Poll<io::Result<()>> {
         Pin::new(&mut self.io).poll_shutdown(cx)
-    }
-}
-
-/// The response head for a connection that closes after the response,
-/// whether the body is an event stream, and the body. The response's own
-/// head is freed here: it would otherwise live as long as the stream.
-fn response_head(res: Response<Body>) -> (Vec<u8>, bool, Body) {
-    let (parts, body) = res.into_parts();
-    let streaming = parts
-        .headers
-        .get(header::CONTENT_TYPE)
-        .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
-    let mut head = Vec::with_capacity(256);
-    head.extend_from_slice(
-        format!(
-            "HTTP/1.1 {} {}\r\n",
-            parts.status.as_str(),
-            parts.status.canonical_reason().unwrap_or("")
-        )
-        .as_bytes(),
-    );
-    for (name, value) in &parts.headers {
-        if name == header::CONTENT_LENGTH
-            || name == header::TRANSFER_ENCODING
-            || name == header::CONNECTION
-        {
-            continue;
-        }
-        head.extend_from_slice(name.as_str().as_bytes());
-        head.extend_from_slice(b": ");
-        head.extend_from_slice(value.as_bytes());
-        head.extend_from_slice(b"\r\n");
-    }
-    head.extend_from_slice(b"connection: close\r\n");
-    (head, streaming, body)
-}
-
-/// A whole (error) response: buffered, with its length.
-async fn write_whole(io: &mut StallGuard, mut head: Vec<u8>, body: Body) -> io::Result<()> {
-    let bytes = axum::body::to_bytes(body, MAX_ERROR_BODY)
-        .await
-        .map_err(io::Error::other)?;
-    head.extend_from_slice(format!("content-length: {}\r\n\r\n", bytes.len()).as_bytes());
-    head.extend_from_slice(&bytes);
-    io.write_all(&head).await
-}
-
-enum Next {
-    Frame(Option<Result<http_body::Frame<bytes::Bytes>, axum::Error>>),
-    Readable(io::Result<()>),
-}
-
-/// An event stream: the head, then each frame as the body yields it, until
-/// the body ends or the client goes away. The body's bytes go to the socket
-/// as they are, each write finished before the body is polled again, so the
-/// socket is handed to the connection map (`direct`): live frames are then
-/// written by the deliveries themselves, and the body yields only what had
-/// to wait for a full socket, heartbeats and its end.
-async fn pump(
-    io: &mut StallGuard,
-    mut head: Vec<u8>,
-    mut body: Body,
-    direct: Option<DirectWriter>,
-) -> io::Result<()> {
-    head.extend_from_slice(b"\r\n");
-    io.write_all(&head).await?;
-    drop(head);
-    if let Some(direct) = direct {
-        direct.attach(io.shared());
-    }
-    let mut scratch = [0u8; 16];
-    loop {
-        // One poll for both sources, without a readiness future per frame:
-        // the body first (events), then the socket (the client closing).
-        let next = std::future::poll_fn(|cx| {
-            if let Poll::Ready(frame) = Pin::new(&mut body).poll_frame(cx) {
-                return Poll::Ready(Next::Frame(frame));
-            }
-            match io.tcp().poll_read_ready(cx) {
-                Poll::Ready(ready) => Poll::Ready(Next::Readable(ready)),
-                Poll::Pending => Poll::Pending,
-            }
-        })
-        .await;
-        match next {
-            Next::Frame(Some(Ok(frame))) => {
-                if let Ok(data) = frame.into_data() {
-                    io.write_all(&data).await?;
-                }
-            }
-            Next::Frame(Some(Err(e))) => return Err(io::Error::other(e)),
-            Next::Frame(None) => return Ok(()),
-            // The client closed (or reset) its side: nothing to send to.
-            // Anything else it sends on a stream is ignored.
-            Next::Readable(ready) => {
-                ready?;
-                match io.tcp().try_read(&mut scratch) {
-                    Ok(0) => return Ok(()),
-                    Ok(_) => {}
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                    Err(e) => return Err(e),
-                }
-            }
-        }
     }
 }

@@ -1,0 +1,259 @@
+//! The stream writer: writes the response of a request the accept loop
+//! ([`crate::serve`]) kept away from hyper — a whole error response, or an
+//! event stream's head and then each frame its body yields — and, while a
+//! stream has nothing to write, holds no task.
+//!
+//! **Why no task.** An idle stream is what an instance holds most of, and a
+//! tokio task per stream (its cell, and the connection's future inside it)
+//! was the largest part of an idle stream's memory after its socket
+//! (docs/benchmarks.md). A waiting writer only needs to be told when to go
+//! on: when its body has something (a frame queued behind a full socket, a
+//! heartbeat, the drain signal, its end) or the client closes. Both register
+//! a waker; here that waker is the parked stream itself ([`Park`]). Waking
+//! it spawns a task that takes the stream back, writes what is due and
+//! parks it again. Live frames do not wake it at all: deliveries write them
+//! straight into the socket (see [`sse_scale::sink`]).
+//!
+//! A parked stream is not a task, so it holds a token of the server's
+//! connection tracker: a graceful shutdown still waits for every stream to
+//! send its closing hint and end.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll, Wake, Waker};
+
+use axum::body::Body;
+use axum::http::{header, Response};
+use http_body::Body as _;
+use tokio::io::AsyncWriteExt;
+use tokio::runtime::Handle;
+use tokio_util::task::task_tracker::TaskTrackerToken;
+
+use sse_scale::sink::DirectWriter;
+use sse_scale::stall::StallGuard;
+
+/// Largest non-stream response written here (the stream route's error
+/// bodies); it is buffered to send its length.
+const MAX_ERROR_BODY: usize = 64 * 1024;
+
+/// Writes `res` on `io`, a connection that closes after it, then closes
+/// it. `tracker` keeps a graceful shutdown waiting while the stream lives.
+pub(crate) async fn respond(mut io: StallGuard, res: Response<Body>, tracker: TaskTrackerToken) {
+    let direct = res.extensions().get::<DirectWriter>().cloned();
+    let (head, streaming, body) = response_head(res);
+    if !streaming {
+        if let Err(e) = Box::pin(write_whole(&mut io, head, body)).await {
+            tracing::debug!(error = %e, "stream connection ended");
+        }
+        let _ = io.shutdown().await;
+        return;
+    }
+    if let Err(e) = write_head(&mut io, head).await {
+        tracing::debug!(error = %e, "stream connection ended");
+        let _ = io.shutdown().await;
+        return;
+    }
+    if let Some(direct) = direct {
+        direct.attach(io.shared());
+    }
+    let pump = Pump {
+        io,
+        body,
+        _tracker: tracker,
+    };
+    let park = Arc::new(Park {
+        slot: Mutex::new(Slot::default()),
+        runtime: Handle::current(),
+    });
+    pump.run(park).await;
+}
+
+/// The response head for a connection that closes after the response,
+/// whether the body is an event stream, and the body. The response's own
+/// head is freed here: it would otherwise live as long as the stream.
+fn response_head(res: Response<Body>) -> (Vec<u8>, bool, Body) {
+    let (parts, body) = res.into_parts();
+    let streaming = parts
+        .headers
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
+    let mut head = Vec::with_capacity(256);
+    head.extend_from_slice(
+        format!(
+            "HTTP/1.1 {} {}\r\n",
+            parts.status.as_str(),
+            parts.status.canonical_reason().unwrap_or("")
+        )
+        .as_bytes(),
+    );
+    for (name, value) in &parts.headers {
+        if name == header::CONTENT_LENGTH
+            || name == header::TRANSFER_ENCODING
+            || name == header::CONNECTION
+        {
+            continue;
+        }
+        head.extend_from_slice(name.as_str().as_bytes());
+        head.extend_from_slice(b": ");
+        head.extend_from_slice(value.as_bytes());
+        head.extend_from_slice(b"\r\n");
+    }
+    head.extend_from_slice(b"connection: close\r\n");
+    (head, streaming, body)
+}
+
+/// A whole (error) response: buffered, with its length.
+async fn write_whole(io: &mut StallGuard, mut head: Vec<u8>, body: Body) -> io::Result<()> {
+    let bytes = axum::body::to_bytes(body, MAX_ERROR_BODY)
+        .await
+        .map_err(io::Error::other)?;
+    head.extend_from_slice(format!("content-length: {}\r\n\r\n", bytes.len()).as_bytes());
+    head.extend_from_slice(&bytes);
+    io.write_all(&head).await
+}
+
+async fn write_head(io: &mut StallGuard, mut head: Vec<u8>) -> io::Result<()> {
+    head.extend_from_slice(b"\r\n");
+    io.write_all(&head).await
+}
+
+/// An event stream being written: the body's bytes go to the socket as they
+/// are, each write finished before the body is polled again. That is what
+/// lets the socket be handed to the connection map ([`DirectWriter`]): live
+/// frames are written by the deliveries themselves, and the body yields only
+/// what had to wait for a full socket, heartbeats and its end.
+struct Pump {
+    io: StallGuard,
+    body: Body,
+    _tracker: TaskTrackerToken,
+}
+
+/// What a waiting stream was woken for.
+enum Next {
+    Frame(Option<Result<http_body::Frame<bytes::Bytes>, axum::Error>>),
+    Readable(io::Result<()>),
+}
+
+impl Pump {
+    /// Writes until the stream ends, or until it has nothing to write: then
+    /// it parks in `park`, and the task ends.
+    async fn run(mut self, park: Arc<Park>) {
+        let ended = loop {
+            let next = match park.wait(self) {
+                Waited::Parked => return,
+                Waited::Ready(pump, next) => {
+                    self = pump;
+                    next
+                }
+            };
+            match self.step(next).await {
+                Ok(true) => {}
+                Ok(false) => break Ok(()),
+                Err(e) => break Err(e),
+            }
+        };
+        if let Err(e) = ended {
+            tracing::debug!(error = %e, "stream connection ended");
+        }
+        let _ = self.io.shutdown().await;
+    }
+
+    /// One poll for both sources: the body first (frames), then the socket
+    /// (the client closing).
+    fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Next> {
+        if let Poll::Ready(frame) = Pin::new(&mut self.body).poll_frame(cx) {
+            return Poll::Ready(Next::Frame(frame));
+        }
+        self.io.tcp().poll_read_ready(cx).map(Next::Readable)
+    }
+
+    /// Acts on what woke the stream; `Ok(false)` once it is over.
+    async fn step(&mut self, next: Next) -> io::Result<bool> {
+        match next {
+            Next::Frame(Some(Ok(frame))) => {
+                if let Ok(data) = frame.into_data() {
+                    self.io.write_all(&data).await?;
+                }
+                Ok(true)
+            }
+            Next::Frame(Some(Err(e))) => Err(io::Error::other(e)),
+            Next::Frame(None) => Ok(false),
+            // The client closed (or reset) its side: nothing to send to.
+            // Anything else it sends on a stream is ignored.
+            Next::Readable(ready) => {
+                ready?;
+                let mut scratch = [0u8; 16];
+                match self.io.tcp().try_read(&mut scratch) {
+                    Ok(0) => Ok(false),
+                    Ok(_) => Ok(true),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(true),
+                    Err(e) => Err(e),
+                }
+            }
+        }
+    }
+}
+
+/// A stream waiting with no task: the waker its body and socket hold. See
+/// the module docs.
+struct Park {
+    slot: Mutex<Slot>,
+    runtime: Handle,
+}
+
+#[derive(Default)]
+struct Slot {
+    /// The parked stream; `None` while a task runs it.
+    pump: Option<Pump>,
+    /// Woken while a task ran it, before it parked: it must not park on a
+    /// wake-up already spent.
+    woken: bool,
+}
+
+enum Waited {
+    /// The stream is parked; the task has nothing left to do.
+    Parked,
+    Ready(Pump, Next),
+}
+
+impl Park {
+    fn lock(&self) -> MutexGuard<'_, Slot> {
+        // Each critical section leaves the slot whole.
+        self.slot.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Polls `pump` with this park as the waker; parks it if nothing is due.
+    fn wait(self: &Arc<Self>, mut pump: Pump) -> Waited {
+        let waker = Waker::from(self.clone());
+        let mut cx = Context::from_waker(&waker);
+        loop {
+            self.lock().woken = false;
+            if let Poll::Ready(next) = pump.poll_next(&mut cx) {
+                return Waited::Ready(pump, next);
+            }
+            let mut slot = self.lock();
+            if !slot.woken {
+                slot.pump = Some(pump);
+                return Waited::Parked;
+            }
+        }
+    }
+}
+
+impl Wake for Park {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        let mut slot = self.lock();
+        match slot.pump.take() {
+            Some(pump) => {
+                drop(slot);
+                self.runtime.spawn(pump.run(self.clone()));
+            }
+            None => slot.woken = true,
+        }
+    }
+}
