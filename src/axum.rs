@@ -161,21 +161,25 @@ impl<S: Send + Sync> FromRequestParts<S> for LastEventId {
 /// went away) unsubscribes.
 pub struct SseResponse {
     body: SseStream,
-    guards: Vec<Box<dyn Send + Sync>>,
+    guards: Guards,
 }
+
+/// What a stream keeps alive: one allocation per [`SseResponse::hold`],
+/// each holding the ones before (a stream lives long; its memory counts).
+type Guards = Option<Box<dyn Send + Sync>>;
 
 impl SseResponse {
     pub fn new(body: SseStream) -> Self {
-        Self {
-            body,
-            guards: Vec::new(),
-        }
+        Self { body, guards: None }
     }
 
     /// Keeps `guard` alive as long as the stream (a slot in a stream cap,
-    /// a metric gauge).
+    /// a metric gauge). Hold several as one tuple: one allocation.
     pub fn hold(mut self, guard: impl Send + Sync + 'static) -> Self {
-        self.guards.push(Box::new(guard));
+        self.guards = Some(match self.guards.take() {
+            None => Box::new(guard),
+            Some(before) => Box::new((before, guard)),
+        });
         self
     }
 
@@ -190,7 +194,7 @@ impl SseResponse {
 /// The stream body with what it keeps alive.
 struct Held {
     body: SseStream,
-    _guards: Vec<Box<dyn Send + Sync>>,
+    _guards: Guards,
 }
 
 impl Stream for Held {

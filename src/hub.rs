@@ -177,7 +177,7 @@ impl Hub {
         Ok(Joined {
             subscription: Subscription {
                 sink,
-                _guard: Box::new(guard),
+                _guard: guard,
             },
             generation,
             first,
@@ -357,7 +357,7 @@ pub enum SubscriptionError {
 /// growing memory. Dropping the subscription unsubscribes.
 pub struct Subscription {
     sink: Arc<Sink>,
-    _guard: Box<dyn Send + Sync>,
+    _guard: Leave,
 }
 
 impl Subscription {

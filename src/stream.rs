@@ -59,11 +59,9 @@ pub enum StreamEnd {
 /// deliveries themselves whenever this body has nothing queued, and it
 /// yields only what had to wait (a full socket), heartbeats and its end.
 pub struct SseStream {
-    prelude: Option<Bytes>,
-    /// History frames still to send, before any live frame.
-    replay: VecDeque<Frame>,
-    /// A `reset` event to send after the prelude.
-    reset: Option<Bytes>,
+    /// What goes before any live frame, in order: the prelude, a `reset`
+    /// event, the replayed history. Freed once sent.
+    ahead: VecDeque<Bytes>,
     subscription: Subscription,
     heartbeat: Interval,
     close: Closing,
@@ -102,9 +100,7 @@ impl SseStream {
         // After a stall, one heartbeat is enough; no burst of missed ticks.
         interval.set_missed_tick_behavior(MissedTickBehavior::Delay);
         Self {
-            prelude: Some(prelude),
-            replay: VecDeque::new(),
-            reset: None,
+            ahead: VecDeque::from([prelude]),
             subscription,
             heartbeat: interval,
             close: Closing::Waiting(Box::pin(close.token.clone().cancelled_owned()), close),
@@ -128,14 +124,16 @@ impl SseStream {
         if let Some(last) = frames.last() {
             self.subscription.raise_position(last.id);
         }
-        self.replay = frames.into();
+        self.ahead.extend(frames.into_iter().map(|f| f.bytes));
         self
     }
 
     /// Sends `reset` (an event telling the client its history is gone and it
     /// must reload its state) after the prelude.
     pub fn reset(mut self, reset: Bytes) -> Self {
-        self.reset = Some(reset);
+        // Right after the prelude, before any replayed history.
+        let at = self.ahead.len().min(1);
+        self.ahead.insert(at, reset);
         self
     }
 
@@ -175,14 +173,11 @@ impl Stream for SseStream {
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = &mut *self;
-        if let Some(prelude) = this.prelude.take() {
-            return Poll::Ready(Some(Ok(prelude)));
-        }
-        if let Some(reset) = this.reset.take() {
-            return Poll::Ready(Some(Ok(reset)));
-        }
-        if let Some(frame) = this.replay.pop_front() {
-            return Poll::Ready(Some(Ok(frame.bytes)));
+        if let Some(bytes) = this.ahead.pop_front() {
+            if this.ahead.is_empty() {
+                this.ahead = VecDeque::new();
+            }
+            return Poll::Ready(Some(Ok(bytes)));
         }
         // The closing hint and the heartbeat go through the subscription's
         // queue, behind what is queued there: deliveries may be writing into

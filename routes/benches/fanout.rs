@@ -968,7 +968,12 @@ async fn callgrind(
         kind.name()
     );
     drop(server);
-    let _ = std::fs::remove_dir_all(&dir);
+    if std::env::var_os("BENCH_CG_KEEP").is_some() {
+        // For `callgrind_annotate`: the dumps `opens` and `deliveries`.
+        eprintln!("  callgrind {:9}: dumps kept in {}", kind.name(), dir.display());
+    } else {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
     json!({
         "server": kind.name(), "streams": streams, "deliveries": delivered, "expected": expected,
         "instructions": ir, "instructions_per_delivery": per_delivery,
@@ -1051,7 +1056,8 @@ struct Options {
     /// `BENCH_CHURN_RATE`, `BENCH_CHURN_SECS` — stream opens/s and for how long.
     churn_rate: f64,
     churn_secs: f64,
-    /// `BENCH_CG_STREAMS`, `BENCH_CG_RATE`, `BENCH_CG_SECS` — the callgrind run.
+    /// `BENCH_CG_STREAMS`, `BENCH_CG_RATE`, `BENCH_CG_SECS` — the callgrind
+    /// run; `BENCH_CG_KEEP=1` keeps its dumps for `callgrind_annotate`.
     cg_streams: usize,
     cg_rate: f64,
     cg_secs: f64,

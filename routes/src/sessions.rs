@@ -114,7 +114,7 @@ pub async fn stream(
     }
     let ended = state.clone();
     state.stream_opens.fetch_add(1, Ordering::Relaxed);
-    let response = response.hold(slot).hold(per_address).on_end(move |why| {
+    let response = response.hold((slot, per_address)).on_end(move |why| {
         ended.stream_ends.count(why);
         if why == StreamEnd::Lagged {
             ended.slow_consumers_cut.fetch_add(1, Ordering::Relaxed);
