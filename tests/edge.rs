@@ -758,3 +758,51 @@ async fn the_listener_queues_a_burst_of_connects() {
         .unwrap();
     assert_eq!(backlog, somaxconn.min(4096));
 }
+
+// A client that keeps sending on an open stream (nothing it sends after the
+// request head means anything) has it read and dropped, a bounded amount
+// per wake-up; its stream goes on, and the instance's tasks stay as few as
+// when nobody sends.
+#[tokio::test]
+async fn bytes_sent_on_an_open_stream_are_dropped() {
+    let server = Server::start(&[]);
+    let (id, token) = new_session(&server).await;
+    let mut conn = connect(&server).await;
+    conn.write_all(
+        format!("GET /sessions/{id}/events?token={token} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes(),
+    )
+    .await
+    .unwrap();
+    read_until(&mut conn, "event: connected").await;
+    let (mut rd, mut wr) = conn.into_split();
+    let junk = vec![b'x'; 64 * 1024];
+    let sender = tokio::spawn(async move {
+        // 16 MiB, far more than the socket's buffers: the server must keep
+        // reading it.
+        for _ in 0..256 {
+            if wr.write_all(&junk).await.is_err() {
+                return false;
+            }
+        }
+        true
+    });
+    let sent = tokio::time::timeout(T * 2, sender).await;
+    assert!(
+        matches!(sent, Ok(Ok(true))),
+        "the server stopped reading: {sent:?}"
+    );
+    let event = publish(&server, &id, &token, "note", json!({ "after": "junk" })).await;
+    let mut got = String::new();
+    let mut buf = [0u8; 4096];
+    while !got.contains(&event) {
+        let n = tokio::time::timeout(T, rd.read(&mut buf))
+            .await
+            .expect("the event in time")
+            .unwrap();
+        assert!(n > 0, "stream closed: {got:?}");
+        got.push_str(&String::from_utf8_lossy(&buf[..n]));
+    }
+    let stats = server.stats().await;
+    assert_eq!(stats["open_streams"], 1, "{stats}");
+    assert!(stats["tasks"].as_u64().unwrap() < 20, "{stats}");
+}

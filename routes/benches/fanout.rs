@@ -970,7 +970,11 @@ async fn callgrind(
     drop(server);
     if std::env::var_os("BENCH_CG_KEEP").is_some() {
         // For `callgrind_annotate`: the dumps `opens` and `deliveries`.
-        eprintln!("  callgrind {:9}: dumps kept in {}", kind.name(), dir.display());
+        eprintln!(
+            "  callgrind {:9}: dumps kept in {}",
+            kind.name(),
+            dir.display()
+        );
     } else {
         let _ = std::fs::remove_dir_all(&dir);
     }

@@ -36,6 +36,9 @@ use sse_scale::stall::StallGuard;
 /// Largest non-stream response written here (the stream route's error
 /// bodies); it is buffered to send its length.
 const MAX_ERROR_BODY: usize = 64 * 1024;
+/// Most bytes a client's unexpected sending on a stream is read (and
+/// dropped) per wake-up.
+const DISCARD: usize = 16 * 1024;
 
 /// Writes `res` on `io`, a connection that closes after it, then closes
 /// it. `tracker` keeps a graceful shutdown waiting while the stream lives.
@@ -180,16 +183,22 @@ impl Pump {
             Next::Frame(Some(Err(e))) => Err(io::Error::other(e)),
             Next::Frame(None) => Ok(false),
             // The client closed (or reset) its side: nothing to send to.
-            // Anything else it sends on a stream is ignored.
+            // Anything else it sends on a stream is read and ignored, a
+            // bounded amount per wake-up: a client that keeps sending costs
+            // one wake-up per `DISCARD` bytes, and cannot hold the task.
             Next::Readable(ready) => {
                 ready?;
-                let mut scratch = [0u8; 16];
-                match self.io.tcp().try_read(&mut scratch) {
-                    Ok(0) => Ok(false),
-                    Ok(_) => Ok(true),
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(true),
-                    Err(e) => Err(e),
+                let mut scratch = [0u8; 512];
+                let mut discarded = 0;
+                while discarded < DISCARD {
+                    match self.io.tcp().try_read(&mut scratch) {
+                        Ok(0) => return Ok(false),
+                        Ok(n) => discarded += n,
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                        Err(e) => return Err(e),
+                    }
                 }
+                Ok(true)
             }
         }
     }
