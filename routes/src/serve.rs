@@ -11,9 +11,10 @@
 //! (not consumed) and parsed with `httparse`; if it opens a stream, the
 //! request still goes through the same axum router (routing, auth, rate
 //! limits, the `X-Instance-Id` layer, tracing), and only the response is
-//! written by [`crate::writer`]: the head, then each frame straight from its
-//! shared bytes, until the stream ends or the client goes away, with no task
-//! while the stream waits. The response is close-delimited (`Connection: close`), which every HTTP/1 client and
+//! written by the stream writer (`writer.rs`): the head, then each frame
+//! straight from its shared bytes, until the stream ends or the client goes
+//! away, with no task while the stream waits. The response is
+//! close-delimited (`Connection: close`), which every HTTP/1 client and
 //! proxy reads. Everything else is hyper's — until a later request of a
 //! kept-alive HTTP/1 connection opens a stream (a balancer that reuses its
 //! upstream connections sends streams that way): the bytes hyper reads pass
