@@ -41,6 +41,7 @@
 //! # Ok(()) }
 //! ```
 
+use std::borrow::Cow;
 use std::convert::Infallible;
 use std::io;
 use std::net::SocketAddr;
@@ -50,14 +51,13 @@ use std::time::Duration;
 
 use ::axum::body::Body;
 use ::axum::extract::connect_info::Connected;
-use ::axum::extract::{FromRequestParts, Query};
+use ::axum::extract::FromRequestParts;
 use ::axum::http::request::Parts;
 use ::axum::http::{header, HeaderName, HeaderValue, StatusCode};
 use ::axum::response::{IntoResponse, Response};
 use ::axum::serve::{IncomingStream, Listener};
 use bytes::Bytes;
 use futures::Stream;
-use serde::Deserialize;
 use serde_json::json;
 use tokio::net::TcpListener;
 
@@ -120,9 +120,31 @@ impl From<BroadcastError> for Error {
 #[derive(Debug, Clone, Copy)]
 pub struct LastEventId(pub Option<EventId>);
 
-#[derive(Deserialize)]
-struct LastEventIdQuery {
-    last_event_id: Option<String>,
+/// The value of `key` in `uri`'s query string, decoded; `None` when the key
+/// is absent or given more than once (ambiguous). A stream open reads one
+/// or two keys, and `Query`'s deserializer cost it more than the rest of
+/// its extractors; here a pair without `%` or `+` is taken as it stands,
+/// and only the others go through `form_urlencoded`'s decoding.
+pub fn query_value<'a>(uri: &'a ::axum::http::Uri, key: &str) -> Option<Cow<'a, str>> {
+    let mut found = None;
+    for pair in uri.query()?.split('&') {
+        let plain = !pair.contains(['%', '+']);
+        let (k, v) = match pair.split_once('=') {
+            Some(kv) if plain => (Cow::Borrowed(kv.0), Cow::Borrowed(kv.1)),
+            None if plain => (Cow::Borrowed(pair), Cow::Borrowed("")),
+            _ => match form_urlencoded::parse(pair.as_bytes()).next() {
+                Some(kv) => kv,
+                None => continue,
+            },
+        };
+        if k == key {
+            if found.is_some() {
+                return None;
+            }
+            found = Some(v);
+        }
+    }
+    found
 }
 
 fn invalid_last_event_id() -> Error {
@@ -143,9 +165,7 @@ impl<S: Send + Sync> FromRequestParts<S> for LastEventId {
                     .map(str::to_owned)
                     .map_err(|_| invalid_last_event_id())?,
             ),
-            None => Query::<LastEventIdQuery>::try_from_uri(&parts.uri)
-                .ok()
-                .and_then(|q| q.0.last_event_id),
+            None => query_value(&parts.uri, "last_event_id").map(Cow::into_owned),
         };
         match raw.as_deref().map(str::trim) {
             None | Some("") => Ok(LastEventId(None)),
@@ -365,10 +385,29 @@ impl Connected<IncomingStream<'_, StallListener>> for PeerAddr {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use ::axum::http::Uri;
     use ::axum::routing::get;
     use ::axum::Router;
     use std::sync::atomic::Ordering;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[test]
+    fn query_values_are_decoded_and_an_ambiguous_key_counts_as_absent() {
+        let uri: Uri = "/s/a/events?token=f.1.ab%2Bc&x=1&last_event_id=7-0"
+            .parse()
+            .unwrap();
+        assert_eq!(query_value(&uri, "token").as_deref(), Some("f.1.ab+c"));
+        assert_eq!(query_value(&uri, "last_event_id").as_deref(), Some("7-0"));
+        assert_eq!(query_value(&uri, "missing"), None);
+        let encoded_key: Uri = "/e?tok%65n=a+b".parse().unwrap();
+        assert_eq!(query_value(&encoded_key, "token").as_deref(), Some("a b"));
+        let twice: Uri = "/e?token=a&token=b".parse().unwrap();
+        assert_eq!(query_value(&twice, "token"), None);
+        let bare: Uri = "/e".parse().unwrap();
+        assert_eq!(query_value(&bare, "token"), None);
+        let empty: Uri = "/e?token=".parse().unwrap();
+        assert_eq!(query_value(&empty, "token").as_deref(), Some(""));
+    }
 
     /// A client that stops reading an endless response is cut once a write
     /// has been blocked for the limit; one that reads is not.

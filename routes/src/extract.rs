@@ -3,17 +3,17 @@
 //! errors are JSON too. (`Last-Event-ID` comes from the library:
 //! `sse_scale::axum::LastEventId`.)
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Arc;
 
 use axum::body::Bytes;
-use axum::extract::{ConnectInfo, FromRequest, FromRequestParts, Path, Query, Request};
+use axum::extract::{ConnectInfo, FromRequest, FromRequestParts, Path, Request};
 use axum::http::header::AUTHORIZATION;
 use axum::http::request::Parts;
 use axum::http::StatusCode;
 use serde::de::DeserializeOwned;
-use serde::Deserialize;
 use sse_scale::token::{Scope, TokenError};
 use sse_scale::SessionId;
 
@@ -45,11 +45,6 @@ impl FromRequestParts<Arc<AppState>> for StreamSession {
     }
 }
 
-#[derive(Deserialize)]
-struct TokenQuery {
-    token: Option<String>,
-}
-
 impl FromRequestParts<Arc<AppState>> for AuthedSession {
     type Rejection = AppError;
 
@@ -77,9 +72,7 @@ async fn authorize(
 
         let token = match bearer(parts).map(str::to_owned) {
             Some(t) => Some(t),
-            None => Query::<TokenQuery>::try_from_uri(&parts.uri)
-                .ok()
-                .and_then(|q| q.0.token),
+            None => sse_scale::axum::query_value(&parts.uri, "token").map(Cow::into_owned),
         };
         let Some(token) = token else {
             return Err(AppError::new(
