@@ -23,7 +23,7 @@ pub async fn stats(_: Admin, State(state): State<Arc<AppState>>) -> Json<serde_j
         "instance_id": state.instance_id,
         "mode": b.mode,
         "open_streams": state.open_streams.load(Ordering::Relaxed),
-        "tasks": tokio::runtime::Handle::current().metrics().num_alive_tasks(),
+        "tasks": state.runtime_tasks(),
         "max_streams": state.max_streams,
         "streams_refused": state.streams_refused.load(Ordering::Relaxed),
         "sessions_with_subscribers": b.sessions,

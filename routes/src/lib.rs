@@ -25,6 +25,7 @@ pub mod config;
 pub mod doctor;
 pub mod error;
 pub mod extract;
+mod head;
 pub mod health;
 pub mod metrics;
 pub mod page;

@@ -115,9 +115,7 @@ impl Collector for StateCollector {
             &mut e,
             "sse_runtime_tasks",
             "Tasks alive in the server's runtime (a waiting stream holds none)",
-            tokio::runtime::Handle::current()
-                .metrics()
-                .num_alive_tasks() as i64,
+            s.runtime_tasks() as i64,
         )?;
         gauge(
             &mut e,

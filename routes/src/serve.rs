@@ -7,8 +7,8 @@
 //! as long as the stream lives, which is most of an idle stream's memory
 //! (see docs/benchmarks.md). A stream needs none of them: after the request
 //! head nothing but a close comes from the client, and every frame is
-//! already encoded. So the first request head of each connection is peeked
-//! (not consumed) and parsed with `httparse`; if it opens a stream, the
+//! already encoded. So the first request head of each connection is read
+//! and parsed here (`head.rs`); if it opens a stream, the
 //! request still goes through the same axum router (routing, auth, rate
 //! limits, the `X-Instance-Id` layer, tracing), and only the response is
 //! written by the stream writer (`writer.rs`): the head, then each frame
@@ -45,7 +45,7 @@ use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::ConnectInfo;
-use axum::http::{header, HeaderMap, HeaderName, HeaderValue, Method, Request, Response};
+use axum::http::{Request, Response};
 use axum::Router;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -59,8 +59,8 @@ use tower::ServiceExt;
 
 use sse_scale::stall::{PeerAddr, StallGuard};
 
-/// Longest request head the stream path parses; bigger heads go to hyper.
-const MAX_HEAD: usize = 8192;
+use crate::head::{boundary, Boundary, MAX_HEAD};
+
 /// How an HTTP/2 prior-knowledge (h2c) connection starts.
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0";
 
@@ -219,13 +219,14 @@ impl Conn {
                     Ok(Ok(_)) => {}
                 },
             }
-            match classify(&buf, buf.len() >= MAX_HEAD, self.peer) {
-                Some(Classified::Stream(req)) => return Sniff::Stream(req),
-                // Copied: the head buffer is not kept for the connection's life.
-                Some(Classified::Other) => {
+            match boundary(&buf, self.peer) {
+                Boundary::Stream(req) => return Sniff::Stream(req),
+                Boundary::Partial => {}
+                // Anything else is hyper's to answer. Copied: the head
+                // buffer is not kept for the connection's life.
+                Boundary::Request(_) | Boundary::Opaque => {
                     return Sniff::Other(bytes::Bytes::copy_from_slice(&buf))
                 }
-                None => {}
             }
         }
     }
@@ -312,64 +313,6 @@ impl Conn {
         let Ok(res) = Box::pin(self.app.clone().oneshot(req)).await;
         crate::writer::respond(io, res, self.tracker.token()).await;
     }
-}
-
-/// What a peeked head is; `None` while it is incomplete. Kept out of the
-/// async code so the parser's header array never lives in a connection's
-/// future.
-fn classify(bytes: &[u8], full: bool, peer: SocketAddr) -> Option<Classified> {
-    let mut headers = [const { std::mem::MaybeUninit::uninit() }; 64];
-    let mut parsed = httparse::Request::new(&mut []);
-    match parsed.parse_with_uninit_headers(bytes, &mut headers) {
-        Ok(httparse::Status::Complete(_)) => Some(match stream_request(&parsed, peer) {
-            Some(req) => Classified::Stream(Box::new(req)),
-            None => Classified::Other,
-        }),
-        // Too big, or not HTTP/1 (an HTTP/2 preface, garbage): hyper
-        // answers it.
-        Ok(httparse::Status::Partial) if full => Some(Classified::Other),
-        Err(_) => Some(Classified::Other),
-        Ok(httparse::Status::Partial) => None,
-    }
-}
-
-enum Classified {
-    Stream(Box<Request<Body>>),
-    Other,
-}
-
-/// The request if the head opens an event stream.
-fn stream_request(parsed: &httparse::Request<'_, '_>, peer: SocketAddr) -> Option<Request<Body>> {
-    if parsed.method? != "GET" || parsed.version? != 1 {
-        return None;
-    }
-    let target = parsed.path?;
-    let path = target.split('?').next()?;
-    let id = path.strip_prefix("/sessions/")?.strip_suffix("/events")?;
-    if id.is_empty() || id.contains('/') {
-        return None;
-    }
-    let mut headers = HeaderMap::with_capacity(parsed.headers.len());
-    for h in parsed.headers.iter() {
-        let name = HeaderName::from_bytes(h.name.as_bytes()).ok()?;
-        let value = HeaderValue::from_bytes(h.value).ok()?;
-        headers.append(name, value);
-    }
-    // An upgrade (WebSocket) or a request with a body is not a stream open.
-    if headers.contains_key(header::UPGRADE)
-        || headers.contains_key(header::CONTENT_LENGTH)
-        || headers.contains_key(header::TRANSFER_ENCODING)
-    {
-        return None;
-    }
-    let mut req = Request::builder()
-        .method(Method::GET)
-        .uri(target)
-        .body(Body::empty())
-        .ok()?;
-    *req.headers_mut() = headers;
-    req.extensions_mut().insert(ConnectInfo(PeerAddr(peer)));
-    Some(req)
 }
 
 /// What a kept-alive HTTP/1 connection's service, its I/O and its task
@@ -487,50 +430,6 @@ struct Boundaries {
     peer: SocketAddr,
     io: StallGuard,
     handoff: Arc<Handoff>,
-}
-
-/// What a complete request head at the front of a connection's bytes is.
-enum Boundary {
-    /// Not complete yet.
-    Partial,
-    /// An event stream (no body).
-    Stream(Box<Request<Body>>),
-    /// Anything else: its head and `Content-Length` body, in bytes.
-    Request(usize),
-    /// Not trackable: chunked, an upgrade, too big, not HTTP/1.
-    Opaque,
-}
-
-fn boundary(bytes: &[u8], peer: SocketAddr) -> Boundary {
-    let mut headers = [const { std::mem::MaybeUninit::uninit() }; 64];
-    let mut parsed = httparse::Request::new(&mut []);
-    let head = match parsed.parse_with_uninit_headers(bytes, &mut headers) {
-        Ok(httparse::Status::Complete(n)) => n,
-        Ok(httparse::Status::Partial) if bytes.len() < MAX_HEAD => return Boundary::Partial,
-        Ok(httparse::Status::Partial) | Err(_) => return Boundary::Opaque,
-    };
-    if let Some(req) = stream_request(&parsed, peer) {
-        return Boundary::Stream(Box::new(req));
-    }
-    let mut body = 0usize;
-    for h in parsed.headers.iter() {
-        if h.name.eq_ignore_ascii_case("transfer-encoding")
-            || h.name.eq_ignore_ascii_case("upgrade")
-        {
-            return Boundary::Opaque;
-        }
-        if h.name.eq_ignore_ascii_case("content-length") {
-            match std::str::from_utf8(h.value)
-                .ok()
-                .and_then(|v| v.trim().parse().ok())
-            {
-                Some(n) => body = n,
-                // hyper answers a bad length; nothing after it is tracked.
-                None => return Boundary::Opaque,
-            }
-        }
-    }
-    Boundary::Request(head.saturating_add(body))
 }
 
 impl Boundaries {

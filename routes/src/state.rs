@@ -198,6 +198,14 @@ impl AppState {
         self.draining.load(Ordering::Acquire)
     }
 
+    /// Tasks alive in the runtime that runs this state (`/stats` `tasks`,
+    /// `sse_runtime_tasks`): a stream waiting for its next event holds none.
+    pub fn runtime_tasks(&self) -> usize {
+        tokio::runtime::Handle::current()
+            .metrics()
+            .num_alive_tasks()
+    }
+
     /// Starts draining: `/readyz` turns unready and new streams are refused;
     /// publishes for sessions whose stream is not here are refused too (see
     /// [`AppState::accept_publish`]).

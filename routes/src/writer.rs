@@ -46,16 +46,11 @@ pub(crate) async fn respond(mut io: StallGuard, res: Response<Body>, tracker: Ta
     let direct = res.extensions().get::<DirectWriter>().cloned();
     let (head, streaming, body) = response_head(res);
     if !streaming {
-        if let Err(e) = Box::pin(write_whole(&mut io, head, body)).await {
-            tracing::debug!(error = %e, "stream connection ended");
-        }
-        let _ = io.shutdown().await;
-        return;
+        let written = Box::pin(write_whole(&mut io, head, body)).await;
+        return close(io, written).await;
     }
     if let Err(e) = write_head(&mut io, head).await {
-        tracing::debug!(error = %e, "stream connection ended");
-        let _ = io.shutdown().await;
-        return;
+        return close(io, Err(e)).await;
     }
     if let Some(direct) = direct {
         direct.attach(io.shared());
@@ -70,6 +65,14 @@ pub(crate) async fn respond(mut io: StallGuard, res: Response<Body>, tracker: Ta
         runtime: Handle::current(),
     });
     pump.run(park).await;
+}
+
+/// The end of a response: its connection is closed.
+async fn close(mut io: StallGuard, written: io::Result<()>) {
+    if let Err(e) = written {
+        tracing::debug!(error = %e, "stream connection ended");
+    }
+    let _ = io.shutdown().await;
 }
 
 /// The response head for a connection that closes after the response,
@@ -156,10 +159,9 @@ impl Pump {
                 Err(e) => break Err(e),
             }
         };
-        if let Err(e) = ended {
-            tracing::debug!(error = %e, "stream connection ended");
-        }
-        let _ = self.io.shutdown().await;
+        // The tracker's token goes last: a shutdown waits for the close.
+        let Pump { io, _tracker, .. } = self;
+        close(io, ended).await;
     }
 
     /// One poll for both sources: the body first (frames), then the socket
