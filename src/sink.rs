@@ -130,7 +130,13 @@ impl Sink {
         }
         if st.idle {
             if let Some(socket) = &st.socket {
-                match socket.try_write(&frame.bytes) {
+                // The socket's own `send`, not tokio's `try_write`: that
+                // first reads the readiness tokio keeps for the socket, a
+                // cache line of its own per stream and the largest part of
+                // a direct write's user-space time (docs/benchmarks.md). A
+                // full socket is seen by the writer's next awaited write,
+                // which tokio then waits for as usual.
+                match socket2::SockRef::from(socket.as_ref()).send(&frame.bytes) {
                     Ok(n) if n == frame.bytes.len() => return Offered::Written,
                     Ok(n) => {
                         let rest = Frame {

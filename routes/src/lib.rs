@@ -31,6 +31,7 @@ pub mod metrics;
 pub mod page;
 pub mod pipeline;
 pub mod runs;
+mod self_wake;
 pub mod serve;
 pub mod sessions;
 pub mod state;

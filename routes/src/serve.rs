@@ -60,6 +60,7 @@ use tower::ServiceExt;
 use sse_scale::stall::{PeerAddr, StallGuard};
 
 use crate::head::{boundary, Boundary, MAX_HEAD};
+use crate::self_wake::Folded;
 
 /// How an HTTP/2 prior-knowledge (h2c) connection starts.
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0";
@@ -283,7 +284,9 @@ impl Conn {
         let mut conn = builder.serve_connection(TokioIo::new(io), svc);
         let mut stopping = std::pin::pin!(stop.cancelled());
         let mut finishing = false;
-        let served = std::future::poll_fn(|cx| {
+        // Folded: hyper's request body wakes this task from inside its own
+        // poll (`self_wake.rs`).
+        let served = Folded::new(std::future::poll_fn(|cx| {
             handoff.waker.register(cx.waker());
             if !finishing && (stopping.as_mut().poll(cx).is_ready() || handoff.ready()) {
                 // Between requests (a stream head is held, nothing is in
@@ -292,7 +295,7 @@ impl Conn {
                 finishing = true;
             }
             conn.poll_without_shutdown(cx)
-        })
+        }))
         .await;
         if let Err(e) = &served {
             tracing::debug!(error = %e, "connection ended with an error");
@@ -340,8 +343,19 @@ struct InFlight(Arc<Handoff>);
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
-        self.0.waker.wake();
+        let last = self.0.in_flight.fetch_sub(1, Ordering::AcqRel) == 1;
+        // Wakes the connection task only when a stream is waiting for this
+        // response: hyper drops the body inside the task's own poll, and a
+        // task woken while it runs is rescheduled with a wake-up of another
+        // worker thread, which finds nothing to do (a futex wake, a wait
+        // and a few context switches per request; docs/benchmarks.md).
+        let held = || {
+            let stream = self.0.stream.lock().unwrap_or_else(|e| e.into_inner());
+            stream.is_some()
+        };
+        if last && held() {
+            self.0.waker.wake();
+        }
     }
 }
 
