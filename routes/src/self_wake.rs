@@ -6,8 +6,7 @@
 //! answers a task woken during its own poll by queueing it behind the
 //! others and waking another worker thread to help, which finds nothing to
 //! do: a futex wake, a futex wait and a few context switches on every
-//! publish, about a fifth of the server's CPU per delivery at 10,000
-//! deliveries/s over the floor's (see docs/benchmarks.md). Polling once
+//! publish (see docs/benchmarks.md). Polling once
 //! more in place does the same work without them.
 //!
 //! Wake-ups that come from elsewhere (the I/O driver, a timer, another

@@ -334,7 +334,11 @@ impl Handoff {
     /// A stream is held and hyper has no request left to finish.
     fn ready(&self) -> bool {
         self.in_flight.load(Ordering::Acquire) == 0
-            && self.stream.lock().expect("handoff lock").is_some()
+            && self
+                .stream
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .is_some()
     }
 }
 
@@ -343,17 +347,11 @@ struct InFlight(Arc<Handoff>);
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        let last = self.0.in_flight.fetch_sub(1, Ordering::AcqRel) == 1;
+        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
         // Wakes the connection task only when a stream is waiting for this
-        // response: hyper drops the body inside the task's own poll, and a
-        // task woken while it runs is rescheduled with a wake-up of another
-        // worker thread, which finds nothing to do (a futex wake, a wait
-        // and a few context switches per request; docs/benchmarks.md).
-        let held = || {
-            let stream = self.0.stream.lock().unwrap_or_else(|e| e.into_inner());
-            stream.is_some()
-        };
-        if last && held() {
+        // response: hyper drops the body inside the task's own poll, where
+        // a wake-up costs a second worker's (`self_wake.rs`).
+        if self.0.ready() {
             self.0.waker.wake();
         }
     }
