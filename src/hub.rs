@@ -175,10 +175,7 @@ impl Hub {
             sink: sink.clone(),
         };
         Ok(Joined {
-            subscription: Subscription {
-                sink,
-                _guard: guard,
-            },
+            subscription: Subscription { sink, guard },
             generation,
             first,
         })
@@ -357,7 +354,7 @@ pub enum SubscriptionError {
 /// growing memory. Dropping the subscription unsubscribes.
 pub struct Subscription {
     sink: Arc<Sink>,
-    _guard: Leave,
+    guard: Leave,
 }
 
 impl Subscription {
@@ -375,6 +372,12 @@ impl Subscription {
 
     pub(crate) fn raise_position(&self, position: EventId) {
         self.sink.raise_position(position);
+    }
+
+    /// The number of live subscriptions of this hub: the streams that would
+    /// all reconnect at once if this instance died.
+    pub(crate) fn herd(&self) -> usize {
+        self.guard.inner.subscribers.load(Ordering::Relaxed)
     }
 
     /// Yields `bytes` after what is queued (the writer's heartbeat).

@@ -50,6 +50,7 @@ pub mod ratelimit;
 #[cfg(feature = "redis")]
 pub mod redis_client;
 pub mod resume;
+pub mod retry;
 pub mod scale;
 pub mod sink;
 pub mod sse;

@@ -18,6 +18,7 @@ use serde_json::{json, Map, Value};
 
 use crate::broadcaster::{BroadcastError, Broadcaster};
 use crate::event::{EventId, EventType, OutgoingEvent, SessionId};
+use crate::retry::RetryPolicy;
 use crate::sse::{encode_event, encode_retry};
 use crate::stream::{CloseSignal, SseStream};
 
@@ -28,9 +29,13 @@ pub struct StreamOptions {
     /// Interval of comment heartbeats.
     pub heartbeat: std::time::Duration,
     /// Base of the `retry:` hint sent first. Each stream gets it plus a
-    /// random part of up to half of it again: the clients of an instance
-    /// that dies then do not all come back in the same instant.
+    /// random part of up to half of it again, or of up to `open streams /
+    /// resume_rate` seconds when that is more: the clients of an instance
+    /// that dies then do not all come back in the same instant
+    /// ([`crate::retry`]).
     pub retry: std::time::Duration,
+    /// Resumes per second a herd is spread to (`None`: half the base).
+    pub resume_rate: Option<std::num::NonZeroU32>,
     /// When and how the stream ends on shutdown.
     pub close: CloseSignal,
     /// Extra fields of the `connected` event (besides `session_id`).
@@ -41,7 +46,8 @@ impl StreamOptions {
     pub fn new(close: CloseSignal) -> Self {
         Self {
             heartbeat: std::time::Duration::from_secs(15),
-            retry: std::time::Duration::from_secs(2),
+            retry: RetryPolicy::DEFAULT.base,
+            resume_rate: RetryPolicy::DEFAULT.resume_rate,
             close,
             connected: Map::new(),
         }
@@ -83,8 +89,12 @@ pub async fn open_stream(
     fields.insert("session_id".into(), Value::from(session.as_str()));
     let connected = OutgoingEvent::json(EventType::from_static("connected"), &fields);
     let mut prelude = BytesMut::new();
-    let retry = options.retry + options.retry.mul_f64(rand::random::<f64>() / 2.0);
-    prelude.extend_from_slice(&encode_retry(retry));
+    let policy = RetryPolicy {
+        base: options.retry,
+        resume_rate: options.resume_rate,
+    };
+    let spread = policy.spread(subscription.herd());
+    prelude.extend_from_slice(&encode_retry(policy.draw(spread)));
     prelude.extend_from_slice(&encode_event(
         Some(position),
         &connected.event_type,
@@ -96,6 +106,7 @@ pub async fn open_stream(
         options.heartbeat,
         options.close,
     )
+    .hinted(policy, spread)
     .positioned(position);
 
     let Some(replay) = replay else {

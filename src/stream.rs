@@ -2,7 +2,9 @@
 //!
 //! It yields the connect prelude (a `retry:` hint and the `connected` event),
 //! then every frame of its [`Subscription`], with a comment heartbeat on a
-//! fixed interval, and ends itself when its [`CloseSignal`] fires — an SSE
+//! fixed interval (a fresh `retry:` hint instead when the instance's herd
+//! has grown or shrunk enough to change it, see [`crate::retry`]), and ends
+//! itself when its [`CloseSignal`] fires — an SSE
 //! body never finishes on its own, so a graceful shutdown would otherwise wait
 //! forever (axum issue #2673). On that signal each stream waits a random
 //! moment within the drain window, sends a jittered `retry:` hint and ends:
@@ -34,6 +36,7 @@ use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 use crate::event::{EventId, Frame};
 use crate::hub::{Subscription, SubscriptionError};
+use crate::retry::RetryPolicy;
 use crate::sink::DirectWriter;
 use crate::sse::{encode_retry, HEARTBEAT};
 
@@ -64,6 +67,8 @@ pub struct SseStream {
     ahead: VecDeque<Bytes>,
     subscription: Subscription,
     heartbeat: Interval,
+    /// How the hint is drawn, and the spread the last one was drawn under.
+    hint: Option<(RetryPolicy, Duration)>,
     close: Closing,
     on_end: Option<Box<dyn FnOnce(StreamEnd) + Send + Sync>>,
 }
@@ -103,9 +108,30 @@ impl SseStream {
             ahead: VecDeque::from([prelude]),
             subscription,
             heartbeat: interval,
+            hint: None,
             close: Closing::Waiting(Box::pin(close.token.clone().cancelled_owned()), close),
             on_end: None,
         }
+    }
+
+    /// The prelude's `retry:` hint was drawn by `policy` under `spread`: a
+    /// heartbeat sends a fresh one instead of its comment when the herd's
+    /// spread has moved on ([`RetryPolicy::stale`]).
+    pub fn hinted(mut self, policy: RetryPolicy, spread: Duration) -> Self {
+        self.hint = Some((policy, spread));
+        self
+    }
+
+    /// The bytes of one heartbeat: a comment, or a fresh hint.
+    fn heartbeat_bytes(&mut self) -> Bytes {
+        if let Some((policy, sent)) = &mut self.hint {
+            let now = policy.spread(self.subscription.herd());
+            if RetryPolicy::stale(*sent, now) {
+                *sent = now;
+                return encode_retry(policy.draw(now));
+            }
+        }
+        HEARTBEAT
     }
 
     /// Live frames up to `position` are not sent: the client is past them.
@@ -203,7 +229,8 @@ impl Stream for SseStream {
             }
         }
         if !matches!(this.close, Closing::Done) && this.heartbeat.poll_tick(cx).is_ready() {
-            this.subscription.push_own(HEARTBEAT);
+            let beat = this.heartbeat_bytes();
+            this.subscription.push_own(beat);
         }
         match Pin::new(&mut this.subscription).poll_next(cx) {
             Poll::Ready(Some(Ok(frame))) => {

@@ -395,6 +395,62 @@ async fn heartbeats_arrive_on_idle_streams() {
     }
 }
 
+/// A large herd is told to come back spread out: with `SSE_RESUME_RATE`
+/// 1/s, a stream held with four others is told up to 5 s of extra, and the
+/// stream that opened alone (told up to 1 s) gets the wider hint on its next
+/// heartbeat instead of a comment; after that, comments again.
+#[tokio::test]
+async fn the_retry_hint_grows_with_the_herd_and_is_refreshed_on_a_heartbeat() {
+    let server = Server::start(&[
+        ("SSE_HEARTBEAT_SECS", "1"),
+        ("SSE_RETRY_MS", "1000"),
+        ("SSE_RESUME_RATE", "1"),
+    ]);
+    let (id, token) = new_session(&server).await;
+    let mut first = SseClient::open(&server, &id, &token).await;
+    let hint = first
+        .next_block(T)
+        .await
+        .unwrap()
+        .retry
+        .expect("retry hint");
+    assert!((1000..=2000).contains(&hint), "alone: hint {hint}");
+    assert_eq!(
+        first.next_event(T).await.unwrap().event.as_deref(),
+        Some("connected")
+    );
+    let mut herd = Vec::new();
+    for _ in 0..4 {
+        let mut sse = SseClient::open(&server, &id, &token).await;
+        let hint = sse.next_block(T).await.unwrap().retry.expect("retry hint");
+        assert!((1000..=6000).contains(&hint), "in a herd: hint {hint}");
+        assert_eq!(
+            sse.next_event(T).await.unwrap().event.as_deref(),
+            Some("connected")
+        );
+        herd.push(sse);
+    }
+    // The first stream's heartbeats: a fresh hint for the larger herd (two
+    // if a heartbeat fell between the opens), then comments.
+    let mut hints = Vec::new();
+    let mut comments = 0;
+    while comments < 2 {
+        let block = first.next_block(Duration::from_millis(2500)).await.unwrap();
+        match block.retry {
+            Some(ms) => hints.push(ms),
+            None => {
+                assert!(block.comment && block.event.is_none(), "{block:?}");
+                comments += 1;
+            }
+        }
+    }
+    assert!(!hints.is_empty(), "no fresh hint on a heartbeat");
+    assert!(
+        hints.iter().all(|ms| (1000..=6000).contains(ms)),
+        "refreshed hints {hints:?}"
+    );
+}
+
 // Fails before the change: every open stream kept its connection's task
 // while it waited (docs/benchmarks.md: most of an idle stream's memory
 // after its socket). A waiting stream now holds none, and still gets its

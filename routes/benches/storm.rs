@@ -39,7 +39,7 @@
 //! Writes `$BENCH_OUT/storm.json` (default `docs/bench/`) and prints a
 //! Markdown table. Knobs: `STORM_STREAMS` (10,000), `STORM_SESSIONS`
 //! (1,000), `STORM_RATE` (events/s, 1,000), `STORM_RUNS` (3),
-//! `STORM_WARMUP_SECS` (8), `STORM_TAIL_SECS` (3), `STORM_RETRY_MS` (unset:
+//! `STORM_WARMUP_SECS` (18), `STORM_TAIL_SECS` (3), `STORM_RETRY_MS` (unset:
 //! the server's default `SSE_RETRY_MS`). Exits non-zero if a stream did not
 //! resume or lost or duplicated an event.
 
@@ -933,7 +933,11 @@ impl Options {
             sessions: num("STORM_SESSIONS", 1_000.0) as usize,
             rate: num("STORM_RATE", 1_000.0),
             runs: num("STORM_RUNS", 3.0) as usize,
-            warmup: Duration::from_secs_f64(num("STORM_WARMUP_SECS", 8.0)),
+            // Longer than one heartbeat (15 s): a stream opened early in
+            // the ramp, told a hint for the herd of that moment, gets the
+            // whole herd's on its first heartbeat, as every stream of a
+            // production herd older than one heartbeat has.
+            warmup: Duration::from_secs_f64(num("STORM_WARMUP_SECS", 18.0)),
             tail: Duration::from_secs_f64(num("STORM_TAIL_SECS", 3.0)),
             retry_ms: std::env::var("STORM_RETRY_MS")
                 .ok()

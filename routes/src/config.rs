@@ -99,10 +99,19 @@ pub struct Config {
     pub sse_heartbeat_secs: u64,
 
     /// Reconnect delay hint (`retry:`) sent to clients, in milliseconds: each
-    /// stream gets this plus a random part of up to half of it again.
+    /// stream gets this plus a random part of up to half of it again, or of
+    /// up to `open streams / SSE_RESUME_RATE` seconds when that is more.
     #[arg(long, env = "SSE_RETRY_MS", default_value_t = 2000,
           value_parser = clap::value_parser!(u64).range(100..=600_000))]
     pub sse_retry_ms: u64,
+
+    /// Resumes per second this instance's clients are spread to when they
+    /// all come back at once (the instance died): the random part of each
+    /// stream's `retry:` hint grows with the streams held here. `0`: half of
+    /// `SSE_RETRY_MS`, whatever the number of streams.
+    #[arg(long, env = "SSE_RESUME_RATE", default_value_t = 2000,
+          value_parser = clap::value_parser!(u32))]
+    pub sse_resume_rate: u32,
 
     /// Events a stream may fall behind before it is cut (it then reconnects
     /// and resumes).
@@ -436,6 +445,10 @@ impl Config {
         Duration::from_millis(self.sse_retry_ms)
     }
 
+    pub fn resume_rate(&self) -> Option<std::num::NonZeroU32> {
+        std::num::NonZeroU32::new(self.sse_resume_rate)
+    }
+
     pub fn request_head_timeout(&self) -> Duration {
         Duration::from_secs(self.request_head_timeout_secs)
     }
@@ -493,6 +506,7 @@ impl std::fmt::Debug for Config {
                 &self.session_secret.as_ref().map(|_| "<redacted>"),
             )
             .field("sse_heartbeat_secs", &self.sse_heartbeat_secs)
+            .field("sse_resume_rate", &self.sse_resume_rate)
             .field("sse_retry_ms", &self.sse_retry_ms)
             .field("sse_client_queue", &self.sse_client_queue)
             .field("sse_write_timeout_secs", &self.sse_write_timeout_secs)
@@ -556,6 +570,12 @@ mod tests {
         assert_eq!(c.max_event_bytes, 65_536);
         assert!(c.validate().is_ok());
         assert!(parse(&["--sse-heartbeat-secs", "0"]).is_err());
+        assert_eq!(c.resume_rate().map(|r| r.get()), Some(2000));
+        assert!(parse(&["--sse-resume-rate", "0"])
+            .unwrap()
+            .resume_rate()
+            .is_none());
+        assert!(parse(&["--sse-resume-rate", "-1"]).is_err());
         assert!(parse(&["--port", "http"]).is_err());
         assert!(parse(&["--sse-adapter", "kafka"]).is_err());
         let redis = parse(&["--sse-adapter", "redis"]).unwrap();

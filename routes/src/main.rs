@@ -124,6 +124,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
         .replay_max_bytes(config.replay_max_bytes as usize)
         .heartbeat(config.heartbeat())
         .retry(config.retry())
+        .resume_rate(config.resume_rate())
         .drain_window(config.shutdown_drain());
     if let Some(on) = config.ff_redis_sse_broadcast {
         builder = builder.flag(on);

@@ -31,6 +31,7 @@ pub struct Builder {
     flags: Option<Arc<dyn FlagSource>>,
     heartbeat: Duration,
     retry: Duration,
+    resume_rate: Option<std::num::NonZeroU32>,
     drain_window: Duration,
     #[cfg(feature = "redis")]
     redis: Option<RedisOptions>,
@@ -57,7 +58,8 @@ impl Default for Builder {
             flag: None,
             flags: None,
             heartbeat: Duration::from_secs(15),
-            retry: Duration::from_secs(2),
+            retry: crate::retry::RetryPolicy::DEFAULT.base,
+            resume_rate: crate::retry::RetryPolicy::DEFAULT.resume_rate,
             drain_window: Duration::from_secs(10),
             #[cfg(feature = "redis")]
             redis: None,
@@ -114,9 +116,20 @@ impl Builder {
         self
     }
 
-    /// The `retry:` hint sent when a stream opens.
+    /// The `retry:` hint sent when a stream opens: this plus a random
+    /// extra (see [`resume_rate`](Self::resume_rate)).
     pub fn retry(mut self, delay: Duration) -> Self {
         self.retry = delay;
+        self
+    }
+
+    /// The resumes per second this instance's clients are spread to when
+    /// they all reconnect at once (default 2,000): a stream's `retry:`
+    /// extra is drawn from up to `open streams / rate` seconds, and at
+    /// least half the base. `None`: half the base, whatever the number of
+    /// streams. See [`crate::retry`].
+    pub fn resume_rate(mut self, rate: Option<std::num::NonZeroU32>) -> Self {
+        self.resume_rate = rate;
         self
     }
 
@@ -227,6 +240,10 @@ impl Builder {
             instance_id,
             node_id,
             heartbeat: self.heartbeat,
+            retry: crate::retry::RetryPolicy {
+                base: self.retry,
+                resume_rate: self.resume_rate,
+            },
             close,
             drain,
             stop,

@@ -62,6 +62,10 @@ impl Builder {
         if let Some(n) = num("SSE_RETRY_MS")? {
             b = b.retry(Duration::from_millis(n));
         }
+        if let Some(n) = num("SSE_RESUME_RATE")? {
+            // 0 turns the herd-wide spread off.
+            b = b.resume_rate(std::num::NonZeroU32::new(n.min(u64::from(u32::MAX)) as u32));
+        }
         if let Some(n) = num("SHUTDOWN_DRAIN_SECS")? {
             b = b.drain_window(Duration::from_secs(n));
         }

@@ -73,6 +73,7 @@ pub struct SseScale {
     instance_id: String,
     node_id: String,
     heartbeat: Duration,
+    retry: crate::retry::RetryPolicy,
     close: CloseSignal,
     drain: CancellationToken,
     /// Stops the tasks this value started (flag polling, Redis connect and
@@ -137,7 +138,8 @@ impl SseScale {
     pub fn stream_options(&self) -> StreamOptions {
         let mut options = StreamOptions::new(self.close.clone());
         options.heartbeat = self.heartbeat;
-        options.retry = self.close.retry;
+        options.retry = self.retry.base;
+        options.resume_rate = self.retry.resume_rate;
         options
             .connected
             .insert("instance_id".into(), self.instance_id.clone().into());
