@@ -2,7 +2,7 @@
 //! status code and a JSON body `{"error": {"code", "message"}}`; internal
 //! details are logged, not returned.
 
-use axum::extract::rejection::{BytesRejection, PathRejection};
+use axum::extract::rejection::{BytesRejection, PathRejection, RawPathParamsRejection};
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -101,6 +101,12 @@ impl From<BytesRejection> for AppError {
 
 impl From<PathRejection> for AppError {
     fn from(e: PathRejection) -> Self {
+        Self::new(e.status(), "invalid_path", e.body_text())
+    }
+}
+
+impl From<RawPathParamsRejection> for AppError {
+    fn from(e: RawPathParamsRejection) -> Self {
         Self::new(e.status(), "invalid_path", e.body_text())
     }
 }

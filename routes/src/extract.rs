@@ -4,12 +4,11 @@
 //! `sse_scale::axum::LastEventId`.)
 
 use std::borrow::Cow;
-use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Arc;
 
 use axum::body::Bytes;
-use axum::extract::{ConnectInfo, FromRequest, FromRequestParts, Path, Request};
+use axum::extract::{ConnectInfo, FromRequest, FromRequestParts, RawPathParams, Request};
 use axum::http::header::AUTHORIZATION;
 use axum::http::request::Parts;
 use axum::http::StatusCode;
@@ -63,10 +62,12 @@ async fn authorize(
     needed: Scope,
 ) -> Result<SessionId, AppError> {
     {
-        let Path(params) =
-            Path::<HashMap<String, String>>::from_request_parts(parts, state).await?;
+        // The raw parameters, not a map of owned strings: nothing to
+        // allocate for an id that is parsed (and copied) once anyway.
+        let params = RawPathParams::from_request_parts(parts, state).await?;
         let raw = params
-            .get("id")
+            .iter()
+            .find_map(|(name, value)| (name == "id").then_some(value))
             .ok_or_else(|| AppError::not_found("no session in path"))?;
         let session = SessionId::parse(raw)?;
 

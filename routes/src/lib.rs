@@ -60,21 +60,29 @@ pub const INSTANCE_HEADER: HeaderName = HeaderName::from_static("x-instance-id")
 pub fn app(state: Arc<AppState>) -> Result<Router, axum::http::header::InvalidHeaderValue> {
     let instance = HeaderValue::from_str(&state.instance_id)?;
     let body_limit = state.max_event_bytes + BODY_OVERHEAD;
-    let sessions = Router::new()
-        .route("/", post(sessions::create))
+    // Full paths, not a router nested under `/sessions`: a nested router is
+    // a route of its own, and each request through it paid for stripping
+    // the prefix and cloning the nested services (callgrind, see
+    // docs/benchmarks.md).
+    let routes = Router::new()
+        .route("/sessions", post(sessions::create))
         .route(
-            "/{id}/events",
+            "/sessions/{id}/events",
             get(sessions::stream).post(sessions::publish),
         )
-        .route("/{id}/messages", post(sessions::message))
-        .route("/{id}/tokens", post(sessions::refresh))
-        .route("/{id}/pipeline", post(pipeline::start))
-        .route("/{id}/pipeline/{run_id}", delete(pipeline::cancel))
-        .route("/{id}/pipeline/{run_id}/gate", post(pipeline::gate))
-        .route("/{id}/workflow/replan", post(workflow::replan))
-        .route("/{id}/workflow/preferences", put(workflow::preferences));
-    let router = Router::new()
-        .nest("/sessions", sessions)
+        .route("/sessions/{id}/messages", post(sessions::message))
+        .route("/sessions/{id}/tokens", post(sessions::refresh))
+        .route("/sessions/{id}/pipeline", post(pipeline::start))
+        .route("/sessions/{id}/pipeline/{run_id}", delete(pipeline::cancel))
+        .route(
+            "/sessions/{id}/pipeline/{run_id}/gate",
+            post(pipeline::gate),
+        )
+        .route("/sessions/{id}/workflow/replan", post(workflow::replan))
+        .route(
+            "/sessions/{id}/workflow/preferences",
+            put(workflow::preferences),
+        )
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
         .route("/stats", get(admin::stats))
@@ -84,11 +92,13 @@ pub fn app(state: Arc<AppState>) -> Result<Router, axum::http::header::InvalidHe
         .merge(page::routes())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
-        .layer(DefaultBodyLimit::max(body_limit))
-        .layer(SetResponseHeaderLayer::overriding(
-            INSTANCE_HEADER,
-            instance,
-        ))
+        .with_state(state.clone());
+    // The layers every answer gets wrap the router once. Added with
+    // `Router::layer` they would wrap each route, and a request would clone
+    // every layer's boxed service on its way in (15 boxed clones per
+    // publish, callgrind).
+    let cors = cors(&state.cors_allowed_origins);
+    let stack = tower::ServiceBuilder::new()
         // Spans name the path, never the query: `?token=` must not reach
         // the logs.
         // 5xx answers are logged at debug, not as errors: a draining
@@ -100,12 +110,15 @@ pub fn app(state: Arc<AppState>) -> Result<Router, axum::http::header::InvalidHe
                     tracing::debug_span!("request", method = %req.method(), path = %req.uri().path())
                 })
                 .on_failure(DefaultOnFailure::new().level(tracing::Level::DEBUG)),
-        );
-    let router = match cors(&state.cors_allowed_origins) {
-        Some(layer) => router.layer(layer),
-        None => router,
-    };
-    Ok(router.with_state(state))
+        )
+        .layer(SetResponseHeaderLayer::overriding(
+            INSTANCE_HEADER,
+            instance,
+        ))
+        .option_layer(cors)
+        .layer(DefaultBodyLimit::max(body_limit))
+        .service(routes);
+    Ok(Router::new().fallback_service(stack))
 }
 
 /// Browsers on the listed origins may call the API (and read its
