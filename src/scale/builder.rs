@@ -30,8 +30,7 @@ pub struct Builder {
     pub(super) flag: Option<bool>,
     flags: Option<Arc<dyn FlagSource>>,
     heartbeat: Duration,
-    retry: Duration,
-    resume_rate: Option<std::num::NonZeroU32>,
+    retry: crate::retry::RetryPolicy,
     drain_window: Duration,
     #[cfg(feature = "redis")]
     redis: Option<RedisOptions>,
@@ -58,8 +57,7 @@ impl Default for Builder {
             flag: None,
             flags: None,
             heartbeat: Duration::from_secs(15),
-            retry: crate::retry::RetryPolicy::DEFAULT.base,
-            resume_rate: crate::retry::RetryPolicy::DEFAULT.resume_rate,
+            retry: crate::retry::RetryPolicy::DEFAULT,
             drain_window: Duration::from_secs(10),
             #[cfg(feature = "redis")]
             redis: None,
@@ -119,7 +117,7 @@ impl Builder {
     /// The `retry:` hint sent when a stream opens: this plus a random
     /// extra (see [`resume_rate`](Self::resume_rate)).
     pub fn retry(mut self, delay: Duration) -> Self {
-        self.retry = delay;
+        self.retry.base = delay;
         self
     }
 
@@ -129,7 +127,7 @@ impl Builder {
     /// least half the base. `None`: half the base, whatever the number of
     /// streams. See [`crate::retry`].
     pub fn resume_rate(mut self, rate: Option<std::num::NonZeroU32>) -> Self {
-        self.resume_rate = rate;
+        self.retry.resume_rate = rate;
         self
     }
 
@@ -230,7 +228,7 @@ impl Builder {
         let close = CloseSignal {
             token: drain.clone(),
             window: self.drain_window,
-            retry: self.retry,
+            retry: self.retry.base,
         };
         #[cfg_attr(not(feature = "redis"), allow(unused_mut))]
         let mut scale = SseScale {
@@ -240,10 +238,7 @@ impl Builder {
             instance_id,
             node_id,
             heartbeat: self.heartbeat,
-            retry: crate::retry::RetryPolicy {
-                base: self.retry,
-                resume_rate: self.resume_rate,
-            },
+            retry: self.retry,
             close,
             drain,
             stop,
