@@ -129,7 +129,9 @@ pub struct EventId {
 
 impl fmt::Display for EventId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}-{}", self.ms, self.seq)
+        f.write_str(itoa::Buffer::new().format(self.ms))?;
+        f.write_str("-")?;
+        f.write_str(itoa::Buffer::new().format(self.seq))
     }
 }
 
@@ -142,6 +144,14 @@ impl fmt::Debug for EventId {
 impl EventId {
     /// The start of every session: a position before any event.
     pub const ZERO: EventId = EventId { ms: 0, seq: 0 };
+
+    /// Appends `<ms>-<seq>` to `out`: what every event's `id:` line and
+    /// every publish's response hold, without a formatter.
+    pub fn write_to(self, out: &mut impl bytes::BufMut) {
+        out.put_slice(itoa::Buffer::new().format(self.ms).as_bytes());
+        out.put_u8(b'-');
+        out.put_slice(itoa::Buffer::new().format(self.seq).as_bytes());
+    }
 
     /// The smallest id greater than this one, if there is one. Used for
     /// inclusive range starts, so a client-supplied id at the very top of

@@ -178,7 +178,12 @@ impl RateLimiter {
             *swept = now;
             windows.retain(|_, (start, _)| now.duration_since(*start) < Duration::from_secs(60));
         }
-        let entry = windows.entry(key.to_owned()).or_insert((now, 0));
+        // A key seen before (every hit after a session's first) is counted
+        // without copying it.
+        let entry = match windows.get_mut(key) {
+            Some(entry) => entry,
+            None => windows.entry(key.to_owned()).or_insert((now, 0)),
+        };
         if now.duration_since(entry.0) >= limit.window {
             *entry = (now, 0);
         }

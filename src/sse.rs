@@ -9,7 +9,6 @@
 //! response; this encoder runs once per publish and the result is shared by
 //! every subscriber.
 
-use std::fmt::Write as _;
 use std::time::Duration;
 
 use bytes::{BufMut, Bytes, BytesMut};
@@ -69,8 +68,9 @@ pub fn data_len(data: &str) -> usize {
 pub fn encode_event(id: Option<EventId>, event_type: &EventType, data: &str) -> Bytes {
     let mut buf = BytesMut::with_capacity(data.len() + event_type.as_str().len() + 48);
     if let Some(id) = id {
-        // Writing into a BytesMut cannot fail.
-        let _ = writeln!(Writer(&mut buf), "id: {id}");
+        buf.put_slice(b"id: ");
+        id.write_to(&mut buf);
+        buf.put_u8(b'\n');
     }
     buf.put_slice(b"event: ");
     buf.put_slice(event_type.as_str().as_bytes());
@@ -110,15 +110,6 @@ fn split_lines(data: &str) -> impl Iterator<Item = &str> {
             }
         }
     })
-}
-
-struct Writer<'a>(&'a mut BytesMut);
-
-impl std::fmt::Write for Writer<'_> {
-    fn write_str(&mut self, s: &str) -> std::fmt::Result {
-        self.0.put_slice(s.as_bytes());
-        Ok(())
-    }
 }
 
 #[cfg(test)]

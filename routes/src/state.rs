@@ -11,7 +11,9 @@ use std::time::Duration;
 use sse_scale::flags::FlagSource;
 use sse_scale::ratelimit::{Decision, Limit, RateLimiter};
 use sse_scale::stream::StreamEnd;
-use sse_scale::{Broadcaster, ControlBus, OutgoingEvent, SessionId, SseScale, TokenSigner};
+use sse_scale::{
+    Broadcaster, ControlBus, EventId, OutgoingEvent, SessionId, SseScale, TokenSigner,
+};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -249,12 +251,11 @@ impl AppState {
         &self,
         session: &SessionId,
         event: OutgoingEvent,
-    ) -> Result<String, AppError> {
+    ) -> Result<EventId, AppError> {
         if sse_scale::sse::data_len(&event.data) > self.max_event_bytes {
             return Err(AppError::too_large(self.max_event_bytes));
         }
-        let id = self.broadcaster.publish(session, event).await?;
-        Ok(id.to_string())
+        Ok(self.broadcaster.publish(session, event).await?)
     }
 
     /// The per-session limit of the publishing routes, after
