@@ -19,6 +19,11 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing_subscriber::EnvFilter;
 
+/// The reference server's allocator (the library leaves the choice to its
+/// user): see `routes/Cargo.toml` for what it buys.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     // clap prints the problem and exits with code 2 on a bad value.
     let config = Config::parse();
