@@ -313,6 +313,27 @@ mod tests {
     }
 
     #[test]
+    fn an_id_is_written_as_it_is_displayed() {
+        for id in [
+            EventId::ZERO,
+            EventId {
+                ms: 1_733_000_000_123,
+                seq: 7,
+            },
+            EventId {
+                ms: u64::MAX,
+                seq: u64::MAX,
+            },
+        ] {
+            let mut out = Vec::new();
+            id.write_to(&mut out);
+            assert_eq!(String::from_utf8(out).unwrap(), id.to_string());
+            assert_eq!(id.to_string().parse::<EventId>(), Ok(id));
+        }
+        assert_eq!(EventId { ms: 5, seq: 1 }.to_string(), "5-1");
+    }
+
+    #[test]
     fn observed_ids_raise_the_floor() {
         let g = IdGenerator::new();
         let ahead = EventId {

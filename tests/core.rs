@@ -54,6 +54,7 @@ async fn every_route_delivers_in_publish_order_with_correct_framing() {
     )
     .await;
     assert_eq!(r.status(), 202);
+    assert_eq!(r.headers()["content-type"], "application/json");
     let published_id = r.json::<Value>().await.unwrap()["id"]
         .as_str()
         .unwrap()
