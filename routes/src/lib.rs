@@ -37,6 +37,7 @@ pub mod serve;
 pub mod sessions;
 pub mod state;
 pub mod workflow;
+mod write_through;
 mod writer;
 
 use std::sync::Arc;
