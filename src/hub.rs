@@ -269,8 +269,10 @@ impl Inner {
     /// caller, which keeps deliveries in order).
     fn offer(&self, sinks: &[Arc<Sink>], frame: &Frame) {
         let (mut delivered, mut direct) = (0, false);
+        // One clock read for the session, not one per subscriber.
+        let now = tokio::time::Instant::now();
         for sink in sinks {
-            match sink.offer(frame, self.queue) {
+            match sink.offer(frame, self.queue, now) {
                 Offered::Written => {
                     delivered += 1;
                     direct = true;
@@ -378,6 +380,11 @@ impl Subscription {
     /// all reconnect at once if this instance died.
     pub(crate) fn herd(&self) -> usize {
         self.guard.inner.subscribers.load(Ordering::Relaxed)
+    }
+
+    /// When a delivered frame last went out to this subscriber.
+    pub(crate) fn last_out(&self) -> Option<tokio::time::Instant> {
+        self.sink.last_out()
     }
 
     /// Yields `bytes` after what is queued (the writer's heartbeat).

@@ -32,6 +32,7 @@ use std::task::{Context, Poll, Waker};
 
 use bytes::Bytes;
 use tokio::net::TcpStream;
+use tokio::time::Instant;
 
 use crate::event::{EventId, Frame};
 
@@ -77,6 +78,9 @@ struct State {
     ended: Option<Ended>,
     /// The end was reported to the writer.
     reported: bool,
+    /// When a delivered frame last went out (written or queued): a stream
+    /// that carries events needs no heartbeat comment to stay open.
+    last_out: Option<Instant>,
 }
 
 /// A queue this long, once empty, gives its memory back.
@@ -122,12 +126,16 @@ impl Sink {
 
     /// Offers a delivered frame: written straight into the socket when the
     /// writer is idle, else queued for it (or the subscriber is cut when its
-    /// queue already holds `cap` frames).
-    pub(crate) fn offer(&self, frame: &Frame, cap: usize) -> Offered {
+    /// queue already holds `cap` frames). `now` is when the delivery began,
+    /// read once for all of a session's subscribers.
+    pub(crate) fn offer(&self, frame: &Frame, cap: usize, now: Instant) -> Offered {
         let mut st = self.lock();
         if st.ended.is_some() || !st.wants(frame.id) {
             return Offered::Dropped;
         }
+        // Set before the outcome is known: a frame that is cut with its
+        // subscriber ends the stream, and then no heartbeat is due anyway.
+        st.last_out = Some(now);
         if st.idle {
             if let Some(socket) = &st.socket {
                 // The socket's own `send`, not tokio's `try_write`: that
@@ -173,6 +181,11 @@ impl Sink {
         drop(st);
         wake(waker);
         Offered::Queued
+    }
+
+    /// When a delivered frame last went out to this subscriber.
+    pub(crate) fn last_out(&self) -> Option<Instant> {
+        self.lock().last_out
     }
 
     /// Queues the writer's own bytes (a heartbeat) behind what is queued.
@@ -354,7 +367,7 @@ mod tests {
         });
         let mut offered = [0usize; 3];
         for n in 1..=N {
-            let o = sink.offer(&frame(n, LEN), N as usize);
+            let o = sink.offer(&frame(n, LEN), N as usize, Instant::now());
             offered[o as usize] += 1;
             if n % 16 == 0 {
                 tokio::time::sleep(std::time::Duration::from_micros(100)).await;
@@ -376,7 +389,10 @@ mod tests {
         }
         // Idle again: the next one is direct.
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-        assert_eq!(sink.offer(&frame(N + 1, 10), 1), Offered::Written);
+        assert_eq!(
+            sink.offer(&frame(N + 1, 10), 1, Instant::now()),
+            Offered::Written
+        );
         sink.close();
         assert!(task.await.unwrap() >= offered[1] as u64);
     }
@@ -387,14 +403,20 @@ mod tests {
         let sink = Arc::new(Sink::default());
         sink.attach(server);
         // The writer still holds its prelude: a delivery must wait behind it.
-        assert_eq!(sink.offer(&frame(1, 4), 8), Offered::Queued);
+        assert_eq!(sink.offer(&frame(1, 4), 8, Instant::now()), Offered::Queued);
         sink.set_position(EventId { ms: 1, seq: 0 });
         let next = std::future::poll_fn(|cx| Poll::Ready(sink.poll_next(cx))).await;
         assert!(next.is_pending(), "frame 1 is before the position");
         // Now idle: the next is written straight, and one before the
         // position is dropped.
-        assert_eq!(sink.offer(&frame(2, 4), 8), Offered::Written);
-        assert_eq!(sink.offer(&frame(1, 4), 8), Offered::Dropped);
+        assert_eq!(
+            sink.offer(&frame(2, 4), 8, Instant::now()),
+            Offered::Written
+        );
+        assert_eq!(
+            sink.offer(&frame(1, 4), 8, Instant::now()),
+            Offered::Dropped
+        );
         let mut got = [0u8; 4];
         client.read_exact(&mut got).await.unwrap();
         assert_eq!(&got, b"0000");
@@ -404,9 +426,12 @@ mod tests {
     async fn a_subscriber_past_its_queue_is_cut_and_its_queue_freed() {
         let sink = Sink::default();
         for n in 1..=3 {
-            assert_eq!(sink.offer(&frame(n, 4), 3), Offered::Queued);
+            assert_eq!(sink.offer(&frame(n, 4), 3, Instant::now()), Offered::Queued);
         }
-        assert_eq!(sink.offer(&frame(4, 4), 3), Offered::Dropped);
+        assert_eq!(
+            sink.offer(&frame(4, 4), 3, Instant::now()),
+            Offered::Dropped
+        );
         assert!(sink.lock().queue.is_empty());
         let next = std::future::poll_fn(|cx| Poll::Ready(sink.poll_next(cx))).await;
         assert!(matches!(next, Poll::Ready(Some(Err(Ended::Lagged(4))))));
@@ -429,7 +454,7 @@ mod tests {
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         let mut outcome = Offered::Written;
         for n in 1..=3 {
-            outcome = sink.offer(&frame(n, 4), 8);
+            outcome = sink.offer(&frame(n, 4), 8, Instant::now());
         }
         assert_eq!(outcome, Offered::Dropped);
         let next = std::future::poll_fn(|cx| Poll::Ready(sink.poll_next(cx))).await;

@@ -1,9 +1,10 @@
 //! [`SseStream`]: the response body of one open SSE stream.
 //!
 //! It yields the connect prelude (a `retry:` hint and the `connected` event),
-//! then every frame of its [`Subscription`], with a comment heartbeat on a
-//! fixed interval (a fresh `retry:` hint instead when the instance's herd
-//! has grown or shrunk enough to change it, see [`crate::retry`]), and ends
+//! then every frame of its [`Subscription`], with a comment heartbeat after
+//! each interval in which nothing went out (a fresh `retry:` hint instead
+//! when the instance's herd has grown or shrunk enough to change it, see
+//! [`crate::retry`]), and ends
 //! itself when its [`CloseSignal`] fires — an SSE
 //! body never finishes on its own, so a graceful shutdown would otherwise wait
 //! forever (axum issue #2673). On that signal each stream waits a random
@@ -122,16 +123,27 @@ impl SseStream {
         self
     }
 
-    /// The bytes of one heartbeat: a comment, or a fresh hint.
-    fn heartbeat_bytes(&mut self) -> Bytes {
+    /// The bytes of one heartbeat: a fresh hint when the herd's spread has
+    /// moved on, else a comment — or nothing when an event went out less
+    /// than a heartbeat ago: a stream that carries events is not idle, and
+    /// its next heartbeat moves to one interval after that event, so no
+    /// stream is silent for longer than the interval either way.
+    fn heartbeat_bytes(&mut self) -> Option<Bytes> {
         if let Some((policy, sent)) = &mut self.hint {
             let now = policy.spread(self.subscription.herd());
             if RetryPolicy::stale(*sent, now) {
                 *sent = now;
-                return encode_retry(policy.draw(now));
+                return Some(encode_retry(policy.draw(now)));
             }
         }
-        HEARTBEAT
+        if let Some(last) = self.subscription.last_out() {
+            let due = last + self.heartbeat.period();
+            if due > Instant::now() {
+                self.heartbeat.reset_at(due);
+                return None;
+            }
+        }
+        Some(HEARTBEAT)
     }
 
     /// Live frames up to `position` are not sent: the client is past them.
@@ -228,9 +240,13 @@ impl Stream for SseStream {
                 Closing::Done => break,
             }
         }
-        if !matches!(this.close, Closing::Done) && this.heartbeat.poll_tick(cx).is_ready() {
-            let beat = this.heartbeat_bytes();
-            this.subscription.push_own(beat);
+        // A tick that sends nothing moved the timer; polling it again
+        // registers the new deadline.
+        while !matches!(this.close, Closing::Done) && this.heartbeat.poll_tick(cx).is_ready() {
+            if let Some(beat) = this.heartbeat_bytes() {
+                this.subscription.push_own(beat);
+                break;
+            }
         }
         match Pin::new(&mut this.subscription).poll_next(cx) {
             Poll::Ready(Some(Ok(frame))) => {
@@ -245,5 +261,74 @@ impl Stream for SseStream {
             Poll::Ready(None) => this.end(StreamEnd::Closed),
             Poll::Pending => Poll::Pending,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hub::Hub;
+    use crate::SessionId;
+    use futures::StreamExt;
+
+    fn stream(hub: &Hub, session: &SessionId, heartbeat: Duration) -> SseStream {
+        let subscription = hub.subscribe(session).unwrap().subscription;
+        let close = CloseSignal {
+            token: CancellationToken::new(),
+            window: Duration::ZERO,
+            retry: Duration::from_secs(1),
+        };
+        SseStream::new(
+            Bytes::from_static(b": hi\n\n"),
+            subscription,
+            heartbeat,
+            close,
+        )
+    }
+
+    fn frame(seq: u64) -> Frame {
+        Frame {
+            id: EventId { ms: 1, seq },
+            bytes: Bytes::from(format!("data: {seq}\n\n")),
+        }
+    }
+
+    async fn next(s: &mut SseStream) -> Bytes {
+        s.next().await.unwrap().unwrap()
+    }
+
+    /// A stream that carries events gets no comments in between; once it
+    /// goes quiet, the comment comes one interval after its last event,
+    /// not at the next tick of a fixed clock.
+    #[tokio::test]
+    async fn a_heartbeat_comes_one_interval_after_the_last_event() {
+        let hub = Hub::new(64);
+        let session = SessionId::parse("s").unwrap();
+        let beat = Duration::from_millis(1000);
+        let mut s = stream(&hub, &session, beat);
+        assert_eq!(next(&mut s).await, Bytes::from_static(b": hi\n\n"));
+        // Events every 100 ms for 2.5 s: more than two intervals.
+        let mut last = Instant::now();
+        for seq in 1..=25 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            hub.deliver(&session, frame(seq));
+            last = Instant::now();
+            assert_eq!(
+                next(&mut s).await,
+                frame(seq).bytes,
+                "a comment between events"
+            );
+        }
+        assert_eq!(next(&mut s).await, HEARTBEAT);
+        let quiet = last.elapsed();
+        assert!(
+            quiet >= beat - Duration::from_millis(20),
+            "comment {quiet:?} after the last event"
+        );
+        assert!(quiet < beat * 3, "comment {quiet:?} after the last event");
+        // Idle from here on: comments on the interval.
+        let t = Instant::now();
+        assert_eq!(next(&mut s).await, HEARTBEAT);
+        assert!(t.elapsed() >= beat - Duration::from_millis(20));
     }
 }

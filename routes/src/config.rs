@@ -93,7 +93,8 @@ pub struct Config {
     #[arg(long, env = "CORS_ALLOWED_ORIGINS", value_delimiter = ',')]
     pub cors_allowed_origins: Vec<String>,
 
-    /// Seconds between heartbeat comments on open streams.
+    /// Longest silence on an open stream: a heartbeat comment goes out
+    /// after this many seconds without an event.
     #[arg(long, env = "SSE_HEARTBEAT_SECS", default_value_t = 15,
           value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub sse_heartbeat_secs: u64,

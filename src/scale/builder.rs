@@ -108,7 +108,8 @@ impl Builder {
         self
     }
 
-    /// Comment heartbeats on open streams (keeps proxies from timing out).
+    /// Comment heartbeats on open streams (keeps proxies from timing out):
+    /// one after every `every` in which no event went out.
     pub fn heartbeat(mut self, every: Duration) -> Self {
         self.heartbeat = every;
         self
