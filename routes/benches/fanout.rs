@@ -11,9 +11,13 @@
 //! why every figure is reported as a ratio to the floor of the same run.
 //!
 //! Per run (`BENCH_RUNS`, three by default, one after the other):
-//! - **local fan-out**: 2,000 streams, fan-out 100, at 10,000 deliveries/s
-//!   and at the highest load this machine sustains; CPU per delivery,
-//!   p50/p99 publish-to-receive latency, exact loss and duplicates;
+//! - **local fan-out**: 2,000 streams per server, fan-out 100, at 10,000
+//!   deliveries/s and at the highest load this machine sustains; CPU per
+//!   delivery, p50/p99 publish-to-receive latency, exact loss and
+//!   duplicates. Every server's streams are open at once and the servers
+//!   take turns in short windows (`BENCH_ROUNDS`, five of 2 s each by
+//!   default), so the floor and the product see the same machine: a
+//!   neighbour's burst during one 10 s window used to move a ratio by 0.3;
 //! - **Redis mode**: two `sse-scale` instances and a private `redis-server`,
 //!   every event published through the other instance, same loads;
 //! - **idle memory**: RSS per idle stream at 15,000 streams, for streams
@@ -552,6 +556,8 @@ struct FanoutResult {
     server_cpu_secs: f64,
     server_sys_secs: f64,
     cpu_us_per_delivery: f64,
+    /// The same, per measured window.
+    window_cpu_us: Vec<f64>,
     p50_ms: f64,
     p99_ms: f64,
     p999_ms: f64,
@@ -571,13 +577,14 @@ impl FanoutResult {
             "deliveries_per_sec": self.deliveries_per_sec, "server_cpu_secs": self.server_cpu_secs,
             "server_sys_secs": self.server_sys_secs,
             "cpu_us_per_delivery": self.cpu_us_per_delivery,
+            "window_cpu_us_per_delivery": self.window_cpu_us,
             "latency_ms": { "p50": self.p50_ms, "p99": self.p99_ms, "p99_9": self.p999_ms, "max": self.max_ms },
             "redis_per_instance": self.redis,
         })
     }
 }
 
-/// Publishes `per_session` events to each session at `rate` publishes/s in
+/// Publishes events number `seq` to each session at `rate` publishes/s in
 /// total. `route(i)` is the server session `i` is published through. Each
 /// session's events go out one after another (its own task), so they are
 /// published in sequence order.
@@ -586,15 +593,20 @@ async fn publish_all(
     sessions: &[Arc<Session>],
     route: &[SocketAddr],
     rate: f64,
-    per_session: u64,
-) -> u64 {
+    seq: std::ops::Range<u64>,
+) {
     let per_session_rate = rate / sessions.len() as f64;
     let period = Duration::from_secs_f64(1.0 / per_session_rate);
     let failures = Arc::new(AtomicU64::new(0));
     let mut tasks = Vec::new();
     for (i, session) in sessions.iter().enumerate() {
-        let (http, session, addr, failures) =
-            (http.clone(), session.clone(), route[i], failures.clone());
+        let (http, session, addr, failures, seq) = (
+            http.clone(),
+            session.clone(),
+            route[i],
+            failures.clone(),
+            seq.clone(),
+        );
         // Spread the sessions' ticks over one period so publishes are even.
         let offset = period.mul_f64(i as f64 / sessions.len() as f64);
         tasks.push(tokio::spawn(async move {
@@ -602,7 +614,7 @@ async fn publish_all(
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
             let url = format!("http://{addr}/sessions/{}/events", session.id);
             let auth = format!("Bearer {}", session.token);
-            for s in 0..per_session {
+            for s in seq {
                 tick.tick().await;
                 if let Err(e) = sse_client::publish_numbered(&http, &url, &auth, s).await {
                     eprintln!("{e}");
@@ -616,143 +628,287 @@ async fn publish_all(
     }
     let failed = failures.load(Ordering::Relaxed);
     assert_eq!(failed, 0, "publishes failed");
-    sessions.len() as u64 * per_session
 }
 
-/// Runs one fan-out scenario on `servers` (sessions split evenly between
-/// them; in Redis mode each session is published through the *other*
-/// instance, so every delivery crosses Redis).
+/// One scenario's streams, opened once and then measured over one or more
+/// publish windows. The local sweep opens every server's streams first and
+/// then gives the servers short windows in turn, so a drift of the shared
+/// machine lands on all of them instead of on whichever ran during it.
+struct Scenario<'a> {
+    server: &'static str,
+    mode: &'static str,
+    servers: Vec<&'a Server>,
+    http: reqwest::Client,
+    sessions: Vec<Arc<Session>>,
+    home: Vec<usize>,
+    /// The server each session is published through.
+    route: Vec<SocketAddr>,
+    col: Arc<Collector>,
+    logs: Vec<(usize, Arc<StreamLog>)>,
+    /// Events published to each session so far: the next sequence number.
+    per_session: u64,
+    /// Server CPU over the windows: the scheduler's count, and `stat`'s
+    /// split of it into user and system time (in clock ticks).
+    cpu: Duration,
+    user: Duration,
+    sys: Duration,
+    secs: f64,
+    /// CPU µs per delivery of each window, for the spread.
+    windows: Vec<f64>,
+    /// Per instance (Redis mode): Redis messages in, bytes in, deliveries
+    /// from Redis, summed over the windows.
+    redis: Vec<[u64; 3]>,
+}
+
+impl<'a> Scenario<'a> {
+    /// Creates the sessions (split evenly between `servers`; in Redis mode
+    /// each session is published through the *other* instance, so every
+    /// delivery crosses Redis) and opens `streams` streams.
+    async fn open(
+        server: &'static str,
+        mode: &'static str,
+        servers: Vec<&'a Server>,
+        streams: usize,
+    ) -> Self {
+        let http = reqwest::Client::builder()
+            .pool_max_idle_per_host(256)
+            .build()
+            .expect("http client");
+        let n_sessions = streams.div_ceil(FANOUT);
+        let mut sessions = Vec::new();
+        let mut home = Vec::new();
+        for i in 0..n_sessions {
+            let server = servers[i % servers.len()];
+            sessions.push(Arc::new(create_session(&http, server.addr).await));
+            home.push(i % servers.len());
+        }
+        let col = Collector::new();
+        let mut logs = Vec::new();
+        for (k, server) in servers.iter().enumerate() {
+            let mine: Vec<_> = sessions
+                .iter()
+                .zip(&home)
+                .filter(|(_, h)| **h == k)
+                .map(|(s, _)| s.clone())
+                .collect();
+            let idx: Vec<usize> = (0..n_sessions).filter(|i| home[*i] == k).collect();
+            for (local_i, log) in open_streams(server.addr, Via::Fresh, &mine, FANOUT, &col).await {
+                logs.push((idx[local_i], log));
+            }
+        }
+        let route = home
+            .iter()
+            .map(|h| servers[(h + 1) % servers.len()].addr)
+            .collect();
+        let redis = vec![[0; 3]; servers.len()];
+        Self {
+            server,
+            mode,
+            servers,
+            http,
+            sessions,
+            home,
+            route,
+            col,
+            logs,
+            per_session: 0,
+            cpu: Duration::ZERO,
+            user: Duration::ZERO,
+            sys: Duration::ZERO,
+            secs: 0.0,
+            windows: Vec::new(),
+            redis,
+        }
+    }
+
+    /// One measured window: `secs` of publishing at `rate` publishes/s,
+    /// until every delivery arrived (or 15 s passed).
+    async fn window(&mut self, rate: f64, secs: f64) {
+        // Only the real server has `/stats` (Redis counters).
+        let before = if self.mode == "redis" {
+            futures_join(&self.http, &self.servers).await
+        } else {
+            Vec::new()
+        };
+        let cpu0: Vec<(Duration, Duration)> = self.servers.iter().map(|s| s.cpu_split()).collect();
+        let ns0: Vec<_> = self
+            .servers
+            .iter()
+            .map(|s| procs::proc_thread_ns(s.pid()))
+            .collect();
+        let delivered0 = self.col.delivered.load(Ordering::Relaxed);
+        let t0 = Instant::now();
+        let n = ((rate * secs) / self.sessions.len() as f64).ceil().max(1.0) as u64;
+        let from = self.per_session;
+        publish_all(
+            &self.http,
+            &self.sessions,
+            &self.route,
+            rate,
+            from..from + n,
+        )
+        .await;
+        self.per_session += n;
+        let expected = self.expected();
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while self.col.delivered.load(Ordering::Relaxed) < expected && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        self.secs += t0.elapsed().as_secs_f64();
+        let mut cpu = Duration::ZERO;
+        for ((s, (u0, s0)), ns0) in self.servers.iter().zip(&cpu0).zip(&ns0) {
+            let (u1, s1) = s.cpu_split();
+            self.user += u1 - *u0;
+            self.sys += s1 - *s0;
+            // The scheduler's nanoseconds where they are complete; the
+            // clock ticks otherwise.
+            let precise = ns0.as_ref().and_then(|before| {
+                procs::thread_ns_between(before, &procs::proc_thread_ns(s.pid())?)
+            });
+            cpu += precise.unwrap_or((u1 - *u0) + (s1 - *s0));
+        }
+        self.cpu += cpu;
+        let delivered = self.col.delivered.load(Ordering::Relaxed) - delivered0;
+        self.windows
+            .push(cpu.as_secs_f64() * 1e6 / delivered.max(1) as f64);
+        if self.mode == "redis" {
+            let after = futures_join(&self.http, &self.servers).await;
+            for (k, sum) in self.redis.iter_mut().enumerate() {
+                let d = |f: &str| {
+                    after[k]["redis"][f].as_u64().unwrap_or(0)
+                        - before[k]["redis"][f].as_u64().unwrap_or(0)
+                };
+                sum[0] += d("messages_in");
+                sum[1] += d("bytes_in");
+                sum[2] += d("received");
+            }
+        }
+    }
+
+    fn expected(&self) -> u64 {
+        self.per_session * (self.sessions.len() * FANOUT) as u64
+    }
+
+    /// Counts loss and duplicates exactly and sums the windows up.
+    async fn finish(self) -> FanoutResult {
+        // A little more time for stragglers, so duplicates would show.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let col = &self.col;
+        let delivered = col.delivered.load(Ordering::Relaxed);
+        let unique: u64 = self
+            .logs
+            .iter()
+            .map(|(_, log)| {
+                let seen = log.seen.lock().expect("log");
+                seen.iter().map(|w| w.count_ones() as u64).sum::<u64>()
+            })
+            .sum();
+        let expected = self.expected();
+        let published = self.per_session * self.sessions.len() as u64;
+        let h = col.merged_latency();
+        let redis = self
+            .servers
+            .iter()
+            .zip(&self.redis)
+            .enumerate()
+            .filter(|_| self.mode == "redis")
+            .map(|(k, (server, sum))| {
+                let own_sessions = self.home.iter().filter(|h| **h == k).count() as u64;
+                json!({
+                    "instance": server.addr.to_string(),
+                    "sessions_served": own_sessions,
+                    "events_needed_by_own_clients": own_sessions * self.per_session,
+                    "events_published_total": published,
+                    "redis_messages_in": sum[0],
+                    "redis_bytes_in": sum[1],
+                    "delivered_from_redis": sum[2],
+                })
+            })
+            .collect();
+        let cpu = self.cpu;
+        let result = FanoutResult {
+            server: self.server,
+            mode: self.mode,
+            offered: 0.0,
+            streams: self.logs.len(),
+            sessions: self.sessions.len(),
+            published,
+            expected,
+            delivered,
+            lost: expected.saturating_sub(unique),
+            duplicates: col.duplicates.load(Ordering::Relaxed),
+            stream_errors: col.errors.load(Ordering::Relaxed),
+            secs: self.secs,
+            deliveries_per_sec: delivered as f64 / self.secs,
+            server_cpu_secs: cpu.as_secs_f64(),
+            server_sys_secs: self.sys.as_secs_f64(),
+            cpu_us_per_delivery: cpu.as_secs_f64() * 1e6 / delivered.max(1) as f64,
+            window_cpu_us: self.windows,
+            p50_ms: h.value_at_quantile(0.50) as f64 / 1000.0,
+            p99_ms: h.value_at_quantile(0.99) as f64 / 1000.0,
+            p999_ms: h.value_at_quantile(0.999) as f64 / 1000.0,
+            max_ms: h.max() as f64 / 1000.0,
+            redis,
+        };
+        eprintln!(
+            "  {:9} {:5} {:>6} streams: {:>8.0} deliveries/s, {:.2} µs CPU/delivery, p50 {:.2} ms p99 {:.2} ms p99.9 {:.2} ms, lost {} dup {}",
+            result.server, result.mode, result.streams, result.deliveries_per_sec, result.cpu_us_per_delivery,
+            result.p50_ms, result.p99_ms, result.p999_ms, result.lost, result.duplicates
+        );
+        result
+    }
+}
+
+/// The local sweep at one load: every server's streams open at once, then
+/// `rounds` rounds in which each server gets one window of `secs / rounds`
+/// (in the opposite order every other round, so none is always measured
+/// right after the same one).
+async fn local_sweep(
+    servers: &[(Kind, &Server)],
+    streams: usize,
+    rate: f64,
+    secs: f64,
+    rounds: usize,
+) -> Vec<FanoutResult> {
+    let mut scenarios = Vec::new();
+    for &(kind, server) in servers {
+        scenarios.push(Scenario::open(kind.name(), "local", vec![server], streams).await);
+    }
+    // Let the servers finish the stream set-up work before measuring.
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let rounds = rounds.max(1);
+    for round in 0..rounds {
+        let mut turn: Vec<usize> = (0..scenarios.len()).collect();
+        if round % 2 == 1 {
+            turn.reverse();
+        }
+        for i in turn {
+            scenarios[i].window(rate, secs / rounds as f64).await;
+        }
+    }
+    let mut out = Vec::new();
+    for s in scenarios {
+        let mut r = s.finish().await;
+        r.offered = rate * FANOUT as f64;
+        out.push(r);
+    }
+    out
+}
+
+/// One Redis-mode scenario on `servers`, in one window.
 async fn fanout(
-    server_name: &'static str,
     mode: &'static str,
     servers: &[&Server],
     streams: usize,
     rate: f64,
     secs: f64,
 ) -> FanoutResult {
-    let http = reqwest::Client::builder()
-        .pool_max_idle_per_host(256)
-        .build()
-        .expect("http client");
-    let n_sessions = streams.div_ceil(FANOUT);
-    let mut sessions = Vec::new();
-    let mut home = Vec::new();
-    for i in 0..n_sessions {
-        let server = servers[i % servers.len()];
-        sessions.push(Arc::new(create_session(&http, server.addr).await));
-        home.push(i % servers.len());
-    }
-    let col = Collector::new();
-    let mut logs = Vec::new();
-    for (k, server) in servers.iter().enumerate() {
-        let mine: Vec<_> = sessions
-            .iter()
-            .zip(&home)
-            .filter(|(_, h)| **h == k)
-            .map(|(s, _)| s.clone())
-            .collect();
-        let idx: Vec<usize> = (0..n_sessions).filter(|i| home[*i] == k).collect();
-        for (local_i, log) in open_streams(server.addr, Via::Fresh, &mine, FANOUT, &col).await {
-            logs.push((idx[local_i], log));
-        }
-    }
-    let errors = col.errors.load(Ordering::Relaxed);
-    // Let the servers finish the stream set-up work before measuring.
+    let mut s = Scenario::open("sse-scale", mode, servers.to_vec(), streams).await;
     tokio::time::sleep(Duration::from_millis(1000)).await;
-    let route: Vec<SocketAddr> = home
-        .iter()
-        .map(|h| servers[(h + 1) % servers.len()].addr)
-        .collect();
-    // Only the real server has `/stats` (Redis counters).
-    let before_stats = if mode == "redis" {
-        futures_join(&http, servers).await
-    } else {
-        Vec::new()
-    };
-    let cpu0: Vec<(Duration, Duration)> = servers.iter().map(|s| s.cpu_split()).collect();
-    let t0 = Instant::now();
-    let per_session = ((rate * secs) / n_sessions as f64).ceil().max(1.0) as u64;
-    let published = publish_all(&http, &sessions, &route, rate, per_session).await;
-    let expected = published * FANOUT as u64;
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while col.delivered.load(Ordering::Relaxed) < expected && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
-    let window = t0.elapsed().as_secs_f64();
-    let (mut user, mut sys) = (Duration::ZERO, Duration::ZERO);
-    for (s, (u0, s0)) in servers.iter().zip(&cpu0) {
-        let (u1, s1) = s.cpu_split();
-        user += u1 - *u0;
-        sys += s1 - *s0;
-    }
-    let cpu = user + sys;
-    let after_stats = if mode == "redis" {
-        futures_join(&http, servers).await
-    } else {
-        Vec::new()
-    };
-    // A little more time for stragglers, so duplicates would show.
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let delivered = col.delivered.load(Ordering::Relaxed);
-    let mut unique = 0u64;
-    for (_, log) in &logs {
-        unique += log
-            .seen
-            .lock()
-            .expect("log")
-            .iter()
-            .map(|w| w.count_ones() as u64)
-            .sum::<u64>();
-    }
-    let lost = expected.saturating_sub(unique);
-    let h = col.merged_latency();
-    let mut redis = Vec::new();
-    if mode == "redis" {
-        for (k, server) in servers.iter().enumerate() {
-            let r0 = &before_stats[k]["redis"];
-            let r1 = &after_stats[k]["redis"];
-            let d = |f: &str| r1[f].as_u64().unwrap_or(0) - r0[f].as_u64().unwrap_or(0);
-            let own_sessions = home.iter().filter(|h| **h == k).count() as u64;
-            redis.push(json!({
-                "instance": server.addr.to_string(),
-                "sessions_served": own_sessions,
-                "events_needed_by_own_clients": own_sessions * per_session,
-                "events_published_total": published,
-                "redis_messages_in": d("messages_in"),
-                "redis_bytes_in": d("bytes_in"),
-                "delivered_from_redis": d("received"),
-            }));
-        }
-    }
-    let result = FanoutResult {
-        server: server_name,
-        mode,
-        offered: rate * FANOUT as f64,
-        streams: logs.len(),
-        sessions: n_sessions,
-        published,
-        expected,
-        delivered,
-        lost,
-        duplicates: col.duplicates.load(Ordering::Relaxed),
-        stream_errors: errors,
-        secs: window,
-        deliveries_per_sec: delivered as f64 / window,
-        server_cpu_secs: cpu.as_secs_f64(),
-        server_sys_secs: sys.as_secs_f64(),
-        cpu_us_per_delivery: cpu.as_secs_f64() * 1e6 / delivered.max(1) as f64,
-        p50_ms: h.value_at_quantile(0.50) as f64 / 1000.0,
-        p99_ms: h.value_at_quantile(0.99) as f64 / 1000.0,
-        p999_ms: h.value_at_quantile(0.999) as f64 / 1000.0,
-        max_ms: h.max() as f64 / 1000.0,
-        redis,
-    };
-    eprintln!(
-        "  {server_name:9} {mode:5} {:>6} streams: {:>8.0} deliveries/s, {:.2} µs CPU/delivery, p50 {:.2} ms p99 {:.2} ms p99.9 {:.2} ms, lost {} dup {}",
-        result.streams, result.deliveries_per_sec, result.cpu_us_per_delivery, result.p50_ms, result.p99_ms,
-        result.p999_ms, result.lost, result.duplicates
-    );
-    result
+    s.window(rate, secs).await;
+    let mut r = s.finish().await;
+    r.offered = rate * FANOUT as f64;
+    r
 }
 
 async fn futures_join(http: &reqwest::Client, servers: &[&Server]) -> Vec<Value> {
@@ -952,7 +1108,8 @@ async fn callgrind(
     let publishes = rate / FANOUT as f64;
     let per_session = ((publishes * secs) / n_sessions as f64).ceil().max(1.0) as u64;
     zero();
-    let published = publish_all(&http, &sessions, &route, publishes, per_session).await;
+    publish_all(&http, &sessions, &route, publishes, 0..per_session).await;
+    let published = per_session * n_sessions as u64;
     let expected = published * FANOUT as u64;
     let deadline = Instant::now() + Duration::from_secs(60);
     while col.delivered.load(Ordering::Relaxed) < expected && Instant::now() < deadline {
@@ -1047,8 +1204,11 @@ struct Options {
     runs: usize,
     /// `BENCH_STREAMS=2000` — stream counts of the fan-out sweep.
     streams: Vec<usize>,
-    /// `BENCH_SECS` — publish window of each fan-out run.
+    /// `BENCH_SECS` — publishing time of each server at each load.
     secs: f64,
+    /// `BENCH_ROUNDS` — how many windows the local sweep splits that time
+    /// into, the servers taking turns (5).
+    rounds: usize,
     /// `BENCH_RATES=10000,30000` — offered deliveries/s (publishes/s ×
     /// fan-out); the last is the highest load this machine sustains.
     rates: Vec<u64>,
@@ -1096,6 +1256,7 @@ impl Options {
                 .map(|n| n.parse().expect("BENCH_STREAMS: numbers"))
                 .collect(),
             secs: num("BENCH_SECS", if quick { 3.0 } else { 10.0 }),
+            rounds: num("BENCH_ROUNDS", if quick { 1.0 } else { 5.0 }) as usize,
             rates: list(
                 "BENCH_RATES",
                 &format!("{DELIVERIES_PER_SEC},{HIGH_DELIVERIES_PER_SEC}"),
@@ -1139,7 +1300,7 @@ impl Options {
 
     fn to_json(&self) -> Value {
         json!({
-            "only": self.only, "runs": self.runs, "streams": self.streams, "secs": self.secs,
+            "only": self.only, "runs": self.runs, "streams": self.streams, "secs": self.secs, "rounds": self.rounds,
             "deliveries_per_sec": self.rates,
             "servers": self.servers.iter().map(|k| k.name()).collect::<Vec<_>>(),
             "idle_streams": self.idle_streams,
@@ -1567,13 +1728,14 @@ fn main() {
                 let publishes = rate as f64 / FANOUT as f64;
                 for &n in &opts.streams {
                     if opts.run("local") {
-                        for &kind in &order {
-                            let server = Server::start(kind, "bench-local", &env_for(kind, vec![]));
-                            r.local.push(
-                                fanout(kind.name(), "local", &[&server], n, publishes, opts.secs)
-                                    .await,
-                            );
-                        }
+                        let servers: Vec<(Kind, Server)> = order
+                            .iter()
+                            .map(|&k| (k, Server::start(k, "bench-local", &env_for(k, vec![]))))
+                            .collect();
+                        let refs: Vec<(Kind, &Server)> =
+                            servers.iter().map(|(k, s)| (*k, s)).collect();
+                        r.local
+                            .extend(local_sweep(&refs, n, publishes, opts.secs, opts.rounds).await);
                     }
                     if opts.run("redis") {
                         let redis = Redis::start();
@@ -1587,9 +1749,8 @@ fn main() {
                         );
                         let a = Server::start(Kind::Product, "bench-a", &env);
                         let b = Server::start(Kind::Product, "bench-b", &env);
-                        r.redis.push(
-                            fanout("sse-scale", "redis", &[&a, &b], n, publishes, opts.secs).await,
-                        );
+                        r.redis
+                            .push(fanout("redis", &[&a, &b], n, publishes, opts.secs).await);
                     }
                 }
             }
