@@ -241,9 +241,17 @@ impl Stream for SseStream {
             }
         }
         // A tick that sends nothing moved the timer; polling it again
-        // registers the new deadline.
+        // registers the new deadline. Bounded: a timer that kept firing
+        // before its deadline would get its comment instead of a spin.
+        let mut ticks = 0;
         while !matches!(this.close, Closing::Done) && this.heartbeat.poll_tick(cx).is_ready() {
-            if let Some(beat) = this.heartbeat_bytes() {
+            ticks += 1;
+            let beat = if ticks < 3 {
+                this.heartbeat_bytes()
+            } else {
+                Some(HEARTBEAT)
+            };
+            if let Some(beat) = beat {
                 this.subscription.push_own(beat);
                 break;
             }

@@ -16,8 +16,9 @@
 //!   delivery, p50/p99 publish-to-receive latency, exact loss and
 //!   duplicates. Every server's streams are open at once and the servers
 //!   take turns in short windows (`BENCH_ROUNDS`, five of 2 s each by
-//!   default), so the floor and the product see the same machine: a
-//!   neighbour's burst during one 10 s window used to move a ratio by 0.3;
+//!   default, each round's order rotated by one), so the floor and the
+//!   product see the same machine: a neighbour's burst during one 10 s
+//!   window used to move a ratio by 0.3;
 //! - **Redis mode**: two `sse-scale` instances and a private `redis-server`,
 //!   every event published through the other instance, same loads;
 //! - **idle memory**: RSS per idle stream at 15,000 streams, for streams
@@ -68,6 +69,8 @@ const DELIVERIES_PER_SEC: u64 = 10_000;
 /// The highest load the sweep offers: what this 2-core machine sustains
 /// with the load generator on the same cores (see docs/benchmarks.md).
 const HIGH_DELIVERIES_PER_SEC: u64 = 160_000;
+/// Pause between two measured windows of the local sweep.
+const SETTLE: Duration = Duration::from_millis(500);
 /// Streams opened at once while setting up a scenario.
 const OPEN_CONCURRENCY: usize = 256;
 
@@ -861,7 +864,7 @@ impl<'a> Scenario<'a> {
 
 /// The local sweep at one load: every server's streams open at once, then
 /// `rounds` rounds in which each server gets one window of `secs / rounds`
-/// (in the opposite order every other round, so none is always measured
+/// (each round in an order rotated by one, so none is always measured
 /// right after the same one).
 async fn local_sweep(
     servers: &[(Kind, &Server)],
@@ -878,11 +881,15 @@ async fn local_sweep(
     tokio::time::sleep(Duration::from_millis(1000)).await;
     let rounds = rounds.max(1);
     for round in 0..rounds {
+        // Each round starts one server further on, so every server takes
+        // every place in the order and follows every other one.
         let mut turn: Vec<usize> = (0..scenarios.len()).collect();
-        if round % 2 == 1 {
-            turn.reverse();
-        }
+        turn.rotate_left(round % scenarios.len().max(1));
         for i in turn {
+            // The previous window's server finishes what it does after
+            // its last delivery (freeing, parking its threads) before the
+            // next one is measured beside it.
+            tokio::time::sleep(SETTLE).await;
             scenarios[i].window(rate, secs / rounds as f64).await;
         }
     }
