@@ -100,19 +100,22 @@ pub fn app(state: Arc<AppState>) -> Result<Router, axum::http::header::InvalidHe
     // every layer's boxed service on its way in (15 boxed clones per
     // publish, callgrind).
     let cors = cors(&state.cors_allowed_origins);
+    // Spans name the path, never the query: `?token=` must not reach the
+    // logs. 5xx answers are logged at debug, not as errors: a draining
+    // instance answers its balancer's health checks with 503 on purpose,
+    // and the handlers log what needs an operator's eye. Everything the
+    // layer writes is at debug, so without debug logging (the filter is
+    // set once, at start) the layer is left out: it cost every publish
+    // ~1,300 instructions of timing, classifying and body wrapping for
+    // nothing (callgrind, docs/benchmarks.md).
+    let trace = request_logs_enabled().then(|| {
+        TraceLayer::new_for_http()
+            .make_span_with(|req: &axum::http::Request<axum::body::Body>| {
+                tracing::debug_span!("request", method = %req.method(), path = %req.uri().path())
+            })
+            .on_failure(DefaultOnFailure::new().level(tracing::Level::DEBUG))
+    });
     let stack = tower::ServiceBuilder::new()
-        // Spans name the path, never the query: `?token=` must not reach
-        // the logs.
-        // 5xx answers are logged at debug, not as errors: a draining
-        // instance answers its balancer's health checks with 503 on
-        // purpose, and the handlers log what needs an operator's eye.
-        .layer(
-            TraceLayer::new_for_http()
-                .make_span_with(|req: &axum::http::Request<axum::body::Body>| {
-                    tracing::debug_span!("request", method = %req.method(), path = %req.uri().path())
-                })
-                .on_failure(DefaultOnFailure::new().level(tracing::Level::DEBUG)),
-        )
         .layer(SetResponseHeaderLayer::overriding(
             INSTANCE_HEADER,
             instance,
@@ -120,7 +123,21 @@ pub fn app(state: Arc<AppState>) -> Result<Router, axum::http::header::InvalidHe
         .option_layer(cors)
         .layer(DefaultBodyLimit::max(body_limit))
         .service(routes);
-    Ok(Router::new().fallback_service(stack))
+    let app = Router::new().fallback_service(stack);
+    // Outermost, and around the one fallback: still a single wrap.
+    Ok(match trace {
+        Some(trace) => app.layer(trace),
+        None => app,
+    })
+}
+
+/// Whether the request spans or tower-http's request and response events
+/// would be logged (all at debug).
+fn request_logs_enabled() -> bool {
+    tracing::enabled!(tracing::Level::DEBUG)
+        || tracing::enabled!(target: "tower_http::trace::on_request", tracing::Level::DEBUG)
+        || tracing::enabled!(target: "tower_http::trace::on_response", tracing::Level::DEBUG)
+        || tracing::enabled!(target: "tower_http::trace::on_failure", tracing::Level::DEBUG)
 }
 
 /// Browsers on the listed origins may call the API (and read its
@@ -159,4 +176,28 @@ async fn method_not_allowed() -> AppError {
         "method_not_allowed",
         "method not allowed on this route",
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::request_logs_enabled;
+    use tracing_subscriber::EnvFilter;
+
+    fn with_filter(filter: &str) -> bool {
+        let subscriber = tracing_subscriber::fmt()
+            .with_env_filter(EnvFilter::new(filter))
+            .finish();
+        tracing::subscriber::with_default(subscriber, request_logs_enabled)
+    }
+
+    /// The request-logging layer is built only when what it writes would
+    /// be logged: by this crate's debug level or tower-http's own.
+    #[test]
+    fn request_logs_follow_the_filter() {
+        assert!(!with_filter("info"));
+        assert!(with_filter("debug"));
+        assert!(with_filter("info,sse_scale_server=debug"));
+        assert!(with_filter("info,tower_http=debug"));
+        assert!(!with_filter("info,redis=debug"));
+    }
 }
