@@ -903,14 +903,8 @@ async fn local_sweep(
 }
 
 /// One Redis-mode scenario on `servers`, in one window.
-async fn fanout(
-    mode: &'static str,
-    servers: &[&Server],
-    streams: usize,
-    rate: f64,
-    secs: f64,
-) -> FanoutResult {
-    let mut s = Scenario::open("sse-scale", mode, servers.to_vec(), streams).await;
+async fn redis_fanout(servers: &[&Server], streams: usize, rate: f64, secs: f64) -> FanoutResult {
+    let mut s = Scenario::open("sse-scale", "redis", servers.to_vec(), streams).await;
     tokio::time::sleep(Duration::from_millis(1000)).await;
     s.window(rate, secs).await;
     let mut r = s.finish().await;
@@ -1757,7 +1751,7 @@ fn main() {
                         let a = Server::start(Kind::Product, "bench-a", &env);
                         let b = Server::start(Kind::Product, "bench-b", &env);
                         r.redis
-                            .push(fanout("redis", &[&a, &b], n, publishes, opts.secs).await);
+                            .push(redis_fanout(&[&a, &b], n, publishes, opts.secs).await);
                     }
                 }
             }
