@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::Sleep;
 
@@ -106,10 +106,27 @@ impl StallGuard {
     ) -> Poll<io::Result<usize>> {
         loop {
             std::task::ready!(self.io.poll_read_ready(cx))?;
-            // `try_read_buf` clears the readiness it consumed on WouldBlock.
-            match self.io.try_read_buf(buf) {
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                res => return Poll::Ready(res),
+            // A read shorter than the room it had drained the socket: the
+            // readiness is cleared then as well, as tokio's own `poll_read`
+            // does on epoll, not only on WouldBlock. Without that, every
+            // request cost one more `recvfrom` that only said EAGAIN. The
+            // read runs inside `try_io`, so what is cleared is the readiness
+            // seen before it: data arriving after the read is not missed.
+            let room = buf.chunk_mut().len();
+            let mut read = None;
+            let res = self.io.try_io(Interest::READABLE, || {
+                let n = self.io.try_read_buf(buf)?;
+                read = Some(n);
+                if 0 < n && n < room {
+                    Err(io::ErrorKind::WouldBlock.into())
+                } else {
+                    Ok(n)
+                }
+            });
+            match (read, res) {
+                (Some(n), _) => return Poll::Ready(Ok(n)),
+                (None, Err(e)) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                (None, res) => return Poll::Ready(res),
             }
         }
     }
@@ -170,5 +187,46 @@ impl AsyncWrite for StallGuard {
 
     fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Poll::Ready(socket2::SockRef::from(&*self.io).shutdown(std::net::Shutdown::Write))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncWriteExt;
+
+    /// A read that leaves room in the buffer drained the socket, so the
+    /// next read waits for the socket instead of asking it again (one
+    /// `recvfrom` per request saved); data that comes later still wakes it.
+    #[tokio::test]
+    async fn a_short_read_clears_the_readiness_and_later_data_still_wakes() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        let guard = StallGuard::new(server, Duration::from_secs(5), Arc::default());
+        let mut buf = Vec::with_capacity(64);
+
+        client.write_all(b"hello").await.unwrap();
+        let n = std::future::poll_fn(|cx| guard.poll_read_buf(cx, &mut buf))
+            .await
+            .unwrap();
+        assert_eq!(n, 5);
+        let ready_again =
+            std::future::poll_fn(|cx| Poll::Ready(guard.tcp().poll_read_ready(cx).is_ready()))
+                .await;
+        assert!(!ready_again, "a short read left the socket marked readable");
+
+        client.write_all(b" world").await.unwrap();
+        let read = tokio::time::timeout(
+            Duration::from_secs(5),
+            std::future::poll_fn(|cx| guard.poll_read_buf(cx, &mut buf)),
+        )
+        .await
+        .expect("data sent after the short read woke the reader")
+        .unwrap();
+        assert_eq!(read, 6);
+        assert_eq!(buf, b"hello world");
     }
 }
