@@ -628,8 +628,21 @@ async fn a_full_instance_s_503_is_retried_after_retry_after_and_resumes() {
     cable.plug();
     script.send("refusing", json!({ "during": 5 }));
     script.step("refused", Duration::from_secs(30)).await;
-    // Let it be refused once more after waiting, then free the slot.
-    tokio::time::sleep(Duration::from_millis(2500)).await;
+    // Let it be refused once more after waiting (its retry and that
+    // retry's probe), then free the slot. Counted, not timed: a slot freed
+    // between a refused retry and its probe would make the probe's answer
+    // a 200 with no Retry-After to wait for.
+    let refused = server.stats().await["streams_refused"]
+        .as_u64()
+        .unwrap_or(0);
+    let twice = eventually(Duration::from_secs(15), || async {
+        server.stats().await["streams_refused"]
+            .as_u64()
+            .unwrap_or(0)
+            >= refused + 2
+    })
+    .await;
+    assert!(twice, "no second refusal: {}", server.stats().await);
     drop(occupant);
     let freed = eventually(Duration::from_secs(10), || async {
         server.stats().await["open_streams"] == 0
