@@ -240,20 +240,16 @@ impl Stream for SseStream {
                 Closing::Done => break,
             }
         }
-        // A tick that sends nothing moved the timer; polling it again
-        // registers the new deadline. Bounded: a timer that kept firing
-        // before its deadline would get its comment instead of a spin.
-        let mut ticks = 0;
-        while !matches!(this.close, Closing::Done) && this.heartbeat.poll_tick(cx).is_ready() {
-            ticks += 1;
-            let beat = if ticks < 3 {
-                this.heartbeat_bytes()
-            } else {
-                Some(HEARTBEAT)
+        if !matches!(this.close, Closing::Done) && this.heartbeat.poll_tick(cx).is_ready() {
+            // A tick that sends nothing moved the timer: polling it again
+            // registers the new deadline (one interval after the last
+            // event, so it is not due yet; if it were, it gets its comment).
+            let beat = match this.heartbeat_bytes() {
+                Some(beat) => Some(beat),
+                None => this.heartbeat.poll_tick(cx).is_ready().then_some(HEARTBEAT),
             };
             if let Some(beat) = beat {
                 this.subscription.push_own(beat);
-                break;
             }
         }
         match Pin::new(&mut this.subscription).poll_next(cx) {

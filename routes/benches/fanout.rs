@@ -650,10 +650,9 @@ struct Scenario<'a> {
     logs: Vec<(usize, Arc<StreamLog>)>,
     /// Events published to each session so far: the next sequence number.
     per_session: u64,
-    /// Server CPU over the windows: the scheduler's count, and `stat`'s
-    /// split of it into user and system time (in clock ticks).
+    /// Server CPU over the windows (the scheduler's count), and `stat`'s
+    /// system time in it (in clock ticks).
     cpu: Duration,
-    user: Duration,
     sys: Duration,
     secs: f64,
     /// CPU µs per delivery of each window, for the spread.
@@ -716,7 +715,6 @@ impl<'a> Scenario<'a> {
             logs,
             per_session: 0,
             cpu: Duration::ZERO,
-            user: Duration::ZERO,
             sys: Duration::ZERO,
             secs: 0.0,
             windows: Vec::new(),
@@ -761,7 +759,6 @@ impl<'a> Scenario<'a> {
         let mut cpu = Duration::ZERO;
         for ((s, (u0, s0)), ns0) in self.servers.iter().zip(&cpu0).zip(&ns0) {
             let (u1, s1) = s.cpu_split();
-            self.user += u1 - *u0;
             self.sys += s1 - *s0;
             // The scheduler's nanoseconds where they are complete; the
             // clock ticks otherwise.
