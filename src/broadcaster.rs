@@ -38,6 +38,9 @@ pub struct BroadcasterStats {
     /// Late events answered with a `reset` instead of being delivered out
     /// of order (see [`crate::hub`]).
     pub order_resets: u64,
+    /// Late events dropped because a reset already stood for them (one
+    /// reset per episode, see [`crate::hub`]).
+    pub covered_by_reset: u64,
     /// Events handed to this instance's subscriptions, one per subscriber.
     pub deliveries: u64,
     /// Evaluations of `FF_REDIS_SSE_BROADCAST` by publishes here that had a

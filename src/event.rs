@@ -121,11 +121,31 @@ impl fmt::Debug for EventType {
 ///
 /// Ids increase in publish order. Clients treat them as opaque strings (they
 /// come back in `Last-Event-ID`); the server parses them to compare.
+///
+/// **One id names one event.** Ids come from two places that never hand
+/// out the same id:
+/// - the session's **sequence** in Redis (the publish script, and the
+///   reservation a flag-off publish makes while Redis answers): a sequence
+///   number below [`LOCAL_SEQ_BASE`], one counter per session;
+/// - this process's [`IdGenerator`], when there is no Redis to ask (local
+///   mode, an outage): a sequence number at or above [`LOCAL_SEQ_BASE`] that
+///   carries a tag drawn at random when the process starts, so two
+///   processes' local ids differ even in the same millisecond.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
 pub struct EventId {
     pub ms: u64,
     pub seq: u64,
 }
+
+/// Sequence numbers from here up are local ids ([`IdGenerator`]); below it,
+/// ids from a session's sequence in Redis. `2^46`: far above any count of
+/// events in one millisecond, and every id stays exact in the 53 bits of a
+/// Lua number, which the publish script computes with.
+pub const LOCAL_SEQ_BASE: u64 = 1 << 46;
+
+/// Bits of a local id's sequence that hold its process's tag.
+const TAG_BITS: u32 = 24;
+const TAG_MASK: u64 = (1 << TAG_BITS) - 1;
 
 impl fmt::Display for EventId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -163,6 +183,28 @@ impl EventId {
             _ => None,
         }
     }
+
+    /// Whether this id came from a process's [`IdGenerator`] rather than a
+    /// session's sequence in Redis.
+    pub fn is_local(self) -> bool {
+        self.seq >= LOCAL_SEQ_BASE
+    }
+
+    /// The smallest sequence id (not a local one) greater than this one:
+    /// what the publish script computes, in Rust for its tests.
+    pub fn next_sequenced(self) -> EventId {
+        if self.seq + 1 < LOCAL_SEQ_BASE {
+            EventId {
+                ms: self.ms,
+                seq: self.seq + 1,
+            }
+        } else {
+            EventId {
+                ms: self.ms.saturating_add(1),
+                seq: 0,
+            }
+        }
+    }
 }
 
 impl FromStr for EventId {
@@ -177,26 +219,52 @@ impl FromStr for EventId {
     }
 }
 
-/// Bits of a packed id that hold the sequence within one millisecond.
+/// Bits of a packed clock reading that hold the count within one
+/// millisecond.
 const SEQ_BITS: u32 = 22;
 const SEQ_MASK: u64 = (1 << SEQ_BITS) - 1;
 
-/// Hands out increasing [`EventId`]s without a lock.
+/// Hands out increasing [`EventId`]s without a lock: this process's local
+/// ids, and the floor its publishes ask a session's sequence for.
 ///
-/// The id is the wall-clock millisecond and a sequence within it, packed in
-/// one `u64` (42 bits of milliseconds last until the year 2109). If the clock
-/// steps backwards, ids keep increasing from the last one handed out.
-#[derive(Debug, Default)]
+/// Both come from one clock reading: the wall-clock millisecond and a count
+/// within it, packed in one `u64` (42 bits of milliseconds last until the
+/// year 2109). If the clock steps backwards, readings keep increasing from
+/// the last one. A local id is `<ms>-<LOCAL_SEQ_BASE + count · 2^24 + tag>`;
+/// a floor is `<ms>-<count>`, above every id this process issued or saw.
+#[derive(Debug)]
 pub struct IdGenerator {
     last: AtomicU64,
+    /// The newest millisecond in which a local id was issued or seen: a
+    /// floor must pass every local id of it, which sort after the sequence
+    /// ids of their millisecond.
+    local_ms: AtomicU64,
+    tag: u64,
+}
+
+impl Default for IdGenerator {
+    fn default() -> Self {
+        Self::with_tag(rand::random::<u64>())
+    }
 }
 
 impl IdGenerator {
+    /// A generator with a random tag.
     pub fn new() -> Self {
         Self::default()
     }
 
-    pub fn next_id(&self) -> EventId {
+    /// A generator whose local ids carry `tag` (its low 24 bits).
+    pub fn with_tag(tag: u64) -> Self {
+        Self {
+            last: AtomicU64::new(0),
+            local_ms: AtomicU64::new(0),
+            tag: tag & TAG_MASK,
+        }
+    }
+
+    /// The next clock reading, packed.
+    fn advance(&self) -> u64 {
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_millis() as u64)
@@ -209,23 +277,59 @@ impl IdGenerator {
                 .last
                 .compare_exchange_weak(cur, next, Ordering::Relaxed, Ordering::Relaxed)
             {
-                Ok(_) => {
-                    return EventId {
-                        ms: next >> SEQ_BITS,
-                        seq: next & SEQ_MASK,
-                    }
-                }
+                Ok(_) => return next,
                 Err(actual) => cur = actual,
             }
         }
     }
 
-    /// Makes every later id greater than `id` (an id this process has seen
-    /// from elsewhere, such as Redis), so a client never sees ids go
-    /// backwards when events from both sources reach it.
+    /// A local id: greater than every id this process issued or saw, and
+    /// different from any id of another process or of a session's sequence.
+    pub fn next_id(&self) -> EventId {
+        let packed = self.advance();
+        let ms = packed >> SEQ_BITS;
+        self.local_ms.fetch_max(ms, Ordering::Relaxed);
+        EventId {
+            ms,
+            seq: LOCAL_SEQ_BASE + ((packed & SEQ_MASK) << TAG_BITS) + self.tag,
+        }
+    }
+
+    /// A sequence id greater than every id this process issued or saw: what
+    /// a publish asks a session's sequence for, so this instance's clients
+    /// never see ids go backwards.
+    pub fn floor(&self) -> EventId {
+        let packed = self.advance();
+        let ms = packed >> SEQ_BITS;
+        let local_ms = self.local_ms.load(Ordering::Relaxed);
+        if ms <= local_ms {
+            // A local id of this millisecond sorts after its sequence ids:
+            // the floor is the next millisecond, and later readings pass it.
+            self.last
+                .fetch_max((local_ms + 1) << SEQ_BITS, Ordering::Relaxed);
+            return EventId {
+                ms: local_ms + 1,
+                seq: 0,
+            };
+        }
+        EventId {
+            ms,
+            seq: packed & SEQ_MASK,
+        }
+    }
+
+    /// Makes every later id and floor greater than `id` (an id this process
+    /// has seen from elsewhere, such as Redis), so a client never sees ids
+    /// go backwards when events from both sources reach it.
     pub fn observe(&self, id: EventId) {
-        let packed = (id.ms << SEQ_BITS) | id.seq.min(SEQ_MASK);
-        self.last.fetch_max(packed, Ordering::Relaxed);
+        let count = if id.is_local() {
+            self.local_ms.fetch_max(id.ms, Ordering::Relaxed);
+            ((id.seq - LOCAL_SEQ_BASE) >> TAG_BITS).min(SEQ_MASK)
+        } else {
+            id.seq.min(SEQ_MASK)
+        };
+        self.last
+            .fetch_max((id.ms << SEQ_BITS) | count, Ordering::Relaxed);
     }
 }
 
@@ -334,6 +438,43 @@ mod tests {
     }
 
     #[test]
+    fn local_ids_of_two_processes_and_sequence_ids_never_meet() {
+        let (a, b) = (IdGenerator::with_tag(1), IdGenerator::with_tag(2));
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..10_000 {
+            let (x, y, f) = (a.next_id(), b.next_id(), a.floor());
+            assert!(x.is_local() && y.is_local() && !f.is_local());
+            assert!(seen.insert(x) && seen.insert(y), "{x} or {y} twice");
+        }
+        // A floor passes the local ids issued before it, even in the same
+        // millisecond, and a later local id passes the floor.
+        let local = a.next_id();
+        let floor = a.floor();
+        assert!(floor > local, "{floor} after {local}");
+        assert!(a.next_id() > floor);
+        // What the publish script computes past a local id.
+        assert_eq!(
+            local.next_sequenced(),
+            EventId {
+                ms: local.ms + 1,
+                seq: 0
+            }
+        );
+        assert_eq!(
+            EventId { ms: 5, seq: 7 }.next_sequenced(),
+            EventId { ms: 5, seq: 8 }
+        );
+        // An observed local id of another process raises both.
+        let ahead = EventId {
+            ms: local.ms + 60_000,
+            seq: LOCAL_SEQ_BASE + (3 << TAG_BITS) + 9,
+        };
+        b.observe(ahead);
+        assert!(b.next_id() > ahead);
+        assert!(b.floor() > ahead);
+    }
+
+    #[test]
     fn observed_ids_raise_the_floor() {
         let g = IdGenerator::new();
         let ahead = EventId {
@@ -342,6 +483,7 @@ mod tests {
         };
         g.observe(ahead);
         assert!(g.next_id() > ahead);
+        assert!(g.floor() > ahead);
         // Observing an older id changes nothing.
         let before = g.next_id();
         g.observe(EventId { ms: 1, seq: 0 });

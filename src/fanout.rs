@@ -114,18 +114,14 @@ impl Fanout {
         }
     }
 
-    /// The broker a publish to `session` takes now.
-    fn path(&self, session: &SessionId) -> &dyn Broker {
-        let Some(remote) = &self.remote else {
-            return self.local.as_ref();
-        };
+    /// Whether a publish to `session` goes to other instances now.
+    fn shared(&self, session: &SessionId) -> bool {
+        if self.remote.is_none() {
+            return false;
+        }
         let on = self.flags.redis_broadcast(session);
         self.flag_evaluations[usize::from(!on)].fetch_add(1, Ordering::Relaxed);
-        if on {
-            remote.as_ref()
-        } else {
-            self.local.as_ref()
-        }
+        on
     }
 
     /// The connection map (for tests and embedding applications).
@@ -141,9 +137,10 @@ impl Fanout {
         };
         match remote.history(session, after, max).await {
             Ok(remote) => remote.merge(local, max),
-            // With the flag off the session's events stay here; the local
-            // history is all there is to read.
-            Err(_) if !self.flags.redis_broadcast(session) => local,
+            // Even with the flag off here, another instance may have
+            // published the session through Redis (its flag already on, or
+            // this one's not yet): what Redis holds is unknown, so the
+            // local history alone proves nothing.
             Err(e) => {
                 tracing::warn!(session = %session, error = %e, "history unreadable: the resume gets a reset");
                 Replay {
@@ -187,11 +184,14 @@ impl Broadcaster for Fanout {
         event: OutgoingEvent,
     ) -> BoxFuture<'a, Result<EventId, BroadcastError>> {
         async move {
-            let id = self
-                .path(session)
-                .publish(session, &event)
-                .await
-                .map_err(closed)?;
+            let published = match &self.remote {
+                Some(remote) if self.shared(session) => remote.publish(session, &event).await,
+                // The flag keeps it here; the broker still takes its id
+                // from the session's sequence.
+                Some(remote) => remote.publish_local(session, &event).await,
+                None => self.local.publish_now(session, &event),
+            };
+            let id = published.map_err(closed)?;
             self.published.fetch_add(1, Ordering::Relaxed);
             Ok(id)
         }
@@ -273,6 +273,7 @@ impl Broadcaster for Fanout {
             subscribers: self.hub.subscriber_count(),
             published: self.published.load(Ordering::Relaxed),
             order_resets: self.hub.order_resets(),
+            covered_by_reset: self.hub.covered_by_reset(),
             deliveries: self.hub.deliveries(),
             flag_evaluations: [
                 self.flag_evaluations[0].load(Ordering::Relaxed),

@@ -13,7 +13,7 @@
 //! were lost, so the stream starts with a `reset` event instead of silently
 //! skipping them.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -43,6 +43,16 @@ pub struct Replay {
     pub oldest: Option<EventId>,
     /// The newest id held, if any.
     pub newest: Option<EventId>,
+    /// X, the id this answers for.
+    pub after: EventId,
+    /// A shared history's (Redis's) answer: the newest event after X that
+    /// this instance kept to itself (flag off here), which this instance's
+    /// own history must hold for the merge to be complete.
+    pub kept_here_through: Option<EventId>,
+    /// A shared history's answer: events of this instance that reached it
+    /// under another id than the one this instance's clients saw them under
+    /// (an outbox event whose id was taken): `(id there, id here)`.
+    pub renumbered: Vec<(EventId, EventId)>,
 }
 
 impl Replay {
@@ -61,9 +71,31 @@ impl Replay {
     }
 
     /// Combines the answers of two histories that each hold part of one
-    /// session's events (Redis and in-process): one of them must vouch for
-    /// X, and neither may have dropped anything after it.
+    /// session's events — `self` the shared one (Redis), `other` this
+    /// instance's: one of them must vouch for X, and neither may have
+    /// dropped anything after it. An event is replayed once under one id:
+    /// equal ids are one event, and an event this instance's history holds
+    /// under its own id is not replayed again under the id Redis gave it.
     pub fn merge(mut self, other: Replay, max_bytes: usize) -> Replay {
+        if let Some(through) = self.kept_here_through {
+            if other.newest.is_none_or(|newest| newest < through) {
+                self.gapless = false;
+            }
+        }
+        if !self.renumbered.is_empty() {
+            let here: HashSet<EventId> = other.frames.iter().map(|f| f.id).collect();
+            // Only this instance's clients saw an event under its id here;
+            // this history holding X says the client was one of them.
+            let client_was_here = other.vouched;
+            let after = self.after;
+            let again: HashSet<EventId> = self
+                .renumbered
+                .iter()
+                .filter(|(_, id)| here.contains(id) || (client_was_here && *id <= after))
+                .map(|(shared, _)| *shared)
+                .collect();
+            self.frames.retain(|f| !again.contains(&f.id));
+        }
         if !other.frames.is_empty() {
             self.frames.extend(other.frames);
             self.frames.sort_by_key(|f| f.id);
@@ -201,7 +233,10 @@ impl History {
             .get(session)
             .filter(|r| now.duration_since(r.touched) < self.limits.ttl)
         else {
-            return Replay::nothing();
+            return Replay {
+                after,
+                ..Replay::nothing()
+            };
         };
         let holds = ring.frames.binary_search_by_key(&after, |f| f.id).is_ok();
         let untrimmed = ring.trimmed_through.is_none();
@@ -225,6 +260,8 @@ impl History {
             too_large,
             oldest: ring.frames.front().map(|f| f.id),
             newest: ring.frames.back().map(|f| f.id),
+            after,
+            ..Replay::default()
         }
     }
 
@@ -519,6 +556,56 @@ mod tests {
         assert!(!held.clone().merge(trimmed, ALL).complete());
         // Two histories that each hold nothing of the id vouch for nothing.
         assert!(!other.clone().merge(Replay::nothing(), ALL).complete());
+        // Redis knows of an event this instance kept to itself after X:
+        // complete only if this history still holds it.
+        let shared = Replay {
+            kept_here_through: Some(c.id),
+            ..other.clone()
+        };
+        assert!(shared.clone().merge(held.clone(), ALL).complete());
+        let short = Replay {
+            frames: vec![a.clone()],
+            newest: Some(a.id),
+            ..held.clone()
+        };
+        assert!(!shared.merge(short, ALL).complete());
+        // An event held here as `b` that Redis renumbered `r`: replayed
+        // once, as `b`, when this history has it after X; not at all when
+        // the client was here and past it; as `r` for a client from
+        // elsewhere.
+        let r = frame(&ids, "b again");
+        let renumbered = |after: EventId| Replay {
+            frames: vec![r.clone()],
+            vouched: true,
+            gapless: true,
+            after,
+            renumbered: vec![(r.id, b.id)],
+            ..Replay::default()
+        };
+        let here = Replay {
+            frames: vec![b.clone(), c.clone()],
+            vouched: true,
+            gapless: true,
+            newest: Some(c.id),
+            after: a.id,
+            ..Replay::default()
+        };
+        let ids_of = |m: Replay| m.frames.iter().map(|f| f.id).collect::<Vec<_>>();
+        assert_eq!(ids_of(renumbered(a.id).merge(here, ALL)), [b.id, c.id]);
+        let past = Replay {
+            frames: vec![c.clone()],
+            vouched: true,
+            gapless: true,
+            newest: Some(c.id),
+            after: b.id,
+            ..Replay::default()
+        };
+        assert_eq!(ids_of(renumbered(b.id).merge(past.clone(), ALL)), [c.id]);
+        let elsewhere = Replay {
+            vouched: false,
+            ..past
+        };
+        assert_eq!(ids_of(renumbered(b.id).merge(elsewhere, ALL)), [c.id, r.id]);
         // The union counts against the byte cap.
         assert!(!held.merge(other, a.bytes.len() * 2).complete());
     }

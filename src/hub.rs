@@ -18,13 +18,22 @@
 //! (an unsubscribe for an older generation is stale), so the hub never calls
 //! out while holding its lock.
 //!
-//! **Order.** The hub remembers the newest id it delivered per session. A
-//! repeat of it is dropped; an older id arriving late (events of one session
-//! published through two paths that do not share an order: a flag flip on
-//! one instance, or two instances publishing through a full Redis outage)
-//! is not delivered out of order: the session's streams get a `reset`
-//! instead, carrying the newest id, so their clients reload their state
-//! rather than silently keep a gap. Counted as `order_resets`.
+//! **Order.** The hub remembers the newest id it delivered per session. An
+//! id names one event (see [`EventId`]), so a repeat of it is the same event
+//! again and is dropped. An older id arriving late (events of one session
+//! that crossed on their way here: a session's flag differing between
+//! instances, two instances publishing through a Redis outage) is not
+//! delivered out of order: the session's streams get a `reset` instead,
+//! carrying the newest id, so their clients reload their state rather than
+//! silently keep a gap. Counted as `order_resets`.
+//!
+//! **One reset per episode.** A reset stands for every event up to the id
+//! it carries: the client reloads its state after it, and its next resume
+//! starts there. Events at or before that id that arrive late afterwards
+//! are dropped (`covered_by_reset`), not answered with more resets: their
+//! ids were taken before the reset was sent (a session's sequence hands
+//! out ids in order), so the reload that follows it already reflects them.
+//! A late event past that id starts a new episode.
 //!
 //! The map is behind a `std::sync::Mutex` held only to find, add or remove a
 //! session; each session's subscribers are behind a mutex of their own,
@@ -70,6 +79,7 @@ struct Inner {
     closed: AtomicBool,
     subscribers: AtomicUsize,
     order_resets: AtomicU64,
+    covered_by_reset: AtomicU64,
     /// Frames handed to subscriptions (one per subscriber per event).
     deliveries: AtomicU64,
     on_vacated: OnceLock<OnVacated>,
@@ -91,6 +101,8 @@ struct Members {
     sinks: Vec<Arc<Sink>>,
     /// The newest id delivered to this session here.
     last: EventId,
+    /// The id the session's last order reset carried (`0-0`: none).
+    reset_at: EventId,
 }
 
 impl Slot {
@@ -127,6 +139,7 @@ impl Hub {
                 closed: AtomicBool::new(false),
                 subscribers: AtomicUsize::new(0),
                 order_resets: AtomicU64::new(0),
+                covered_by_reset: AtomicU64::new(0),
                 deliveries: AtomicU64::new(0),
                 on_vacated: OnceLock::new(),
             }),
@@ -161,6 +174,7 @@ impl Hub {
                     members: Mutex::new(Members {
                         sinks: vec![sink.clone()],
                         last: EventId::ZERO,
+                        reset_at: EventId::ZERO,
                     }),
                 };
                 map.slots.insert(session.clone(), Arc::new(slot));
@@ -200,11 +214,18 @@ impl Hub {
         } else if frame.id == members.last {
             return true;
         } else {
-            self.inner.order_resets.fetch_add(1, Ordering::Relaxed);
-            sse::order_reset(members.last, frame.id)
+            match self.inner.late(&mut members, frame.id) {
+                Some(reset) => reset,
+                None => return true,
+            }
         };
         self.inner.offer(&members.sinks, &frame);
         true
+    }
+
+    /// Late events dropped because a reset already stood for them.
+    pub fn covered_by_reset(&self) -> u64 {
+        self.inner.covered_by_reset.load(Ordering::Relaxed)
     }
 
     /// Frames handed to subscriptions so far (one per subscriber per event).
@@ -263,6 +284,20 @@ impl Inner {
         // Every critical section is a single insert, remove or send, so a
         // poisoned lock still guards a consistent map.
         self.sessions.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The answer to a late event: a reset to the newest id delivered, or
+    /// nothing when the last reset already stands for it.
+    fn late(&self, members: &mut Members, late: EventId) -> Option<Frame> {
+        if late <= members.reset_at {
+            self.covered_by_reset.fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
+        // Never behind the late event itself: the reset stands for it.
+        members.last = members.last.max(late);
+        members.reset_at = members.last;
+        self.order_resets.fetch_add(1, Ordering::Relaxed);
+        Some(sse::order_reset(members.last, late))
     }
 
     /// Offers `frame` to each of a session's sinks (its lock held by the
@@ -495,6 +530,29 @@ mod tests {
         assert!(reset.bytes.starts_with(b"id: 5-0\nevent: reset\n"));
         assert_eq!(a.next().await.unwrap().unwrap().id.ms, 6);
         assert_eq!(hub.order_resets(), 1);
+    }
+
+    #[tokio::test]
+    async fn one_reset_stands_for_every_late_event_up_to_its_id() {
+        let hub = Hub::default();
+        let mut a = hub.subscribe(&s("x")).unwrap().subscription;
+        for ms in [5, 3, 4, 2, 6, 5, 8, 7, 7, 9] {
+            hub.deliver(&s("x"), f(ms));
+        }
+        let mut seen = Vec::new();
+        for _ in 0..6 {
+            let frame = a.next().await.unwrap().unwrap();
+            let text = String::from_utf8(frame.bytes.to_vec()).unwrap();
+            seen.push(if text.contains("event: reset") {
+                format!("reset@{}", text.lines().next().unwrap())
+            } else {
+                frame.id.ms.to_string()
+            });
+        }
+        // 3 starts an episode at 5; 4 and 2 are in it; 6 is live; 5 is
+        // covered; 8 is live; 7 is a new episode at 8, its repeat covered.
+        assert_eq!(seen, ["5", "reset@id: 5-0", "6", "8", "reset@id: 8-0", "9"]);
+        assert_eq!((hub.order_resets(), hub.covered_by_reset()), (2, 4));
     }
 
     #[tokio::test]

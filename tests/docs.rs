@@ -170,3 +170,64 @@ async fn flag_rollout_and_rollback_work_as_written_against_unleash() {
         ]
     );
 }
+
+/// Every test a document names in brackets (`[`tests/x.rs`: `name`]`, or a
+/// bare name in a document that says "(`tests/x.rs` unless noted)") is a
+/// test function of the file it points at: a renamed or moved test must
+/// take its reference along, or the claim it backs is unchecked.
+#[test]
+fn every_test_a_document_names_is_in_the_file_it_names() {
+    let mut missing = Vec::new();
+    let mut checked = 0;
+    let docs = std::fs::read_dir(repo().join("docs")).expect("docs/");
+    for doc in docs.map(|d| d.expect("entry").path()) {
+        if doc.extension().is_none_or(|e| e != "md") {
+            continue;
+        }
+        let text = std::fs::read_to_string(&doc).expect("read the document");
+        let default = text
+            .split("unless noted)")
+            .next()
+            .filter(|head| head.len() < text.len())
+            .and_then(|head| head.rsplit("(`").next())
+            .and_then(|tail| tail.strip_suffix("` "))
+            .map(str::to_owned);
+        for group in text.split('[').skip(1) {
+            let Some((inside, _)) = group.split_once(']') else {
+                continue;
+            };
+            let mut file = default.clone();
+            for token in inside.split('`').skip(1).step_by(2) {
+                if token.ends_with(".rs") {
+                    file = Some(token.to_owned());
+                    continue;
+                }
+                let is_name = token.contains('_')
+                    && token
+                        .bytes()
+                        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+                if !is_name {
+                    continue;
+                }
+                let name = doc.file_name().unwrap().to_string_lossy().into_owned();
+                let Some(file) = &file else {
+                    missing.push(format!("{name}: `{token}` names no file"));
+                    continue;
+                };
+                let source = std::fs::read_to_string(repo().join(file)).unwrap_or_default();
+                let defined = source
+                    .match_indices(&format!("fn {token}"))
+                    .any(|(at, m)| source[at + m.len()..].starts_with(['(', '<']));
+                checked += 1;
+                if !defined {
+                    missing.push(format!("{name}: `{token}` is not a test of {file}"));
+                }
+            }
+        }
+    }
+    assert!(
+        checked > 20,
+        "only {checked} references found: is the parser right?"
+    );
+    assert!(missing.is_empty(), "{}", missing.join("\n"));
+}

@@ -1,21 +1,29 @@
 //! `FF_REDIS_SSE_BROADCAST` from a real Unleash server (see
 //! `support/unleash.rs`), switched through the operators' script
 //! `flags/unleash-flags.sh`, with two real `sse-scale` processes sharing a
-//! real `redis-server`: switching under traffic, a per-session rollout, and
+//! real `redis-server`: switching under traffic (also with both instances
+//! publishing, behind the shipped HAProxy file), a per-session rollout, and
 //! an Unleash outage.
 
+#[path = "support/balancer.rs"]
+mod balancer;
 #[path = "support/redis_server.rs"]
 mod redis_server;
 mod support;
 #[path = "support/unleash.rs"]
 mod unleash;
 
+use std::collections::{BTreeMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use balancer::Balancer;
 use redis_server::RedisServer;
 use serde_json::{json, Value};
+use support::judge::{
+    fail_if_any, got_of, judge, parse_id, shared_ids, show, Accepted, Got, EXAMPLES,
+};
 use support::*;
 use tokio_util::sync::CancellationToken;
 use unleash::Unleash;
@@ -491,5 +499,438 @@ async fn an_instance_started_while_unleash_is_down_follows_the_fleet_s_last_know
         on_a.next_event(T).await.unwrap().json()["text"],
         "from the late one",
         "its publishes cross instances like its peers'"
+    );
+}
+
+/// Seconds between Unleash polls in the flip test below (default 15): short
+/// enough for the test, long enough that each instance picks a switch up on
+/// its own schedule, at its own moment.
+const REAL_REFRESH_SECS: u64 = 3;
+/// Pause between two publishes of one publisher in the flip test.
+const FLIP_PACE: Duration = Duration::from_millis(40);
+
+/// A stream read in the background: what arrived after `connected`, and
+/// when.
+struct TimedStream {
+    got: Arc<Mutex<Vec<(Instant, Got)>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl TimedStream {
+    /// Opens the session's stream through the balancer with HAProxy's
+    /// affinity cookie for `instance` (`SRV=app1`, as a browser pinned there
+    /// sends it), and checks that it landed there.
+    async fn pinned(lb: &Balancer, instance: &str, session: &str, token: &str) -> TimedStream {
+        let res = reqwest::Client::new()
+            .get(lb.url(&format!("/sessions/{session}/events?token={token}")))
+            .header(reqwest::header::COOKIE, format!("SRV={instance}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            res.status(),
+            200,
+            "stream through the balancer: {:?}",
+            res.text().await
+        );
+        let mut sse = SseClient::from_response(res);
+        let connected = sse.expect_connected().await;
+        assert_eq!(
+            connected.json()["instance_id"],
+            instance,
+            "the SRV cookie did not pin the stream"
+        );
+        let got = Arc::new(Mutex::new(Vec::new()));
+        let sink = got.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let item = match sse.next_block(Duration::from_secs(600)).await {
+                    None => Got::End,
+                    Some(block) => match got_of(&block) {
+                        Some(item) => item,
+                        None => continue,
+                    },
+                };
+                let end = matches!(item, Got::End);
+                sink.lock().unwrap().push((Instant::now(), item));
+                if end {
+                    return;
+                }
+            }
+        });
+        TimedStream { got, task }
+    }
+
+    fn snapshot(&self) -> Vec<(Instant, Got)> {
+        self.got.lock().unwrap().clone()
+    }
+
+    /// Waits until `marker` arrived, or a reset at or past its id did, or
+    /// the stream ended.
+    async fn settle(&self, marker: &Accepted, within: Duration) -> bool {
+        eventually(within, || {
+            let done = self.got.lock().unwrap().iter().any(|(_, g)| match g {
+                Got::Event { label, .. } => *label == marker.label,
+                Got::Reset { id, .. } => *id >= marker.id,
+                Got::End => true,
+            });
+            async move { done }
+        })
+        .await
+    }
+}
+
+impl Drop for TimedStream {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// An accepted publish of the flip test: the instance that took it (0: A,
+/// 1: B), when its request left and when its 202 came back.
+#[derive(Clone)]
+struct Sent {
+    event: Accepted,
+    on: usize,
+    started: Instant,
+    done: Instant,
+}
+
+/// Publishes event `m` with data `label` on the instance at `base`; the
+/// publish must be accepted.
+async fn publish_timed(
+    http: &reqwest::Client,
+    base: &str,
+    on: usize,
+    session: &str,
+    token: &str,
+    label: String,
+) -> Sent {
+    let started = Instant::now();
+    let res = http
+        .post(format!("{base}/sessions/{session}/events"))
+        .bearer_auth(token)
+        .json(&json!({ "type": "m", "data": label }))
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("publish {label}: {e}"));
+    let status = res.status();
+    let body = res.text().await.unwrap_or_default();
+    let done = Instant::now();
+    assert_eq!(status, 202, "publish {label}: {body}");
+    let body: Value = serde_json::from_str(&body).unwrap();
+    let id = parse_id(
+        body["id"]
+            .as_str()
+            .unwrap_or_else(|| panic!("publish {label}: no id in {body}")),
+    );
+    Sent {
+        event: Accepted { label, id },
+        on,
+        started,
+        done,
+    }
+}
+
+/// Publishes `<tag>-0`, `<tag>-1`, ... on one instance every
+/// [`FLIP_PACE`] until stopped.
+struct PacedPublisher {
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<Vec<Sent>>,
+}
+
+impl PacedPublisher {
+    fn start(server: &Server, on: usize, session: &str, token: &str, tag: String) -> Self {
+        let stop = CancellationToken::new();
+        let halt = stop.clone();
+        let base = server.url("");
+        let (session, token) = (session.to_owned(), token.to_owned());
+        let task = tokio::spawn(async move {
+            let http = client();
+            let mut sent = Vec::new();
+            while !halt.is_cancelled() {
+                let label = format!("{tag}-{}", sent.len());
+                sent.push(publish_timed(&http, &base, on, &session, &token, label).await);
+                tokio::time::sleep(FLIP_PACE).await;
+            }
+            sent
+        });
+        PacedPublisher { stop, task }
+    }
+
+    async fn finish(self) -> Vec<Sent> {
+        self.stop.cancel();
+        self.task.await.expect("publisher failed")
+    }
+}
+
+/// Polls every instance's `/stats` until each reports the flag as `enabled`
+/// from Unleash; when each was first seen so.
+async fn seen_switched(servers: [&Server; 2], enabled: bool, within: Duration) -> [Instant; 2] {
+    let want = json!({ "enabled": enabled, "source": "unleash" });
+    let deadline = Instant::now() + within;
+    let mut seen: [Option<Instant>; 2] = [None, None];
+    loop {
+        let mut states = Vec::new();
+        for (i, server) in servers.iter().enumerate() {
+            let state = server.stats().await["flag"]["state"].clone();
+            if seen[i].is_none() && state == want {
+                seen[i] = Some(Instant::now());
+            }
+            states.push(state);
+        }
+        if let [Some(a), Some(b)] = seen {
+            return [a, b];
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not every instance reports {want} within {within:?}: {states:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+// Each instance reads the flag from Unleash at its own poll, so after a
+// switch they disagree for up to a refresh interval while both publish the
+// same sessions. An instance whose flag is off follows a session whose
+// events reach it through Redis, so a session's events move to one path
+// (Redis) at the first instance's switch instead of taking two paths that
+// cross at every publish.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_flag_flip_under_publishing_on_both_instances_behind_haproxy_loses_nothing_and_resets_a_stream_at_most_once_per_flip(
+) {
+    let began = Instant::now();
+    let redis = RedisServer::start();
+    let unleash = Unleash::start().await;
+    unleash.flags(&["create"]).await;
+    unleash.flags(&["rollout", "100"]).await;
+    unleash.flags(&["off"]).await;
+    let refresh = REAL_REFRESH_SECS.to_string();
+    let start = |name: &str| {
+        Server::start(&[
+            ("REDIS_URL", &redis.url()),
+            ("INSTANCE_ID", name),
+            ("RATE_LIMIT_PUBLISH_PER_SEC", "0"),
+            ("RATE_LIMIT_STREAMS_PER_MIN", "0"),
+            ("SSE_CLIENT_QUEUE", "4096"),
+            ("UNLEASH_URL", &unleash.api_url()),
+            ("UNLEASH_API_TOKEN", unleash::CLIENT_TOKEN),
+            ("UNLEASH_REFRESH_SECS", &refresh),
+        ])
+    };
+    // The names the shipped HAProxy file gives its servers' cookies.
+    let names = ["app1", "app2"];
+    let a = start(names[0]);
+    // Half an interval apart, so the two poll schedules stay apart.
+    tokio::time::sleep(Duration::from_millis(REAL_REFRESH_SECS * 500)).await;
+    let b = start(names[1]);
+    let servers = [&a, &b];
+    let switch_within = Duration::from_secs(REAL_REFRESH_SECS + 6);
+    seen_switched(servers, false, switch_within).await;
+    // The shipped file names three backends: the third is a port nothing
+    // listens on, which its health check takes out; no stream is pinned to it.
+    let nowhere = format!("127.0.0.1:{}", redis_server::free_port());
+    let lb = Balancer::haproxy("haproxy/haproxy.cfg", &[&a.addr, &b.addr, &nowhere], &[]).await;
+
+    // Two sessions, one created on each instance, each with a stream pinned
+    // to A and one pinned to B.
+    let mut sessions = Vec::new();
+    for (tag, home) in [("s1", &a), ("s2", &b)] {
+        let (id, token) = new_session(home).await;
+        sessions.push((tag, id, token));
+    }
+    let mut streams = Vec::new();
+    for (k, (_, id, token)) in sessions.iter().enumerate() {
+        for (i, name) in names.iter().enumerate() {
+            streams.push((k, i, TimedStream::pinned(&lb, name, id, token).await));
+        }
+    }
+    // Subscribed whatever the flag says, so a switch loses nothing.
+    wait_subscribed(&a, 2).await;
+    wait_subscribed(&b, 2).await;
+
+    let mut publishers = Vec::new();
+    for (k, (tag, id, token)) in sessions.iter().enumerate() {
+        for (i, server) in servers.iter().enumerate() {
+            let tag = format!("{tag}-{}", names[i]);
+            publishers.push((k, PacedPublisher::start(server, i, id, token, tag)));
+        }
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    let on_issued = Instant::now();
+    unleash.flags(&["on"]).await;
+    let on_seen = seen_switched(servers, true, switch_within).await;
+    let both_on = on_seen[0].max(on_seen[1]);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    let off_issued = Instant::now();
+    unleash.flags(&["off"]).await;
+    let off_seen = seen_switched(servers, false, switch_within).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    let mut sent: Vec<Vec<Sent>> = vec![Vec::new(); sessions.len()];
+    for (k, p) in publishers {
+        sent[k].extend(p.finish().await);
+    }
+    // A last event per session on each instance, after all it published.
+    let http = client();
+    let mut markers = BTreeMap::new();
+    for (k, (tag, id, token)) in sessions.iter().enumerate() {
+        for (i, server) in servers.iter().enumerate() {
+            let label = format!("{tag}-{}-end", names[i]);
+            let m = publish_timed(&http, &server.url(""), i, id, token, label).await;
+            sent[k].push(m.clone());
+            markers.insert((k, i), m.event);
+        }
+    }
+    // The own instance's marker is owed; the other's only if it went
+    // through Redis, so it gets a short wait.
+    futures::future::join_all(streams.iter().map(|(k, i, s)| {
+        let (own, other) = (&markers[&(*k, *i)], &markers[&(*k, 1 - *i)]);
+        async move {
+            s.settle(own, Duration::from_secs(10)).await;
+            s.settle(other, Duration::from_secs(2)).await;
+        }
+    }))
+    .await;
+
+    let at = |t: Instant| match t.checked_duration_since(on_issued) {
+        Some(d) => format!("+{}ms", d.as_millis()),
+        None => format!("-{}ms", on_issued.duration_since(t).as_millis()),
+    };
+    let period = |t: Instant| {
+        if t < on_issued {
+            0
+        } else if t < off_issued {
+            1
+        } else {
+            2
+        }
+    };
+    let mut failures = Vec::new();
+    let mut summaries = Vec::new();
+    for (k, (tag, ..)) in sessions.iter().enumerate() {
+        // Ids are per session: each session has its own sequence.
+        let all: Vec<&Accepted> = sent[k].iter().map(|s| &s.event).collect();
+        let shared = shared_ids(&all);
+        if !shared.is_empty() {
+            failures.push(format!(
+                "session {tag}: {} ids were given to more than one of its {} accepted events: {}",
+                shared.len(),
+                all.len(),
+                shared
+                    .iter()
+                    .take(EXAMPLES)
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ));
+        }
+        let count = |on: usize| sent[k].iter().filter(|s| s.on == on).count();
+        summaries.push(format!(
+            "session {tag}: {} accepted on {}, {} on {}",
+            count(0),
+            names[0],
+            count(1),
+            names[1]
+        ));
+    }
+    for (k, i, stream) in &streams {
+        let (tag, ..) = &sessions[*k];
+        let (own, other) = (names[*i], names[1 - *i]);
+        let who = format!("session {tag}, stream on {own}");
+        let timed = stream.snapshot();
+        let got: Vec<Got> = timed.iter().map(|(_, g)| g.clone()).collect();
+        // Every event of its own instance; every event of the other one
+        // published while both had the flag on; whatever else of the other
+        // instance arrives is judged for order and repeats.
+        let window: Vec<&Sent> = sent[*k]
+            .iter()
+            .filter(|s| s.on != *i && s.started >= both_on && s.done < off_issued)
+            .collect();
+        let owed: Vec<Accepted> = sent[*k]
+            .iter()
+            .filter(|s| s.on == *i)
+            .chain(window.iter().copied())
+            .map(|s| s.event.clone())
+            .collect();
+        if window.len() < 20 {
+            failures.push(format!(
+                "{who}: only {} events of {other} fell in the window with the flag on on both",
+                window.len()
+            ));
+        }
+        match judge(&who, &got, &owed, &HashSet::new(), false) {
+            Ok(s) => summaries.push(s),
+            Err(e) => failures.push(e),
+        }
+        let mut resets: [Vec<String>; 3] = Default::default();
+        for (t, g) in &timed {
+            if let Got::Reset { id, raw } = g {
+                resets[period(*t)].push(format!(
+                    "{} at {} [{}]",
+                    show(*id),
+                    at(*t),
+                    raw.replace('\n', " | ")
+                ));
+            }
+        }
+        if !resets[0].is_empty() || resets[1].len() > 1 || resets[2].len() > 1 {
+            failures.push(format!(
+                "{who}: resets before any switch: {:?}; after the switch on: {:?}; after the \
+                 switch off: {:?}",
+                resets[0], resets[1], resets[2]
+            ));
+        }
+        let from = |name: &str| {
+            let prefix = format!("{tag}-{name}-");
+            got.iter()
+                .filter(|g| matches!(g, Got::Event { label, .. } if label.starts_with(&prefix)))
+                .count()
+        };
+        let prefix = format!("{tag}-{other}-");
+        let first_other = timed
+            .iter()
+            .find(|(_, g)| matches!(g, Got::Event { label, .. } if label.starts_with(&prefix)))
+            .map_or("never".to_owned(), |(t, _)| at(*t));
+        summaries.push(format!(
+            "{who}: resets before/on/off {}/{}/{} {:?}; received {} of {own}, {} of {other} \
+             (the first at {first_other})",
+            resets[0].len(),
+            resets[1].len(),
+            resets[2].len(),
+            resets.iter().flatten().collect::<Vec<_>>(),
+            from(own),
+            from(other)
+        ));
+    }
+    let mut stats = Vec::new();
+    for (name, server) in names.iter().zip(servers) {
+        let s = server.stats().await;
+        stats.push(format!(
+            "{name}: resets {} order_resets {}",
+            s["resets"], s["order_resets"]
+        ));
+    }
+    fail_if_any(
+        "flag_flip_behind_haproxy",
+        &failures,
+        &format!(
+            "switched on at +0ms, seen on {} {}, {} {}; switched off at {}, seen off {} {}, {} {}; \
+             {}; refresh {REAL_REFRESH_SECS} s, pace {FLIP_PACE:?}; {:?} in all\n  {}",
+            names[0],
+            at(on_seen[0]),
+            names[1],
+            at(on_seen[1]),
+            at(off_issued),
+            names[0],
+            at(off_seen[0]),
+            names[1],
+            at(off_seen[1]),
+            stats.join(", "),
+            began.elapsed(),
+            summaries.join("\n  ")
+        ),
     );
 }

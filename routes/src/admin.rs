@@ -35,6 +35,7 @@ pub async fn stats(_: Admin, State(state): State<Arc<AppState>>) -> Json<serde_j
         "resumes": state.resumes.load(Ordering::Relaxed),
         "resets": state.resets.load(Ordering::Relaxed),
         "order_resets": b.order_resets,
+        "covered_by_reset": b.covered_by_reset,
         "history": { "sessions": b.history_sessions, "bytes": b.history_bytes },
         "pipeline_runs": state.runs.len(),
         "draining": state.is_draining(),

@@ -210,6 +210,12 @@ impl Collector for StateCollector {
             "Late events answered with reset instead of out of order",
             b.order_resets,
         )?;
+        counter(
+            &mut e,
+            "sse_covered_by_reset",
+            "Late events dropped because an earlier reset stood for them",
+            b.covered_by_reset,
+        )?;
 
         // Local: the flag sent the publish down the in-process path (or
         // there is no Redis at all). Redis and outbox: the broker's counts.

@@ -48,9 +48,21 @@ impl MemoryBroker {
         session: &SessionId,
         event: &OutgoingEvent,
     ) -> Result<EventId, BrokerError> {
+        self.publish_as(session, event, None)
+    }
+
+    /// Publishes on this instance only, under `id` when one was reserved
+    /// from the session's sequence elsewhere (the caller keeps a session's
+    /// reservations and these calls in one order), else under a local id.
+    pub fn publish_as(
+        &self,
+        session: &SessionId,
+        event: &OutgoingEvent,
+        id: Option<EventId>,
+    ) -> Result<EventId, BrokerError> {
         self.check_open()?;
         let _order = self.stripe(session);
-        let id = self.ids.next_id();
+        let id = id.unwrap_or_else(|| self.ids.next_id());
         let frame = sse::frame(id, &event.event_type, &event.data);
         // Recorded before it is delivered: a stream that reads history after
         // subscribing finds every event it may have missed live.
@@ -77,9 +89,15 @@ impl MemoryBroker {
         self.ids.observe(id);
     }
 
-    /// A fresh id past everything this process has issued or seen.
+    /// A local id past everything this process has issued or seen.
     pub fn next_id(&self) -> EventId {
         self.ids.next_id()
+    }
+
+    /// A sequence id past everything this process has issued or seen: the
+    /// floor a publish asks a session's sequence for.
+    pub fn floor(&self) -> EventId {
+        self.ids.floor()
     }
 
     /// The newest event of `session` held here.
@@ -126,6 +144,14 @@ impl MemoryBroker {
 
 impl Broker for MemoryBroker {
     fn publish<'a>(
+        &'a self,
+        session: &'a SessionId,
+        event: &'a OutgoingEvent,
+    ) -> BoxFuture<'a, Result<EventId, BrokerError>> {
+        future::ready(self.publish_now(session, event)).boxed()
+    }
+
+    fn publish_local<'a>(
         &'a self,
         session: &'a SessionId,
         event: &'a OutgoingEvent,

@@ -61,6 +61,18 @@ pub trait Broker: Send + Sync + 'static {
         event: &'a OutgoingEvent,
     ) -> BoxFuture<'a, Result<EventId, BrokerError>>;
 
+    /// Publishes an event that stays on this instance (the flag is off for
+    /// the session): delivered and kept in history here only. Its id still
+    /// comes from the session's sequence when the broker has one and can
+    /// reach it, so it never names another instance's event, and the
+    /// broker remembers that the session has events it does not hold, so a
+    /// resume elsewhere is told (`reset`) rather than skipping them.
+    fn publish_local<'a>(
+        &'a self,
+        session: &'a SessionId,
+        event: &'a OutgoingEvent,
+    ) -> BoxFuture<'a, Result<EventId, BrokerError>>;
+
     /// Sends `event` to every session on every instance (not kept in
     /// history).
     fn publish_all<'a>(

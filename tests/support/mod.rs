@@ -3,6 +3,8 @@
 
 #![allow(dead_code)]
 
+pub mod judge;
+
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::sync::{mpsc, Arc, Mutex};
@@ -25,6 +27,16 @@ pub struct Server {
 
 impl Server {
     pub fn start(env: &[(&str, &str)]) -> Server {
+        Self::spawn(env, true)
+    }
+
+    /// As [`Server::start`], but stderr's reader goes away once the server
+    /// has said where it listens: every later log line meets a closed pipe.
+    pub fn start_then_close_stderr(env: &[(&str, &str)]) -> Server {
+        Self::spawn(env, false)
+    }
+
+    fn spawn(env: &[(&str, &str)], keep_reading: bool) -> Server {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_sse-scale"));
         cmd.env_clear()
             .env("HOST", "127.0.0.1")
@@ -48,6 +60,9 @@ impl Server {
                 if let Some(addr) = line.split("addr=").nth(1) {
                     if let Some(tx) = tx.take() {
                         let _ = tx.send(addr.split_whitespace().next().unwrap_or("").to_owned());
+                        if !keep_reading {
+                            return;
+                        }
                     }
                 }
                 let mut s = sink.lock().unwrap();
@@ -210,15 +225,26 @@ pub struct SseClient {
 
 impl SseClient {
     pub async fn open(server: &Server, session: &str, token: &str) -> SseClient {
-        let res = reqwest::Client::new()
-            .get(server.url(&format!("/sessions/{session}/events?token={token}")))
-            .send()
-            .await
-            .unwrap();
+        Self::open_at(server, session, token, None).await
+    }
+
+    /// Opens the stream resuming from `last` (the `Last-Event-ID` header);
+    /// the answer must be 200.
+    pub async fn open_from(server: &Server, session: &str, token: &str, last: &str) -> SseClient {
+        Self::open_at(server, session, token, Some(last)).await
+    }
+
+    async fn open_at(server: &Server, session: &str, token: &str, last: Option<&str>) -> SseClient {
+        let mut req = reqwest::Client::new()
+            .get(server.url(&format!("/sessions/{session}/events?token={token}")));
+        if let Some(last) = last {
+            req = req.header("last-event-id", last);
+        }
+        let res = req.send().await.unwrap();
         assert_eq!(
             res.status(),
             200,
-            "stream open failed: {:?}",
+            "stream open (Last-Event-ID {last:?}) failed: {:?}",
             res.text().await
         );
         SseClient::from_response(res)

@@ -6,6 +6,7 @@
 //! a Redis error), and replies are read in pages, at most the resume's byte
 //! cap in all.
 
+use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 
 use redis::streams::{StreamId, StreamRangeReply};
@@ -19,22 +20,41 @@ use crate::sse;
 /// Entries read per round trip.
 pub(super) const PAGE: usize = 200;
 
-/// KEYS[1] the session's lost marker; ARGV: an id, ttl secs. Keeps the
-/// greater of the stored id and ARGV[1].
+/// KEYS[1] the session's lost marker, KEYS[2] its sequence's last
+/// reservation; ARGV: an id, ttl secs, a floor. Keeps the greater of the
+/// stored marker and ARGV[1], and moves the sequence past the floor: the
+/// ids this instance delivered before the loss are never handed out again.
 pub(super) const MARK_LOST_SCRIPT: &str = r#"
 local function parse(s)
-  local ms, seq = string.match(s, '^(%d+)-(%d+)$')
+  local ms, seq = string.match(s or '', '^(%d+)-(%d+)$')
   return tonumber(ms), tonumber(seq)
 end
-local cur = redis.call('GET', KEYS[1])
-if cur then
-  local a, b = parse(cur)
-  local c, d = parse(ARGV[1])
-  if a and c and (a > c or (a == c and b >= d)) then return 0 end
+local function newer(a, b)
+  local am, as = parse(a)
+  local bm, bs = parse(b)
+  return am and (not bm or am > bm or (am == bm and as > bs))
 end
-redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+if newer(ARGV[3], redis.call('GET', KEYS[2])) then
+  redis.call('SET', KEYS[2], ARGV[3], 'EX', ARGV[2])
+end
+if newer(ARGV[1], redis.call('GET', KEYS[1])) then
+  redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+end
 return 1
 "#;
+
+/// What one resume reads in its first round trip: the entry at the
+/// client's id, the oldest and newest entries, the first and lost markers,
+/// the instances' flag-off notes, and the first page after the id.
+type ResumeReads = (
+    StreamRangeReply,
+    StreamRangeReply,
+    StreamRangeReply,
+    Option<String>,
+    Option<String>,
+    HashMap<String, String>,
+    Option<StreamRangeReply>,
+);
 
 /// One stream entry, decoded.
 pub(super) struct Entry {
@@ -42,6 +62,9 @@ pub(super) struct Entry {
     /// Published from its publisher's outbox: its publisher's subscribers
     /// already have it.
     pub held: bool,
+    /// For an outbox event that did not keep its id: the id its publisher's
+    /// subscribers saw it under.
+    pub alias: Option<EventId>,
     pub frame: Frame,
 }
 
@@ -77,7 +100,9 @@ impl Inner {
             .cmd("GET")
             .arg(self.keys.first(session))
             .cmd("GET")
-            .arg(self.keys.lost(session));
+            .arg(self.keys.lost(session))
+            .cmd("HGETALL")
+            .arg(self.keys.kept_local(session));
         if let Some(start) = start {
             pipe.cmd("XRANGE")
                 .arg(&key)
@@ -87,24 +112,35 @@ impl Inner {
                 .arg(PAGE);
         }
         let pipe = &pipe;
-        let (held, head, top, first, lost, page): (
-            StreamRangeReply,
-            StreamRangeReply,
-            StreamRangeReply,
-            Option<String>,
-            Option<String>,
-            Option<StreamRangeReply>,
-        ) = if start.is_some() {
+        let (held, head, top, first, lost, kept, page): ResumeReads = if start.is_some() {
             self.redis
                 .call(|mut conn| async move { pipe.query_async(&mut conn).await })
                 .await?
         } else {
-            let (a, b, c, d, e) = self
+            let (a, b, c, d, e, f) = self
                 .redis
                 .call(|mut conn| async move { pipe.query_async(&mut conn).await })
                 .await?;
-            (a, b, c, d, e, None)
+            (a, b, c, d, e, f, None)
         };
+        // Events after `after` that instances kept to themselves (flag off
+        // there): another instance's are missing from every history here;
+        // this one's must be in its own.
+        let mut kept_elsewhere = false;
+        let mut kept_here_through = None;
+        for (node, id) in &kept {
+            let Ok(id) = id.parse::<EventId>() else {
+                continue;
+            };
+            if id <= after {
+                continue;
+            }
+            if *node == self.settings.node_id {
+                kept_here_through = kept_here_through.max(Some(id));
+            } else {
+                kept_elsewhere = true;
+            }
+        }
         let oldest = first_id(&head);
         let newest = first_id(&top);
         let first: Option<EventId> = first.and_then(|f| f.parse().ok());
@@ -119,6 +155,7 @@ impl Inner {
         let holds = holds || lost == Some(after);
 
         let mut frames = Vec::new();
+        let mut renumbered = Vec::new();
         let mut bytes = 0;
         let mut too_large = false;
         let mut page = page;
@@ -128,6 +165,9 @@ impl Inner {
             for entry in &reply.ids {
                 last = entry.id.parse::<EventId>().ok().or(last);
                 let Some(e) = self.entry(entry) else { continue };
+                if let (Some(here), true) = (e.alias, e.node == self.settings.node_id) {
+                    renumbered.push((e.frame.id, here));
+                }
                 bytes += e.frame.bytes.len();
                 if bytes > max_bytes {
                     too_large = true;
@@ -148,10 +188,15 @@ impl Inner {
             vouched: !lost_after && (holds || (after == EventId::ZERO && untrimmed)),
             // A hole past `after` also stops the in-process history from
             // vouching for the merge.
-            gapless: !lost_after && (untrimmed || oldest.is_some_and(|o| o <= after)),
+            gapless: !lost_after
+                && !kept_elsewhere
+                && (untrimmed || oldest.is_some_and(|o| o <= after)),
             too_large,
             oldest,
             newest,
+            after,
+            kept_here_through,
+            renumbered,
         })
     }
 
@@ -160,7 +205,15 @@ impl Inner {
     /// though it was not trimmed that far, lost events — a failover
     /// promoted a replica that had not received them, or Redis restarted
     /// empty. The session is marked, so a resume from before the loss gets
-    /// `reset` instead of a replay with a hole in it.
+    /// `reset` instead of a replay with a hole in it, and its sequence is
+    /// moved past every id this instance issued or saw.
+    ///
+    /// Moving the sequence matters after Redis restarted empty: a publisher
+    /// that never saw the lost ids (a new instance, a slow clock) would
+    /// otherwise hand them out again, and this subscriber would drop those
+    /// new events as repeats. Publishes between the loss and this check
+    /// can still get such ids; every instance that delivered the session
+    /// asks for ids past what it saw, so only one that never held it can.
     pub(super) async fn check_lost(
         &self,
         session: &SessionId,
@@ -181,23 +234,30 @@ impl Inner {
             .arg("+")
             .arg("COUNT")
             .arg(1)
-            .cmd("EXISTS")
+            .cmd("GET")
             .arg(self.keys.first(session));
         let pipe = &pipe;
-        let (held, head, first): (StreamRangeReply, StreamRangeReply, bool) = self
+        let (held, head, first): (StreamRangeReply, StreamRangeReply, Option<String>) = self
             .redis
             .call(|mut conn| async move { pipe.query_async(&mut conn).await })
             .await?;
-        let trimmed_past = first_id(&head).is_some_and(|oldest| oldest > cursor);
+        let first: Option<EventId> = first.and_then(|f| f.parse().ok());
+        // Trimmed by MAXLEN: the stream began at or before the cursor and
+        // its oldest entries since went. A stream that began after the
+        // cursor was started again: what it had is gone.
+        let trimmed_past = first_id(&head).is_some_and(|oldest| oldest > cursor)
+            && first.is_some_and(|f| f <= cursor);
         // Nothing left at all, bookkeeping included: the session's history
         // expired (HISTORY_TTL_SECS), it did not lose events.
-        let expired = head.ids.is_empty() && !first;
+        let expired = head.ids.is_empty() && first.is_none();
         if !held.ids.is_empty() || trimmed_past || expired {
             return Ok(());
         }
         let mut call = self.mark_lost.key(self.keys.lost(session));
+        call.key(self.keys.reserved(session));
         call.arg(cursor.to_string())
-            .arg(self.settings.history.ttl.as_secs());
+            .arg(self.settings.history.ttl.as_secs())
+            .arg(self.local.floor().to_string());
         let call = &call;
         let _: i64 = self
             .redis
@@ -254,6 +314,7 @@ impl Inner {
             Some(Entry {
                 node: entry.get("n").unwrap_or_default(),
                 held: entry.get::<String>("h").as_deref() == Some("1"),
+                alias: entry.get::<String>("a").and_then(|a| a.parse().ok()),
                 frame: sse::frame(id, &event_type, &data),
             })
         })();

@@ -94,6 +94,13 @@ pub struct RedisCounters {
     pub foreign_version_dropped: u64,
     /// Times the subscriber connection was (re-)established.
     pub subscriber_connects: u64,
+    /// Times the subscriber fell so far behind its connection (while it
+    /// subscribed channels or caught sessions up) that the buffer between
+    /// them filled: the connection was ended, rather than messages dropped,
+    /// and the reconnect (counted in `subscriber_connects`) caught every
+    /// session up from its stream. A rising count means catch-ups are too
+    /// slow for the traffic.
+    pub subscriber_overflows: u64,
     /// Events waiting in the outbox for Redis to come back.
     pub outbox_len: usize,
     /// Outbox events published once Redis was back.
@@ -132,7 +139,11 @@ struct Inner {
     local: Arc<MemoryBroker>,
     handler: Handler,
     script: redis::Script,
+    reserve: redis::Script,
     mark_lost: redis::Script,
+    /// Flag-off publishes of one session are serialised on one of these
+    /// across their reservation, so they are delivered in id order.
+    local_order: Vec<tokio::sync::Mutex<()>>,
     outbox: outbox::Outbox,
     interest: Arc<subscriber::Interest>,
     /// Set while publishing to Redis fails, so an outage is logged once.
@@ -180,6 +191,18 @@ impl Keys {
         format!("{}:lost", self.channel(session))
     }
 
+    /// The last id reserved from the session's sequence for an event that
+    /// stayed on its instance.
+    fn reserved(&self, session: &SessionId) -> String {
+        format!("{}:seq", self.channel(session))
+    }
+
+    /// Per instance, the newest event of the session it kept to itself
+    /// (flag off): a hash, node → id.
+    fn kept_local(&self, session: &SessionId) -> String {
+        format!("{}:local", self.channel(session))
+    }
+
     /// The session a channel belongs to, if it is a session channel.
     fn session_of(&self, channel: &str) -> Option<SessionId> {
         let id = channel.strip_prefix(&self.session_prefix)?;
@@ -214,6 +237,9 @@ struct Counters {
     history_lost: AtomicU64,
 }
 
+/// Stripes of [`Inner::local_order`].
+const LOCAL_ORDER_STRIPES: usize = 64;
+
 /// How long shutdown waits for the outbox to reach Redis.
 const SHUTDOWN_FLUSH: Duration = Duration::from_secs(2);
 
@@ -239,8 +265,12 @@ impl RedisBroker {
             keys,
             local,
             handler,
-            script: redis::Script::new(publish::PUBLISH_SCRIPT),
+            script: redis::Script::new(&publish::publish_script()),
+            reserve: redis::Script::new(&publish::reserve_script()),
             mark_lost: redis::Script::new(history::MARK_LOST_SCRIPT),
+            local_order: (0..LOCAL_ORDER_STRIPES)
+                .map(|_| tokio::sync::Mutex::new(()))
+                .collect(),
             interest: Arc::default(),
             publish_outage: AtomicBool::new(false),
             counters: Counters::default(),
@@ -267,6 +297,7 @@ impl RedisBroker {
             malformed_dropped: c.malformed.load(Ordering::Relaxed),
             foreign_version_dropped: c.foreign.load(Ordering::Relaxed),
             subscriber_connects: c.connects.load(Ordering::Relaxed),
+            subscriber_overflows: pubsub::overflows(),
             outbox_len: self.inner.outbox.len(),
             outbox_flushed: c.outbox_flushed.load(Ordering::Relaxed),
             outbox_reassigned: c.outbox_reassigned.load(Ordering::Relaxed),
@@ -305,6 +336,13 @@ impl Inner {
         }
     }
 
+    fn local_order(&self, session: &SessionId) -> &tokio::sync::Mutex<()> {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        session.hash(&mut h);
+        &self.local_order[(h.finish() as usize) % self.local_order.len()]
+    }
+
     fn publish_recovered(&self) {
         if self.publish_outage.swap(false, Ordering::Relaxed) {
             tracing::info!(backend = "redis", "publishing to Redis recovered");
@@ -319,6 +357,14 @@ impl Broker for RedisBroker {
         event: &'a OutgoingEvent,
     ) -> BoxFuture<'a, Result<EventId, BrokerError>> {
         self.inner.publish(session, event).boxed()
+    }
+
+    fn publish_local<'a>(
+        &'a self,
+        session: &'a SessionId,
+        event: &'a OutgoingEvent,
+    ) -> BoxFuture<'a, Result<EventId, BrokerError>> {
+        self.inner.publish_local(session, event).boxed()
     }
 
     fn publish_all<'a>(

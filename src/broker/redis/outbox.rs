@@ -103,20 +103,36 @@ impl Inner {
     }
 
     /// Publishes up to a batch of the outbox, oldest first, while Redis
-    /// answers.
+    /// answers and the broker is not stopping. A publish cut short by the
+    /// stop leaves its event at the front.
     pub(super) async fn flush(&self) -> Flush {
-        let _one = self.outbox.flushing.lock().await;
+        let Some(_one) = self
+            .cancel
+            .run_until_cancelled(self.outbox.flushing.lock())
+            .await
+        else {
+            return Flush::Cancelled;
+        };
         for _ in 0..FLUSH_BATCH {
+            if self.cancel.is_cancelled() {
+                return Flush::Cancelled;
+            }
             if !self.redis.is_healthy() {
                 return Flush::Failed;
             }
             let Some(next) = self.outbox.lock().front().cloned() else {
                 return Flush::Empty;
             };
-            match self
-                .run_script(&next.session, &next.event, next.id, true)
+            // Whether Redis ran it is unknown; nothing flushes after the
+            // stop, so the event is not published twice.
+            let Some(published) = self
+                .cancel
+                .run_until_cancelled(self.run_script(&next.session, &next.event, next.id, true))
                 .await
-            {
+            else {
+                return Flush::Cancelled;
+            };
+            match published {
                 Ok(id) => {
                     // Removed only once published, so a publish that sees
                     // the outbox empty comes after every held event.
@@ -172,12 +188,14 @@ impl Inner {
         queue.len()
     }
 
-    /// Flushes until the outbox is empty or Redis stops answering.
+    /// Flushes until the outbox is empty, Redis stops answering or the
+    /// broker stops. Shutdown's last attempt runs before the stop, so it
+    /// is not cut short by it.
     pub(super) async fn flush_all(&self) -> bool {
         loop {
             match self.flush().await {
                 Flush::Empty => return true,
-                Flush::Failed => return false,
+                Flush::Failed | Flush::Cancelled => return false,
                 Flush::More => tokio::task::yield_now().await,
             }
         }
@@ -206,4 +224,6 @@ pub(super) enum Flush {
     More,
     /// Redis is away or refused the front event.
     Failed,
+    /// The broker is stopping.
+    Cancelled,
 }

@@ -10,31 +10,79 @@ use crate::event::{EventId, OutgoingEvent, SessionId};
 use crate::redis_client::CallError;
 use crate::sse;
 
+/// Lua shared by the scripts that take an id from a session's sequence.
+///
+/// A session's sequence stands at the newer of its stream's last entry and
+/// its last reservation (`KEYS[seq]`: an id handed to an event that stays
+/// on its instance). `take` gives the wanted id when it is past that,
+/// otherwise the next sequence id after it: the same millisecond with the
+/// next count, or — past a local id (`seq` at or above 2^46, see
+/// `EventId::next_sequenced`) — the next millisecond. Ids stay below 2^53,
+/// exact in a Lua number.
+const SEQUENCE_LUA: &str = r#"
+local LOCAL = 70368744177664
+local function parse(s)
+  local ms, seq = string.match(s or '', '^(%d+)-(%d+)$')
+  return tonumber(ms), tonumber(seq)
+end
+local function newer(ams, aseq, bms, bseq)
+  return ams > bms or (ams == bms and aseq > bseq)
+end
+local function take(wanted, stream, seqkey)
+  local ms, seq = 0, 0
+  local last = redis.call('XREVRANGE', stream, '+', '-', 'COUNT', 1)[1]
+  if last then ms, seq = parse(last[1]) end
+  local rms, rseq = parse(redis.call('GET', seqkey))
+  if rms and newer(rms, rseq, ms, seq) then ms, seq = rms, rseq end
+  local wms, wseq = parse(wanted)
+  if wms and newer(wms, wseq, ms, seq) then return wms, wseq end
+  if seq + 1 < LOCAL then return ms, seq + 1 end
+  return ms + 1, 0
+end
+local function fmt(ms, seq)
+  return string.format('%.0f-%.0f', ms, seq)
+end
+"#;
+
 /// KEYS[1] history stream, KEYS[2] the id of the session's first event
 /// (a stream that still holds it was never trimmed), KEYS[3] the lost
-/// marker (its life follows the stream's, so it outlives no hole);
+/// marker (its life follows the stream's, so it outlives no hole), KEYS[4]
+/// the sequence's last reservation, KEYS[5] the newest event each instance
+/// kept to itself (flag off);
 /// ARGV: channel, node, type, data, maxlen, ttl secs, wanted id, held,
 /// and the command that sends on the channel: `PUBLISH`, or `SPUBLISH` in a
 /// cluster (where the channel shares the keys' slot).
 ///
-/// The wanted id is the publisher's floor (an id past everything it has
-/// issued or seen), or, for an outbox event, the id its local subscribers
-/// already saw it under. It is taken when the stream accepts it (greater
-/// than the stream's last id); otherwise Redis assigns the next one. Either
-/// way ids never go below what the publisher's own clients have seen.
-pub(super) const PUBLISH_SCRIPT: &str = r#"
-local r = redis.pcall('XADD', KEYS[1], 'MAXLEN', '~', ARGV[5], ARGV[7],
-  't', ARGV[3], 'd', ARGV[4], 'n', ARGV[2], 'h', ARGV[8])
-local id = false
-if type(r) ~= 'table' then id = r end
-if not id then
-  id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[5], '*',
-    't', ARGV[3], 'd', ARGV[4], 'n', ARGV[2], 'h', ARGV[8])
+/// The wanted id is the publisher's floor (a sequence id past everything it
+/// has issued or seen), or, for an outbox event, the local id its
+/// subscribers here already saw it under. It is taken when it is past the
+/// session's sequence; otherwise the event gets the sequence's next id, and
+/// an outbox event records its local id as `a` (its publisher's history
+/// holds it under that one). Either way ids never go below what the
+/// publisher's own clients have seen, and never repeat one of the session.
+pub(super) fn publish_script() -> String {
+    format!("{SEQUENCE_LUA}{PUBLISH_LUA}")
+}
+
+const PUBLISH_LUA: &str = r#"
+local ms, seq = take(ARGV[7], KEYS[1], KEYS[4])
+local id = fmt(ms, seq)
+local fields = {'t', ARGV[3], 'd', ARGV[4], 'n', ARGV[2], 'h', ARGV[8]}
+if ARGV[8] == '1' and id ~= ARGV[7] then
+  table.insert(fields, 'a')
+  table.insert(fields, ARGV[7])
+end
+local r = redis.pcall('XADD', KEYS[1], 'MAXLEN', '~', ARGV[5], id, unpack(fields))
+if type(r) == 'table' then
+  -- Only if the stream's own counter is past its last entry (entries
+  -- deleted by hand): Redis picks the id.
+  id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[5], '*', unpack(fields))
 end
 redis.call('EXPIRE', KEYS[1], ARGV[6])
 redis.call('SET', KEYS[2], id, 'NX')
 redis.call('EXPIRE', KEYS[2], ARGV[6])
 redis.call('EXPIRE', KEYS[3], ARGV[6])
+redis.call('EXPIRE', KEYS[5], ARGV[6])
 local held = ''
 if ARGV[8] == '1' then held = ',"held":true' end
 local env = '{"v":1,"node":' .. cjson.encode(ARGV[2]) .. ',"id":"' .. id ..
@@ -42,6 +90,32 @@ local env = '{"v":1,"node":' .. cjson.encode(ARGV[2]) .. ',"id":"' .. id ..
 redis.call(ARGV[9], ARGV[1], env)
 return id
 "#;
+
+/// KEYS[1] history stream, KEYS[2] the sequence's last reservation,
+/// KEYS[3] the newest event each instance kept to itself; ARGV: wanted id,
+/// ttl secs, node. Reserves the next id of the session's sequence for an
+/// event that stays on its instance (flag off), and notes it as that
+/// instance's newest such event: a resume on another instance from before
+/// it then knows its history lacks one.
+pub(super) fn reserve_script() -> String {
+    format!("{SEQUENCE_LUA}{RESERVE_LUA}")
+}
+
+const RESERVE_LUA: &str = r#"
+local ms, seq = take(ARGV[1], KEYS[1], KEYS[2])
+local id = fmt(ms, seq)
+redis.call('SET', KEYS[2], id, 'EX', ARGV[2])
+redis.call('HSET', KEYS[3], ARGV[3], id)
+redis.call('EXPIRE', KEYS[3], ARGV[2])
+return id
+"#;
+
+/// How long after the last event of a session that arrived here from
+/// another instance through Redis this instance publishes the session
+/// through Redis too, whatever its flag says: longer than a flag source's
+/// refresh, so while instances disagree on the flag (an Unleash change
+/// reaches each at its next poll) a session keeps one order.
+pub(super) const FOLLOW_SHARED: std::time::Duration = std::time::Duration::from_secs(60);
 
 impl Inner {
     pub(super) async fn publish(
@@ -57,7 +131,7 @@ impl Inner {
             self.note_outage(&"Redis unreachable");
             return self.hold(session, event);
         }
-        let floor = self.local.next_id();
+        let floor = self.local.floor();
         match self.run_script(session, event, floor, false).await {
             Ok(id) => {
                 self.publish_recovered();
@@ -77,6 +151,54 @@ impl Inner {
         }
     }
 
+    /// An event the flag keeps on this instance. While Redis answers, its
+    /// id is reserved from the session's sequence (so it names no other
+    /// instance's event, and a resume elsewhere learns it is missing);
+    /// otherwise it takes a local id. A session whose events arrive here
+    /// from other instances through Redis is published through Redis
+    /// instead (see [`FOLLOW_SHARED`]): two paths without a common order
+    /// would make this instance's clients reset at every crossing.
+    pub(super) async fn publish_local(
+        &self,
+        session: &SessionId,
+        event: &OutgoingEvent,
+    ) -> Result<EventId, BrokerError> {
+        self.check_open()?;
+        if self.follows_shared(session) {
+            return self.publish(session, event).await;
+        }
+        // A session's reservations and deliveries here in one order.
+        let _order = self.local_order(session).lock().await;
+        let mut reserved = None;
+        if self.redis.is_healthy() {
+            match self.reserve(session).await {
+                Ok(id) => {
+                    self.publish_recovered();
+                    self.local.observe(id);
+                    reserved = Some(id);
+                }
+                Err(e) => self.note_outage(&e),
+            }
+        }
+        self.local.publish_as(session, event, reserved)
+    }
+
+    async fn reserve(&self, session: &SessionId) -> Result<EventId, CallError> {
+        let mut call = self.reserve.key(self.keys.history(session));
+        call.key(self.keys.reserved(session));
+        call.key(self.keys.kept_local(session));
+        call.arg(self.local.floor().to_string())
+            .arg(self.settings.history.ttl.as_secs())
+            .arg(&self.settings.node_id);
+        let call = &call;
+        let id: String = self
+            .redis
+            .call(|mut conn| async move { call.invoke_async(&mut conn).await })
+            .await?;
+        id.parse()
+            .map_err(|_| CallError::Server(format!("unexpected stream id {id:?}")))
+    }
+
     /// Runs the publish script. The subscriber connection delivers the
     /// event here, as it does on every other instance.
     pub(super) async fn run_script(
@@ -89,6 +211,8 @@ impl Inner {
         let mut call = self.script.key(self.keys.history(session));
         call.key(self.keys.first(session));
         call.key(self.keys.lost(session));
+        call.key(self.keys.reserved(session));
+        call.key(self.keys.kept_local(session));
         call.arg(self.keys.channel(session))
             .arg(&self.settings.node_id)
             .arg(event.event_type.as_str())

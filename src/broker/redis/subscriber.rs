@@ -12,7 +12,7 @@
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures::future::{BoxFuture, FutureExt};
 use futures::StreamExt;
@@ -20,6 +20,7 @@ use tokio::sync::{oneshot, Notify};
 
 use super::envelope::{self, DecodeError};
 use super::history::PAGE;
+use super::publish::FOLLOW_SHARED;
 use super::pubsub::{Incoming, PubSubConn};
 use super::Inner;
 use crate::broker::{BrokerError, Target};
@@ -63,6 +64,9 @@ struct State {
     /// no longer has (Redis restarted empty) are delivered from here, so a
     /// subscriber here never misses an event its own instance published.
     sent: HashMap<SessionId, VecDeque<Frame>>,
+    /// Per wanted session: when an event of another instance last arrived
+    /// here (see [`Inner::follows_shared`]).
+    shared_at: HashMap<SessionId, Instant>,
 }
 
 impl Interest {
@@ -135,8 +139,14 @@ impl Inner {
                     // The stream goes on without the confirmation: once the
                     // channel is subscribed, catch up from when it was
                     // wanted, not from the stream's top then.
-                    if let Some(floor) = interest.lock().floors.get_mut(&session) {
+                    let mut st = interest.lock();
+                    if let Some(floor) = st.floors.get_mut(&session) {
                         floor.1 = true;
+                    }
+                    // Its waiter went with it: an outage must not pile one
+                    // up per stream opened meanwhile.
+                    if let Some(waiters) = st.waiters.get_mut(&session) {
+                        waiters.retain(|tx| !tx.is_closed());
                     }
                     Err(BrokerError::Unavailable(
                         "the session's channel was not confirmed in time".into(),
@@ -162,10 +172,27 @@ impl Inner {
             return;
         }
         let sent = st.sent.entry(session.clone()).or_default();
-        sent.push_back(frame());
+        // Publishes of a session run side by side: kept in id order, which
+        // is the order their echoes arrive in.
+        let at = sent.partition_point(|f| f.id < id);
+        sent.insert(at, frame());
         if sent.len() > MAX_SENT {
             sent.pop_front();
         }
+    }
+
+    /// Whether this instance publishes `session` through Redis although its
+    /// flag is off here: events of the session published by other instances
+    /// arrived through Redis within [`FOLLOW_SHARED`]. While instances
+    /// disagree on the flag (each reads it at its own moment), the session
+    /// then keeps one order — the sequence's — on this instance, instead of
+    /// two that cross at every publish and reset its clients each time.
+    pub(super) fn follows_shared(&self, session: &SessionId) -> bool {
+        self.interest
+            .lock()
+            .shared_at
+            .get(session)
+            .is_some_and(|t| t.elapsed() < FOLLOW_SHARED)
     }
 
     /// Delivers own events whose echo never came and that the stream no
@@ -178,8 +205,10 @@ impl Inner {
             .remove(session)
             .unwrap_or_default();
         for frame in left {
+            let id = frame.id;
             if self.deliver(session, true, false, frame) {
-                tracing::warn!(backend = "redis", session = %session, "an own event missing from Redis delivered here directly");
+                tracing::warn!(backend = "redis", session = %session, id = %id,
+                    "an own event missing from Redis delivered here directly");
             }
         }
     }
@@ -196,6 +225,7 @@ impl Inner {
             st.floors.remove(session);
             st.estimated.remove(session);
             st.sent.remove(session);
+            st.shared_at.remove(session);
             st.dirty.insert(session.clone());
         }
         self.interest.changed.notify_one();
@@ -210,7 +240,13 @@ impl Inner {
             if self.cancel.is_cancelled() {
                 return;
             }
-            match self.open_subscriber().await {
+            // A reconnect and its catch-up can take many round trips: the
+            // broker's shutdown does not wait for them.
+            let opened = tokio::select! {
+                () = self.cancel.cancelled() => return,
+                opened = self.open_subscriber() => opened,
+            };
+            match opened {
                 Ok(mut conn) => {
                     delay = Duration::from_millis(100);
                     if down_logged {
@@ -606,7 +642,15 @@ impl Inner {
     /// Hands a session's event to the handler unless it is a repeat (at or
     /// before the cursor) or an outbox event of this instance (delivered
     /// when it was held). Returns whether it was new.
+    ///
+    /// Own events sent before this one whose echo never came are handed
+    /// over first: the channel and the stream carry a session's events in
+    /// id order, so an event past them means theirs is not coming (Redis
+    /// lost it before the echo went out, or while this connection was
+    /// down). A subscriber here never misses an event its own instance
+    /// published, whatever arrives first.
     fn deliver(&self, session: &SessionId, own: bool, held: bool, frame: Frame) -> bool {
+        let mut unechoed = Vec::new();
         {
             let mut st = self.interest.lock();
             match st.cursors.get_mut(session) {
@@ -620,13 +664,26 @@ impl Inner {
                 Some(cursor) => *cursor = frame.id,
             }
             st.estimated.remove(session);
-            if own {
-                if let Some(sent) = st.sent.get_mut(session) {
-                    while sent.front().is_some_and(|f| f.id <= frame.id) {
-                        sent.pop_front();
+            if let Some(sent) = st.sent.get_mut(session) {
+                while let Some(first) = sent.front() {
+                    if first.id > frame.id {
+                        break;
+                    }
+                    let first = sent.pop_front();
+                    if let Some(first) = first.filter(|f| f.id < frame.id) {
+                        unechoed.push(first);
                     }
                 }
             }
+            if !own {
+                st.shared_at.insert(session.clone(), Instant::now());
+            }
+        }
+        for missing in unechoed {
+            tracing::warn!(backend = "redis", session = %session, id = %missing.id,
+                "an own event missing from Redis delivered here directly");
+            self.counters.own_received.fetch_add(1, Ordering::Relaxed);
+            (self.handler)(Target::Session(session), missing);
         }
         self.local.observe(frame.id);
         if own && held {

@@ -1,0 +1,738 @@
+//! Event ids across instances, and the delivery promise built on them:
+//!
+//! - two accepted events (publish answered 202 with an id) never share an
+//!   id, whichever instances published them and whatever their flags;
+//! - every stream of a session receives every accepted event it is owed
+//!   exactly once, in strictly increasing id order, unless a `reset` told
+//!   it otherwise: an event whose id is at or below the id a `reset` carried
+//!   may be absent (the client reloads its state there), anything after the
+//!   stream's last reset must arrive;
+//! - a resume (`Last-Event-ID`) is complete (`connected`, then the replay,
+//!   no reset) only when it really delivers every accepted event after the
+//!   id, and never repeats what the client already saw; otherwise it starts
+//!   with a `reset`.
+//!
+//! Black box: two `sse-scale` processes sharing one real `redis-server`,
+//! HTTP and SSE only, plus direct Redis commands where a scenario needs a
+//! fault (a killed Pub/Sub connection, deleted keys, a stopped server, a
+//! Redis user that disappears with a restart).
+
+#[path = "support/redis_server.rs"]
+mod redis_server;
+mod support;
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use redis_server::RedisServer;
+use serde_json::json;
+use support::judge::{
+    fail_if_any, got_of, judge, parse_id, shared_ids, show, Accepted, Got, Id, EXAMPLES,
+};
+use support::*;
+
+/// Settings every instance here gets: no rate limits, and room for a
+/// burst, so being limited or cut for lagging is not what is measured.
+const QUIET: [(&str, &str); 4] = [
+    ("RATE_LIMIT_PUBLISH_PER_SEC", "0"),
+    ("RATE_LIMIT_STREAMS_PER_MIN", "0"),
+    ("RATE_LIMIT_SESSIONS_PER_MIN", "0"),
+    ("SSE_CLIENT_QUEUE", "4096"),
+];
+
+/// An instance in Redis mode on `url`; `flag` is `FF_REDIS_SSE_BROADCAST`.
+fn instance(url: &str, name: &str, flag: bool) -> Server {
+    let mut env = vec![
+        ("SSE_ADAPTER", "redis"),
+        ("REDIS_URL", url),
+        ("INSTANCE_ID", name),
+        (
+            "FF_REDIS_SSE_BROADCAST",
+            if flag { "true" } else { "false" },
+        ),
+    ];
+    env.extend_from_slice(&QUIET);
+    Server::start(&env)
+}
+
+/// Publishes event `m` with data `label`; asserts 202.
+async fn accept(server: &Server, session: &str, token: &str, label: &str) -> Accepted {
+    let id = publish(server, session, token, "m", json!(label)).await;
+    Accepted {
+        label: label.to_owned(),
+        id: parse_id(&id),
+    }
+}
+
+/// Reads a stream (past its `connected`) in the background and records
+/// what arrives.
+struct Recorder {
+    got: Arc<Mutex<Vec<Got>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Recorder {
+    fn start(mut sse: SseClient) -> Recorder {
+        let got = Arc::new(Mutex::new(Vec::new()));
+        let sink = got.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                match sse.next_block(Duration::from_secs(600)).await {
+                    None => {
+                        sink.lock().unwrap().push(Got::End);
+                        return;
+                    }
+                    Some(block) => {
+                        if let Some(item) = got_of(&block) {
+                            sink.lock().unwrap().push(item);
+                        }
+                    }
+                }
+            }
+        });
+        Recorder { got, task }
+    }
+
+    fn snapshot(&self) -> Vec<Got> {
+        self.got.lock().unwrap().clone()
+    }
+
+    fn labels(&self) -> HashSet<String> {
+        self.snapshot()
+            .into_iter()
+            .filter_map(|g| match g {
+                Got::Event { label, .. } => Some(label),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Waits until every one of `labels` arrived; false at the deadline.
+    async fn wait_labels(&self, labels: &[&str], within: Duration) -> bool {
+        eventually(within, || {
+            let have = self.labels();
+            let ok = labels.iter().all(|l| have.contains(*l));
+            async move { ok }
+        })
+        .await
+    }
+
+    /// Waits until `marker` (published after everything else the stream is
+    /// owed) arrived, or a reset at or past its id did, or the stream
+    /// ended; returns what arrived by then. Whatever was published before
+    /// the marker and has not arrived by then is not coming in order.
+    async fn settle(&self, marker: &Accepted, within: Duration) -> Vec<Got> {
+        eventually(within, || {
+            let done = self.snapshot().iter().any(|g| match g {
+                Got::Event { label, .. } => *label == marker.label,
+                Got::Reset { id, .. } => *id >= marker.id,
+                Got::End => true,
+            });
+            async move { done }
+        })
+        .await;
+        self.snapshot()
+    }
+}
+
+impl Drop for Recorder {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Opens a stream on `server`, reads its prelude and starts recording.
+async fn record(server: &Server, session: &str, token: &str) -> Recorder {
+    let mut sse = SseClient::open(server, session, token).await;
+    sse.expect_connected().await;
+    Recorder::start(sse)
+}
+
+/// Opens a stream resuming from `last`, reads its prelude and starts
+/// recording.
+async fn record_from(server: &Server, session: &str, token: &str, last: Id) -> Recorder {
+    let mut sse = SseClient::open_from(server, session, token, &show(last)).await;
+    sse.expect_connected().await;
+    Recorder::start(sse)
+}
+
+/// One barrier run: a stream on A and one on B; `pairs` times, one publish
+/// to A and one to B at the same moment; then a marker on B, which reaches
+/// both streams after everything else. Checks the ids of all accepted
+/// events and both streams. B's stream is owed only B's events (with the
+/// flag off on A, A's events stay on A).
+async fn barrier_run(
+    test: &str,
+    a: &Server,
+    b: &Server,
+    session: &str,
+    token: &str,
+    pairs: usize,
+    context: &str,
+) {
+    let on_a = record(a, session, token).await;
+    let on_b = record(b, session, token).await;
+    wait_subscribed(a, 1).await;
+    wait_subscribed(b, 1).await;
+
+    let mut from_a = Vec::with_capacity(pairs);
+    let mut from_b = Vec::with_capacity(pairs);
+    for k in 0..pairs {
+        let (la, lb) = (format!("a-{k}"), format!("b-{k}"));
+        let (x, y) = tokio::join!(
+            accept(a, session, token, &la),
+            accept(b, session, token, &lb),
+        );
+        from_a.push(x);
+        from_b.push(y);
+    }
+    let marker = accept(b, session, token, "marker").await;
+
+    let mut failures = Vec::new();
+    let same_pair: Vec<String> = from_a
+        .iter()
+        .zip(&from_b)
+        .filter(|(x, y)| x.id == y.id)
+        .map(|(x, y)| format!("{}/{} both {}", x.label, y.label, show(x.id)))
+        .collect();
+    let all: Vec<&Accepted> = from_a
+        .iter()
+        .chain(&from_b)
+        .chain(std::iter::once(&marker))
+        .collect();
+    let shared = shared_ids(&all);
+    if !shared.is_empty() {
+        failures.push(format!(
+            "{} of {pairs} pairs shared an id (e.g. {}); {} ids were given to more than one of \
+             the {} accepted events (e.g. {})",
+            same_pair.len(),
+            same_pair
+                .iter()
+                .take(EXAMPLES)
+                .cloned()
+                .collect::<Vec<_>>()
+                .join(", "),
+            shared.len(),
+            all.len(),
+            shared
+                .iter()
+                .take(EXAMPLES)
+                .cloned()
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+    }
+
+    let within = Duration::from_secs(15);
+    let got_a = on_a.settle(&marker, within).await;
+    let got_b = on_b.settle(&marker, within).await;
+    let owed_a: Vec<Accepted> = from_a
+        .iter()
+        .chain(&from_b)
+        .chain(std::iter::once(&marker))
+        .cloned()
+        .collect();
+    let owed_b: Vec<Accepted> = from_b
+        .iter()
+        .chain(std::iter::once(&marker))
+        .cloned()
+        .collect();
+    let none = HashSet::new();
+    let mut summaries = Vec::new();
+    for (who, got, owed) in [
+        ("stream on A (flag off)", &got_a, &owed_a),
+        ("stream on B (flag on)", &got_b, &owed_b),
+    ] {
+        match judge(who, got, owed, &none, false) {
+            Ok(s) => summaries.push(s),
+            Err(e) => failures.push(e),
+        }
+    }
+    let stats_a = a.stats().await;
+    let stats_b = b.stats().await;
+    fail_if_any(
+        test,
+        &failures,
+        &format!(
+            "{context}; order_resets A={} B={}; {}",
+            stats_a["order_resets"],
+            stats_b["order_resets"],
+            summaries.join("; ")
+        ),
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn split_flag_barrier_pairs_never_share_an_id_and_lose_nothing_silently() {
+    let redis = RedisServer::start();
+    let a = instance(&redis.url(), "a", false);
+    let b = instance(&redis.url(), "b", true);
+    let (session, token) = new_session(&a).await;
+    barrier_run(
+        "split_flag_barrier",
+        &a,
+        &b,
+        &session,
+        &token,
+        300,
+        "A flag off, B flag on, 300 pairs",
+    )
+    .await;
+}
+
+/// The milliseconds of now, by this machine's clock (the servers' too).
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn ids_pinned_an_hour_ahead_stay_distinct_and_lose_nothing_silently() {
+    let redis = RedisServer::start();
+    let a = instance(&redis.url(), "a", false);
+    let b = instance(&redis.url(), "b", true);
+    let (session, token) = new_session(&a).await;
+    // An entry an hour ahead, as the publish script writes them: every id
+    // Redis assigns from now on counts up from it, and so does every
+    // generator that sees one of them.
+    let ahead = (now_ms() + 3_600_000, 0);
+    let key = format!("sse:session:{session}:history");
+    let mut conn = redis.conn();
+    let added: String = redis::cmd("XADD")
+        .arg(&key)
+        .arg(show(ahead))
+        .arg("t")
+        .arg("pin")
+        .arg("d")
+        .arg("\"pin\"")
+        .arg("n")
+        .arg("elsewhere")
+        .arg("h")
+        .arg("0")
+        .query(&mut conn)
+        .unwrap();
+    assert_eq!(added, show(ahead));
+    let _: () = redis::cmd("SET")
+        .arg(format!("sse:session:{session}:first"))
+        .arg(show(ahead))
+        .query(&mut conn)
+        .unwrap();
+    barrier_run(
+        "pinned_ids",
+        &a,
+        &b,
+        &session,
+        &token,
+        100,
+        &format!(
+            "A flag off, B flag on, 100 pairs, stream pinned at {}",
+            show(ahead)
+        ),
+    )
+    .await;
+}
+
+fn kill_pubsub(conn: &mut redis::Connection) -> i64 {
+    redis::cmd("CLIENT")
+        .arg("KILL")
+        .arg("TYPE")
+        .arg("pubsub")
+        .query(conn)
+        .unwrap()
+}
+
+/// Deletes every key of the session (its stream and bookkeeping): the
+/// session's data is lost, as in a restart of an empty Redis.
+fn lose_session_keys(conn: &mut redis::Connection, session: &str) -> Vec<String> {
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("sse:session:{session}*"))
+        .query(conn)
+        .unwrap();
+    if !keys.is_empty() {
+        let _: i64 = redis::cmd("DEL").arg(&keys).query(conn).unwrap();
+    }
+    keys
+}
+
+// A's subscriber must stay down from the kill until `p` is accepted. A
+// logs in to Redis as its own user; switched off, the user keeps the
+// connections it has (A's command connection: the publishes go on) and
+// gets no new one (the Pub/Sub connection cannot come back) until it is
+// switched on again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_own_event_redis_lost_while_the_subscriber_was_down_arrives_or_is_covered_by_a_reset() {
+    const USER: &str = "instance-a";
+    const PASSWORD: &str = "instance-a-password";
+    let redis = RedisServer::start();
+    let mut conn = redis.conn();
+    acl_user(&mut conn, USER, PASSWORD, true);
+    let url_a = format!("redis://{USER}:{PASSWORD}@127.0.0.1:{}/", redis.port);
+    let a = instance(&url_a, "a", true);
+    let (session, token) = new_session(&a).await;
+    let stream = record(&a, &session, &token).await;
+    wait_subscribed(&a, 1).await;
+    let e0 = accept(&a, &session, &token, "e0").await;
+    assert!(
+        stream.wait_labels(&["e0"], Duration::from_secs(5)).await,
+        "e0 never arrived: {:?}",
+        stream.snapshot()
+    );
+    let connects = a.stats().await["redis"]["subscriber_connects"]
+        .as_u64()
+        .unwrap();
+
+    acl_user(&mut conn, USER, PASSWORD, false);
+    let killed = kill_pubsub(&mut conn);
+    let u = accept(&a, &session, &token, "u").await;
+    let deleted = lose_session_keys(&mut conn, &session);
+    let p = accept(&a, &session, &token, "p").await;
+    let stats = a.stats().await;
+    assert_eq!(
+        stats["redis"]["subscriber_connects"].as_u64(),
+        Some(connects),
+        "precondition: A's subscriber still down when p was accepted: {}",
+        stats["redis"]
+    );
+    assert_eq!(
+        stats["redis"]["fallback_local"], 0,
+        "precondition: u and p went through Redis: {}",
+        stats["redis"]
+    );
+    acl_user(&mut conn, USER, PASSWORD, true);
+    let back = eventually(Duration::from_secs(10), || async {
+        let s = a.stats().await;
+        s["redis"]["subscriber_connects"].as_u64() > Some(connects)
+            && s["redis"]["subscribed_channels"].as_u64() >= Some(1)
+    })
+    .await;
+    assert!(back, "A's subscriber never came back: {}", a.stats().await);
+    let marker = accept(&a, &session, &token, "marker").await;
+    let got = stream.settle(&marker, Duration::from_secs(10)).await;
+
+    let owed = [e0, u.clone(), p.clone(), marker.clone()];
+    let mut failures = Vec::new();
+    if let Err(e) = judge("stream on A", &got, &owed, &HashSet::new(), false) {
+        failures.push(e);
+    }
+    let stats = a.stats().await;
+    fail_if_any(
+        "own_event_after_redis_data_loss",
+        &failures,
+        &format!(
+            "killed {killed} Pub/Sub connection(s), u={} p={} marker={}, deleted {deleted:?}; \
+             A's redis stats: {}",
+            show(u.id),
+            show(p.id),
+            show(marker.id),
+            stats["redis"]
+        ),
+    );
+}
+
+/// Resumes on `server` from `from` (a client that has seen `seen_before`),
+/// publishes a marker on `marker_on`, and judges the stream: it must start
+/// with a reset, or deliver all of `owed` (plus the marker) without
+/// repeating anything the client had.
+#[allow(clippy::too_many_arguments)]
+async fn judge_resume(
+    who: &str,
+    server: &Server,
+    marker_on: &Server,
+    session: &str,
+    token: &str,
+    from: Id,
+    owed: &[Accepted],
+    seen_before: &HashSet<String>,
+    marker_label: &str,
+) -> Result<String, String> {
+    let resumed = record_from(server, session, token, from).await;
+    let marker = accept(marker_on, session, token, marker_label).await;
+    let got = resumed.settle(&marker, Duration::from_secs(10)).await;
+    let mut owed: Vec<Accepted> = owed.iter().filter(|a| a.id > from).cloned().collect();
+    owed.push(marker);
+    judge(
+        &format!("{who} (resume from {})", show(from)),
+        &got,
+        &owed,
+        seen_before,
+        true,
+    )
+}
+
+fn labels(events: &[&Accepted]) -> HashSet<String> {
+    events.iter().map(|a| a.label.clone()).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn with_redis_down_a_resume_from_a_flag_off_id_resets_instead_of_skipping_other_events() {
+    let mut redis = RedisServer::start();
+    let a = instance(&redis.url(), "a", false);
+    let b = instance(&redis.url(), "b", true);
+    let (session, token) = new_session(&a).await;
+    let mut local = Vec::new();
+    for n in 1..=3 {
+        local.push(accept(&a, &session, &token, &format!("L{n}")).await);
+    }
+    // So that R's id is past L3's on any clock tick (ordering, not an
+    // assertion).
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let r = accept(&b, &session, &token, "R").await;
+    assert!(
+        r.id > local[2].id,
+        "precondition: R {} after L3 {}",
+        show(r.id),
+        show(local[2].id)
+    );
+    let all: Vec<Accepted> = local.iter().cloned().chain([r.clone()]).collect();
+    redis.stop();
+
+    let mut failures = Vec::new();
+    let mut summaries = Vec::new();
+    let cases = [
+        ("on A (flag off), from L1", &a, 0usize, "mark-a1"),
+        ("on A (flag off), from L3", &a, 2, "mark-a3"),
+        ("on B (flag on), from L1", &b, 0, "mark-b1"),
+    ];
+    for (who, server, upto, marker) in cases {
+        let seen = labels(&local[..=upto].iter().collect::<Vec<_>>());
+        match judge_resume(
+            who,
+            server,
+            server,
+            &session,
+            &token,
+            local[upto].id,
+            &all,
+            &seen,
+            marker,
+        )
+        .await
+        {
+            Ok(s) => summaries.push(s),
+            Err(e) => failures.push(e),
+        }
+    }
+    fail_if_any(
+        "flag_off_redis_down_resume",
+        &failures,
+        &format!(
+            "L1..L3 = {}, R = {}, Redis stopped before the resumes; {}",
+            local
+                .iter()
+                .map(|l| show(l.id))
+                .collect::<Vec<_>>()
+                .join(", "),
+            show(r.id),
+            summaries.join("; ")
+        ),
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_resume_on_a_flag_on_instance_from_before_flag_off_events_resets() {
+    let redis = RedisServer::start();
+    let a = instance(&redis.url(), "a", false);
+    let b = instance(&redis.url(), "b", true);
+    let (session, token) = new_session(&a).await;
+    let b0 = accept(&b, &session, &token, "b0").await;
+    let mut all = vec![b0.clone()];
+    for n in 1..=6 {
+        if n <= 5 {
+            all.push(accept(&a, &session, &token, &format!("a{n}")).await);
+        }
+        all.push(accept(&b, &session, &token, &format!("b{n}")).await);
+    }
+    let mut failures = Vec::new();
+    let mut summaries = Vec::new();
+    let cases = [
+        ("on B, from b0", b0.id, labels(&[&b0]), "mark-1"),
+        ("on B, from 0-0", (0, 0), HashSet::new(), "mark-2"),
+    ];
+    for (who, from, seen, marker) in cases {
+        match judge_resume(who, &b, &b, &session, &token, from, &all, &seen, marker).await {
+            Ok(s) => summaries.push(s),
+            Err(e) => failures.push(e),
+        }
+    }
+    fail_if_any(
+        "resume_elsewhere_skipping_flag_off_events",
+        &failures,
+        &format!(
+            "accepted: {}; {}",
+            all.iter()
+                .map(|x| format!("{}={}", x.label, show(x.id)))
+                .collect::<Vec<_>>()
+                .join(" "),
+            summaries.join("; ")
+        ),
+    );
+}
+
+/// Creates (or updates) a Redis user allowed everything; `on: false`
+/// refuses new logins as it and keeps the connections already logged in.
+fn acl_user(conn: &mut redis::Connection, user: &str, password: &str, on: bool) {
+    let _: () = redis::cmd("ACL")
+        .arg("SETUSER")
+        .arg(user)
+        .arg(if on { "on" } else { "off" })
+        .arg(format!(">{password}"))
+        .arg("~*")
+        .arg("&*")
+        .arg("+@all")
+        .query(conn)
+        .unwrap();
+}
+
+fn history_len(redis: &RedisServer, session: &str) -> i64 {
+    redis::Client::open(redis.url())
+        .and_then(|c| c.get_connection())
+        .and_then(|mut c| {
+            redis::cmd("XLEN")
+                .arg(format!("sse:session:{session}:history"))
+                .query(&mut c)
+        })
+        .unwrap_or(-1)
+}
+
+// A's outbox events keep their ids only if the stream has not moved past
+// them. To make sure it has, A talks to Redis as a user that exists only
+// until Redis restarts: after the restart B reaches Redis and publishes,
+// while A cannot log in; once the user exists again A flushes its outbox
+// behind B's events, under new ids.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_reassigned_outbox_event_is_not_replayed_to_a_client_that_saw_it() {
+    const USER: &str = "instance-a";
+    const PASSWORD: &str = "instance-a-password";
+    let mut redis = RedisServer::start();
+    acl_user(&mut redis.conn(), USER, PASSWORD, true);
+    let url_a = format!("redis://{USER}:{PASSWORD}@127.0.0.1:{}/", redis.port);
+    let a = instance(&url_a, "a", true);
+    let b = instance(&redis.url(), "b", true);
+    let (session, token) = new_session(&a).await;
+    // Stays open throughout.
+    let kept = record(&a, &session, &token).await;
+    // Sees the outbox events, then goes away and resumes later.
+    let leaving = record(&a, &session, &token).await;
+    wait_subscribed(&a, 1).await;
+    let e0 = accept(&a, &session, &token, "e0").await;
+    for s in [&kept, &leaving] {
+        assert!(
+            s.wait_labels(&["e0"], Duration::from_secs(5)).await,
+            "e0 never arrived: {:?}",
+            s.snapshot()
+        );
+    }
+
+    redis.stop();
+    let mut outbox = Vec::new();
+    for n in 1..=3 {
+        outbox.push(accept(&a, &session, &token, &format!("o{n}")).await);
+    }
+    for s in [&kept, &leaving] {
+        assert!(
+            s.wait_labels(&["o1", "o2", "o3"], Duration::from_secs(5))
+                .await,
+            "the outbox events were not delivered on A at once: {:?}",
+            s.snapshot()
+        );
+    }
+    let seen_by_leaving = leaving.labels();
+    drop(leaving);
+    let stats = a.stats().await;
+    assert_eq!(stats["redis"]["outbox_len"], 3, "{}", stats["redis"]);
+
+    // Back, empty and without A's user: only B gets in.
+    redis.restart();
+    let mut from_b = Vec::new();
+    for n in 1..=4 {
+        from_b.push(accept(&b, &session, &token, &format!("b{n}")).await);
+    }
+    let in_redis = eventually(Duration::from_secs(10), || {
+        let n = history_len(&redis, &session);
+        async move { n >= 4 }
+    })
+    .await;
+    assert!(
+        in_redis,
+        "B's events never reached Redis: XLEN {}; B: {}",
+        history_len(&redis, &session),
+        b.stats().await["redis"]
+    );
+    let stats = a.stats().await;
+    assert_eq!(
+        stats["redis"]["outbox_len"], 3,
+        "A flushed before B's events were in the stream: {}",
+        stats["redis"]
+    );
+    acl_user(&mut redis.conn(), USER, PASSWORD, true);
+    let flushed = eventually(Duration::from_secs(15), || async {
+        a.stats().await["redis"]["outbox_len"] == 0
+    })
+    .await;
+    let stats = a.stats().await;
+    assert!(flushed, "A never flushed its outbox: {}", stats["redis"]);
+    assert!(
+        stats["redis"]["outbox_reassigned"].as_u64() >= Some(1),
+        "the scenario was not reached: no outbox event was given a new id: {}",
+        stats["redis"]
+    );
+
+    let mut failures = Vec::new();
+    let mut summaries = Vec::new();
+    // The stream that stayed: B's events once each, the outbox events not
+    // again under their new ids.
+    let marker = accept(&b, &session, &token, "mark-kept").await;
+    let got = kept.settle(&marker, Duration::from_secs(15)).await;
+    let owed: Vec<Accepted> = [e0.clone()]
+        .iter()
+        .chain(&outbox)
+        .chain(&from_b)
+        .chain([&marker])
+        .cloned()
+        .collect();
+    match judge("stream kept open on A", &got, &owed, &HashSet::new(), false) {
+        Ok(s) => summaries.push(s),
+        Err(e) => failures.push(e),
+    }
+    // The client that saw e0, o1..o3 resumes on A from o3's id.
+    let everything: Vec<Accepted> = outbox.iter().chain(&from_b).cloned().collect();
+    match judge_resume(
+        "client that saw o1..o3, on A",
+        &a,
+        &b,
+        &session,
+        &token,
+        outbox[2].id,
+        &everything,
+        &seen_by_leaving,
+        "mark-resume",
+    )
+    .await
+    {
+        Ok(s) => summaries.push(s),
+        Err(e) => failures.push(e),
+    }
+    let stats = a.stats().await;
+    fail_if_any(
+        "outbox_renumbering",
+        &failures,
+        &format!(
+            "o1..o3 = {}, b1..b4 = {}; A's redis stats: {}; {}",
+            outbox
+                .iter()
+                .map(|o| show(o.id))
+                .collect::<Vec<_>>()
+                .join(", "),
+            from_b
+                .iter()
+                .map(|o| show(o.id))
+                .collect::<Vec<_>>()
+                .join(", "),
+            stats["redis"],
+            summaries.join("; ")
+        ),
+    );
+}
