@@ -611,6 +611,25 @@ async fn gate_before_the_run_reaches_it_is_a_conflict() {
     assert!(eventually(T, || async { server.stats().await["pipeline_runs"] == 0 }).await);
 }
 
+// A log line that meets a closed stderr (the process supervisor's reader
+// went away) is lost; it must not take the task that wrote it down, and
+// the signal task logs first thing on SIGTERM.
+#[tokio::test]
+async fn sigterm_still_stops_the_server_after_its_stderr_closed() {
+    let mut server = Server::start_then_close_stderr(&[
+        ("SHUTDOWN_UNREADY_SECS", "0"),
+        ("SHUTDOWN_DRAIN_SECS", "0"),
+        ("RUST_LOG", "debug"),
+    ]);
+    // Requests log too (at debug): the pipe is found closed before the
+    // signal comes.
+    let (id, token) = new_session(&server).await;
+    let mut sse = SseClient::open(&server, &id, &token).await;
+    sse.expect_connected().await;
+    server.signal("TERM");
+    assert_eq!(server.wait_exit(Duration::from_secs(10)), Some(0));
+}
+
 #[tokio::test]
 async fn sigterm_drains_then_closes_streams_with_retry_hints_and_exits() {
     let mut server = Server::start(&[

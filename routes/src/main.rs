@@ -31,9 +31,14 @@ fn main() -> ExitCode {
         return sse_scale_server::doctor::main(args.clone());
     }
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    // A log line that cannot be written (stderr's reader went away) is lost,
+    // not reported with `eprintln!`, which panics on the same closed pipe
+    // and would take the logging task with it — the signal task included,
+    // leaving SIGTERM ignored.
     let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .log_internal_errors(false);
     match config.log_format {
         LogFormat::Json => logs.json().init(),
         LogFormat::Text => logs.with_ansi(std::io::stderr().is_terminal()).init(),
