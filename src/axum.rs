@@ -126,8 +126,17 @@ pub struct LastEventId(pub Option<EventId>);
 /// its extractors; here a pair without `%` or `+` is taken as it stands,
 /// and only the others go through `form_urlencoded`'s decoding.
 pub fn query_value<'a>(uri: &'a ::axum::http::Uri, key: &str) -> Option<Cow<'a, str>> {
+    query_lookup(uri, key).ok().flatten()
+}
+
+/// The value of `key` in `uri`'s query string, decoded (`None`: absent), or
+/// `Err` when it is given more than once.
+fn query_lookup<'a>(uri: &'a ::axum::http::Uri, key: &str) -> Result<Option<Cow<'a, str>>, ()> {
     let mut found = None;
-    for pair in uri.query()?.split('&') {
+    let Some(query) = uri.query() else {
+        return Ok(None);
+    };
+    for pair in query.split('&') {
         let plain = !pair.contains(['%', '+']);
         let (k, v) = match pair.split_once('=') {
             Some(kv) if plain => (Cow::Borrowed(kv.0), Cow::Borrowed(kv.1)),
@@ -139,12 +148,12 @@ pub fn query_value<'a>(uri: &'a ::axum::http::Uri, key: &str) -> Option<Cow<'a, 
         };
         if k == key {
             if found.is_some() {
-                return None;
+                return Err(());
             }
             found = Some(v);
         }
     }
-    found
+    Ok(found)
 }
 
 fn invalid_last_event_id() -> Error {
@@ -159,13 +168,22 @@ impl<S: Send + Sync> FromRequestParts<S> for LastEventId {
     type Rejection = Error;
 
     async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
-        let raw = match parts.headers.get("last-event-id") {
-            Some(v) => Some(
-                v.to_str()
-                    .map(str::to_owned)
-                    .map_err(|_| invalid_last_event_id())?,
-            ),
-            None => query_value(&parts.uri, "last_event_id").map(Cow::into_owned),
+        // Two ids, or one that is not text, would each have to be guessed
+        // at: a guess that starts the stream fresh skips what the client
+        // missed without a word. An empty header is no id (the query's
+        // counts then), as `EventSource` sends none before its first id.
+        let mut headers = parts.headers.get_all("last-event-id").iter();
+        let header = match (headers.next(), headers.next()) {
+            (Some(_), Some(_)) => return Err(invalid_last_event_id()),
+            (Some(v), None) => v.to_str().map_err(|_| invalid_last_event_id())?.trim(),
+            (None, _) => "",
+        };
+        let raw = if header.is_empty() {
+            query_lookup(&parts.uri, "last_event_id")
+                .map_err(|()| invalid_last_event_id())?
+                .map(Cow::into_owned)
+        } else {
+            Some(header.to_owned())
         };
         match raw.as_deref().map(str::trim) {
             None | Some("") => Ok(LastEventId(None)),

@@ -231,7 +231,11 @@ const SEQ_MASK: u64 = (1 << SEQ_BITS) - 1;
 /// within it, packed in one `u64` (42 bits of milliseconds last until the
 /// year 2109). If the clock steps backwards, readings keep increasing from
 /// the last one. A local id is `<ms>-<LOCAL_SEQ_BASE + count · 2^24 + tag>`;
-/// a floor is `<ms>-<count>`, above every id this process issued or saw.
+/// a floor is `<ms>-<count · 2^24 + tag>`, above every id this process issued
+/// or saw. Floors carry the tag too: a session's sequence hands a floor out
+/// as the event's id when it is past the sequence, and a sequence that Redis
+/// lost (restarted empty, keys deleted) would otherwise give two processes'
+/// publishes of one millisecond the same id.
 #[derive(Debug)]
 pub struct IdGenerator {
     last: AtomicU64,
@@ -309,12 +313,12 @@ impl IdGenerator {
                 .fetch_max((local_ms + 1) << SEQ_BITS, Ordering::Relaxed);
             return EventId {
                 ms: local_ms + 1,
-                seq: 0,
+                seq: self.tag,
             };
         }
         EventId {
             ms,
-            seq: packed & SEQ_MASK,
+            seq: ((packed & SEQ_MASK) << TAG_BITS) + self.tag,
         }
     }
 
@@ -324,10 +328,11 @@ impl IdGenerator {
     pub fn observe(&self, id: EventId) {
         let count = if id.is_local() {
             self.local_ms.fetch_max(id.ms, Ordering::Relaxed);
-            ((id.seq - LOCAL_SEQ_BASE) >> TAG_BITS).min(SEQ_MASK)
+            (id.seq - LOCAL_SEQ_BASE) >> TAG_BITS
         } else {
-            id.seq.min(SEQ_MASK)
+            id.seq >> TAG_BITS
         };
+        let count = count.min(SEQ_MASK);
         self.last
             .fetch_max((id.ms << SEQ_BITS) | count, Ordering::Relaxed);
     }
@@ -442,9 +447,12 @@ mod tests {
         let (a, b) = (IdGenerator::with_tag(1), IdGenerator::with_tag(2));
         let mut seen = std::collections::HashSet::new();
         for _ in 0..10_000 {
-            let (x, y, f) = (a.next_id(), b.next_id(), a.floor());
-            assert!(x.is_local() && y.is_local() && !f.is_local());
-            assert!(seen.insert(x) && seen.insert(y), "{x} or {y} twice");
+            let (x, y) = (a.next_id(), b.next_id());
+            let (f, g) = (a.floor(), b.floor());
+            assert!(x.is_local() && y.is_local() && !f.is_local() && !g.is_local());
+            for id in [x, y, f, g] {
+                assert!(seen.insert(id), "{id} twice");
+            }
         }
         // A floor passes the local ids issued before it, even in the same
         // millisecond, and a later local id passes the floor.

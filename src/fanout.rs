@@ -90,6 +90,9 @@ impl Fanout {
                 into_hub.deliver(session, frame);
             }
             Target::All => into_hub.deliver_all(&frame),
+            Target::Gap(session) => {
+                into_hub.reset_to(session, frame.id);
+            }
         });
         let local = Arc::new(MemoryBroker::new(settings.history, handler.clone()));
         let remote = remote(local.clone(), handler);

@@ -49,9 +49,13 @@ pub struct Replay {
     /// this instance kept to itself (flag off here), which this instance's
     /// own history must hold for the merge to be complete.
     pub kept_here_through: Option<EventId>,
-    /// A shared history's answer: events of this instance that reached it
-    /// under another id than the one this instance's clients saw them under
-    /// (an outbox event whose id was taken): `(id there, id here)`.
+    /// A shared history's answer: events of this instance after X that
+    /// reached it under another id than the one this instance's clients saw
+    /// them under (an outbox event whose id was taken): `(id there, id
+    /// here)`. Replayed once, under the id here when this instance's history
+    /// holds it. (One whose first id is at or before X, and its new one
+    /// after, makes the shared history not gapless: the client may have
+    /// seen it or not.)
     pub renumbered: Vec<(EventId, EventId)>,
 }
 
@@ -84,14 +88,10 @@ impl Replay {
         }
         if !self.renumbered.is_empty() {
             let here: HashSet<EventId> = other.frames.iter().map(|f| f.id).collect();
-            // Only this instance's clients saw an event under its id here;
-            // this history holding X says the client was one of them.
-            let client_was_here = other.vouched;
-            let after = self.after;
             let again: HashSet<EventId> = self
                 .renumbered
                 .iter()
-                .filter(|(_, id)| here.contains(id) || (client_was_here && *id <= after))
+                .filter(|(_, id)| here.contains(id))
                 .map(|(shared, _)| *shared)
                 .collect();
             self.frames.retain(|f| !again.contains(&f.id));
@@ -159,6 +159,12 @@ struct Inner {
     rings: HashMap<SessionId, Ring>,
     bytes: usize,
     last_sweep: Option<Instant>,
+    /// Sessions whose ring was dropped (expired, or evicted for memory),
+    /// with the newest id it held: a ring made for one of them later holds
+    /// nothing from before, and says so. At most [`FORGOTTEN_MAX`], the
+    /// oldest forgotten first.
+    forgotten: HashMap<SessionId, EventId>,
+    forgotten_order: VecDeque<SessionId>,
 }
 
 #[derive(Debug)]
@@ -180,6 +186,9 @@ struct Ring {
 /// (the map entry, the ring, the session id): counted against the limits.
 const FRAME_OVERHEAD: usize = 64;
 const RING_OVERHEAD: usize = 192;
+
+/// Dropped rings remembered (see `Inner::forgotten`): about 100 bytes each.
+const FORGOTTEN_MAX: usize = 65_536;
 
 /// Expired rings are looked for at most this often (on record).
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
@@ -303,6 +312,11 @@ impl History {
 }
 
 impl Ring {
+    /// The newest event this ring held, even if trimmed since.
+    fn newest_held(&self) -> Option<EventId> {
+        self.frames.back().map(|f| f.id).or(self.trimmed_through)
+    }
+
     fn new(now: Instant, from_start: bool) -> Self {
         Self {
             frames: VecDeque::new(),
@@ -324,10 +338,39 @@ impl Inner {
     fn ring(&mut self, session: &SessionId, now: Instant, from_start: bool) -> &mut Ring {
         if !self.rings.contains_key(session) {
             self.bytes += RING_OVERHEAD;
+            let mut ring = Ring::new(now, from_start);
+            if let Some(dropped) = self.forgotten.remove(session) {
+                // Events up to `dropped` were here and are gone.
+                ring.trimmed_through = Some(dropped);
+                ring.from_start = false;
+            }
+            self.rings.insert(session.clone(), ring);
         }
         self.rings
-            .entry(session.clone())
-            .or_insert_with(|| Ring::new(now, from_start))
+            .get_mut(session)
+            .expect("the ring was just made if it was missing")
+    }
+
+    /// Remembers that `session`'s ring, holding up to `newest`, was dropped.
+    fn forget(&mut self, session: SessionId, newest: Option<EventId>) {
+        let Some(newest) = newest else { return };
+        if self.forgotten.insert(session.clone(), newest).is_none() {
+            self.forgotten_order.push_back(session);
+        }
+        while self.forgotten.len() > FORGOTTEN_MAX {
+            match self.forgotten_order.pop_front() {
+                Some(old) => {
+                    self.forgotten.remove(&old);
+                }
+                None => break,
+            }
+        }
+        // Entries of sessions whose ring came back are skipped above; keep
+        // the order from outgrowing the map by much.
+        if self.forgotten_order.len() > 2 * FORGOTTEN_MAX {
+            let forgotten = &self.forgotten;
+            self.forgotten_order.retain(|s| forgotten.contains_key(s));
+        }
     }
 
     fn sweep(&mut self, now: Instant, ttl: Duration) {
@@ -339,14 +382,19 @@ impl Inner {
         }
         self.last_sweep = Some(now);
         let mut freed = 0;
-        self.rings.retain(|_, r| {
+        let mut dropped = Vec::new();
+        self.rings.retain(|session, r| {
             let keep = now.duration_since(r.touched) < ttl;
             if !keep {
                 freed += r.bytes;
+                dropped.push((session.clone(), r.newest_held()));
             }
             keep
         });
         self.bytes -= freed;
+        for (session, newest) in dropped {
+            self.forget(session, newest);
+        }
     }
 
     /// Drops whole rings, least recently written first, until under `max`.
@@ -367,6 +415,7 @@ impl Inner {
             }
             if let Some(ring) = self.rings.remove(&session) {
                 self.bytes -= ring.bytes;
+                self.forget(session.clone(), ring.newest_held());
                 tracing::warn!(
                     session = %session,
                     "history dropped: HISTORY_MEMORY_MB reached; a resume will get a reset"
@@ -522,6 +571,37 @@ mod tests {
     }
 
     #[test]
+    fn a_ring_made_again_after_its_session_was_dropped_says_it_lacks_the_old_events() {
+        let h = History::new(HistoryLimits {
+            maxlen: 100,
+            ttl: Duration::from_secs(60),
+            max_bytes: 4096,
+            session_max_bytes: 4096,
+        });
+        let ids = IdGenerator::new();
+        let s = session("s");
+        let (first, second) = (frame(&ids, "1"), frame(&ids, "2"));
+        h.record(&s, &first);
+        h.record(&s, &second);
+        // Pushed out by other sessions' history.
+        let big = "x".repeat(1000);
+        for n in 0..8 {
+            h.record(&session(&format!("o{n}")), &frame(&ids, &big));
+        }
+        assert_eq!(h.newest(&s), None, "evicted");
+        let third = frame(&ids, "3");
+        h.record(&s, &third);
+        // From before what was dropped: the new ring cannot say.
+        let r = h.after(&s, first.id, ALL);
+        assert!(!r.gapless && !r.complete());
+        assert!(!h.after(&s, EventId::ZERO, ALL).complete());
+        // From the newest event it had dropped on, it holds everything.
+        let r = h.after(&s, second.id, ALL);
+        assert!(r.gapless);
+        assert_eq!(r.frames.len(), 1);
+    }
+
+    #[test]
     fn merge_needs_one_voucher_and_no_gap_anywhere() {
         let ids = IdGenerator::new();
         let (a, b, c) = (frame(&ids, "a"), frame(&ids, "b"), frame(&ids, "c"));
@@ -570,15 +650,14 @@ mod tests {
         };
         assert!(!shared.merge(short, ALL).complete());
         // An event held here as `b` that Redis renumbered `r`: replayed
-        // once, as `b`, when this history has it after X; not at all when
-        // the client was here and past it; as `r` for a client from
-        // elsewhere.
+        // once, as `b`, when this history has it after X; as `r` when it
+        // does not.
         let r = frame(&ids, "b again");
-        let renumbered = |after: EventId| Replay {
+        let renumbered = Replay {
             frames: vec![r.clone()],
             vouched: true,
             gapless: true,
-            after,
+            after: a.id,
             renumbered: vec![(r.id, b.id)],
             ..Replay::default()
         };
@@ -591,21 +670,16 @@ mod tests {
             ..Replay::default()
         };
         let ids_of = |m: Replay| m.frames.iter().map(|f| f.id).collect::<Vec<_>>();
-        assert_eq!(ids_of(renumbered(a.id).merge(here, ALL)), [b.id, c.id]);
-        let past = Replay {
+        assert_eq!(ids_of(renumbered.clone().merge(here, ALL)), [b.id, c.id]);
+        let without = Replay {
             frames: vec![c.clone()],
             vouched: true,
             gapless: true,
             newest: Some(c.id),
-            after: b.id,
+            after: a.id,
             ..Replay::default()
         };
-        assert_eq!(ids_of(renumbered(b.id).merge(past.clone(), ALL)), [c.id]);
-        let elsewhere = Replay {
-            vouched: false,
-            ..past
-        };
-        assert_eq!(ids_of(renumbered(b.id).merge(elsewhere, ALL)), [c.id, r.id]);
+        assert_eq!(ids_of(renumbered.merge(without, ALL)), [c.id, r.id]);
         // The union counts against the byte cap.
         assert!(!held.merge(other, a.bytes.len() * 2).complete());
     }

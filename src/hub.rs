@@ -33,7 +33,12 @@
 //! are dropped (`covered_by_reset`), not answered with more resets: their
 //! ids were taken before the reset was sent (a session's sequence hands
 //! out ids in order), so the reload that follows it already reflects them.
-//! A late event past that id starts a new episode.
+//! A late event past that id starts a new episode. Each subscriber keeps
+//! its own episode ([`Sink::offer_reset`]): one that joined after a reset
+//! never got it, and one whose client loaded its state when it connected
+//! (a fresh stream, a resume answered with `reset`) needs none for events
+//! from before that load. A reset never moves a client back: a stream that
+//! resumed past what this instance has delivered gets its own position.
 //!
 //! The map is behind a `std::sync::Mutex` held only to find, add or remove a
 //! session; each session's subscribers are behind a mutex of their own,
@@ -101,8 +106,6 @@ struct Members {
     sinks: Vec<Arc<Sink>>,
     /// The newest id delivered to this session here.
     last: EventId,
-    /// The id the session's last order reset carried (`0-0`: none).
-    reset_at: EventId,
 }
 
 impl Slot {
@@ -174,7 +177,6 @@ impl Hub {
                     members: Mutex::new(Members {
                         sinks: vec![sink.clone()],
                         last: EventId::ZERO,
-                        reset_at: EventId::ZERO,
                     }),
                 };
                 map.slots.insert(session.clone(), Arc::new(slot));
@@ -214,12 +216,37 @@ impl Hub {
         } else if frame.id == members.last {
             return true;
         } else {
-            match self.inner.late(&mut members, frame.id) {
-                Some(reset) => reset,
-                None => return true,
-            }
+            self.inner.late(&members, frame.id);
+            return true;
         };
         self.inner.offer(&members.sinks, &frame);
+        true
+    }
+
+    /// Tells the subscribers of `session` that events up to `at` are gone
+    /// for them (see [`crate::broker::Target::Gap`]): each one not already
+    /// past `at` gets a `reset` to the newest id delivered here or `at`,
+    /// whichever is further. Returns whether the session had any.
+    pub fn reset_to(&self, session: &SessionId, at: EventId) -> bool {
+        let Some(slot) = self.inner.lock().slots.get(session).cloned() else {
+            return false;
+        };
+        let mut members = slot.lock();
+        if members.sinks.is_empty() {
+            return false;
+        }
+        members.last = members.last.max(at);
+        let newest = members.last;
+        let shared = sse::gap_reset(newest);
+        let now = tokio::time::Instant::now();
+        let mut sent = 0;
+        for sink in &members.sinks {
+            let offered = sink.offer_gap(&shared, newest, self.inner.queue, now);
+            if matches!(offered, Offered::Written | Offered::Queued) {
+                sent += 1;
+            }
+        }
+        self.inner.deliveries.fetch_add(sent, Ordering::Relaxed);
         true
     }
 
@@ -286,18 +313,27 @@ impl Inner {
         self.sessions.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The answer to a late event: a reset to the newest id delivered, or
-    /// nothing when the last reset already stands for it.
-    fn late(&self, members: &mut Members, late: EventId) -> Option<Frame> {
-        if late <= members.reset_at {
-            self.covered_by_reset.fetch_add(1, Ordering::Relaxed);
-            return None;
+    /// Answers a late event: each subscriber gets a reset unless its last
+    /// one (or its client's load) already stands for the event; see
+    /// [`Sink::offer_reset`].
+    fn late(&self, members: &Members, late: EventId) {
+        let newest = members.last;
+        let shared = sse::order_reset(newest, late);
+        let now = tokio::time::Instant::now();
+        let mut sent = 0;
+        for sink in &members.sinks {
+            let offered = sink.offer_reset(&shared, newest, late, self.queue, now);
+            if matches!(offered, Offered::Written | Offered::Queued) {
+                sent += 1;
+            }
         }
-        // Never behind the late event itself: the reset stands for it.
-        members.last = members.last.max(late);
-        members.reset_at = members.last;
-        self.order_resets.fetch_add(1, Ordering::Relaxed);
-        Some(sse::order_reset(members.last, late))
+        self.deliveries.fetch_add(sent, Ordering::Relaxed);
+        let counter = if sent > 0 {
+            &self.order_resets
+        } else {
+            &self.covered_by_reset
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Offers `frame` to each of a session's sinks (its lock held by the
@@ -405,6 +441,18 @@ impl Subscription {
     /// them).
     pub(crate) fn set_position(&self, position: EventId) {
         self.sink.set_position(position);
+    }
+
+    /// The stream is opening: a late event meanwhile waits for
+    /// [`Self::opened`].
+    pub(crate) fn opening(&self) {
+        self.sink.opening();
+    }
+
+    /// The stream has opened at its position; `loaded`: its client loads
+    /// its state there.
+    pub(crate) fn opened(&self, loaded: bool) {
+        self.sink.opened(loaded);
     }
 
     pub(crate) fn raise_position(&self, position: EventId) {
@@ -553,6 +601,41 @@ mod tests {
         // covered; 8 is live; 7 is a new episode at 8, its repeat covered.
         assert_eq!(seen, ["5", "reset@id: 5-0", "6", "8", "reset@id: 8-0", "9"]);
         assert_eq!((hub.order_resets(), hub.covered_by_reset()), (2, 4));
+    }
+
+    #[tokio::test]
+    async fn a_reset_never_moves_a_stream_back_nor_repeats_what_its_client_loaded() {
+        let hub = Hub::default();
+        let mut live = hub.subscribe(&s("x")).unwrap().subscription;
+        hub.deliver(&s("x"), f(5));
+        // Resumed past what this instance delivered (its replay came from
+        // the shared history), and one whose client loaded its state at 9.
+        let mut ahead = hub.subscribe(&s("x")).unwrap().subscription;
+        ahead.set_position(f(9).id);
+        let mut loaded = hub.subscribe(&s("x")).unwrap().subscription;
+        loaded.set_position(f(9).id);
+        loaded.opened(true);
+        // Still reading its replay when the late event comes: answered
+        // once its position is known, to that position.
+        let mut opening = hub.subscribe(&s("x")).unwrap().subscription;
+        opening.opening();
+        hub.deliver(&s("x"), f(3));
+        hub.deliver(&s("x"), f(10));
+        opening.set_position(f(12).id);
+        opening.opened(false);
+        let text = |frame: Frame| String::from_utf8(frame.bytes.to_vec()).unwrap();
+        assert_eq!(live.next().await.unwrap().unwrap().id.ms, 5);
+        assert!(text(live.next().await.unwrap().unwrap()).starts_with("id: 5-0\nevent: reset\n"));
+        assert!(text(ahead.next().await.unwrap().unwrap()).starts_with("id: 9-0\nevent: reset\n"));
+        assert_eq!(loaded.next().await.unwrap().unwrap().id.ms, 10);
+        for sub in [&mut live, &mut ahead] {
+            assert_eq!(sub.next().await.unwrap().unwrap().id.ms, 10);
+        }
+        // 10 is behind its position; the reset is not.
+        assert!(
+            text(opening.next().await.unwrap().unwrap()).starts_with("id: 12-0\nevent: reset\n")
+        );
+        assert_eq!(hub.order_resets(), 1);
     }
 
     #[tokio::test]

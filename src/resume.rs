@@ -80,6 +80,9 @@ pub async fn open_stream(
     options: StreamOptions,
 ) -> Result<(SseStream, ResumeOutcome), BroadcastError> {
     let subscription = broadcaster.subscribe(session).await?;
+    // A late event while the replay is read is answered once the stream's
+    // position is known.
+    subscription.opening();
     let (position, replay) = match last_event_id {
         Some(after) => (after, Some(broadcaster.replay(session, after).await)),
         None => (broadcaster.position(session).await, None),
@@ -110,12 +113,12 @@ pub async fn open_stream(
     .positioned(position);
 
     let Some(replay) = replay else {
-        return Ok((body, ResumeOutcome::Fresh { position }));
+        return Ok((body.opened(true), ResumeOutcome::Fresh { position }));
     };
     if replay.complete() {
         let replayed = replay.frames.len();
         return Ok((
-            body.resume(replay.frames),
+            body.resume(replay.frames).opened(false),
             ResumeOutcome::Resumed { replayed },
         ));
     }
@@ -134,7 +137,8 @@ pub async fn open_stream(
     );
     let body = body
         .reset(encode_event(Some(now), &reset.event_type, &reset.data))
-        .positioned(now);
+        .positioned(now)
+        .opened(true);
     Ok((
         body,
         ResumeOutcome::Reset {

@@ -35,6 +35,7 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use crate::event::{EventId, Frame};
+use crate::sse;
 
 /// Why a sink takes no more frames.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -75,6 +76,19 @@ struct State {
     /// Frames up to this id are not for this subscriber: the replay carried
     /// them, or they predate its connection.
     position: Option<EventId>,
+    /// The client loaded its state at this id (a fresh stream's position, or
+    /// the position a resume's `reset` gave it): an event at or before it
+    /// that arrives late was already reflected in that load.
+    loaded_at: EventId,
+    /// The id the last order `reset` sent here carried: it stands for every
+    /// late event up to it (one reset per episode, see [`crate::hub`]).
+    reset_at: EventId,
+    /// The stream is still opening (its replay is being read): a late event
+    /// that comes meanwhile (with the session's newest id then) is answered
+    /// once its position is known, since its replay or its own `reset` may
+    /// already stand for it.
+    opening: bool,
+    early: Option<(EventId, EventId)>,
     ended: Option<Ended>,
     /// The end was reported to the writer.
     reported: bool,
@@ -129,10 +143,71 @@ impl Sink {
     /// queue already holds `cap` frames). `now` is when the delivery began,
     /// read once for all of a session's subscribers.
     pub(crate) fn offer(&self, frame: &Frame, cap: usize, now: Instant) -> Offered {
-        let mut st = self.lock();
+        let st = self.lock();
         if st.ended.is_some() || !st.wants(frame.id) {
             return Offered::Dropped;
         }
+        Self::put(st, frame, cap, now)
+    }
+
+    /// Offers the order `reset` for an event `late` that arrived after the
+    /// session's `newest` (`shared` is that reset, built once for the
+    /// session). Nothing, when this subscriber's last reset or its client's
+    /// load already stands for `late`; otherwise a reset that never moves
+    /// the client back: to `newest`, or to this stream's own position when
+    /// it is further (a stream that resumed past what this instance has
+    /// delivered).
+    pub(crate) fn offer_reset(
+        &self,
+        shared: &Frame,
+        newest: EventId,
+        late: EventId,
+        cap: usize,
+        now: Instant,
+    ) -> Offered {
+        let mut st = self.lock();
+        if st.ended.is_some() || late <= st.reset_at.max(st.loaded_at) {
+            return Offered::Dropped;
+        }
+        if st.opening {
+            let (n, l) = st.early.unwrap_or_default();
+            st.early = Some((n.max(newest), l.max(late)));
+            return Offered::Dropped;
+        }
+        let at = newest.max(st.position.unwrap_or_default());
+        st.reset_at = at;
+        if at == newest {
+            Self::put(st, shared, cap, now)
+        } else {
+            Self::put(st, &sse::order_reset(at, late), cap, now)
+        }
+    }
+
+    /// Offers the `reset` (`shared`, to `at`) for events this subscriber
+    /// missed and no history holds any more: nothing when it is already
+    /// past `at` (its position, its client's load or its last reset).
+    pub(crate) fn offer_gap(
+        &self,
+        shared: &Frame,
+        at: EventId,
+        cap: usize,
+        now: Instant,
+    ) -> Offered {
+        let mut st = self.lock();
+        let past = st
+            .position
+            .unwrap_or_default()
+            .max(st.loaded_at)
+            .max(st.reset_at);
+        if st.ended.is_some() || past >= at {
+            return Offered::Dropped;
+        }
+        st.reset_at = at;
+        Self::put(st, shared, cap, now)
+    }
+
+    /// Writes or queues a frame this subscriber wants.
+    fn put(mut st: MutexGuard<'_, State>, frame: &Frame, cap: usize, now: Instant) -> Offered {
         // Set before the outcome is known: a frame that is cut with its
         // subscriber ends the stream, and then no heartbeat is due anyway.
         st.last_out = Some(now);
@@ -212,6 +287,36 @@ impl Sink {
     /// Frames up to `position` are not delivered.
     pub(crate) fn set_position(&self, position: EventId) {
         self.lock().position = Some(position);
+    }
+
+    /// The stream is opening: see [`State::opening`].
+    pub(crate) fn opening(&self) {
+        self.lock().opening = true;
+    }
+
+    /// The stream has opened at its position; `loaded`: its client loads
+    /// its state there (see [`State::loaded_at`]). A late event that came
+    /// while it opened gets its `reset` now, unless the load stands for it.
+    pub(crate) fn opened(&self, loaded: bool) {
+        let mut st = self.lock();
+        st.opening = false;
+        let position = st.position.unwrap_or_default();
+        if loaded {
+            st.loaded_at = position;
+        }
+        let Some((newest, late)) = st.early.take() else {
+            return;
+        };
+        if late <= st.loaded_at.max(st.reset_at) || st.ended.is_some() {
+            return;
+        }
+        let at = newest.max(position);
+        st.reset_at = at;
+        st.idle = false;
+        st.queue.push_back(sse::order_reset(at, late));
+        let waker = st.waker.take();
+        drop(st);
+        wake(waker);
     }
 
     /// Raises the position to `position` if it is further.

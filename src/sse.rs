@@ -48,6 +48,19 @@ pub fn order_reset(newest: EventId, late: EventId) -> Frame {
     }
 }
 
+/// The `reset` a hub sends when the subscribers of a session missed events
+/// no history holds any more (a catch-up found them trimmed or lost): it
+/// moves the client to `newest`. Its frame id is `0-0`, as for
+/// [`order_reset`].
+pub fn gap_reset(newest: EventId) -> Frame {
+    let data =
+        format!("{{\"last_event_id\":\"{newest}\",\"oldest_id\":null,\"reason\":\"history_gap\"}}");
+    Frame {
+        id: EventId::ZERO,
+        bytes: encode_event(Some(newest), &EventType::from_static("reset"), &data),
+    }
+}
+
 /// The length [`encode_event`] would produce for an event with an id,
 /// without building it: what a size limit on events must count (a payload
 /// of many short lines grows by a `data: ` prefix per line).

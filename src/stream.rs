@@ -155,6 +155,15 @@ impl SseStream {
         self
     }
 
+    /// The stream is opened at its position (after [`Self::positioned`] and
+    /// any replay); `loaded`: its client loads its state there (a fresh
+    /// stream, or one that starts with a resume's `reset`), so an event at
+    /// or before it that arrives late is not answered with another `reset`.
+    pub(crate) fn opened(self, loaded: bool) -> Self {
+        self.subscription.opened(loaded);
+        self
+    }
+
     /// Sends `frames` (history after the client's `Last-Event-ID`, in id
     /// order) after the prelude and before live frames, and drops live
     /// frames that repeat them.

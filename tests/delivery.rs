@@ -342,6 +342,30 @@ async fn resume_replays_what_history_holds_and_resets_beyond_it() {
     assert_eq!(res.status(), 400);
     let body: Value = res.json().await.unwrap();
     assert_eq!(body["error"]["code"], "invalid_last_event_id");
+    // So are two ids: either guess could skip what the client missed.
+    let base = format!("/sessions/{session}/events?token={token}");
+    let c = reqwest::Client::new();
+    let twice = format!("{base}&last_event_id={}&last_event_id={}", ids[9], ids[1]);
+    let res = c.get(server.url(&twice)).send().await.unwrap();
+    assert_eq!(res.status(), 400);
+    let res = c
+        .get(server.url(&base))
+        .header("last-event-id", ids[9].as_str())
+        .header("last-event-id", ids[1].as_str())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 400);
+    // An empty header is no id: the query's id counts.
+    let res = c
+        .get(server.url(&format!("{base}&last_event_id={}", ids[10])))
+        .header("last-event-id", "")
+        .send()
+        .await
+        .unwrap();
+    let mut sse = SseClient::from_response(res);
+    sse.expect_connected().await;
+    assert_eq!(sse.next_event(T).await.unwrap().json(), json!(11));
     assert!(server.stats().await["resets"].as_u64() >= Some(1));
 }
 

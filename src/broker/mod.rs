@@ -32,6 +32,10 @@ pub enum Target<'a> {
     Session(&'a SessionId),
     /// Every session with subscribers here (an announcement).
     All,
+    /// The subscribers of one session missed events that no history holds
+    /// any more (trimmed or lost while this instance could not receive
+    /// them): each one behind the frame's id gets a `reset` to it.
+    Gap(&'a SessionId),
 }
 
 /// Receives every frame a broker delivers to this instance.

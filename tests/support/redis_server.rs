@@ -9,12 +9,37 @@ use std::time::{Duration, Instant};
 pub struct RedisServer {
     pub port: u16,
     child: Option<Child>,
+    /// With [`RedisServer::start_persistent`]: where its append-only file
+    /// lives, so a restart finds the data again.
+    data_dir: Option<std::path::PathBuf>,
 }
 
 impl RedisServer {
     pub fn start() -> RedisServer {
         let port = free_port();
-        let mut server = RedisServer { port, child: None };
+        let mut server = RedisServer {
+            port,
+            child: None,
+            data_dir: None,
+        };
+        server.restart();
+        server
+    }
+
+    /// As [`RedisServer::start`], but with an append-only file in a
+    /// directory of its own (`--appendonly yes --dir <tmp>`): a restart after
+    /// [`RedisServer::shutdown`] keeps the data; [`RedisServer::wipe`] before
+    /// a restart loses it.
+    pub fn start_persistent() -> RedisServer {
+        let port = free_port();
+        let dir = std::env::temp_dir().join(format!("sse-redis-{}-{port}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("create the Redis data directory");
+        let mut server = RedisServer {
+            port,
+            child: None,
+            data_dir: Some(dir),
+        };
         server.restart();
         server
     }
@@ -26,17 +51,20 @@ impl RedisServer {
     /// (Re)starts the server on its port and waits until it answers.
     pub fn restart(&mut self) {
         assert!(self.child.is_none(), "already running");
-        let child = Command::new("redis-server")
-            .args([
-                "--port",
-                &self.port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
+        let mut cmd = Command::new("redis-server");
+        cmd.args([
+            "--port",
+            &self.port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+        ]);
+        match &self.data_dir {
+            Some(dir) => cmd.args(["--appendonly", "yes", "--dir"]).arg(dir),
+            None => cmd.args(["--appendonly", "no"]),
+        };
+        let child = cmd
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -59,6 +87,34 @@ impl RedisServer {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();
+        }
+    }
+
+    /// Stops the server with SIGTERM, as an operator's restart does: with
+    /// an append-only file, every write is on disk when it has exited.
+    pub fn shutdown(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = Command::new("kill")
+                .args(["-TERM", &child.id().to_string()])
+                .status();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = child.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Deletes the stopped server's data files: the next restart is empty.
+    pub fn wipe(&self) {
+        assert!(self.child.is_none(), "wipe a stopped server");
+        if let Some(dir) = &self.data_dir {
+            let _ = std::fs::remove_dir_all(dir);
+            std::fs::create_dir_all(dir).expect("create the Redis data directory");
         }
     }
 
@@ -93,6 +149,9 @@ impl RedisServer {
 impl Drop for RedisServer {
     fn drop(&mut self) {
         self.stop();
+        if let Some(dir) = &self.data_dir {
+            let _ = std::fs::remove_dir_all(dir);
+        }
     }
 }
 

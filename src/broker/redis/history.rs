@@ -56,6 +56,17 @@ type ResumeReads = (
     Option<StreamRangeReply>,
 );
 
+/// Whether a session's stream still reaches back to a subscriber's cursor.
+pub(super) enum Continuity {
+    Whole,
+    /// Events after the cursor are gone: the session's streams here get a
+    /// `reset` to `top`, the stream's newest entry, and live delivery goes
+    /// on past it.
+    Gap {
+        top: EventId,
+    },
+}
+
 /// One stream entry, decoded.
 pub(super) struct Entry {
     pub node: String,
@@ -156,6 +167,7 @@ impl Inner {
 
         let mut frames = Vec::new();
         let mut renumbered = Vec::new();
+        let mut straddled = false;
         let mut bytes = 0;
         let mut too_large = false;
         let mut page = page;
@@ -165,8 +177,15 @@ impl Inner {
             for entry in &reply.ids {
                 last = entry.id.parse::<EventId>().ok().or(last);
                 let Some(e) = self.entry(entry) else { continue };
-                if let (Some(here), true) = (e.alias, e.node == self.settings.node_id) {
-                    renumbered.push((e.frame.id, here));
+                match e.alias {
+                    // Seen under its first id (by a client of its publisher)
+                    // or not at all (by one elsewhere): which, the id cannot
+                    // tell, so neither a replay nor a skip is right.
+                    Some(first) if first <= after => straddled = true,
+                    Some(first) if e.node == self.settings.node_id => {
+                        renumbered.push((e.frame.id, first));
+                    }
+                    _ => {}
                 }
                 bytes += e.frame.bytes.len();
                 if bytes > max_bytes {
@@ -190,6 +209,7 @@ impl Inner {
             // vouching for the merge.
             gapless: !lost_after
                 && !kept_elsewhere
+                && !straddled
                 && (untrimmed || oldest.is_some_and(|o| o <= after)),
             too_large,
             oldest,
@@ -201,26 +221,34 @@ impl Inner {
     }
 
     /// Before a reconnected subscriber catches a session up from `cursor`
-    /// (the newest id it delivered): a stream that no longer holds it,
-    /// though it was not trimmed that far, lost events — a failover
-    /// promoted a replica that had not received them, or Redis restarted
-    /// empty. The session is marked, so a resume from before the loss gets
-    /// `reset` instead of a replay with a hole in it, and its sequence is
-    /// moved past every id this instance issued or saw.
+    /// (the newest id it delivered): does the stream still reach back to
+    /// it?
     ///
-    /// Moving the sequence matters after Redis restarted empty: a publisher
-    /// that never saw the lost ids (a new instance, a slow clock) would
-    /// otherwise hand them out again, and this subscriber would drop those
-    /// new events as repeats. Publishes between the loss and this check
-    /// can still get such ids; every instance that delivered the session
-    /// asks for ids past what it saw, so only one that never held it can.
+    /// - Trimmed: the stream began at or before the cursor and MAXLEN
+    ///   dropped its oldest entries past it while this instance could not
+    ///   receive (a long outage with traffic elsewhere). What this
+    ///   instance's streams missed is gone: they get a `reset` (`Gap`)
+    ///   instead of a catch-up with a hole in it.
+    /// - Lost: the stream no longer holds the cursor though it was not
+    ///   trimmed that far — it began after it (Redis restarted empty, keys
+    ///   deleted) or lost its tail (a failover promoted a replica that had
+    ///   not received it), or nothing is left of it while the cursor is
+    ///   younger than the history's TTL. What was lost is what this
+    ///   instance had delivered (its connection ended when Redis went down,
+    ///   after the last event before it), so the catch-up goes on from the
+    ///   cursor. The session is marked, so a resume from before the loss
+    ///   gets `reset` instead of a replay with a hole in it, and its
+    ///   sequence is moved past every id this instance issued or saw: after
+    ///   Redis restarted empty a publisher that never saw the lost ids (a
+    ///   new instance, a slow clock) would otherwise hand them out again,
+    ///   and this subscriber would drop those new events as repeats.
     pub(super) async fn check_lost(
         &self,
         session: &SessionId,
         cursor: EventId,
-    ) -> Result<(), CallError> {
+    ) -> Result<Continuity, CallError> {
         if cursor == EventId::ZERO {
-            return Ok(());
+            return Ok(Continuity::Whole);
         }
         let key = self.keys.history(session);
         let mut pipe = redis::pipe();
@@ -235,23 +263,45 @@ impl Inner {
             .arg("COUNT")
             .arg(1)
             .cmd("GET")
-            .arg(self.keys.first(session));
+            .arg(self.keys.first(session))
+            .cmd("XREVRANGE")
+            .arg(&key)
+            .arg("+")
+            .arg("-")
+            .arg("COUNT")
+            .arg(1);
         let pipe = &pipe;
-        let (held, head, first): (StreamRangeReply, StreamRangeReply, Option<String>) = self
+        let (held, head, first, top): (
+            StreamRangeReply,
+            StreamRangeReply,
+            Option<String>,
+            StreamRangeReply,
+        ) = self
             .redis
             .call(|mut conn| async move { pipe.query_async(&mut conn).await })
             .await?;
+        if !held.ids.is_empty() {
+            return Ok(Continuity::Whole);
+        }
         let first: Option<EventId> = first.and_then(|f| f.parse().ok());
-        // Trimmed by MAXLEN: the stream began at or before the cursor and
-        // its oldest entries since went. A stream that began after the
-        // cursor was started again: what it had is gone.
-        let trimmed_past = first_id(&head).is_some_and(|oldest| oldest > cursor)
-            && first.is_some_and(|f| f <= cursor);
-        // Nothing left at all, bookkeeping included: the session's history
-        // expired (HISTORY_TTL_SECS), it did not lose events.
-        let expired = head.ids.is_empty() && first.is_none();
-        if !held.ids.is_empty() || trimmed_past || expired {
-            return Ok(());
+        let top = first_id(&top).unwrap_or_default();
+        if head.ids.is_empty() && first.is_none() {
+            // Nothing left, bookkeeping included: the session's history
+            // expired (HISTORY_TTL_SECS after its last event) — unless the
+            // cursor is younger than that, when Redis lost it.
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64);
+            let ttl = self.settings.history.ttl.as_millis() as u64;
+            if now.saturating_sub(cursor.ms) >= ttl {
+                return Ok(Continuity::Whole);
+            }
+        } else if first_id(&head).is_some_and(|oldest| oldest > cursor)
+            && first.is_some_and(|f| f <= cursor)
+        {
+            tracing::warn!(backend = "redis", session = %session, cursor = %cursor,
+                "the session's stream was trimmed past what this instance delivered; its streams here get reset");
+            return Ok(Continuity::Gap { top });
         }
         let mut call = self.mark_lost.key(self.keys.lost(session));
         call.key(self.keys.reserved(session));
@@ -266,7 +316,7 @@ impl Inner {
         self.counters.history_lost.fetch_add(1, Ordering::Relaxed);
         tracing::warn!(backend = "redis", session = %session, cursor = %cursor,
             "the session's stream lost events this instance delivered; resumes from before them get reset");
-        Ok(())
+        Ok(Continuity::Whole)
     }
 
     /// Up to `count` entries from `from` (inclusive).

@@ -117,6 +117,10 @@ pub struct RedisCounters {
     /// Session channels Redis unsubscribed by itself (a cluster moved their
     /// slot or failed their node over) and that were subscribed again.
     pub resubscribes: u64,
+    /// Catch-ups that found the session's stream no longer reaching back to
+    /// what this instance had delivered (trimmed or lost meanwhile): its
+    /// streams here got a `reset` instead of a catch-up with a hole.
+    pub catch_up_gaps: u64,
     /// Sessions whose stream was found without events already delivered
     /// (lost with a primary that died before its replica had them); resumes
     /// from before the loss get `reset`.
@@ -235,6 +239,7 @@ struct Counters {
     duplicates: AtomicU64,
     resubscribes: AtomicU64,
     history_lost: AtomicU64,
+    catch_up_gaps: AtomicU64,
 }
 
 /// Stripes of [`Inner::local_order`].
@@ -306,6 +311,7 @@ impl RedisBroker {
             duplicates_dropped: c.duplicates.load(Ordering::Relaxed),
             resubscribes: c.resubscribes.load(Ordering::Relaxed),
             history_lost: c.history_lost.load(Ordering::Relaxed),
+            catch_up_gaps: c.catch_up_gaps.load(Ordering::Relaxed),
             topology: Some(self.inner.redis.topology()),
         }
     }

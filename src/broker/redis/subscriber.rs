@@ -19,7 +19,7 @@ use futures::StreamExt;
 use tokio::sync::{oneshot, Notify};
 
 use super::envelope::{self, DecodeError};
-use super::history::PAGE;
+use super::history::{Continuity, PAGE};
 use super::publish::FOLLOW_SHARED;
 use super::pubsub::{Incoming, PubSubConn};
 use super::Inner;
@@ -64,9 +64,12 @@ struct State {
     /// no longer has (Redis restarted empty) are delivered from here, so a
     /// subscriber here never misses an event its own instance published.
     sent: HashMap<SessionId, VecDeque<Frame>>,
-    /// Per wanted session: when an event of another instance last arrived
-    /// here (see [`Inner::follows_shared`]).
+    /// Per session: when an event of another instance last arrived here
+    /// (see [`Inner::follows_shared`]). Kept after the session's last stream
+    /// here closed, for as long as it counts; pruned as it grows.
     shared_at: HashMap<SessionId, Instant>,
+    /// `shared_at`'s length at which it is next pruned.
+    shared_prune_at: usize,
 }
 
 impl Interest {
@@ -225,7 +228,6 @@ impl Inner {
             st.floors.remove(session);
             st.estimated.remove(session);
             st.sent.remove(session);
-            st.shared_at.remove(session);
             st.dirty.insert(session.clone());
         }
         self.interest.changed.notify_one();
@@ -367,12 +369,31 @@ impl Inner {
             (Some(from), _) => {
                 let estimated = self.interest.lock().estimated.contains(session);
                 let checked = if estimated {
-                    Ok(())
+                    Ok(Continuity::Whole)
                 } else {
                     self.check_lost(session, from).await
                 };
                 let read = match checked {
-                    Ok(()) => self.catch_up(session, from).await,
+                    Ok(Continuity::Whole) => self.catch_up(session, from).await,
+                    Ok(Continuity::Gap { top }) => {
+                        self.counters.catch_up_gaps.fetch_add(1, Ordering::Relaxed);
+                        let at = {
+                            let mut st = self.interest.lock();
+                            let cursor = st.cursors.entry(session.clone()).or_default();
+                            *cursor = (*cursor).max(top);
+                            *cursor
+                        };
+                        // What the stream still holds up to `top` would come
+                        // after the hole: the reset stands for all of it.
+                        (self.handler)(
+                            Target::Gap(session),
+                            Frame {
+                                id: at,
+                                bytes: bytes::Bytes::new(),
+                            },
+                        );
+                        Ok(())
+                    }
                     Err(e) => Err(e),
                 };
                 if read.is_ok() {
@@ -676,7 +697,17 @@ impl Inner {
                 }
             }
             if !own {
-                st.shared_at.insert(session.clone(), Instant::now());
+                let now = Instant::now();
+                match st.shared_at.get_mut(session) {
+                    Some(at) => *at = now,
+                    None => {
+                        st.shared_at.insert(session.clone(), now);
+                        if st.shared_at.len() >= st.shared_prune_at {
+                            st.shared_at.retain(|_, at| at.elapsed() < FOLLOW_SHARED);
+                            st.shared_prune_at = (st.shared_at.len() * 2).max(1024);
+                        }
+                    }
+                }
             }
         }
         for missing in unechoed {

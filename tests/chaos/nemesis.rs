@@ -1,0 +1,290 @@
+//! The nemesis: which faults exist, and the schedule of one run, drawn from
+//! the seed before anything starts so that the same seed replays the same
+//! faults at the same moments against the same targets. Carrying them out
+//! is the driver's (it owns the processes).
+
+use std::fmt::Write as _;
+
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use rand::Rng;
+
+/// Every fault this run can inject. The table [`Kind::table`] prints is
+/// the list; nothing else is done to the fleet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Kind {
+    /// SIGKILL an instance; start it again on the same port after `dur`.
+    Kill,
+    /// SIGTERM an instance (it drains: unready, streams closed with a
+    /// retry hint, outbox flushed); start it again `dur` after it exited.
+    Term,
+    /// SIGKILL redis-server, delete its data, start it empty after `dur`.
+    RedisLose,
+    /// SIGTERM redis-server (its append-only file is complete on exit),
+    /// start it again with its data after `dur`.
+    RedisKeep,
+    /// SIGSTOP redis-server for `dur`, then SIGCONT: a hung Redis, whose
+    /// connections stay open and answer nothing.
+    RedisHang,
+    /// `CLIENT KILL TYPE pubsub`: every instance's subscriber (and control
+    /// bus) connection is cut at once; Redis itself stays up.
+    PubsubKill,
+    /// One client stops reading its stream for `dur` while large events
+    /// are published to its session; then it reads its backlog, and
+    /// resumes if the server cut it meanwhile.
+    Stall,
+}
+
+pub const KINDS: [Kind; 7] = [
+    Kind::Kill,
+    Kind::Term,
+    Kind::RedisLose,
+    Kind::RedisKeep,
+    Kind::RedisHang,
+    Kind::PubsubKill,
+    Kind::Stall,
+];
+
+impl Kind {
+    /// The kind named `name` (as [`Kind::name`] spells it).
+    pub fn parse(name: &str) -> Option<Kind> {
+        KINDS.into_iter().find(|k| k.name() == name.trim())
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Kill => "kill",
+            Kind::Term => "term",
+            Kind::RedisLose => "redis-restart-lose",
+            Kind::RedisKeep => "redis-restart-keep",
+            Kind::RedisHang => "redis-hang",
+            Kind::PubsubKill => "pubsub-kill",
+            Kind::Stall => "client-stall",
+        }
+    }
+
+    fn what(self) -> &'static str {
+        match self {
+            Kind::Kill => "SIGKILL an instance, restart it on its port after the duration",
+            Kind::Term => "SIGTERM an instance (drain), restart it the duration after it exited",
+            Kind::RedisLose => "SIGKILL redis-server, delete its data, restart it empty",
+            Kind::RedisKeep => {
+                "SIGTERM redis-server (append-only file kept), restart with its data"
+            }
+            Kind::RedisHang => "SIGSTOP redis-server for the duration, then SIGCONT",
+            Kind::PubsubKill => "CLIENT KILL TYPE pubsub (every subscriber connection cut)",
+            Kind::Stall => "a client stops reading while 3 MB of 32 kB events go to its session",
+        }
+    }
+
+    /// Range of the fault's duration, in ms (0: instant).
+    fn durations(self) -> (u64, u64) {
+        match self {
+            Kind::Kill => (1_000, 4_000),
+            Kind::Term => (500, 3_000),
+            Kind::RedisLose | Kind::RedisKeep => (1_000, 5_000),
+            Kind::RedisHang => (1_500, 5_000),
+            Kind::PubsubKill => (0, 0),
+            Kind::Stall => (5_000, 9_000),
+        }
+    }
+
+    /// How long past its duration the fault keeps its target busy (the
+    /// repair itself: a drain, a start), so the schedule does not plan a
+    /// second fault on a target that is still being repaired.
+    fn repair_ms(self) -> u64 {
+        match self {
+            Kind::Kill => 2_000,
+            Kind::Term => 6_000,
+            Kind::RedisLose | Kind::RedisKeep | Kind::RedisHang => 2_000,
+            Kind::PubsubKill => 1_000,
+            Kind::Stall => 3_000,
+        }
+    }
+
+    /// What the fault acts on: one instance, Redis, or one client.
+    fn resource(self) -> Resource {
+        match self {
+            Kind::Kill | Kind::Term => Resource::Instance,
+            Kind::RedisLose | Kind::RedisKeep | Kind::RedisHang | Kind::PubsubKill => {
+                Resource::Redis
+            }
+            Kind::Stall => Resource::Client,
+        }
+    }
+
+    /// Whether the fault makes Redis unreachable while it lasts.
+    pub fn redis_down(self) -> bool {
+        matches!(self, Kind::RedisLose | Kind::RedisKeep | Kind::RedisHang)
+    }
+
+    /// Whether the fault stops an instance.
+    pub fn stops_instance(self) -> bool {
+        matches!(self, Kind::Kill | Kind::Term)
+    }
+
+    /// The table of fault kinds a run prints.
+    pub fn table() -> String {
+        let mut out = String::from("| fault | what | duration |\n|---|---|---|\n");
+        for k in KINDS {
+            let (lo, hi) = k.durations();
+            let dur = if hi == 0 {
+                "instant".to_owned()
+            } else {
+                format!("{:.1}–{:.1} s", lo as f64 / 1000.0, hi as f64 / 1000.0)
+            };
+            let _ = writeln!(out, "| {} | {} | {dur} |", k.name(), k.what());
+        }
+        out
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Resource {
+    Instance,
+    Redis,
+    Client,
+}
+
+/// One planned fault.
+#[derive(Debug, Clone)]
+pub struct Fault {
+    pub index: usize,
+    /// When to inject it, ms after the run began.
+    pub at: u64,
+    pub kind: Kind,
+    /// Instance index (Kill, Term), client index (Stall), or 0 (Redis).
+    pub target: usize,
+    pub dur: u64,
+}
+
+impl Fault {
+    fn busy_until(&self) -> u64 {
+        self.at + self.dur + self.kind.repair_ms()
+    }
+}
+
+/// At most this many instances are down at once, so that clients and
+/// publishers always have somewhere to go.
+pub const MAX_INSTANCES_DOWN: usize = 2;
+
+/// Draws the schedule of a run of `secs` seconds over `instances`
+/// instances and `clients` clients. Faults start from 3 s in and stop
+/// being planned 3 s before the end; every kind appears at least once when
+/// the run is long enough, in an order the seed decides, then kinds are
+/// drawn at random. Faults on different targets overlap freely; two faults
+/// on one target (an instance, Redis, a client) never do.
+pub fn schedule(
+    rng: &mut StdRng,
+    secs: u64,
+    instances: usize,
+    clients: usize,
+    kinds: &[Kind],
+) -> Vec<Fault> {
+    let end = secs * 1000;
+    let last_start = end.saturating_sub(3_000);
+    let mut first: Vec<Kind> = kinds.to_vec();
+    first.shuffle(rng);
+    let mut faults: Vec<Fault> = Vec::new();
+    let mut t = 3_000;
+    // A new fault every 1.5-5 s on average over the run.
+    while t < last_start {
+        let kind = if !first.is_empty() {
+            first.remove(0)
+        } else {
+            kinds[rng.gen_range(0..kinds.len())]
+        };
+        let (lo, hi) = kind.durations();
+        let dur = if hi == 0 { 0 } else { rng.gen_range(lo..=hi) };
+        let targets = match kind.resource() {
+            Resource::Instance => instances,
+            Resource::Redis => 1,
+            Resource::Client => clients,
+        };
+        let target = rng.gen_range(0..targets);
+        let candidate = Fault {
+            index: 0,
+            at: t,
+            kind,
+            target,
+            dur,
+        };
+        if fits(&faults, &candidate) {
+            faults.push(candidate);
+        }
+        t += rng.gen_range(1_500..=5_000);
+    }
+    for (i, f) in faults.iter_mut().enumerate() {
+        f.index = i;
+    }
+    faults
+}
+
+fn fits(planned: &[Fault], new: &Fault) -> bool {
+    let overlaps = |f: &Fault| f.at < new.busy_until() && new.at < f.busy_until();
+    let res = new.kind.resource();
+    let same_target = planned
+        .iter()
+        .filter(|f| f.kind.resource() == res && (res == Resource::Redis || f.target == new.target))
+        .any(overlaps);
+    if same_target {
+        return false;
+    }
+    if res == Resource::Instance {
+        let down = planned
+            .iter()
+            .filter(|f| f.kind.resource() == Resource::Instance)
+            .filter(|f| overlaps(f))
+            .count();
+        if down + 1 > MAX_INSTANCES_DOWN {
+            return false;
+        }
+    }
+    true
+}
+
+/// The schedule as the run prints it.
+pub fn describe(faults: &[Fault], instance_names: &[String], client_names: &[String]) -> String {
+    let mut out = String::from("  #    at (s)  fault               target   dur (s)\n");
+    for f in faults {
+        let target = match f.kind.resource() {
+            Resource::Instance => instance_names[f.target].clone(),
+            Resource::Redis => "redis".to_owned(),
+            Resource::Client => client_names[f.target].clone(),
+        };
+        let _ = writeln!(
+            out,
+            "  {:<4} {:>6.1}  {:<19} {:<8} {:>6.1}",
+            f.index,
+            f.at as f64 / 1000.0,
+            f.kind.name(),
+            target,
+            f.dur as f64 / 1000.0
+        );
+    }
+    out
+}
+
+#[test]
+fn a_seed_replays_the_same_schedule_and_no_target_has_two_faults_at_once() {
+    use rand::SeedableRng;
+    let a = schedule(&mut StdRng::seed_from_u64(7), 120, 3, 12, &KINDS);
+    let b = schedule(&mut StdRng::seed_from_u64(7), 120, 3, 12, &KINDS);
+    let show = |v: &[Fault]| format!("{v:?}");
+    assert_eq!(show(&a), show(&b));
+    for k in KINDS {
+        assert!(a.iter().any(|f| f.kind == k), "{k:?} never planned");
+    }
+    for (i, x) in a.iter().enumerate() {
+        for y in &a[i + 1..] {
+            if x.kind.resource() == y.kind.resource()
+                && (x.kind.resource() == Resource::Redis || x.target == y.target)
+            {
+                assert!(
+                    x.busy_until() <= y.at || y.busy_until() <= x.at,
+                    "{x:?} overlaps {y:?}"
+                );
+            }
+        }
+    }
+}
