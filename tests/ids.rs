@@ -43,6 +43,11 @@ const QUIET: [(&str, &str); 4] = [
 
 /// An instance in Redis mode on `url`; `flag` is `FF_REDIS_SSE_BROADCAST`.
 fn instance(url: &str, name: &str, flag: bool) -> Server {
+    instance_with(url, name, flag, &[])
+}
+
+/// As [`instance`], with `extra` settings on top.
+fn instance_with(url: &str, name: &str, flag: bool, extra: &[(&str, &str)]) -> Server {
     let mut env = vec![
         ("SSE_ADAPTER", "redis"),
         ("REDIS_URL", url),
@@ -53,6 +58,7 @@ fn instance(url: &str, name: &str, flag: bool) -> Server {
         ),
     ];
     env.extend_from_slice(&QUIET);
+    env.extend_from_slice(extra);
     Server::start(&env)
 }
 
@@ -733,6 +739,454 @@ async fn a_reassigned_outbox_event_is_not_replayed_to_a_client_that_saw_it() {
                 .join(", "),
             stats["redis"],
             summaries.join("; ")
+        ),
+    );
+}
+
+/// Ends every connection Redis holds for `user` (its Pub/Sub connection
+/// and its command connection alike).
+fn kill_user(conn: &mut redis::Connection, user: &str) -> i64 {
+    redis::cmd("CLIENT")
+        .arg("KILL")
+        .arg("USER")
+        .arg(user)
+        .query(conn)
+        .unwrap()
+}
+
+/// The session's stream in Redis, oldest first: each entry's id and its
+/// fields as (name, value) pairs.
+fn history_entries(redis: &RedisServer, session: &str) -> Vec<(Id, Vec<(String, String)>)> {
+    let entries: Vec<(String, Vec<String>)> = redis::cmd("XRANGE")
+        .arg(format!("sse:session:{session}:history"))
+        .arg("-")
+        .arg("+")
+        .query(&mut redis.conn())
+        .unwrap();
+    entries
+        .into_iter()
+        .map(|(id, fields)| {
+            let pairs = fields
+                .chunks(2)
+                .map(|kv| (kv[0].clone(), kv.get(1).cloned().unwrap_or_default()))
+                .collect();
+            (parse_id(&id), pairs)
+        })
+        .collect()
+}
+
+/// Waits until `server`'s subscriber has connected again since it had
+/// connected `connects` times, and holds a channel.
+async fn wait_resubscribed(server: &Server, connects: u64) -> bool {
+    eventually(Duration::from_secs(15), || async {
+        let s = server.stats().await;
+        s["redis"]["subscriber_connects"].as_u64() > Some(connects)
+            && s["redis"]["subscriber_connected"] == true
+            && s["redis"]["subscribed_channels"].as_u64() >= Some(1)
+    })
+    .await
+}
+
+// B's subscriber must stay down while A publishes past HISTORY_MAXLEN: B
+// logs in as its own user, switched off (it keeps its command connection)
+// before its Pub/Sub connection is killed, and on again afterwards. The
+// stream in Redis then no longer reaches back to what B's stream has.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_live_stream_whose_catch_up_finds_the_history_trimmed_gets_a_history_gap_reset() {
+    const USER: &str = "instance-b";
+    const PASSWORD: &str = "instance-b-password";
+    const SHORT: [(&str, &str); 1] = [("HISTORY_MAXLEN", "10")];
+    // MAXLEN is approximate (`~`): Redis trims whole nodes of a stream, 100
+    // entries each by default, so the outage spans several of them.
+    const DURING: usize = 250;
+    let redis = RedisServer::start();
+    let mut conn = redis.conn();
+    acl_user(&mut conn, USER, PASSWORD, true);
+    let url_b = format!("redis://{USER}:{PASSWORD}@127.0.0.1:{}/", redis.port);
+    let a = instance_with(&redis.url(), "a", true, &SHORT);
+    let b = instance_with(&url_b, "b", true, &SHORT);
+    let (session, token) = new_session(&a).await;
+    let stream = record(&b, &session, &token).await;
+    wait_subscribed(&b, 1).await;
+    let mut owed = Vec::new();
+    for n in 1..=3 {
+        owed.push(accept(&a, &session, &token, &format!("e{n}")).await);
+    }
+    assert!(
+        stream
+            .wait_labels(&["e1", "e2", "e3"], Duration::from_secs(5))
+            .await,
+        "e1..e3 never arrived on B: {:?}",
+        stream.snapshot()
+    );
+    let delivered = owed[2].id;
+    let connects = b.stats().await["redis"]["subscriber_connects"]
+        .as_u64()
+        .unwrap();
+
+    acl_user(&mut conn, USER, PASSWORD, false);
+    let killed = kill_pubsub(&mut conn);
+    let mut during = Vec::with_capacity(DURING);
+    for n in 0..DURING {
+        during.push(accept(&a, &session, &token, &format!("d{n}")).await);
+    }
+    let stats = b.stats().await;
+    assert_eq!(
+        stats["redis"]["subscriber_connects"].as_u64(),
+        Some(connects),
+        "precondition: B's subscriber stayed down while A published: {}",
+        stats["redis"]
+    );
+    let oldest = history_entries(&redis, &session)
+        .first()
+        .map(|(id, _)| *id)
+        .expect("the session's stream in Redis");
+    assert!(
+        oldest > during[0].id,
+        "precondition: MAXLEN trimmed the stream past what B delivered ({}); oldest entry {}",
+        show(delivered),
+        show(oldest)
+    );
+    // The newest event no history holds any more: the reset must reach it.
+    let newest_trimmed = during
+        .iter()
+        .filter(|d| d.id < oldest)
+        .map(|d| d.id)
+        .max()
+        .unwrap();
+
+    acl_user(&mut conn, USER, PASSWORD, true);
+    assert!(
+        wait_resubscribed(&b, connects).await,
+        "B's subscriber never came back: {}",
+        b.stats().await["redis"]
+    );
+    let marker = accept(&a, &session, &token, "marker").await;
+    let got = stream.settle(&marker, Duration::from_secs(15)).await;
+
+    owed.extend(during.iter().cloned());
+    owed.push(marker.clone());
+    let mut failures = Vec::new();
+    let summary = match judge("stream on B", &got, &owed, &HashSet::new(), false) {
+        Ok(s) => s,
+        Err(e) => {
+            failures.push(e);
+            String::new()
+        }
+    };
+    let gap_reset = got.iter().any(|g| {
+        matches!(g, Got::Reset { id, raw }
+            if raw.contains("\"reason\":\"history_gap\"") && *id >= newest_trimmed)
+    });
+    if !gap_reset {
+        failures.push(format!(
+            "no history_gap reset at or past {} (the newest trimmed event) arrived on B",
+            show(newest_trimmed)
+        ));
+    }
+    fail_if_any(
+        "trimmed_catch_up",
+        &failures,
+        &format!(
+            "killed {killed} Pub/Sub connection(s); B had delivered {}, {DURING} published \
+             meanwhile ({}..{}), oldest left {}, marker {}; B's redis stats: {}; {summary}",
+            show(delivered),
+            show(during[0].id),
+            show(during[DURING - 1].id),
+            show(oldest),
+            show(marker.id),
+            b.stats().await["redis"]
+        ),
+    );
+}
+
+// A alone loses Redis (its user switched off, its connections cut) while
+// B keeps publishing: A's outbox event a1, seen by A's client under its
+// local id, reaches the stream after B's events under a new id. The
+// client saw b0..b2 after a1 and resumes from b2's id, between a1's two
+// ids: a replay of a1 under the new id would repeat it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_resume_from_between_an_outbox_events_two_ids_resets_instead_of_repeating_it() {
+    const USER: &str = "instance-a";
+    const PASSWORD: &str = "instance-a-password";
+    let redis = RedisServer::start();
+    let mut conn = redis.conn();
+    acl_user(&mut conn, USER, PASSWORD, true);
+    let url_a = format!("redis://{USER}:{PASSWORD}@127.0.0.1:{}/", redis.port);
+    let a = instance(&url_a, "a", true);
+    let b = instance(&redis.url(), "b", true);
+    let (session, token) = new_session(&a).await;
+    let client = record(&a, &session, &token).await;
+    wait_subscribed(&a, 1).await;
+    let pre = accept(&b, &session, &token, "pre").await;
+    assert!(
+        client.wait_labels(&["pre"], Duration::from_secs(5)).await,
+        "pre never arrived on A: {:?}",
+        client.snapshot()
+    );
+
+    acl_user(&mut conn, USER, PASSWORD, false);
+    let killed = kill_user(&mut conn, USER);
+    let a1 = accept(&a, &session, &token, "a1").await;
+    assert!(
+        client.wait_labels(&["a1"], Duration::from_secs(5)).await,
+        "a1 was not delivered on A at once: {:?}",
+        client.snapshot()
+    );
+    let stats = a.stats().await;
+    assert_eq!(
+        stats["redis"]["outbox_len"], 1,
+        "precondition: a1 waits in A's outbox: {}",
+        stats["redis"]
+    );
+    // So that B's ids are past a1's on any clock tick (ordering, not an
+    // assertion).
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let mut from_b = Vec::new();
+    for n in 0..3 {
+        from_b.push(accept(&b, &session, &token, &format!("b{n}")).await);
+    }
+    assert!(
+        from_b[0].id > a1.id,
+        "precondition: b0 {} after a1 {}",
+        show(from_b[0].id),
+        show(a1.id)
+    );
+
+    acl_user(&mut conn, USER, PASSWORD, true);
+    let flushed = eventually(Duration::from_secs(15), || async {
+        a.stats().await["redis"]["outbox_len"] == 0
+    })
+    .await;
+    let stats = a.stats().await;
+    assert!(flushed, "A never flushed its outbox: {}", stats["redis"]);
+    assert!(
+        stats["redis"]["outbox_reassigned"].as_u64() >= Some(1),
+        "precondition: a1 was given a new id: {}",
+        stats["redis"]
+    );
+    assert!(
+        client
+            .wait_labels(&["b0", "b1", "b2"], Duration::from_secs(10))
+            .await,
+        "B's events never arrived on A: {:?}",
+        client.snapshot()
+    );
+    let seen = client.labels();
+    drop(client);
+    let first = show(a1.id);
+    let renumbered = history_entries(&redis, &session)
+        .into_iter()
+        .find(|(_, fields)| fields.iter().any(|(k, v)| k == "a" && *v == first))
+        .map(|(id, _)| id)
+        .expect("a1's entry in the stream, with its first id");
+    let from = from_b[2].id;
+    assert!(
+        a1.id < from && from < renumbered,
+        "precondition: b2 {} between a1's ids {first} and {}",
+        show(from),
+        show(renumbered)
+    );
+
+    let all: Vec<Accepted> = [pre, a1.clone()]
+        .into_iter()
+        .chain(from_b.iter().cloned())
+        .collect();
+    let mut failures = Vec::new();
+    let mut summaries = Vec::new();
+    for (who, server, marker) in [("on A", &a, "mark-a"), ("on B", &b, "mark-b")] {
+        match judge_resume(who, server, &b, &session, &token, from, &all, &seen, marker).await {
+            Ok(s) => summaries.push(s),
+            Err(e) => failures.push(e),
+        }
+    }
+    fail_if_any(
+        "resume_between_renumbered_ids",
+        &failures,
+        &format!(
+            "killed {killed} connection(s) of A; a1 = {first} on A, {} in Redis; b0..b2 = {}; \
+             A's redis stats: {}; {}",
+            show(renumbered),
+            from_b
+                .iter()
+                .map(|x| show(x.id))
+                .collect::<Vec<_>>()
+                .join(", "),
+            a.stats().await["redis"],
+            summaries.join("; ")
+        ),
+    );
+}
+
+// E0 goes through Redis; L1, L2 stay on C (flag off, no stream of the
+// session there, so C does not follow it as shared). Other sessions'
+// history then pushes the session's ring out of HISTORY_MEMORY_MB, and L3
+// starts a new one: a resume on C from E0 must not be answered with L3
+// alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_flag_off_resume_after_the_sessions_history_was_evicted_resets_instead_of_skipping() {
+    let redis = RedisServer::start();
+    let a = instance(&redis.url(), "a", true);
+    let c = instance_with(&redis.url(), "c", false, &[("HISTORY_MEMORY_MB", "1")]);
+    let (session, token) = new_session(&a).await;
+    let e0 = accept(&a, &session, &token, "E0").await;
+    let l1 = accept(&c, &session, &token, "L1").await;
+    let l2 = accept(&c, &session, &token, "L2").await;
+    // About 1.4 MB of other sessions' flag-off events; the session's ring
+    // is the least recently written.
+    let pad = json!("z".repeat(60_000));
+    for _ in 0..4 {
+        let (other, other_token) = new_session(&c).await;
+        for _ in 0..6 {
+            publish(&c, &other, &other_token, "pad", pad.clone()).await;
+        }
+    }
+    let dropped = eventually(Duration::from_secs(5), || {
+        let hit = c
+            .log
+            .lock()
+            .unwrap()
+            .lines()
+            .any(|l| l.contains("history dropped") && l.contains(&session));
+        async move { hit }
+    })
+    .await;
+    assert!(
+        dropped,
+        "precondition: C dropped the session's history for HISTORY_MEMORY_MB; stats: {}",
+        c.stats().await["history"]
+    );
+    let l3 = accept(&c, &session, &token, "L3").await;
+
+    let all = [e0.clone(), l1, l2, l3];
+    let result = judge_resume(
+        "on C",
+        &c,
+        &c,
+        &session,
+        &token,
+        e0.id,
+        &all,
+        &labels(&[&e0]),
+        "marker",
+    )
+    .await;
+    let failures: Vec<String> = result.as_ref().err().cloned().into_iter().collect();
+    fail_if_any(
+        "flag_off_resume_after_eviction",
+        &failures,
+        &format!(
+            "accepted: {}; {}",
+            all.iter()
+                .map(|x| format!("{}={}", x.label, show(x.id)))
+                .collect::<Vec<_>>()
+                .join(" "),
+            result.unwrap_or_default()
+        ),
+    );
+}
+
+// As above, but C's ring of the session expires (HISTORY_TTL_SECS) while
+// A's publishes keep the session's stream and bookkeeping in Redis alive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_flag_off_resume_after_the_sessions_history_expired_resets_instead_of_skipping() {
+    const TTL_SECS: u64 = 3;
+    let ttl = TTL_SECS.to_string();
+    let short = [("HISTORY_TTL_SECS", ttl.as_str())];
+    let redis = RedisServer::start();
+    let a = instance_with(&redis.url(), "a", true, &short);
+    let c = instance_with(&redis.url(), "c", false, &short);
+    let (session, token) = new_session(&a).await;
+    let e0 = accept(&a, &session, &token, "E0").await;
+    let mut all = vec![e0.clone()];
+    all.push(accept(&c, &session, &token, "L1").await);
+    all.push(accept(&c, &session, &token, "L2").await);
+    let expired_at = tokio::time::Instant::now() + Duration::from_secs(TTL_SECS + 1);
+    let mut n = 0;
+    while tokio::time::Instant::now() < expired_at {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        all.push(accept(&a, &session, &token, &format!("keep{n}")).await);
+        n += 1;
+    }
+    all.push(accept(&c, &session, &token, "L3").await);
+
+    let result = judge_resume(
+        "on C",
+        &c,
+        &c,
+        &session,
+        &token,
+        e0.id,
+        &all,
+        &labels(&[&e0]),
+        "marker",
+    )
+    .await;
+    let failures: Vec<String> = result.as_ref().err().cloned().into_iter().collect();
+    fail_if_any(
+        "flag_off_resume_after_expiry",
+        &failures,
+        &format!(
+            "HISTORY_TTL_SECS={TTL_SECS}; accepted: {}; {}",
+            all.iter()
+                .map(|x| format!("{}={}", x.label, show(x.id)))
+                .collect::<Vec<_>>()
+                .join(" "),
+            result.unwrap_or_default()
+        ),
+    );
+}
+
+// C (flag off) follows the session as shared once A's event arrived there
+// through Redis. Its last stream of the session closing must not turn
+// that off: C's next event still reaches the stream on A.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_flag_off_instance_keeps_publishing_a_shared_session_through_redis_after_its_last_stream_closes(
+) {
+    let redis = RedisServer::start();
+    let a = instance(&redis.url(), "a", true);
+    let c = instance(&redis.url(), "c", false);
+    let (session, token) = new_session(&a).await;
+    let on_c = record(&c, &session, &token).await;
+    let on_a = record(&a, &session, &token).await;
+    wait_subscribed(&a, 1).await;
+    wait_subscribed(&c, 1).await;
+    let e1 = accept(&a, &session, &token, "E1").await;
+    assert!(
+        on_c.wait_labels(&["E1"], Duration::from_secs(5)).await,
+        "E1 never arrived on C: {:?}",
+        on_c.snapshot()
+    );
+    let c0 = accept(&c, &session, &token, "C0").await;
+    assert!(
+        on_a.wait_labels(&["C0"], Duration::from_secs(5)).await,
+        "precondition: C0 went through Redis while C had a stream: {:?}",
+        on_a.snapshot()
+    );
+
+    drop(on_c);
+    let closed = eventually(Duration::from_secs(10), || async {
+        let s = c.stats().await;
+        s["subscribers"] == 0 && s["redis"]["subscribed_channels"] == 0
+    })
+    .await;
+    assert!(closed, "C never saw its stream close: {}", c.stats().await);
+    let c1 = accept(&c, &session, &token, "C1").await;
+    let marker = accept(&a, &session, &token, "marker").await;
+    let got = on_a.settle(&marker, Duration::from_secs(10)).await;
+
+    let owed = [e1, c0, c1.clone(), marker];
+    let failures: Vec<String> = judge("stream on A", &got, &owed, &HashSet::new(), false)
+        .err()
+        .into_iter()
+        .collect();
+    fail_if_any(
+        "follow_shared_after_last_stream",
+        &failures,
+        &format!(
+            "C1 = {}; C's redis stats: {}",
+            show(c1.id),
+            c.stats().await["redis"]
         ),
     );
 }
