@@ -443,12 +443,6 @@ impl Subscription {
         self.sink.set_position(position);
     }
 
-    /// The stream is opening: a late event meanwhile waits for
-    /// [`Self::opened`].
-    pub(crate) fn opening(&self) {
-        self.sink.opening();
-    }
-
     /// The stream has opened at its position; `loaded`: its client loads
     /// its state there.
     pub(crate) fn opened(&self, loaded: bool) {
@@ -618,7 +612,6 @@ mod tests {
         // Still reading its replay when the late event comes: answered
         // once its position is known, to that position.
         let mut opening = hub.subscribe(&s("x")).unwrap().subscription;
-        opening.opening();
         hub.deliver(&s("x"), f(3));
         hub.deliver(&s("x"), f(10));
         opening.set_position(f(12).id);

@@ -79,10 +79,9 @@ pub async fn open_stream(
     last_event_id: Option<EventId>,
     options: StreamOptions,
 ) -> Result<(SseStream, ResumeOutcome), BroadcastError> {
+    // A late event that comes before the stream's position is known (while
+    // it subscribes and reads its replay) is answered once it is.
     let subscription = broadcaster.subscribe(session).await?;
-    // A late event while the replay is read is answered once the stream's
-    // position is known.
-    subscription.opening();
     let (position, replay) = match last_event_id {
         Some(after) => (after, Some(broadcaster.replay(session, after).await)),
         None => (broadcaster.position(session).await, None),

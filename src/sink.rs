@@ -83,12 +83,14 @@ struct State {
     /// The id the last order `reset` sent here carried: it stands for every
     /// late event up to it (one reset per episode, see [`crate::hub`]).
     reset_at: EventId,
-    /// The stream is still opening (its replay is being read): a late event
-    /// that comes meanwhile (with the session's newest id then) is answered
-    /// once its position is known, since its replay or its own `reset` may
-    /// already stand for it.
-    opening: bool,
-    early: Option<(EventId, EventId)>,
+    /// Order resets queued before the stream had a position (while it
+    /// subscribed and read its replay), as (queue index, newest, late), and
+    /// the episode before the first: [`Sink::opened`] reconsiders them once
+    /// the position is known, since the replay or the stream's own `reset`
+    /// may stand for them, and none may move the client back. Nothing is
+    /// taken from the queue before then: the stream is not read yet.
+    early: Vec<(usize, EventId, EventId)>,
+    reset_before_early: EventId,
     ended: Option<Ended>,
     /// The end was reported to the writer.
     reported: bool,
@@ -169,10 +171,12 @@ impl Sink {
         if st.ended.is_some() || late <= st.reset_at.max(st.loaded_at) {
             return Offered::Dropped;
         }
-        if st.opening {
-            let (n, l) = st.early.unwrap_or_default();
-            st.early = Some((n.max(newest), l.max(late)));
-            return Offered::Dropped;
+        if st.position.is_none() && st.ended.is_none() {
+            if st.early.is_empty() {
+                st.reset_before_early = st.reset_at;
+            }
+            let at = st.queue.len();
+            st.early.push((at, newest, late));
         }
         let at = newest.max(st.position.unwrap_or_default());
         st.reset_at = at;
@@ -289,34 +293,36 @@ impl Sink {
         self.lock().position = Some(position);
     }
 
-    /// The stream is opening: see [`State::opening`].
-    pub(crate) fn opening(&self) {
-        self.lock().opening = true;
-    }
-
     /// The stream has opened at its position; `loaded`: its client loads
-    /// its state there (see [`State::loaded_at`]). A late event that came
-    /// while it opened gets its `reset` now, unless the load stands for it.
+    /// its state there (see [`State::loaded_at`]). Order resets queued
+    /// before are reconsidered (see [`State::early`]).
     pub(crate) fn opened(&self, loaded: bool) {
         let mut st = self.lock();
-        st.opening = false;
         let position = st.position.unwrap_or_default();
         if loaded {
             st.loaded_at = position;
         }
-        let Some((newest, late)) = st.early.take() else {
-            return;
-        };
-        if late <= st.loaded_at.max(st.reset_at) || st.ended.is_some() {
+        let early = std::mem::take(&mut st.early);
+        if early.is_empty() {
             return;
         }
-        let at = newest.max(position);
-        st.reset_at = at;
-        st.idle = false;
-        st.queue.push_back(sse::order_reset(at, late));
-        let waker = st.waker.take();
-        drop(st);
-        wake(waker);
+        let mut reset_at = st.reset_before_early;
+        let mut gone = Vec::new();
+        for (index, newest, late) in early {
+            if index >= st.queue.len() {
+                break; // Cut meanwhile: the queue is gone.
+            }
+            if late <= reset_at.max(st.loaded_at) {
+                gone.push(index);
+                continue;
+            }
+            reset_at = newest.max(position);
+            st.queue[index] = sse::order_reset(reset_at, late);
+        }
+        st.reset_at = reset_at;
+        for index in gone.into_iter().rev() {
+            st.queue.remove(index);
+        }
     }
 
     /// Raises the position to `position` if it is further.

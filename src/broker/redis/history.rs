@@ -221,35 +221,38 @@ impl Inner {
     }
 
     /// Before a reconnected subscriber catches a session up from `cursor`
-    /// (the newest id it delivered): does the stream still reach back to
-    /// it?
+    /// (the newest id it delivered, or — `estimated` — where the stream
+    /// stood about when the session was wanted): does the stream still
+    /// reach back to it?
     ///
-    /// - Trimmed: the stream began at or before the cursor and MAXLEN
-    ///   dropped its oldest entries past it while this instance could not
-    ///   receive (a long outage with traffic elsewhere). What this
+    /// - Trimmed past it: MAXLEN dropped entries after the cursor before
+    ///   this instance could read them (a long outage with traffic
+    ///   elsewhere, or an outbox backlog flushed into a stream Redis
+    ///   restarted empty): a stream that began at or before the cursor and
+    ///   no longer holds it, or one that began after it and, Redis 7 says
+    ///   (`XINFO STREAM`: more entries added than held), dropped any. What this
     ///   instance's streams missed is gone: they get a `reset` (`Gap`)
     ///   instead of a catch-up with a hole in it.
-    /// - Lost: the stream no longer holds the cursor though it was not
-    ///   trimmed that far — it began after it (Redis restarted empty, keys
-    ///   deleted) or lost its tail (a failover promoted a replica that had
-    ///   not received it), or nothing is left of it while the cursor is
-    ///   younger than the history's TTL. What was lost is what this
-    ///   instance had delivered (its connection ended when Redis went down,
-    ///   after the last event before it), so the catch-up goes on from the
-    ///   cursor. The session is marked, so a resume from before the loss
-    ///   gets `reset` instead of a replay with a hole in it, and its
-    ///   sequence is moved past every id this instance issued or saw: after
-    ///   Redis restarted empty a publisher that never saw the lost ids (a
-    ///   new instance, a slow clock) would otherwise hand them out again,
-    ///   and this subscriber would drop those new events as repeats.
+    /// - Lost (an exact cursor only): the stream no longer holds the cursor
+    ///   though nothing after it was trimmed — it began after it (Redis
+    ///   restarted empty, keys deleted) or lost its tail (a failover
+    ///   promoted a replica that had not received it), or nothing is left
+    ///   while the cursor is younger than the history's TTL. What was lost
+    ///   is what this instance had delivered (its connection ended when
+    ///   Redis went down, after the last event before it), so the catch-up
+    ///   goes on from the cursor. The session is marked, so a resume from
+    ///   before the loss gets `reset` instead of a replay with a hole in it,
+    ///   and its sequence is moved past every id this instance issued or
+    ///   saw: after Redis restarted empty a publisher that never saw the
+    ///   lost ids (a new instance, a slow clock) would otherwise hand them
+    ///   out again, and this subscriber would drop those new events as
+    ///   repeats.
     pub(super) async fn check_lost(
         &self,
         session: &SessionId,
         cursor: EventId,
+        estimated: bool,
     ) -> Result<Continuity, CallError> {
-        if cursor == EventId::ZERO {
-            return Ok(Continuity::Whole);
-        }
         let key = self.keys.history(session);
         let mut pipe = redis::pipe();
         pipe.cmd("XRANGE")
@@ -280,12 +283,33 @@ impl Inner {
             .redis
             .call(|mut conn| async move { pipe.query_async(&mut conn).await })
             .await?;
-        if !held.ids.is_empty() {
+        if !held.ids.is_empty() && cursor != EventId::ZERO {
+            // Trimming drops the oldest first: all after it is there too.
             return Ok(Continuity::Whole);
         }
         let first: Option<EventId> = first.and_then(|f| f.parse().ok());
         let top = first_id(&top).unwrap_or_default();
-        if head.ids.is_empty() && first.is_none() {
+        let oldest = first_id(&head);
+        let trimmed = match oldest {
+            Some(oldest) if oldest > cursor => {
+                // Began at or before the cursor: what went is the cursor
+                // and maybe more. Began after it (restarted empty): any
+                // entry it dropped came after the cursor.
+                first.is_some_and(|f| f <= cursor) || self.trimmed_any(session).await?
+            }
+            _ => false,
+        };
+        if trimmed {
+            tracing::warn!(backend = "redis", session = %session, cursor = %cursor,
+                "the session's stream was trimmed past what this instance delivered; its streams here get reset");
+            return Ok(Continuity::Gap { top });
+        }
+        if estimated || cursor == EventId::ZERO {
+            // Nothing this instance delivered can be missing: an estimate
+            // or the empty start is no id the stream held.
+            return Ok(Continuity::Whole);
+        }
+        if oldest.is_none() && first.is_none() {
             // Nothing left, bookkeeping included: the session's history
             // expired (HISTORY_TTL_SECS after its last event) — unless the
             // cursor is younger than that, when Redis lost it.
@@ -296,12 +320,6 @@ impl Inner {
             if now.saturating_sub(cursor.ms) >= ttl {
                 return Ok(Continuity::Whole);
             }
-        } else if first_id(&head).is_some_and(|oldest| oldest > cursor)
-            && first.is_some_and(|f| f <= cursor)
-        {
-            tracing::warn!(backend = "redis", session = %session, cursor = %cursor,
-                "the session's stream was trimmed past what this instance delivered; its streams here get reset");
-            return Ok(Continuity::Gap { top });
         }
         let mut call = self.mark_lost.key(self.keys.lost(session));
         call.key(self.keys.reserved(session));
@@ -317,6 +335,47 @@ impl Inner {
         tracing::warn!(backend = "redis", session = %session, cursor = %cursor,
             "the session's stream lost events this instance delivered; resumes from before them get reset");
         Ok(Continuity::Whole)
+    }
+
+    /// Whether the session's stream ever dropped an entry: `XINFO
+    /// STREAM`'s `entries-added` beyond its `length` (Redis 7 and later;
+    /// false before, or when the stream is gone).
+    async fn trimmed_any(&self, session: &SessionId) -> Result<bool, CallError> {
+        let mut cmd = redis::cmd("XINFO");
+        cmd.arg("STREAM").arg(self.keys.history(session));
+        let cmd = &cmd;
+        let info: redis::Value = match self
+            .redis
+            .call(|mut conn| async move { cmd.query_async(&mut conn).await })
+            .await
+        {
+            Ok(info) => info,
+            // The stream went between the reads (expired): nothing dropped.
+            Err(e) if !e.is_outage() => return Ok(false),
+            Err(e) => return Err(e),
+        };
+        let pairs: Vec<(redis::Value, redis::Value)> = match info {
+            redis::Value::Map(pairs) => pairs,
+            redis::Value::Array(items) => items
+                .chunks(2)
+                .filter_map(|kv| match kv {
+                    [k, v] => Some((k.clone(), v.clone())),
+                    _ => None,
+                })
+                .collect(),
+            _ => Vec::new(),
+        };
+        let field = |name: &str| {
+            pairs.iter().find_map(|(k, v)| {
+                (redis::from_redis_value::<String>(k).ok()? == name)
+                    .then(|| redis::from_redis_value::<u64>(v).ok())
+                    .flatten()
+            })
+        };
+        Ok(match (field("entries-added"), field("length")) {
+            (Some(added), Some(length)) => added > length,
+            _ => false,
+        })
     }
 
     /// Up to `count` entries from `from` (inclusive).

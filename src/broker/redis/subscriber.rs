@@ -368,34 +368,7 @@ impl Inner {
         let read = match (cursor, floor) {
             (Some(from), _) => {
                 let estimated = self.interest.lock().estimated.contains(session);
-                let checked = if estimated {
-                    Ok(Continuity::Whole)
-                } else {
-                    self.check_lost(session, from).await
-                };
-                let read = match checked {
-                    Ok(Continuity::Whole) => self.catch_up(session, from).await,
-                    Ok(Continuity::Gap { top }) => {
-                        self.counters.catch_up_gaps.fetch_add(1, Ordering::Relaxed);
-                        let at = {
-                            let mut st = self.interest.lock();
-                            let cursor = st.cursors.entry(session.clone()).or_default();
-                            *cursor = (*cursor).max(top);
-                            *cursor
-                        };
-                        // What the stream still holds up to `top` would come
-                        // after the hole: the reset stands for all of it.
-                        (self.handler)(
-                            Target::Gap(session),
-                            Frame {
-                                id: at,
-                                bytes: bytes::Bytes::new(),
-                            },
-                        );
-                        Ok(())
-                    }
-                    Err(e) => Err(e),
-                };
+                let read = self.catch_up_checked(session, from, estimated).await;
                 if read.is_ok() {
                     self.deliver_unechoed(session);
                 }
@@ -407,7 +380,7 @@ impl Inner {
                     st.cursors.insert(session.clone(), floor);
                     st.estimated.insert(session.clone());
                 }
-                self.catch_up(session, floor).await
+                self.catch_up_checked(session, floor, true).await
             }
             (None, None) => {
                 // Everything after the stream's top arrives on the channel,
@@ -453,6 +426,38 @@ impl Inner {
             self.interest.changed.notify_one();
         }
         Ok(())
+    }
+
+    /// Catches the session up from `from` if the stream still reaches back
+    /// to it; otherwise the session's streams here get a `reset` to the
+    /// stream's newest entry and the cursor moves there (see
+    /// [`Inner::check_lost`]).
+    async fn catch_up_checked(
+        &self,
+        session: &SessionId,
+        from: EventId,
+        estimated: bool,
+    ) -> Result<(), CallError> {
+        match self.check_lost(session, from, estimated).await? {
+            Continuity::Whole => self.catch_up(session, from).await,
+            Continuity::Gap { top } => {
+                self.counters.catch_up_gaps.fetch_add(1, Ordering::Relaxed);
+                let at = {
+                    let mut st = self.interest.lock();
+                    let cursor = st.cursors.entry(session.clone()).or_default();
+                    *cursor = (*cursor).max(top);
+                    *cursor
+                };
+                // What the stream still holds up to `top` would come after
+                // the hole: the reset stands for all of it.
+                let gap = Frame {
+                    id: at,
+                    bytes: bytes::Bytes::new(),
+                };
+                (self.handler)(Target::Gap(session), gap);
+                Ok(())
+            }
+        }
     }
 
     /// Delivers what the session's stream holds after `from`, in order.
