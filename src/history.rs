@@ -43,8 +43,6 @@ pub struct Replay {
     pub oldest: Option<EventId>,
     /// The newest id held, if any.
     pub newest: Option<EventId>,
-    /// X, the id this answers for.
-    pub after: EventId,
     /// A shared history's (Redis's) answer: the newest event after X that
     /// this instance kept to itself (flag off here), which this instance's
     /// own history must hold for the merge to be complete.
@@ -242,10 +240,7 @@ impl History {
             .get(session)
             .filter(|r| now.duration_since(r.touched) < self.limits.ttl)
         else {
-            return Replay {
-                after,
-                ..Replay::nothing()
-            };
+            return Replay::nothing();
         };
         let holds = ring.frames.binary_search_by_key(&after, |f| f.id).is_ok();
         let untrimmed = ring.trimmed_through.is_none();
@@ -269,7 +264,6 @@ impl History {
             too_large,
             oldest: ring.frames.front().map(|f| f.id),
             newest: ring.frames.back().map(|f| f.id),
-            after,
             ..Replay::default()
         }
     }
@@ -657,7 +651,6 @@ mod tests {
             frames: vec![r.clone()],
             vouched: true,
             gapless: true,
-            after: a.id,
             renumbered: vec![(r.id, b.id)],
             ..Replay::default()
         };
@@ -666,7 +659,6 @@ mod tests {
             vouched: true,
             gapless: true,
             newest: Some(c.id),
-            after: a.id,
             ..Replay::default()
         };
         let ids_of = |m: Replay| m.frames.iter().map(|f| f.id).collect::<Vec<_>>();
@@ -676,7 +668,6 @@ mod tests {
             vouched: true,
             gapless: true,
             newest: Some(c.id),
-            after: a.id,
             ..Replay::default()
         };
         assert_eq!(ids_of(renumbered.merge(without, ALL)), [c.id, r.id]);

@@ -22,7 +22,7 @@ use balancer::Balancer;
 use redis_server::RedisServer;
 use serde_json::{json, Value};
 use support::judge::{
-    fail_if_any, got_of, judge, parse_id, shared_ids, show, Accepted, Got, EXAMPLES,
+    examples, fail_if_any, got_of, judge, parse_id, shared_ids, show, Accepted, Got,
 };
 use support::*;
 use tokio_util::sync::CancellationToken;
@@ -819,12 +819,7 @@ async fn a_flag_flip_under_publishing_on_both_instances_behind_haproxy_loses_not
                 "session {tag}: {} ids were given to more than one of its {} accepted events: {}",
                 shared.len(),
                 all.len(),
-                shared
-                    .iter()
-                    .take(EXAMPLES)
-                    .cloned()
-                    .collect::<Vec<_>>()
-                    .join(", ")
+                examples(&shared)
             ));
         }
         let count = |on: usize| sent[k].iter().filter(|s| s.on == on).count();

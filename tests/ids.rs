@@ -28,7 +28,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use redis_server::RedisServer;
 use serde_json::json;
 use support::judge::{
-    fail_if_any, got_of, judge, parse_id, shared_ids, show, Accepted, Got, Id, EXAMPLES,
+    examples, fail_if_any, got_of, judge, parse_id, shared_ids, show, Accepted, Got, Id,
 };
 use support::*;
 
@@ -213,20 +213,10 @@ async fn barrier_run(
             "{} of {pairs} pairs shared an id (e.g. {}); {} ids were given to more than one of \
              the {} accepted events (e.g. {})",
             same_pair.len(),
-            same_pair
-                .iter()
-                .take(EXAMPLES)
-                .cloned()
-                .collect::<Vec<_>>()
-                .join(", "),
+            examples(&same_pair),
             shared.len(),
             all.len(),
-            shared
-                .iter()
-                .take(EXAMPLES)
-                .cloned()
-                .collect::<Vec<_>>()
-                .join(", ")
+            examples(&shared)
         ));
     }
 

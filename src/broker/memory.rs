@@ -89,11 +89,6 @@ impl MemoryBroker {
         self.ids.observe(id);
     }
 
-    /// A local id past everything this process has issued or seen.
-    pub fn next_id(&self) -> EventId {
-        self.ids.next_id()
-    }
-
     /// A sequence id past everything this process has issued or seen: the
     /// floor a publish asks a session's sequence for.
     pub fn floor(&self) -> EventId {

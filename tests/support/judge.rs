@@ -175,13 +175,6 @@ pub fn judge(
             }
         }
     }
-    let examples = |v: &[String]| {
-        v.iter()
-            .take(EXAMPLES)
-            .cloned()
-            .collect::<Vec<_>>()
-            .join(", ")
-    };
     if !missing.is_empty() {
         problems.push(format!(
             "{} of {} owed events never arrived and no reset covers them (last reset id: {}): {}",
@@ -239,6 +232,16 @@ pub fn judge(
 }
 
 /// Accepted events that were given the same id as another one.
+/// The first [`EXAMPLES`] of `items`, for a failure message.
+pub fn examples(items: &[String]) -> String {
+    items
+        .iter()
+        .take(EXAMPLES)
+        .cloned()
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 pub fn shared_ids(all: &[&Accepted]) -> Vec<String> {
     let mut by_id: BTreeMap<Id, Vec<&str>> = BTreeMap::new();
     for a in all {

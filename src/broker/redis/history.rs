@@ -214,7 +214,6 @@ impl Inner {
             too_large,
             oldest,
             newest,
-            after,
             kept_here_through,
             renumbered,
         })

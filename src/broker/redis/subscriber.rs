@@ -115,7 +115,7 @@ impl Inner {
             } else {
                 if !st.cursors.contains_key(session) {
                     // Shortly before now: instance clocks differ a little.
-                    let now = self.local.next_id();
+                    let now = self.local.floor();
                     let floor = EventId {
                         ms: now.ms.saturating_sub(FLOOR_MARGIN_MS),
                         seq: 0,
