@@ -890,6 +890,83 @@ async fn a_live_stream_whose_catch_up_finds_the_history_trimmed_gets_a_history_g
     );
 }
 
+// B's subscriber connection is cut while Redis keeps running (B's user is
+// switched off first, so it cannot come back), A publishes d1..d5 into
+// Redis, then Redis loses the session's data (its keys deleted, as in a
+// restart of an empty Redis) and A publishes again before B is back. B's
+// catch-up finds its last id gone; nothing it can read says whether Redis
+// lost only what B had delivered or also d1..d5, which B never saw: its
+// stream must get them or a `reset` at or past them, never silence.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_subscriber_cut_while_redis_ran_that_returns_after_redis_lost_data_resets_its_streams() {
+    const USER: &str = "instance-b";
+    const PASSWORD: &str = "instance-b-password";
+    let redis = RedisServer::start();
+    let mut conn = redis.conn();
+    acl_user(&mut conn, USER, PASSWORD, true);
+    let url_b = format!("redis://{USER}:{PASSWORD}@127.0.0.1:{}/", redis.port);
+    let a = instance_with(&redis.url(), "a", true, &[]);
+    let b = instance_with(&url_b, "b", true, &[]);
+    let (session, token) = new_session(&a).await;
+    let stream = record(&b, &session, &token).await;
+    wait_subscribed(&b, 1).await;
+    let mut owed = Vec::new();
+    for n in 1..=3 {
+        owed.push(accept(&a, &session, &token, &format!("e{n}")).await);
+    }
+    assert!(
+        stream
+            .wait_labels(&["e1", "e2", "e3"], Duration::from_secs(5))
+            .await,
+        "e1..e3 never arrived on B: {:?}",
+        stream.snapshot()
+    );
+    let connects = b.stats().await["redis"]["subscriber_connects"]
+        .as_u64()
+        .unwrap();
+
+    acl_user(&mut conn, USER, PASSWORD, false);
+    let killed = kill_pubsub(&mut conn);
+    for n in 1..=5 {
+        owed.push(accept(&a, &session, &token, &format!("d{n}")).await);
+    }
+    let lost = lose_session_keys(&mut conn, &session);
+    owed.push(accept(&a, &session, &token, "after").await);
+    let stats = b.stats().await;
+    assert_eq!(
+        stats["redis"]["subscriber_connects"].as_u64(),
+        Some(connects),
+        "precondition: B's subscriber stayed down until Redis lost the data: {}",
+        stats["redis"]
+    );
+
+    acl_user(&mut conn, USER, PASSWORD, true);
+    assert!(
+        wait_resubscribed(&b, connects).await,
+        "B's subscriber never came back: {}",
+        b.stats().await["redis"]
+    );
+    let marker = accept(&a, &session, &token, "marker").await;
+    owed.push(marker.clone());
+    let got = stream.settle(&marker, Duration::from_secs(15)).await;
+    let failures: Vec<String> = judge("stream on B", &got, &owed, &HashSet::new(), false)
+        .err()
+        .into_iter()
+        .collect();
+    fail_if_any(
+        "cut_then_lost",
+        &failures,
+        &format!(
+            "killed {killed} Pub/Sub connection(s), deleted {lost:?}; owed {}; B's redis stats: {}",
+            owed.iter()
+                .map(|o| format!("{}={}", o.label, show(o.id)))
+                .collect::<Vec<_>>()
+                .join(" "),
+            b.stats().await["redis"]
+        ),
+    );
+}
+
 // A alone loses Redis (its user switched off, its connections cut) while
 // B keeps publishing: A's outbox event a1, seen by A's client under its
 // local id, reaches the stream after B's events under a new id. The

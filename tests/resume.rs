@@ -798,7 +798,9 @@ async fn a_session_key_redis_refuses_holds_back_nothing_else() {
 // replay from an older id would skip the lost ones without a word. Here
 // the loss is made by hand (XDEL of the tail while the subscriber is
 // disconnected); the subscriber that delivered them notices on its
-// catch-up, and a resume from before the loss gets a reset.
+// catch-up. Its own stream gets a `history_gap` reset (what else was lost
+// it cannot know: its connection was cut while Redis went on), and a
+// resume from before the loss gets a reset.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_stream_that_lost_delivered_events_resets_resumes_from_before_them() {
     let redis = RedisServer::start();
@@ -833,6 +835,10 @@ async fn a_stream_that_lost_delivered_events_resets_resumes_from_before_them() {
     })
     .await;
     assert!(ok, "the loss was not noticed: {}", a.stats().await);
+    let gap = next(&mut sse, T).await;
+    assert_eq!(gap.event.as_deref(), Some("reset"), "{}", brief(&gap));
+    assert_eq!(gap.json()["reason"], "history_gap", "{}", brief(&gap));
+    assert_eq!(gap.json()["last_event_id"], ids[9], "{}", brief(&gap));
     // From before the loss: reset, not events 6 and 7 with 8..10 missing.
     let mut from_five = open_from(&b, &session, &token, &ids[4]).await;
     expect_reset(&mut from_five, &ids[4]).await;

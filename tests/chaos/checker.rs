@@ -58,8 +58,9 @@
 //! Resets never fail a run. Each is given the first documented cause that
 //! fits (Redis restarted empty since the client's id; Redis unreachable
 //! when the resume read history; a resume from a local id; more than
-//! `REPLAY_MAX_BYTES` or `HISTORY_MAXLEN` behind; an `out_of_order` reset
-//! after a Redis outage). A resume reset with none of them is a **false
+//! `REPLAY_MAX_BYTES` or `HISTORY_MAXLEN` behind; a `history_gap` reset
+//! after Redis restarted empty; an `out_of_order` reset after a Redis
+//! outage). A resume reset with none of them is a **false
 //! reset**: counted and listed with the faults around it.
 
 use std::collections::{BTreeMap, HashMap};
@@ -763,6 +764,12 @@ fn check_client(
             } else {
                 None
             }
+        } else if reason.as_deref() == Some("history_gap")
+            && faults.lose_restart_within(stood[at.conn].1.saturating_sub(REDIS_BACK_MARGIN), *t)
+        {
+            // The subscriber's catch-up found the stream no longer holding
+            // what it had delivered: whatever else was lost, it cannot know.
+            Some("history_gap: Redis restarted empty since the stream's position")
         } else if reason.as_deref() == Some("out_of_order")
             && faults
                 .redis_down()

@@ -237,9 +237,9 @@ impl Inner {
     ///   restarted empty, keys deleted) or lost its tail (a failover
     ///   promoted a replica that had not received it), or nothing is left
     ///   while the cursor is younger than the history's TTL. What was lost
-    ///   is what this instance had delivered (its connection ended when
-    ///   Redis went down, after the last event before it), so the catch-up
-    ///   goes on from the cursor. The session is marked, so a resume from
+    ///   may include events this instance never saw (its connection may
+    ///   have been cut while Redis went on), so its streams get a `reset`
+    ///   (`Gap`) too. The session is marked, so a resume from
     ///   before the loss gets `reset` instead of a replay with a hole in it,
     ///   and its sequence is moved past every id this instance issued or
     ///   saw: after Redis restarted empty a publisher that never saw the
@@ -332,8 +332,14 @@ impl Inner {
             .await?;
         self.counters.history_lost.fetch_add(1, Ordering::Relaxed);
         tracing::warn!(backend = "redis", session = %session, cursor = %cursor,
-            "the session's stream lost events this instance delivered; resumes from before them get reset");
-        Ok(Continuity::Whole)
+            "the session's stream lost events this instance delivered; its streams here and resumes from before them get reset");
+        // Whatever else Redis lost may include events published after this
+        // instance's last delivery: its connection may have been cut while
+        // Redis went on (a `CLIENT KILL`, a full buffer, a moved slot) and
+        // Redis lost data before it came back. Nothing read here can tell
+        // that from a connection that ended with Redis itself, so the
+        // streams here get a reset rather than a catch-up that may skip.
+        Ok(Continuity::Gap { top })
     }
 
     /// Whether the session's stream ever dropped an entry: `XINFO
