@@ -143,6 +143,10 @@ pub struct EventId {
 /// Lua number, which the publish script computes with.
 pub const LOCAL_SEQ_BASE: u64 = 1 << 46;
 
+/// How far ahead of this instance's clock an id may be and still have come
+/// from an instance (clocks differ a little; floors run ahead by a few ms).
+pub const FUTURE_MARGIN_MS: u64 = 60_000;
+
 /// Bits of a local id's sequence that hold its process's tag.
 const TAG_BITS: u32 = 24;
 const TAG_MASK: u64 = (1 << TAG_BITS) - 1;
@@ -182,6 +186,17 @@ impl EventId {
             (ms, _) if ms < u64::MAX => Some(EventId { ms: ms + 1, seq: 0 }),
             _ => None,
         }
+    }
+
+    /// Whether an id could have been given out by now: its time is not
+    /// more than [`FUTURE_MARGIN_MS`] ahead of this clock. A client's id
+    /// that is not was made up (or came from a clock far off), and nothing
+    /// may be positioned there: every real event would sort below it.
+    pub fn is_plausible(self) -> bool {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        self.ms <= now.saturating_add(FUTURE_MARGIN_MS)
     }
 
     /// Whether this id came from a process's [`IdGenerator`] rather than a

@@ -148,6 +148,7 @@ impl Fanout {
                 tracing::warn!(session = %session, error = %e, "history unreadable: the resume gets a reset");
                 Replay {
                     gapless: false,
+                    unreadable: true,
                     ..local
                 }
             }

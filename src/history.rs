@@ -55,6 +55,9 @@ pub struct Replay {
     /// after, makes the shared history not gapless: the client may have
     /// seen it or not.)
     pub renumbered: Vec<(EventId, EventId)>,
+    /// The shared history (Redis) could not be read: the client's id may
+    /// well be a point of it, so the `reset` keeps the client there.
+    pub unreadable: bool,
 }
 
 impl Replay {
@@ -101,6 +104,7 @@ impl Replay {
         }
         self.vouched |= other.vouched;
         self.gapless &= other.gapless;
+        self.unreadable |= other.unreadable;
         self.too_large |= other.too_large || frames_bytes(&self.frames) > max_bytes;
         self.oldest = min_some(self.oldest, other.oldest);
         self.newest = self.newest.max(other.newest);

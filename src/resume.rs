@@ -122,10 +122,21 @@ pub async fn open_stream(
         ));
     }
     // The reset moves the client to the newest id held, so its next
-    // reconnect resumes from a point history can vouch for.
-    let now = match replay.newest {
+    // reconnect resumes from a point history can vouch for. When the
+    // shared history could not be read, that is not below the client's own
+    // id: the id is most likely a point of that history (a reconnect once
+    // it answers resumes from it), and moving the client back would have
+    // it replay what it has. An event at or before it arriving later is
+    // covered by the reset. A made-up id from the future is never kept: a
+    // stream positioned there would let no real event through.
+    let held = match replay.newest {
         Some(newest) => newest,
         None => broadcaster.position(session).await,
+    };
+    let now = if replay.unreadable && position > held && position.is_plausible() {
+        position
+    } else {
+        held
     };
     let reset = OutgoingEvent::json(
         EventType::from_static("reset"),

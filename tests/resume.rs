@@ -355,6 +355,32 @@ async fn a_reset_with_nothing_held_still_carries_an_id() {
     reset_with_nothing_held(&on).await;
 }
 
+// Fails before the fix: with Redis unreadable and nothing of the session
+// held on B, the reset carries `0-0` and moves the client back to the
+// session's start, so its next reconnect replays everything it has.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_resume_reset_while_redis_is_unreadable_keeps_the_client_where_it_was() {
+    let mut redis = RedisServer::start();
+    let a = redis_instance(&redis, "a", true, &[]);
+    let b = redis_instance(&redis, "b", true, &[]);
+    let (id, token) = new_session(&a).await;
+    let last = publish(&a, &id, &token, "n", json!(1)).await;
+    redis.stop();
+    let mut sse = open_from(&b, &id, &token, &last).await;
+    let reset = expect_reset(&mut sse, &last).await;
+    assert_eq!(
+        reset.id.as_deref(),
+        Some(last.as_str()),
+        "{}",
+        brief(&reset)
+    );
+    // An id from the future is no point of any history: not kept.
+    let future = "99999999999999-0";
+    let mut sse = open_from(&b, &id, &token, future).await;
+    let reset = expect_reset(&mut sse, future).await;
+    assert_ne!(reset.id.as_deref(), Some(future), "{}", brief(&reset));
+}
+
 // Fails before the fix: MAX_EVENT_BYTES is checked against the data as
 // posted (~40 KB), not against its SSE encoding (one `data: ` line per line,
 // over 64 KiB), so the event is accepted with 202.

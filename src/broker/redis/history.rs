@@ -216,6 +216,7 @@ impl Inner {
             newest,
             kept_here_through,
             renumbered,
+            unreadable: false,
         })
     }
 
