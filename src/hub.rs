@@ -632,6 +632,26 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_gap_reset_while_a_stream_opens_is_decided_at_its_position() {
+        let hub = Hub::default();
+        // Both still reading their replay when the subscriber finds a hole
+        // up to 8: one resumes past it (its own reset reached 9), one
+        // before it.
+        let mut past = hub.subscribe(&s("x")).unwrap().subscription;
+        let mut before = hub.subscribe(&s("x")).unwrap().subscription;
+        assert!(hub.reset_to(&s("x"), f(8).id));
+        past.set_position(f(9).id);
+        past.opened(true);
+        before.set_position(f(4).id);
+        before.opened(false);
+        hub.deliver(&s("x"), f(10));
+        let text = |frame: Frame| String::from_utf8(frame.bytes.to_vec()).unwrap();
+        assert_eq!(past.next().await.unwrap().unwrap().id.ms, 10);
+        assert!(text(before.next().await.unwrap().unwrap()).starts_with("id: 8-0\nevent: reset\n"));
+        assert_eq!(before.next().await.unwrap().unwrap().id.ms, 10);
+    }
+
+    #[tokio::test]
     async fn a_stalled_subscriber_lags_instead_of_growing() {
         let hub = Hub::new(4);
         let mut slow = hub.subscribe(&s("x")).unwrap().subscription;

@@ -83,13 +83,13 @@ struct State {
     /// The id the last order `reset` sent here carried: it stands for every
     /// late event up to it (one reset per episode, see [`crate::hub`]).
     reset_at: EventId,
-    /// Order resets queued before the stream had a position (while it
-    /// subscribed and read its replay), as (queue index, newest, late), and
-    /// the episode before the first: [`Sink::opened`] reconsiders them once
+    /// Resets (order and gap) queued before the stream had a position
+    /// (while it subscribed and read its replay), by queue index, and the
+    /// episode before the first: [`Sink::opened`] reconsiders them once
     /// the position is known, since the replay or the stream's own `reset`
     /// may stand for them, and none may move the client back. Nothing is
     /// taken from the queue before then: the stream is not read yet.
-    early: Vec<(usize, EventId, EventId)>,
+    early: Vec<(usize, Early)>,
     reset_before_early: EventId,
     ended: Option<Ended>,
     /// The end was reported to the writer.
@@ -97,6 +97,15 @@ struct State {
     /// When a delivered frame last went out (written or queued): a stream
     /// that carries events needs no heartbeat comment to stay open.
     last_out: Option<Instant>,
+}
+
+/// A `reset` queued before its stream had a position.
+#[derive(Clone, Copy)]
+enum Early {
+    /// An order reset: the session's newest id then, and the late event.
+    Order { newest: EventId, late: EventId },
+    /// A gap reset to `at`: what the stream lost is at or before it.
+    Gap { at: EventId },
 }
 
 /// A queue this long, once empty, gives its memory back.
@@ -176,7 +185,7 @@ impl Sink {
                 st.reset_before_early = st.reset_at;
             }
             let at = st.queue.len();
-            st.early.push((at, newest, late));
+            st.early.push((at, Early::Order { newest, late }));
         }
         let at = newest.max(st.position.unwrap_or_default());
         st.reset_at = at;
@@ -205,6 +214,13 @@ impl Sink {
             .max(st.reset_at);
         if st.ended.is_some() || past >= at {
             return Offered::Dropped;
+        }
+        if st.position.is_none() {
+            if st.early.is_empty() {
+                st.reset_before_early = st.reset_at;
+            }
+            let index = st.queue.len();
+            st.early.push((index, Early::Gap { at }));
         }
         st.reset_at = at;
         Self::put(st, shared, cap, now)
@@ -294,8 +310,8 @@ impl Sink {
     }
 
     /// The stream has opened at its position; `loaded`: its client loads
-    /// its state there (see [`State::loaded_at`]). Order resets queued
-    /// before are reconsidered (see [`State::early`]).
+    /// its state there (see [`State::loaded_at`]). Resets queued before
+    /// are reconsidered (see [`State::early`]).
     pub(crate) fn opened(&self, loaded: bool) {
         let mut st = self.lock();
         let position = st.position.unwrap_or_default();
@@ -308,16 +324,29 @@ impl Sink {
         }
         let mut reset_at = st.reset_before_early;
         let mut gone = Vec::new();
-        for (index, newest, late) in early {
+        for (index, early) in early {
             if index >= st.queue.len() {
                 break; // Cut meanwhile: the queue is gone.
             }
-            if late <= reset_at.max(st.loaded_at) {
-                gone.push(index);
-                continue;
+            match early {
+                Early::Order { newest, late } => {
+                    if late <= reset_at.max(st.loaded_at) {
+                        gone.push(index);
+                        continue;
+                    }
+                    reset_at = newest.max(position);
+                    st.queue[index] = sse::order_reset(reset_at, late);
+                }
+                // The stream starts past the hole (its replay or its own
+                // reset reached beyond it): nothing of it is missing here.
+                Early::Gap { at } => {
+                    if at <= reset_at.max(st.loaded_at).max(position) {
+                        gone.push(index);
+                        continue;
+                    }
+                    reset_at = at;
+                }
             }
-            reset_at = newest.max(position);
-            st.queue[index] = sse::order_reset(reset_at, late);
         }
         st.reset_at = reset_at;
         for index in gone.into_iter().rev() {
