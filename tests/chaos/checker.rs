@@ -207,10 +207,12 @@ impl Faults<'_> {
             .map(|f| (f.start, f.repaired))
     }
 
+    /// Redis may have lost acknowledged data (restarted empty, failed
+    /// over) at a moment of [from, to].
     fn lose_restart_within(&self, from: u64, to: u64) -> bool {
         self.0
             .iter()
-            .any(|f| f.kind == Kind::RedisLose && from <= f.start && f.start <= to)
+            .any(|f| f.kind.loses_data() && from <= f.start && f.start <= to)
     }
 
     /// Faults whose time (injection to repair, plus `margin`) meets
@@ -752,7 +754,7 @@ fn check_client(
                 .collect();
             let bytes: usize = behind.iter().map(|p| p.bytes).sum();
             if faults.lose_restart_within(since.saturating_sub(REDIS_BACK_MARGIN), *t) {
-                Some("Redis restarted empty since the client's id")
+                Some("Redis lost data (restarted empty, failed over) since the client's id")
             } else if faults.redis_unreachable(conn.opened, *t) {
                 Some("Redis unreachable when the resume read history")
             } else if is_local(l) {
@@ -769,7 +771,7 @@ fn check_client(
         {
             // The subscriber's catch-up found the stream no longer holding
             // what it had delivered: whatever else was lost, it cannot know.
-            Some("history_gap: Redis restarted empty since the stream's position")
+            Some("history_gap: Redis lost data since the stream's position")
         } else if reason.as_deref() == Some("out_of_order")
             && faults
                 .redis_down()

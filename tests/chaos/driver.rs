@@ -1,6 +1,6 @@
 //! The driver: real processes (a `redis-server` with an append-only file,
-//! three `sse-scale` instances with the flag on, the shipped HAProxy file
-//! in front), clients that stream through the balancer and resume like
+//! three `sse-scale` instances with the flag on, the shipped HAProxy or
+//! nginx file in front), clients that stream through the balancer and resume like
 //! `EventSource`, publishers that post through the balancer and directly
 //! to instances, and the nemesis carrying out the seed's schedule. It
 //! returns the logs the checker reads.
@@ -21,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 use crate::balancer::Balancer;
 use crate::log::*;
 use crate::nemesis::{self, Fault, Kind};
+use crate::redis_sentinel::RedisSentinel;
 use crate::redis_server::RedisServer;
 use crate::support::{parse_block, Server};
 
@@ -58,10 +59,79 @@ pub struct Config {
     pub pace_ms: u64,
     /// The fault kinds the schedule draws from.
     pub kinds: Vec<Kind>,
+    /// The balancer in front, with its shipped cookie-affinity file.
+    pub front: Front,
+    /// What the instances use as Redis.
+    pub store: Store,
+}
+
+/// The Redis of a run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Store {
+    /// One `redis-server` with an append-only file.
+    Single,
+    /// A primary and a replica behind three sentinels.
+    Sentinel,
+}
+
+impl Store {
+    pub fn parse(name: &str) -> Option<Store> {
+        match name.trim() {
+            "single" => Some(Store::Single),
+            "sentinel" => Some(Store::Sentinel),
+            _ => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Store::Single => "single",
+            Store::Sentinel => "sentinel",
+        }
+    }
+
+    /// The fault kinds a run over this store draws from.
+    pub fn kinds(self) -> Vec<Kind> {
+        match self {
+            Store::Single => nemesis::SINGLE_KINDS.to_vec(),
+            Store::Sentinel => nemesis::SENTINEL_KINDS.to_vec(),
+        }
+    }
+}
+
+/// The balancer of a run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Front {
+    /// `lb-config/haproxy/haproxy.cfg`.
+    Haproxy,
+    /// `lb-config/nginx/cookie-map.conf.template`.
+    Nginx,
+}
+
+impl Front {
+    pub fn parse(name: &str) -> Option<Front> {
+        match name.trim() {
+            "haproxy" => Some(Front::Haproxy),
+            "nginx" => Some(Front::Nginx),
+            _ => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Front::Haproxy => "haproxy",
+            Front::Nginx => "nginx",
+        }
+    }
 }
 
 impl Config {
     pub fn new(seed: u64, secs: u64) -> Config {
+        let store = if (seed / 2) % 2 == 1 {
+            Store::Single
+        } else {
+            Store::Sentinel
+        };
         Config {
             seed,
             secs,
@@ -70,7 +140,15 @@ impl Config {
             publishers_per_session: 2,
             // 4 sessions x 2 publishers at ~8/s: ~65 publishes/s in all.
             pace_ms: 120,
-            kinds: nemesis::KINDS.to_vec(),
+            kinds: store.kinds(),
+            // Each seed runs behind one balancer and over one store, so a
+            // fixed and a random seed together cover all of them over time.
+            front: if seed % 2 == 0 {
+                Front::Haproxy
+            } else {
+                Front::Nginx
+            },
+            store,
         }
     }
 
@@ -87,34 +165,37 @@ impl Config {
     }
 }
 
-/// The environment of instance `name` on `port` (0: any).
-fn instance_env(redis_url: &str, name: &str, port: u16) -> Vec<(String, String)> {
+/// The environment of instance `name` on `port` (0: any), with `redis`,
+/// the variables that name its Redis.
+fn instance_env(redis: &[(String, String)], name: &str, port: u16) -> Vec<(String, String)> {
     let replay = REPLAY_MAX_BYTES.to_string();
-    [
-        ("REDIS_URL", redis_url),
-        ("INSTANCE_ID", name),
-        ("FF_REDIS_SSE_BROADCAST", "true"),
-        ("RATE_LIMIT_PUBLISH_PER_SEC", "0"),
-        ("RATE_LIMIT_STREAMS_PER_MIN", "0"),
-        ("RATE_LIMIT_SESSIONS_PER_MIN", "0"),
-        ("SSE_RETRY_MS", "300"),
-        ("SSE_HEARTBEAT_SECS", "1"),
-        ("SSE_WRITE_TIMEOUT_SECS", "2"),
-        ("SHUTDOWN_UNREADY_SECS", "2"),
-        ("SHUTDOWN_DRAIN_SECS", "1"),
-        ("SHUTDOWN_GRACE_SECS", "10"),
-        ("REPLAY_MAX_BYTES", &replay),
-        ("PORT", &port.to_string()),
-    ]
-    .iter()
-    .map(|(k, v)| (k.to_string(), v.to_string()))
-    .collect()
+    let mut env: Vec<(String, String)> = redis.to_vec();
+    env.extend(
+        [
+            ("INSTANCE_ID", name),
+            ("FF_REDIS_SSE_BROADCAST", "true"),
+            ("RATE_LIMIT_PUBLISH_PER_SEC", "0"),
+            ("RATE_LIMIT_STREAMS_PER_MIN", "0"),
+            ("RATE_LIMIT_SESSIONS_PER_MIN", "0"),
+            ("SSE_RETRY_MS", "300"),
+            ("SSE_HEARTBEAT_SECS", "1"),
+            ("SSE_WRITE_TIMEOUT_SECS", "2"),
+            ("SHUTDOWN_UNREADY_SECS", "2"),
+            ("SHUTDOWN_DRAIN_SECS", "1"),
+            ("SHUTDOWN_GRACE_SECS", "10"),
+            ("REPLAY_MAX_BYTES", &replay),
+            ("PORT", &port.to_string()),
+        ]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string())),
+    );
+    env
 }
 
 /// Starts an instance, retrying while its port is still held by the
 /// process it replaces (or the start otherwise fails).
-fn start_instance(redis_url: &str, name: &str, port: u16) -> Server {
-    let env = instance_env(redis_url, name, port);
+fn start_instance(redis: &[(String, String)], name: &str, port: u16) -> Server {
+    let env = instance_env(redis, name, port);
     let mut last = String::new();
     for _ in 0..20 {
         let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
@@ -133,11 +214,42 @@ fn start_instance(redis_url: &str, name: &str, port: u16) -> Server {
     panic!("{name} did not start on port {port}: {last}");
 }
 
+/// The Redis processes of a run.
+enum Redis {
+    Single(RedisServer),
+    Sentinel(RedisSentinel),
+}
+
+impl Redis {
+    /// A URL of the server that takes writes now.
+    fn primary_url(&self) -> String {
+        match self {
+            Redis::Single(r) => r.url(),
+            Redis::Sentinel(s) => format!("redis://127.0.0.1:{}/", s.primary_port()),
+        }
+    }
+
+    fn single(&mut self) -> &mut RedisServer {
+        match self {
+            Redis::Single(r) => r,
+            Redis::Sentinel(_) => panic!("a fault of one redis-server planned behind Sentinel"),
+        }
+    }
+
+    fn sentinel(&mut self) -> &mut RedisSentinel {
+        match self {
+            Redis::Sentinel(s) => s,
+            Redis::Single(_) => panic!("a Sentinel fault planned over one redis-server"),
+        }
+    }
+}
+
 /// The processes of one run.
 struct Fleet {
     clock: Clock,
-    redis: Arc<Mutex<RedisServer>>,
-    redis_url: String,
+    redis: Arc<Mutex<Redis>>,
+    /// The variables that name Redis to an instance.
+    redis_env: Vec<(String, String)>,
     instances: Vec<Arc<Mutex<Option<Server>>>>,
     ports: Vec<u16>,
     addrs: Vec<String>,
@@ -148,36 +260,44 @@ struct Fleet {
 }
 
 impl Fleet {
-    async fn start(seed: u64, clock: Clock) -> Fleet {
+    async fn start(seed: u64, front: Front, store: Store, clock: Clock) -> Fleet {
         let dir = std::env::temp_dir().join(format!("sse-chaos-{}-{seed}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
-        let redis = tokio::task::spawn_blocking(RedisServer::start_persistent)
-            .await
-            .unwrap();
-        let redis_url = redis.url();
+        let redis = tokio::task::spawn_blocking(move || match store {
+            Store::Single => Redis::Single(RedisServer::start_persistent()),
+            Store::Sentinel => Redis::Sentinel(RedisSentinel::start("chaos")),
+        })
+        .await
+        .unwrap();
+        let redis_env: Vec<(String, String)> = match &redis {
+            Redis::Single(r) => vec![("REDIS_URL".into(), r.url())],
+            Redis::Sentinel(s) => vec![
+                ("REDIS_SENTINEL_NODES".into(), s.sentinel_urls()),
+                ("REDIS_SENTINEL_MASTER".into(), s.master_name().to_owned()),
+            ],
+        };
         let mut instances = Vec::new();
         let mut ports = Vec::new();
         let mut addrs = Vec::new();
         for name in INSTANCES {
-            let url = redis_url.clone();
-            let s = tokio::task::spawn_blocking(move || start_instance(&url, name, 0))
+            let env = redis_env.clone();
+            let s = tokio::task::spawn_blocking(move || start_instance(&env, name, 0))
                 .await
                 .unwrap();
             ports.push(s.addr.rsplit(':').next().unwrap().parse::<u16>().unwrap());
             addrs.push(s.addr.clone());
             instances.push(Arc::new(Mutex::new(Some(s))));
         }
-        let lb = Balancer::haproxy(
-            "haproxy/haproxy.cfg",
-            &[&addrs[0], &addrs[1], &addrs[2]],
-            &[],
-        )
-        .await;
+        let apps = [addrs[0].as_str(), addrs[1].as_str(), addrs[2].as_str()];
+        let lb = match front {
+            Front::Haproxy => Balancer::haproxy("haproxy/haproxy.cfg", &apps, &[]).await,
+            Front::Nginx => Balancer::nginx("nginx/cookie-map.conf.template", &apps).await,
+        };
         Fleet {
             clock,
             redis: Arc::new(Mutex::new(redis)),
-            redis_url,
+            redis_env,
             instances,
             ports,
             addrs,
@@ -234,21 +354,25 @@ impl Fleet {
 
     async fn start_instance(&self, i: usize) {
         let slot = self.instances[i].clone();
-        let url = self.redis_url.clone();
+        let env = self.redis_env.clone();
         let port = self.ports[i];
         tokio::task::spawn_blocking(move || {
-            let server = start_instance(&url, INSTANCES[i], port);
+            let server = start_instance(&env, INSTANCES[i], port);
             *slot.lock().unwrap() = Some(server);
         })
         .await
         .unwrap();
     }
 
-    async fn redis<F: FnOnce(&mut RedisServer) + Send + 'static>(&self, f: F) {
+    /// Runs `f` on the Redis processes (blocking calls, off the runtime).
+    async fn redis<T: Send + 'static, F: FnOnce(&mut Redis) -> T + Send + 'static>(
+        &self,
+        f: F,
+    ) -> T {
         let redis = self.redis.clone();
         tokio::task::spawn_blocking(move || f(&mut redis.lock().unwrap()))
             .await
-            .unwrap();
+            .unwrap()
     }
 
     fn save_all_logs(&self) {
@@ -257,7 +381,7 @@ impl Fleet {
                 Fleet::save_log(&self.dir, INSTANCES[i], s, &self.clock);
             }
         }
-        let _ = std::fs::write(self.dir.join("haproxy.log"), self.lb.log());
+        let _ = std::fs::write(self.dir.join("balancer.log"), self.lb.log());
     }
 }
 
@@ -575,12 +699,12 @@ pub async fn run(cfg: &Config) -> Outcome {
     let client_names: Vec<String> = (0..cfg.clients()).map(|c| cfg.client_name(c)).collect();
     let schedule = nemesis::describe(&faults, &instance_names, &client_names);
     println!(
-        "chaos seed {}: {} s, {} sessions x {} clients, {} publishers per session; schedule:\n{schedule}",
-        cfg.seed, cfg.secs, cfg.sessions, cfg.clients_per_session, cfg.publishers_per_session
+        "chaos seed {}: {} s behind {} over Redis {}, {} sessions x {} clients, {} publishers per session; schedule:\n{schedule}",
+        cfg.seed, cfg.secs, cfg.front.name(), cfg.store.name(), cfg.sessions, cfg.clients_per_session, cfg.publishers_per_session
     );
 
     let clock = Clock::new();
-    let fleet = Arc::new(Fleet::start(cfg.seed, clock.clone()).await);
+    let fleet = Arc::new(Fleet::start(cfg.seed, cfg.front, cfg.store, clock.clone()).await);
     let base = format!("http://{}", fleet.lb.addr);
     let setup = http();
     let mut sessions = Vec::new();
@@ -899,30 +1023,44 @@ async fn inject(
             let start = clock.now();
             fleet
                 .redis(|r| {
+                    let r = r.single();
                     r.stop();
                     r.wipe();
                 })
                 .await;
             tokio::time::sleep(dur).await;
-            fleet.redis(|r| r.restart()).await;
+            fleet.redis(|r| r.single().restart()).await;
             (start, clock.now(), name)
         }
         Kind::RedisKeep => {
             let start = clock.now();
-            fleet.redis(|r| r.shutdown()).await;
+            fleet.redis(|r| r.single().shutdown()).await;
             tokio::time::sleep(dur).await;
-            fleet.redis(|r| r.restart()).await;
+            fleet.redis(|r| r.single().restart()).await;
             (start, clock.now(), name)
         }
         Kind::RedisHang => {
             let start = clock.now();
-            fleet.redis(|r| r.pause()).await;
+            fleet.redis(|r| r.single().pause()).await;
             tokio::time::sleep(dur).await;
-            fleet.redis(|r| r.resume()).await;
+            fleet.redis(|r| r.single().resume()).await;
             (start, clock.now(), name)
         }
+        Kind::Failover => {
+            let start = clock.now();
+            let old = fleet.redis(|r| r.sentinel().kill_primary()).await;
+            fleet
+                .redis(move |r| r.sentinel().wait_failover(old, Duration::from_secs(30)))
+                .await;
+            // Repaired for the clients once a primary takes writes again;
+            // the old one rejoins (as a replica) after the duration.
+            let promoted = clock.now();
+            tokio::time::sleep(dur).await;
+            fleet.redis(move |r| r.sentinel().restart(old)).await;
+            (start, promoted, name)
+        }
         Kind::PubsubKill => {
-            let url = fleet.redis_url.clone();
+            let url = fleet.redis(|r| r.primary_url()).await;
             let start = clock.now();
             let killed = tokio::task::spawn_blocking(move || -> Result<i64, String> {
                 let client = redis::Client::open(url).map_err(|e| e.to_string())?;

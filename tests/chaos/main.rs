@@ -1,7 +1,7 @@
 //! Faults at random, checked from outside (issue 32, first steps): a
 //! seeded nemesis over real processes — three `sse-scale` instances in
 //! Redis mode with the flag on, a real `redis-server`, the shipped HAProxy
-//! file — while clients stream through the balancer and resume like
+//! or nginx file — while clients stream through the balancer and resume like
 //! `EventSource`, and publishers post through the balancer and to
 //! instances directly. The checker (`checker.rs`) then reads only what the
 //! clients saw and the publishers' answers.
@@ -12,12 +12,19 @@
 //! - `CHAOS_SECS=<n>`: seconds of traffic and faults per seed (default 40).
 //! - `CHAOS_KINDS=kill,redis-hang,...`: draw faults of these kinds only
 //!   (default: every kind; names as the fault table prints them).
+//! - `CHAOS_BALANCER=haproxy|nginx`: the balancer in front (default: HAProxy
+//!   for an even seed, nginx for an odd one).
+//! - `CHAOS_REDIS=single|sentinel`: one `redis-server`, or a primary and a
+//!   replica behind three sentinels (default: drawn from the seed, single
+//!   for the fixed one). Each has its own fault kinds.
 //!
 //! `CHAOS_SEED=<n> cargo test --test chaos -- --nocapture` replays a seed;
 //! docs/reliability.md has the long run.
 
 #[path = "../support/balancer.rs"]
 mod balancer;
+#[path = "../support/redis_sentinel.rs"]
+mod redis_sentinel;
 #[path = "../support/redis_server.rs"]
 mod redis_server;
 #[path = "../support/mod.rs"]
@@ -60,6 +67,15 @@ async fn seeded_faults_lose_nothing_silently() {
             "chaos seed {seed} (replay: CHAOS_SEED={seed} CHAOS_SECS={secs} cargo test --test chaos -- --nocapture)"
         );
         let mut cfg = driver::Config::new(seed, secs);
+        if let Ok(name) = std::env::var("CHAOS_BALANCER") {
+            cfg.front = driver::Front::parse(&name)
+                .unwrap_or_else(|| panic!("CHAOS_BALANCER: no balancer {name:?} (haproxy, nginx)"));
+        }
+        if let Ok(name) = std::env::var("CHAOS_REDIS") {
+            cfg.store = driver::Store::parse(&name)
+                .unwrap_or_else(|| panic!("CHAOS_REDIS: no store {name:?} (single, sentinel)"));
+            cfg.kinds = cfg.store.kinds();
+        }
         if let Ok(names) = std::env::var("CHAOS_KINDS") {
             cfg.kinds = names
                 .split(',')

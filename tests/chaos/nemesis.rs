@@ -33,14 +33,41 @@ pub enum Kind {
     /// are published to its session; then it reads its backlog, and
     /// resumes if the server cut it meanwhile.
     Stall,
+    /// Behind Sentinel: SIGKILL the primary; the sentinels promote its
+    /// replica (replication is asynchronous: the last events may be lost);
+    /// the old primary comes back `dur` after the promotion and rejoins as
+    /// a replica.
+    Failover,
 }
 
-pub const KINDS: [Kind; 7] = [
+pub const KINDS: [Kind; 8] = [
     Kind::Kill,
     Kind::Term,
     Kind::RedisLose,
     Kind::RedisKeep,
     Kind::RedisHang,
+    Kind::PubsubKill,
+    Kind::Stall,
+    Kind::Failover,
+];
+
+/// The kinds a run over one `redis-server` draws from.
+pub const SINGLE_KINDS: [Kind; 7] = [
+    Kind::Kill,
+    Kind::Term,
+    Kind::RedisLose,
+    Kind::RedisKeep,
+    Kind::RedisHang,
+    Kind::PubsubKill,
+    Kind::Stall,
+];
+
+/// The kinds a run behind Sentinel draws from (restarts of one server
+/// are the failover's there).
+pub const SENTINEL_KINDS: [Kind; 5] = [
+    Kind::Kill,
+    Kind::Term,
+    Kind::Failover,
     Kind::PubsubKill,
     Kind::Stall,
 ];
@@ -60,6 +87,7 @@ impl Kind {
             Kind::RedisHang => "redis-hang",
             Kind::PubsubKill => "pubsub-kill",
             Kind::Stall => "client-stall",
+            Kind::Failover => "redis-failover",
         }
     }
 
@@ -74,6 +102,9 @@ impl Kind {
             Kind::RedisHang => "SIGSTOP redis-server for the duration, then SIGCONT",
             Kind::PubsubKill => "CLIENT KILL TYPE pubsub (every subscriber connection cut)",
             Kind::Stall => "a client stops reading while 3 MB of 32 kB events go to its session",
+            Kind::Failover => {
+                "Sentinel only: SIGKILL the primary; its replica is promoted; the old one rejoins the duration after"
+            }
         }
     }
 
@@ -86,6 +117,7 @@ impl Kind {
             Kind::RedisHang => (1_500, 5_000),
             Kind::PubsubKill => (0, 0),
             Kind::Stall => (5_000, 9_000),
+            Kind::Failover => (1_000, 5_000),
         }
     }
 
@@ -99,6 +131,9 @@ impl Kind {
             Kind::RedisLose | Kind::RedisKeep | Kind::RedisHang => 2_000,
             Kind::PubsubKill => 1_000,
             Kind::Stall => 3_000,
+            // The promotion (about 2-4 s) and the old primary's rejoining
+            // (Sentinel reconfigures it about 10 s after it is back).
+            Kind::Failover => 20_000,
         }
     }
 
@@ -106,16 +141,26 @@ impl Kind {
     fn resource(self) -> Resource {
         match self {
             Kind::Kill | Kind::Term => Resource::Instance,
-            Kind::RedisLose | Kind::RedisKeep | Kind::RedisHang | Kind::PubsubKill => {
-                Resource::Redis
-            }
+            Kind::RedisLose
+            | Kind::RedisKeep
+            | Kind::RedisHang
+            | Kind::PubsubKill
+            | Kind::Failover => Resource::Redis,
             Kind::Stall => Resource::Client,
         }
     }
 
     /// Whether the fault makes Redis unreachable while it lasts.
     pub fn redis_down(self) -> bool {
-        matches!(self, Kind::RedisLose | Kind::RedisKeep | Kind::RedisHang)
+        matches!(
+            self,
+            Kind::RedisLose | Kind::RedisKeep | Kind::RedisHang | Kind::Failover
+        )
+    }
+
+    /// Whether the fault can make Redis lose acknowledged data.
+    pub fn loses_data(self) -> bool {
+        matches!(self, Kind::RedisLose | Kind::Failover)
     }
 
     /// Whether the fault stops an instance.
