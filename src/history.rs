@@ -296,6 +296,20 @@ impl History {
             .map(|f| f.id)
     }
 
+    /// The newest event of `session` held here under a sequence id (not a
+    /// local one): with Redis, the newest the flag kept on this instance.
+    pub fn newest_sequenced(&self, session: &SessionId) -> Option<EventId> {
+        let inner = self.lock();
+        inner
+            .rings
+            .get(session)?
+            .frames
+            .iter()
+            .rev()
+            .map(|f| f.id)
+            .find(|id| !id.is_local())
+    }
+
     /// Sessions with history, and the bytes held (for `/stats`).
     pub fn usage(&self) -> (usize, usize) {
         let inner = self.lock();

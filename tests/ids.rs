@@ -428,6 +428,174 @@ async fn an_own_event_redis_lost_while_the_subscriber_was_down_arrives_or_is_cov
     );
 }
 
+// A's own event e2 goes through Redis (202) while A's subscriber is down,
+// so its echo has not come when Redis dies; e3 and e4 are then held in A's
+// outbox and delivered on A at once under local ids, past e2's. e2 must
+// reach A's stream before them, not only once Redis is back (or never, had
+// Redis lost it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_own_event_waiting_for_its_echo_reaches_the_stream_before_later_outbox_events() {
+    const USER: &str = "instance-a";
+    const PASSWORD: &str = "instance-a-password";
+    let mut redis = RedisServer::start();
+    let mut conn = redis.conn();
+    acl_user(&mut conn, USER, PASSWORD, true);
+    let url_a = format!("redis://{USER}:{PASSWORD}@127.0.0.1:{}/", redis.port);
+    let a = instance(&url_a, "a", true);
+    let (session, token) = new_session(&a).await;
+    let stream = record(&a, &session, &token).await;
+    wait_subscribed(&a, 1).await;
+    let e1 = accept(&a, &session, &token, "e1").await;
+    assert!(
+        stream.wait_labels(&["e1"], Duration::from_secs(5)).await,
+        "e1 never arrived: {:?}",
+        stream.snapshot()
+    );
+    acl_user(&mut conn, USER, PASSWORD, false);
+    kill_pubsub(&mut conn);
+    let e2 = accept(&a, &session, &token, "e2").await;
+    let stats = a.stats().await;
+    assert_eq!(
+        (
+            stats["redis"]["fallback_local"].as_u64(),
+            stats["redis"]["subscriber_connected"].as_bool()
+        ),
+        (Some(0), Some(false)),
+        "precondition: e2 went through Redis while A's subscriber was down: {}",
+        stats["redis"]
+    );
+    drop(conn);
+    redis.stop();
+    let e3 = accept(&a, &session, &token, "e3").await;
+    let e4 = accept(&a, &session, &token, "e4").await;
+    let arrived = stream
+        .wait_labels(&["e1", "e2", "e3", "e4"], Duration::from_secs(5))
+        .await;
+    let got = stream.snapshot();
+    let failures: Vec<String> = if arrived {
+        judge(
+            "stream on A while Redis is down",
+            &got,
+            &[e1, e2.clone(), e3.clone(), e4.clone()],
+            &HashSet::new(),
+            false,
+        )
+        .err()
+        .into_iter()
+        .collect()
+    } else {
+        vec![format!(
+            "e1..e4 did not all arrive while Redis was down: {got:?}"
+        )]
+    };
+    fail_if_any(
+        "own_event_before_outbox_events",
+        &failures,
+        &format!(
+            "e2 {} (through Redis), e3 {} and e4 {} (outbox); A's redis stats: {}",
+            show(e2.id),
+            show(e3.id),
+            show(e4.id),
+            a.stats().await["redis"]
+        ),
+    );
+}
+
+// B's subscriber is down (its user switched off, its command connection
+// kept) when the session's data is lost and a new event starts its stream
+// again. Nothing has marked the loss: a resume on B from `0-0` would find
+// the stream's first event and replay it as the whole session. Until its
+// subscriber has caught up again, B answers resumes with a reset.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_resume_on_an_instance_whose_subscriber_is_down_resets_instead_of_trusting_the_stream() {
+    const USER: &str = "instance-b";
+    const PASSWORD: &str = "instance-b-password";
+    let redis = RedisServer::start();
+    let mut conn = redis.conn();
+    acl_user(&mut conn, USER, PASSWORD, true);
+    let url_b = format!("redis://{USER}:{PASSWORD}@127.0.0.1:{}/", redis.port);
+    let a = instance(&redis.url(), "a", true);
+    let b = instance(&url_b, "b", true);
+    let (session, token) = new_session(&a).await;
+    let stream = record(&a, &session, &token).await;
+    wait_subscribed(&a, 1).await;
+    for n in 1..=5 {
+        accept(&b, &session, &token, &format!("e{n}")).await;
+    }
+    assert!(
+        stream
+            .wait_labels(&["e1", "e2", "e3", "e4", "e5"], Duration::from_secs(5))
+            .await,
+        "{:?}",
+        stream.snapshot()
+    );
+    acl_user(&mut conn, USER, PASSWORD, false);
+    kill_pubsub(&mut conn);
+    lose_session_keys(&mut conn, &session);
+    let e6 = accept(&a, &session, &token, "e6").await;
+    let stats = b.stats().await;
+    assert_eq!(
+        stats["redis"]["subscriber_connected"].as_bool(),
+        Some(false),
+        "precondition: B's subscriber is down: {}",
+        stats["redis"]
+    );
+    let mut resumed = SseClient::open_from(&b, &session, &token, "0-0").await;
+    resumed.expect_connected().await;
+    let first = resumed.next_event(Duration::from_secs(5)).await;
+    assert_eq!(
+        first.as_ref().and_then(|e| e.event.as_deref()),
+        Some("reset"),
+        "a resume from 0-0 on B while its subscriber is down (e6 {} is all the stream holds): {first:?}",
+        show(e6.id)
+    );
+}
+
+// A's flag is off: e1..e3 stay on A, noted in Redis (`:local`) so that a
+// resume on B from before them resets. Redis then loses the note (as a
+// restart from an older snapshot does) while streams of the session are
+// open on both. Once the subscribers are back, the resume on B must still
+// reset, not replay B's history as if it were the whole session.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn flag_off_events_still_reset_a_resume_elsewhere_after_redis_lost_their_note() {
+    let redis = RedisServer::start();
+    let mut conn = redis.conn();
+    let a = instance(&redis.url(), "a", false);
+    let b = instance(&redis.url(), "b", true);
+    let (session, token) = new_session(&b).await;
+    let on_b = record(&b, &session, &token).await;
+    wait_subscribed(&b, 1).await;
+    let e0 = accept(&b, &session, &token, "e0").await;
+    assert!(on_b.wait_labels(&["e0"], Duration::from_secs(5)).await);
+    let on_a = record(&a, &session, &token).await;
+    wait_subscribed(&a, 1).await;
+    for n in 1..=3 {
+        accept(&a, &session, &token, &format!("e{n}")).await;
+    }
+    assert!(
+        on_a.wait_labels(&["e1", "e2", "e3"], Duration::from_secs(5))
+            .await
+    );
+    let connects = |s: serde_json::Value| s["redis"]["subscriber_connects"].as_u64().unwrap();
+    let (before_a, before_b) = (connects(a.stats().await), connects(b.stats().await));
+    let _: i64 = redis::cmd("DEL")
+        .arg(format!("sse:session:{session}:local"))
+        .query(&mut conn)
+        .unwrap();
+    kill_pubsub(&mut conn);
+    assert!(wait_resubscribed(&a, before_a).await, "{}", a.stats().await);
+    assert!(wait_resubscribed(&b, before_b).await, "{}", b.stats().await);
+    let mut resumed = SseClient::open_from(&b, &session, &token, &show(e0.id)).await;
+    resumed.expect_connected().await;
+    let first = resumed.next_event(Duration::from_secs(3)).await;
+    assert_eq!(
+        first.as_ref().and_then(|e| e.event.as_deref()),
+        Some("reset"),
+        "a resume on B from e0 {} (A kept e1..e3 to itself): {first:?}",
+        show(e0.id)
+    );
+}
+
 /// Resumes on `server` from `from` (a client that has seen `seen_before`),
 /// publishes a marker on `marker_on`, and judges the stream: it must start
 /// with a reset, or deliver all of `owed` (plus the marker) without

@@ -100,6 +100,11 @@ impl MemoryBroker {
         self.history.newest(session)
     }
 
+    /// See [`History::newest_sequenced`].
+    pub fn newest_sequenced(&self, session: &SessionId) -> Option<EventId> {
+        self.history.newest_sequenced(session)
+    }
+
     /// Where a new subscriber of `session` starts here (see
     /// [`History::anchor`]).
     pub fn anchor(&self, session: &SessionId) -> EventId {

@@ -66,6 +66,8 @@ struct Inner {
     runtime: std::sync::OnceLock<(TaskTracker, CancellationToken)>,
     /// See [`MAX_IN_FLIGHT`].
     in_flight: tokio::sync::Semaphore,
+    /// Counts the probe's successes (see [`SharedRedis::recoveries`]).
+    recoveries: tokio::sync::watch::Sender<u64>,
 }
 
 /// Why one Redis command failed.
@@ -136,6 +138,7 @@ impl SharedRedis {
                 healthy: AtomicBool::new(true),
                 runtime: std::sync::OnceLock::new(),
                 in_flight: tokio::sync::Semaphore::new(MAX_IN_FLIGHT),
+                recoveries: tokio::sync::watch::Sender::new(0),
             }),
         })
     }
@@ -231,6 +234,13 @@ impl SharedRedis {
         Err(error)
     }
 
+    /// Changes each time Redis answers again after an outage: what waits
+    /// for Redis with a backoff of its own (the subscriber) retries then,
+    /// not at its next tick.
+    pub fn recoveries(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.inner.recoveries.subscribe()
+    }
+
     /// Whether commands currently go to Redis.
     pub fn is_healthy(&self) -> bool {
         self.inner.healthy.load(Ordering::Relaxed) && self.current().is_some()
@@ -264,6 +274,7 @@ impl SharedRedis {
                 let ping = cmd.query_async::<String>(&mut conn);
                 if let Ok(Ok(_)) = tokio::time::timeout(RESPONSE_TIMEOUT, ping).await {
                     this.inner.healthy.store(true, Ordering::Relaxed);
+                    this.inner.recoveries.send_modify(|n| *n += 1);
                     tracing::info!(backend = "redis", "Redis answers again");
                     return;
                 }

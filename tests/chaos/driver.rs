@@ -21,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 use crate::balancer::Balancer;
 use crate::log::*;
 use crate::nemesis::{self, Fault, Kind};
+use crate::redis_cluster::RedisCluster;
 use crate::redis_sentinel::RedisSentinel;
 use crate::redis_server::RedisServer;
 use crate::support::{parse_block, Server};
@@ -72,6 +73,8 @@ pub enum Store {
     Single,
     /// A primary and a replica behind three sentinels.
     Sentinel,
+    /// Three primaries with a replica each.
+    Cluster,
 }
 
 impl Store {
@@ -79,6 +82,7 @@ impl Store {
         match name.trim() {
             "single" => Some(Store::Single),
             "sentinel" => Some(Store::Sentinel),
+            "cluster" => Some(Store::Cluster),
             _ => None,
         }
     }
@@ -87,6 +91,7 @@ impl Store {
         match self {
             Store::Single => "single",
             Store::Sentinel => "sentinel",
+            Store::Cluster => "cluster",
         }
     }
 
@@ -95,6 +100,7 @@ impl Store {
         match self {
             Store::Single => nemesis::SINGLE_KINDS.to_vec(),
             Store::Sentinel => nemesis::SENTINEL_KINDS.to_vec(),
+            Store::Cluster => nemesis::CLUSTER_KINDS.to_vec(),
         }
     }
 }
@@ -127,10 +133,10 @@ impl Front {
 
 impl Config {
     pub fn new(seed: u64, secs: u64) -> Config {
-        let store = if (seed / 2) % 2 == 1 {
-            Store::Single
-        } else {
-            Store::Sentinel
+        let store = match (seed / 2) % 3 {
+            0 => Store::Sentinel,
+            1 => Store::Single,
+            _ => Store::Cluster,
         };
         Config {
             seed,
@@ -218,28 +224,63 @@ fn start_instance(redis: &[(String, String)], name: &str, port: u16) -> Server {
 enum Redis {
     Single(RedisServer),
     Sentinel(RedisSentinel),
+    Cluster(RedisCluster),
 }
 
 impl Redis {
-    /// A URL of the server that takes writes now.
-    fn primary_url(&self) -> String {
+    /// URLs of the servers that take writes now.
+    fn primary_urls(&self) -> Vec<String> {
         match self {
-            Redis::Single(r) => r.url(),
-            Redis::Sentinel(s) => format!("redis://127.0.0.1:{}/", s.primary_port()),
+            Redis::Single(r) => vec![r.url()],
+            Redis::Sentinel(s) => vec![format!("redis://127.0.0.1:{}/", s.primary_port())],
+            Redis::Cluster(c) => c
+                .primaries()
+                .into_iter()
+                .map(|p| format!("redis://127.0.0.1:{p}/"))
+                .collect(),
         }
     }
 
     fn single(&mut self) -> &mut RedisServer {
         match self {
             Redis::Single(r) => r,
-            Redis::Sentinel(_) => panic!("a fault of one redis-server planned behind Sentinel"),
+            _ => panic!("a fault of one redis-server planned over another store"),
         }
     }
 
-    fn sentinel(&mut self) -> &mut RedisSentinel {
+    fn cluster(&mut self) -> &mut RedisCluster {
         match self {
-            Redis::Sentinel(s) => s,
-            Redis::Single(_) => panic!("a Sentinel fault planned over one redis-server"),
+            Redis::Cluster(c) => c,
+            _ => panic!("a cluster fault planned over another store"),
+        }
+    }
+
+    /// Kills a primary (in a cluster, the `pick`th by port), waits until
+    /// its replica took over, and returns the dead one's port.
+    fn fail_over(&mut self, pick: usize) -> u16 {
+        match self {
+            Redis::Sentinel(s) => {
+                let old = s.kill_primary();
+                s.wait_failover(old, Duration::from_secs(30));
+                old
+            }
+            Redis::Cluster(c) => {
+                let primaries = c.primaries();
+                let old = primaries[pick % primaries.len()];
+                c.kill(old);
+                c.wait_promoted(old, Duration::from_secs(30));
+                old
+            }
+            Redis::Single(_) => panic!("a failover planned over one redis-server"),
+        }
+    }
+
+    /// Starts a node [`Redis::fail_over`] killed; it rejoins as a replica.
+    fn rejoin(&mut self, port: u16) {
+        match self {
+            Redis::Sentinel(s) => s.restart(port),
+            Redis::Cluster(c) => c.restart(port),
+            Redis::Single(_) => panic!("a failover planned over one redis-server"),
         }
     }
 }
@@ -267,6 +308,7 @@ impl Fleet {
         let redis = tokio::task::spawn_blocking(move || match store {
             Store::Single => Redis::Single(RedisServer::start_persistent()),
             Store::Sentinel => Redis::Sentinel(RedisSentinel::start("chaos")),
+            Store::Cluster => Redis::Cluster(RedisCluster::start()),
         })
         .await
         .unwrap();
@@ -276,6 +318,7 @@ impl Fleet {
                 ("REDIS_SENTINEL_NODES".into(), s.sentinel_urls()),
                 ("REDIS_SENTINEL_MASTER".into(), s.master_name().to_owned()),
             ],
+            Redis::Cluster(c) => vec![("REDIS_CLUSTER_NODES".into(), c.seed_urls())],
         };
         let mut instances = Vec::new();
         let mut ports = Vec::new();
@@ -1048,33 +1091,55 @@ async fn inject(
         }
         Kind::Failover => {
             let start = clock.now();
-            let old = fleet.redis(|r| r.sentinel().kill_primary()).await;
-            fleet
-                .redis(move |r| r.sentinel().wait_failover(old, Duration::from_secs(30)))
-                .await;
+            let pick = fault.index;
+            let old = fleet.redis(move |r| r.fail_over(pick)).await;
             // Repaired for the clients once a primary takes writes again;
             // the old one rejoins (as a replica) after the duration.
             let promoted = clock.now();
             tokio::time::sleep(dur).await;
-            fleet.redis(move |r| r.sentinel().restart(old)).await;
-            (start, promoted, name)
+            fleet.redis(move |r| r.rejoin(old)).await;
+            (start, promoted, format!("{name} (port {old})"))
+        }
+        Kind::SlotMove => {
+            let session = sessions[fault.target % sessions.len()].id.clone();
+            let start = clock.now();
+            let moved = fleet
+                .redis(move |r| {
+                    let c = r.cluster();
+                    let slot = c.slot_of(&format!("sse:session:{{{session}}}:history"));
+                    let from = c.owner_of_slot(slot);
+                    let primaries = c.primaries();
+                    let to = primaries
+                        .iter()
+                        .copied()
+                        .find(|&p| p != from)
+                        .expect("another primary");
+                    c.move_slot(slot, to);
+                    format!("slot {slot} {from} -> {to}")
+                })
+                .await;
+            (start, clock.now(), format!("{name} ({moved})"))
         }
         Kind::PubsubKill => {
-            let url = fleet.redis(|r| r.primary_url()).await;
+            let urls = fleet.redis(|r| r.primary_urls()).await;
             let start = clock.now();
             let killed = tokio::task::spawn_blocking(move || -> Result<i64, String> {
-                let client = redis::Client::open(url).map_err(|e| e.to_string())?;
-                let mut c = client
-                    .get_connection_with_timeout(Duration::from_secs(2))
-                    .map_err(|e| e.to_string())?;
-                c.set_read_timeout(Some(Duration::from_secs(2)))
-                    .map_err(|e| e.to_string())?;
-                redis::cmd("CLIENT")
-                    .arg("KILL")
-                    .arg("TYPE")
-                    .arg("pubsub")
-                    .query(&mut c)
-                    .map_err(|e| e.to_string())
+                let mut killed = 0;
+                for url in urls {
+                    let client = redis::Client::open(url).map_err(|e| e.to_string())?;
+                    let mut c = client
+                        .get_connection_with_timeout(Duration::from_secs(2))
+                        .map_err(|e| e.to_string())?;
+                    c.set_read_timeout(Some(Duration::from_secs(2)))
+                        .map_err(|e| e.to_string())?;
+                    killed += redis::cmd("CLIENT")
+                        .arg("KILL")
+                        .arg("TYPE")
+                        .arg("pubsub")
+                        .query::<i64>(&mut c)
+                        .map_err(|e| e.to_string())?;
+                }
+                Ok(killed)
             })
             .await
             .unwrap();

@@ -14,15 +14,18 @@
 //!   (default: every kind; names as the fault table prints them).
 //! - `CHAOS_BALANCER=haproxy|nginx`: the balancer in front (default: HAProxy
 //!   for an even seed, nginx for an odd one).
-//! - `CHAOS_REDIS=single|sentinel`: one `redis-server`, or a primary and a
-//!   replica behind three sentinels (default: drawn from the seed, single
-//!   for the fixed one). Each has its own fault kinds.
+//! - `CHAOS_REDIS=single|sentinel|cluster`: one `redis-server`, a primary
+//!   and a replica behind three sentinels, or a cluster of three primaries
+//!   with a replica each (default: drawn from the seed, single for the fixed
+//!   one). Each has its own fault kinds.
 //!
 //! `CHAOS_SEED=<n> cargo test --test chaos -- --nocapture` replays a seed;
 //! docs/reliability.md has the long run.
 
 #[path = "../support/balancer.rs"]
 mod balancer;
+#[path = "../support/redis_cluster.rs"]
+mod redis_cluster;
 #[path = "../support/redis_sentinel.rs"]
 mod redis_sentinel;
 #[path = "../support/redis_server.rs"]
@@ -72,8 +75,9 @@ async fn seeded_faults_lose_nothing_silently() {
                 .unwrap_or_else(|| panic!("CHAOS_BALANCER: no balancer {name:?} (haproxy, nginx)"));
         }
         if let Ok(name) = std::env::var("CHAOS_REDIS") {
-            cfg.store = driver::Store::parse(&name)
-                .unwrap_or_else(|| panic!("CHAOS_REDIS: no store {name:?} (single, sentinel)"));
+            cfg.store = driver::Store::parse(&name).unwrap_or_else(|| {
+                panic!("CHAOS_REDIS: no store {name:?} (single, sentinel, cluster)")
+            });
             cfg.kinds = cfg.store.kinds();
         }
         if let Ok(names) = std::env::var("CHAOS_KINDS") {

@@ -36,11 +36,14 @@ pub enum Kind {
     /// Behind Sentinel: SIGKILL the primary; the sentinels promote its
     /// replica (replication is asynchronous: the last events may be lost);
     /// the old primary comes back `dur` after the promotion and rejoins as
-    /// a replica.
+    /// a replica. In a cluster: the same for one of the three primaries.
     Failover,
+    /// In a cluster: move the hash slot of one session (its history and
+    /// channel) to another primary, keys and all, under traffic.
+    SlotMove,
 }
 
-pub const KINDS: [Kind; 8] = [
+pub const KINDS: [Kind; 9] = [
     Kind::Kill,
     Kind::Term,
     Kind::RedisLose,
@@ -49,6 +52,7 @@ pub const KINDS: [Kind; 8] = [
     Kind::PubsubKill,
     Kind::Stall,
     Kind::Failover,
+    Kind::SlotMove,
 ];
 
 /// The kinds a run over one `redis-server` draws from.
@@ -72,6 +76,16 @@ pub const SENTINEL_KINDS: [Kind; 5] = [
     Kind::Stall,
 ];
 
+/// The kinds a run over a cluster draws from.
+pub const CLUSTER_KINDS: [Kind; 6] = [
+    Kind::Kill,
+    Kind::Term,
+    Kind::Failover,
+    Kind::SlotMove,
+    Kind::PubsubKill,
+    Kind::Stall,
+];
+
 impl Kind {
     /// The kind named `name` (as [`Kind::name`] spells it).
     pub fn parse(name: &str) -> Option<Kind> {
@@ -88,6 +102,7 @@ impl Kind {
             Kind::PubsubKill => "pubsub-kill",
             Kind::Stall => "client-stall",
             Kind::Failover => "redis-failover",
+            Kind::SlotMove => "slot-move",
         }
     }
 
@@ -103,7 +118,10 @@ impl Kind {
             Kind::PubsubKill => "CLIENT KILL TYPE pubsub (every subscriber connection cut)",
             Kind::Stall => "a client stops reading while 3 MB of 32 kB events go to its session",
             Kind::Failover => {
-                "Sentinel only: SIGKILL the primary; its replica is promoted; the old one rejoins the duration after"
+                "Sentinel or cluster: SIGKILL a primary; its replica is promoted; the old one rejoins the duration after"
+            }
+            Kind::SlotMove => {
+                "cluster only: move one session's hash slot, keys and all, to another primary"
             }
         }
     }
@@ -118,6 +136,7 @@ impl Kind {
             Kind::PubsubKill => (0, 0),
             Kind::Stall => (5_000, 9_000),
             Kind::Failover => (1_000, 5_000),
+            Kind::SlotMove => (0, 0),
         }
     }
 
@@ -134,6 +153,7 @@ impl Kind {
             // The promotion (about 2-4 s) and the old primary's rejoining
             // (Sentinel reconfigures it about 10 s after it is back).
             Kind::Failover => 20_000,
+            Kind::SlotMove => 5_000,
         }
     }
 
@@ -145,7 +165,8 @@ impl Kind {
             | Kind::RedisKeep
             | Kind::RedisHang
             | Kind::PubsubKill
-            | Kind::Failover => Resource::Redis,
+            | Kind::Failover
+            | Kind::SlotMove => Resource::Redis,
             Kind::Stall => Resource::Client,
         }
     }
@@ -154,7 +175,13 @@ impl Kind {
     pub fn redis_down(self) -> bool {
         matches!(
             self,
-            Kind::RedisLose | Kind::RedisKeep | Kind::RedisHang | Kind::Failover
+            Kind::RedisLose
+                | Kind::RedisKeep
+                | Kind::RedisHang
+                | Kind::Failover
+                // Publishes to a migrating slot are refused (`TRYAGAIN`)
+                // and go to the outbox.
+                | Kind::SlotMove
         )
     }
 

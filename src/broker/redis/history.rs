@@ -89,6 +89,17 @@ impl Inner {
         after: EventId,
         max_bytes: usize,
     ) -> Result<Replay, CallError> {
+        // The subscriber lost its connection and has not caught up since:
+        // if Redis lost data meanwhile (restarted, failed over), no
+        // instance may have marked it yet, and the stream would vouch for a
+        // history with a hole in it. Answered as unreadable (a `reset`)
+        // until the subscriber is back, which it tries as soon as Redis
+        // answers.
+        if self.counters.connects.load(Ordering::Relaxed) > 0
+            && !self.counters.connected.load(Ordering::Relaxed)
+        {
+            return Err(CallError::NotConnected);
+        }
         let key = self.keys.history(session);
         let start = after.successor();
         let mut pipe = redis::pipe();

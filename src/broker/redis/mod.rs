@@ -144,6 +144,7 @@ struct Inner {
     handler: Handler,
     script: redis::Script,
     reserve: redis::Script,
+    note_kept: redis::Script,
     mark_lost: redis::Script,
     /// Flag-off publishes of one session are serialised on one of these
     /// across their reservation, so they are delivered in id order.
@@ -272,6 +273,7 @@ impl RedisBroker {
             handler,
             script: redis::Script::new(&publish::publish_script()),
             reserve: redis::Script::new(&publish::reserve_script()),
+            note_kept: redis::Script::new(&publish::note_kept_script()),
             mark_lost: redis::Script::new(history::MARK_LOST_SCRIPT),
             local_order: (0..LOCAL_ORDER_STRIPES)
                 .map(|_| tokio::sync::Mutex::new(()))

@@ -76,6 +76,9 @@ impl Inner {
         session: &SessionId,
         event: &OutgoingEvent,
     ) -> Result<EventId, BrokerError> {
+        // Its local id is past this instance's own events still waiting for
+        // their echo: those reach the subscribers here first.
+        self.release_unechoed(session);
         let id = self.local.publish_now(session, event)?;
         self.counters.fallback_local.fetch_add(1, Ordering::Relaxed);
         let mut queue = self.outbox.lock();

@@ -91,6 +91,24 @@ redis.call(ARGV[9], ARGV[1], env)
 return id
 "#;
 
+/// KEYS[1] the newest event each instance kept to itself; ARGV: node, id,
+/// ttl secs. Notes `id` as the node's newest kept event unless a newer one
+/// is noted: after Redis lost data, the instance notes again what it
+/// still holds (see `Inner::renote_kept`).
+pub(super) fn note_kept_script() -> String {
+    format!("{SEQUENCE_LUA}{NOTE_KEPT_LUA}")
+}
+
+const NOTE_KEPT_LUA: &str = r#"
+local ms, seq = parse(ARGV[2])
+local cms, cseq = parse(redis.call('HGET', KEYS[1], ARGV[1]))
+if ms and (not cms or newer(ms, seq, cms, cseq)) then
+  redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+end
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+return 1
+"#;
+
 /// KEYS[1] history stream, KEYS[2] the sequence's last reservation,
 /// KEYS[3] the newest event each instance kept to itself; ARGV: wanted id,
 /// ttl secs, node. Reserves the next id of the session's sequence for an
@@ -181,6 +199,26 @@ impl Inner {
             }
         }
         self.local.publish_as(session, event, reserved)
+    }
+
+    /// Notes again, for a session this instance follows, the newest event
+    /// the flag kept here under a sequence id: a Redis that restarted (or
+    /// failed over) may have lost the note, and a resume elsewhere from
+    /// before that event would then replay without it and without a
+    /// `reset`. Run after every reconnect of the subscriber.
+    pub(super) async fn renote_kept(&self, session: &SessionId) -> Result<(), CallError> {
+        let Some(id) = self.local.newest_sequenced(session) else {
+            return Ok(());
+        };
+        let mut call = self.note_kept.key(self.keys.kept_local(session));
+        call.arg(&self.settings.node_id)
+            .arg(id.to_string())
+            .arg(self.settings.history.ttl.as_secs());
+        let call = &call;
+        self.redis
+            .call(|mut conn| async move { call.invoke_async::<i64>(&mut conn).await })
+            .await
+            .map(drop)
     }
 
     async fn reserve(&self, session: &SessionId) -> Result<EventId, CallError> {

@@ -64,6 +64,10 @@ struct State {
     /// no longer has (Redis restarted empty) are delivered from here, so a
     /// subscriber here never misses an event its own instance published.
     sent: HashMap<SessionId, VecDeque<Frame>>,
+    /// Own events of `sent` handed to the subscribers here before their
+    /// echo came (see [`Inner::release_unechoed`]): their echo, if it comes,
+    /// is not delivered again. Ids past the cursor only.
+    direct: HashMap<SessionId, HashSet<EventId>>,
     /// Per session: when an event of another instance last arrived here
     /// (see [`Inner::follows_shared`]). Kept after the session's last stream
     /// here closed, for as long as it counts; pruned as it grows.
@@ -199,20 +203,65 @@ impl Inner {
     }
 
     /// Delivers own events whose echo never came and that the stream no
-    /// longer had (a catch-up just ran): past the cursor, in order.
-    fn deliver_unechoed(&self, session: &SessionId) {
-        let left = self
-            .interest
-            .lock()
-            .sent
-            .remove(session)
-            .unwrap_or_default();
+    /// longer had: those up to `reach`, how far the catch-up that just ran
+    /// read the stream, past the cursor and in order. A later one was
+    /// published after that read, on the channel already subscribed: its
+    /// echo is still coming, maybe behind other instances' events, and is
+    /// left to [`Self::deliver`].
+    fn deliver_unechoed(&self, session: &SessionId, reach: EventId) {
+        let left: Vec<Frame> = {
+            let mut st = self.interest.lock();
+            let Some(sent) = st.sent.get_mut(session) else {
+                return;
+            };
+            let upto = sent.partition_point(|f| f.id <= reach);
+            let left = sent.drain(..upto).collect();
+            if sent.is_empty() {
+                st.sent.remove(session);
+            }
+            left
+        };
         for frame in left {
             let id = frame.id;
             if self.deliver(session, true, false, frame) {
                 tracing::warn!(backend = "redis", session = %session, id = %id,
                     "an own event missing from Redis delivered here directly");
             }
+        }
+    }
+
+    /// Hands this instance's own events of `session` whose echo has not
+    /// come to its subscribers now: an event of the session is about to be
+    /// delivered here directly (held in the outbox while Redis is away),
+    /// under a local id past theirs, and their echo may be long in coming,
+    /// or never come if Redis lost them. Their echo, if it comes, is
+    /// dropped. The cursor stays: other instances' events before them may
+    /// still arrive (the hub answers those as late).
+    pub(super) fn release_unechoed(&self, session: &SessionId) {
+        let frames: Vec<Frame> = {
+            let mut st = self.interest.lock();
+            let Some(sent) = st.sent.remove(session) else {
+                return;
+            };
+            let frames: Vec<Frame> = sent.into_iter().collect();
+            let direct = st.direct.entry(session.clone()).or_default();
+            direct.extend(frames.iter().map(|f| f.id));
+            if direct.len() > MAX_SENT {
+                // Oldest first out, as `sent` does: an echo that old is not
+                // coming.
+                let mut ids: Vec<EventId> = direct.iter().copied().collect();
+                ids.sort_unstable();
+                for id in &ids[..ids.len() - MAX_SENT] {
+                    direct.remove(id);
+                }
+            }
+            frames
+        };
+        for frame in frames {
+            tracing::warn!(backend = "redis", session = %session, id = %frame.id,
+                "an own event whose echo has not come delivered here directly");
+            self.counters.own_received.fetch_add(1, Ordering::Relaxed);
+            (self.handler)(Target::Session(session), frame);
         }
     }
 
@@ -228,6 +277,7 @@ impl Inner {
             st.floors.remove(session);
             st.estimated.remove(session);
             st.sent.remove(session);
+            st.direct.remove(session);
             st.dirty.insert(session.clone());
         }
         self.interest.changed.notify_one();
@@ -238,6 +288,10 @@ impl Inner {
     pub(super) async fn run_subscriber(self: Arc<Self>) {
         let mut delay = Duration::from_millis(100);
         let mut down_logged = false;
+        // Redis back: reconnect at once. Until this subscriber has caught
+        // its sessions up, a loss Redis had is unmarked (resumes here are
+        // refused meanwhile, see `Inner::history`).
+        let mut recovered = self.redis.recoveries();
         loop {
             if self.cancel.is_cancelled() {
                 return;
@@ -282,6 +336,7 @@ impl Inner {
             tokio::select! {
                 () = self.cancel.cancelled() => return,
                 () = tokio::time::sleep(delay) => {}
+                _ = recovered.changed() => {}
             }
             delay = (delay * 2).min(MAX_BACKOFF);
         }
@@ -369,10 +424,13 @@ impl Inner {
             (Some(from), _) => {
                 let estimated = self.interest.lock().estimated.contains(session);
                 let read = self.catch_up_checked(session, from, estimated).await;
-                if read.is_ok() {
-                    self.deliver_unechoed(session);
+                match read {
+                    Ok(reach) => {
+                        self.deliver_unechoed(session, reach);
+                        self.renote_kept(session).await
+                    }
+                    Err(e) => Err(e),
                 }
-                read
             }
             (None, Some(floor)) => {
                 {
@@ -380,7 +438,7 @@ impl Inner {
                     st.cursors.insert(session.clone(), floor);
                     st.estimated.insert(session.clone());
                 }
-                self.catch_up_checked(session, floor, true).await
+                self.catch_up_checked(session, floor, true).await.map(drop)
             }
             (None, None) => {
                 // Everything after the stream's top arrives on the channel,
@@ -431,13 +489,14 @@ impl Inner {
     /// Catches the session up from `from` if the stream still reaches back
     /// to it; otherwise the session's streams here get a `reset` to the
     /// stream's newest entry and the cursor moves there (see
-    /// [`Inner::check_lost`]).
+    /// [`Inner::check_lost`]). Returns how far the stream was read: every
+    /// event of the session up to there was in it or is gone.
     async fn catch_up_checked(
         &self,
         session: &SessionId,
         from: EventId,
         estimated: bool,
-    ) -> Result<(), CallError> {
+    ) -> Result<EventId, CallError> {
         match self.check_lost(session, from, estimated).await? {
             Continuity::Whole => self.catch_up(session, from).await,
             Continuity::Gap { top } => {
@@ -455,13 +514,15 @@ impl Inner {
                     bytes: bytes::Bytes::new(),
                 };
                 (self.handler)(Target::Gap(session), gap);
-                Ok(())
+                Ok(top)
             }
         }
     }
 
-    /// Delivers what the session's stream holds after `from`, in order.
-    async fn catch_up(&self, session: &SessionId, from: EventId) -> Result<(), CallError> {
+    /// Delivers what the session's stream holds after `from`, in order;
+    /// returns the newest id read (`from` if none).
+    async fn catch_up(&self, session: &SessionId, from: EventId) -> Result<EventId, CallError> {
+        let mut reach = from;
         let mut next = from.successor();
         while let Some(start) = next.take() {
             let reply = self.range(session, start, PAGE).await.inspect_err(|e| {
@@ -471,6 +532,7 @@ impl Inner {
                 // On past every entry, even one that does not decode.
                 if let Ok(id) = entry.id.parse::<EventId>() {
                     next = id.successor();
+                    reach = id;
                 }
                 if let Some(e) = self.entry(entry) {
                     if self.deliver(session, e.node == self.settings.node_id, e.held, e.frame) {
@@ -482,7 +544,7 @@ impl Inner {
                 break;
             }
         }
-        Ok(())
+        Ok(reach)
     }
 
     /// Reads messages until the connection ends (false) or shutdown (true),
@@ -677,6 +739,7 @@ impl Inner {
     /// published, whatever arrives first.
     fn deliver(&self, session: &SessionId, own: bool, held: bool, frame: Frame) -> bool {
         let mut unechoed = Vec::new();
+        let delivered_already;
         {
             let mut st = self.interest.lock();
             match st.cursors.get_mut(session) {
@@ -690,6 +753,17 @@ impl Inner {
                 Some(cursor) => *cursor = frame.id,
             }
             st.estimated.remove(session);
+            delivered_already = match st.direct.get_mut(session) {
+                Some(direct) => {
+                    let had = direct.remove(&frame.id);
+                    direct.retain(|id| *id > frame.id);
+                    if direct.is_empty() {
+                        st.direct.remove(session);
+                    }
+                    had
+                }
+                None => false,
+            };
             if let Some(sent) = st.sent.get_mut(session) {
                 while let Some(first) = sent.front() {
                     if first.id > frame.id {
@@ -722,7 +796,7 @@ impl Inner {
             (self.handler)(Target::Session(session), missing);
         }
         self.local.observe(frame.id);
-        if own && held {
+        if (own && held) || delivered_already {
             return true;
         }
         let counter = if own {
