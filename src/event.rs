@@ -314,6 +314,13 @@ impl IdGenerator {
         }
     }
 
+    /// Whether `id` is a local id of this process (its tag; another
+    /// process's local ids carry the same tag about once in sixteen
+    /// million).
+    pub fn issued(&self, id: EventId) -> bool {
+        id.is_local() && (id.seq - LOCAL_SEQ_BASE) & TAG_MASK == self.tag
+    }
+
     /// A sequence id greater than every id this process issued or saw: what
     /// a publish asks a session's sequence for, so this instance's clients
     /// never see ids go backwards.
@@ -455,6 +462,16 @@ mod tests {
             assert_eq!(id.to_string().parse::<EventId>(), Ok(id));
         }
         assert_eq!(EventId { ms: 5, seq: 1 }.to_string(), "5-1");
+    }
+
+    #[test]
+    fn a_process_knows_its_own_local_ids_and_no_other_id() {
+        let (a, b) = (IdGenerator::with_tag(1), IdGenerator::with_tag(2));
+        let (x, y) = (a.next_id(), b.next_id());
+        assert!(a.issued(x) && !a.issued(y) && b.issued(y) && !b.issued(x));
+        // Floors carry the tag too, but are sequence ids: anyone's.
+        assert!(!a.issued(a.floor()));
+        assert!(!a.issued(EventId { ms: 5, seq: 1 }));
     }
 
     #[test]

@@ -1425,3 +1425,113 @@ async fn a_flag_off_instance_keeps_publishing_a_shared_session_through_redis_aft
         ),
     );
 }
+
+/// Allows `user` (see [`acl_user`]) to run scripts, or forbids it: it can
+/// still log in, subscribe and read, but not publish.
+fn acl_scripts(conn: &mut redis::Connection, user: &str, allowed: bool) {
+    let _: () = redis::cmd("ACL")
+        .arg("SETUSER")
+        .arg(user)
+        .arg(if allowed {
+            "+@scripting"
+        } else {
+            "-@scripting"
+        })
+        .query(conn)
+        .unwrap();
+}
+
+// A holds events in its outbox (its link to Redis was cut) while B goes on
+// publishing through Redis; a client that saw B's event resumes on A once
+// A's subscriber is back but before its outbox is published. The held
+// events' local ids sort before the client's id, yet it never saw them
+// (they were nowhere but on A). Redis's ACL holds the outbox back: A may
+// log in, subscribe and read again, but not run the publish script yet.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_resume_on_an_instance_still_holding_its_outbox_resets_a_client_from_elsewhere() {
+    const USER: &str = "instance-a";
+    const PASSWORD: &str = "instance-a-password";
+    let redis = RedisServer::start();
+    let mut admin = redis.conn();
+    acl_user(&mut admin, USER, PASSWORD, true);
+    let url_a = format!("redis://{USER}:{PASSWORD}@127.0.0.1:{}/", redis.port);
+    let a = instance(&url_a, "a", true);
+    let b = instance(&redis.url(), "b", true);
+    let (session, token) = new_session(&a).await;
+    let on_b = record(&b, &session, &token).await;
+    // Keeps A subscribed to the session.
+    let _on_a = record(&a, &session, &token).await;
+    wait_subscribed(&a, 1).await;
+    wait_subscribed(&b, 1).await;
+    let connects = a.stats().await["redis"]["subscriber_connects"]
+        .as_u64()
+        .unwrap();
+
+    acl_user(&mut admin, USER, PASSWORD, false);
+    kill_user(&mut admin, USER);
+    let mut held = Vec::new();
+    for n in 1..=5 {
+        held.push(accept(&a, &session, &token, &format!("held-{n}")).await);
+    }
+    for h in &held {
+        assert!(
+            h.id.1 >= 1 << 46,
+            "{} was not held: {}",
+            h.label,
+            show(h.id)
+        );
+    }
+    let e2 = accept(&b, &session, &token, "e2").await;
+    assert!(
+        on_b.wait_labels(&["e2"], Duration::from_secs(5)).await,
+        "{:?}",
+        on_b.snapshot()
+    );
+    assert!(held.iter().all(|h| h.id < e2.id));
+    let seen: HashSet<String> = on_b.labels();
+
+    acl_scripts(&mut admin, USER, false);
+    let _: () = redis::cmd("ACL")
+        .arg("SETUSER")
+        .arg(USER)
+        .arg("on")
+        .query(&mut admin)
+        .unwrap();
+    assert!(
+        wait_resubscribed(&a, connects).await,
+        "A's subscriber did not come back: {}",
+        a.stats().await["redis"]
+    );
+    let stats = a.stats().await;
+    assert_eq!(stats["redis"]["outbox_len"], 5, "{}", stats["redis"]);
+    let resumed = record_from(&a, &session, &token, e2.id).await;
+    acl_scripts(&mut admin, USER, true);
+    let flushed = eventually(Duration::from_secs(15), || async {
+        a.stats().await["redis"]["outbox_len"] == 0
+    })
+    .await;
+    assert!(flushed, "A never flushed: {}", a.stats().await["redis"]);
+    let marker = accept(&b, &session, &token, "marker").await;
+    let got = resumed.settle(&marker, Duration::from_secs(10)).await;
+    let owed: Vec<Accepted> = held.iter().cloned().chain([marker]).collect();
+    let verdict = judge(
+        "client from B resumed on A from e2",
+        &got,
+        &owed,
+        &seen,
+        true,
+    );
+    fail_if_any(
+        "resume_beside_an_outbox",
+        &verdict.err().into_iter().collect::<Vec<_>>(),
+        &format!(
+            "held {}, e2 {}; A's redis stats: {}",
+            held.iter()
+                .map(|h| show(h.id))
+                .collect::<Vec<_>>()
+                .join(", "),
+            show(e2.id),
+            a.stats().await["redis"]
+        ),
+    );
+}

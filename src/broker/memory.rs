@@ -95,6 +95,11 @@ impl MemoryBroker {
         self.ids.floor()
     }
 
+    /// Whether `id` is a local id this process issued.
+    pub fn issued(&self, id: EventId) -> bool {
+        self.ids.issued(id)
+    }
+
     /// The newest event of `session` held here.
     pub fn newest(&self, session: &SessionId) -> Option<EventId> {
         self.history.newest(session)

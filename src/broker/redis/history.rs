@@ -213,6 +213,13 @@ impl Inner {
                 page = Some(self.range(session, next, PAGE).await?);
             }
         }
+        // Events this instance delivered here while Redis was away and still
+        // holds for it: their local ids can sort at or before `after`, and a
+        // client whose id comes from elsewhere never saw them (they were
+        // nowhere else); published later, they are dropped here as
+        // delivered. A client of this instance (`after` one of its local
+        // ids) saw them in order.
+        let held_unseen = !self.local.issued(after) && self.outbox.holds_through(session, after);
         Ok(Replay {
             frames,
             vouched: !lost_after && (holds || (after == EventId::ZERO && untrimmed)),
@@ -221,6 +228,7 @@ impl Inner {
             gapless: !lost_after
                 && !kept_elsewhere
                 && !straddled
+                && !held_unseen
                 && (untrimmed || oldest.is_some_and(|o| o <= after)),
             too_large,
             oldest,

@@ -62,6 +62,13 @@ impl Outbox {
         self.lock().is_empty()
     }
 
+    /// Whether an event of `session` at or before `id` is still waiting.
+    pub(super) fn holds_through(&self, session: &SessionId, id: EventId) -> bool {
+        self.lock()
+            .iter()
+            .any(|p| p.id <= id && p.session == *session)
+    }
+
     fn lock(&self) -> MutexGuard<'_, VecDeque<Pending>> {
         // Single push/pop critical sections: a poisoned queue is intact.
         self.queue.lock().unwrap_or_else(|e| e.into_inner())
