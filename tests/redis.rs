@@ -197,6 +197,39 @@ async fn a_mixed_fleet_delivers_flagged_events_everywhere_and_nothing_twice() {
     at_off.expect_silence(Duration::from_millis(300)).await;
 }
 
+/// The same for an instance that holds no stream of the session (so its
+/// subscriber never sees the session's events): Redis's history tells it
+/// that another instance published the session through Redis lately, and
+/// its flag-off event goes there too, to the streams elsewhere.
+#[tokio::test]
+async fn a_flag_off_instance_without_streams_publishes_a_shared_session_through_redis() {
+    let redis = RedisServer::start();
+    let on = instance(&redis, "on", true);
+    let off = instance(&redis, "off", false);
+    let (id, token) = new_session(&on).await;
+    let mut at_on = SseClient::open(&on, &id, &token).await;
+    at_on.expect_connected().await;
+    assert_eq!(off.stats().await["redis"]["subscribed_channels"], 0);
+    assert_eq!(message(&on, &id, &token, "flagged").await.status(), 202);
+    assert_eq!(at_on.next_event(T).await.unwrap().json()["text"], "flagged");
+    assert_eq!(message(&off, &id, &token, "from off").await.status(), 202);
+    assert_eq!(
+        at_on.next_event(T).await.unwrap().json()["text"],
+        "from off"
+    );
+    assert_eq!(off.stats().await["redis"]["published_redis"], 1);
+    // A session only the flag-off instance published stays there.
+    let (quiet, quiet_token) = new_session(&on).await;
+    let mut quiet_on = SseClient::open(&on, &quiet, &quiet_token).await;
+    quiet_on.expect_connected().await;
+    assert_eq!(
+        message(&off, &quiet, &quiet_token, "kept").await.status(),
+        202
+    );
+    quiet_on.expect_silence(Duration::from_millis(500)).await;
+    assert_eq!(off.stats().await["redis"]["published_redis"], 1);
+}
+
 #[tokio::test]
 async fn redis_outage_keeps_local_delivery_and_cross_instance_resumes() {
     let mut redis = RedisServer::start();

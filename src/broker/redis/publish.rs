@@ -111,15 +111,28 @@ return 1
 
 /// KEYS[1] history stream, KEYS[2] the sequence's last reservation,
 /// KEYS[3] the newest event each instance kept to itself; ARGV: wanted id,
-/// ttl secs, node. Reserves the next id of the session's sequence for an
-/// event that stays on its instance (flag off), and notes it as that
-/// instance's newest such event: a resume on another instance from before
-/// it then knows its history lacks one.
+/// ttl secs, node, follow-shared ms. Reserves the next id of the session's
+/// sequence for an event that stays on its instance (flag off), and notes
+/// it as that instance's newest such event: a resume on another instance
+/// from before it then knows its history lacks one. Answers `shared`
+/// instead, reserving nothing, when another instance published the session
+/// through Redis within the follow-shared time: its streams are elsewhere
+/// and follow Redis (see [`FOLLOW_SHARED`]).
 pub(super) fn reserve_script() -> String {
     format!("{SEQUENCE_LUA}{RESERVE_LUA}")
 }
 
 const RESERVE_LUA: &str = r#"
+local now = redis.call('TIME')
+local since = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000) - tonumber(ARGV[4])
+for _, entry in ipairs(redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 16)) do
+  local ems = parse(entry[1])
+  if not ems or ems < since then break end
+  local f = entry[2]
+  for i = 1, #f - 1, 2 do
+    if f[i] == 'n' and f[i + 1] ~= ARGV[3] then return 'shared' end
+  end
+end
 local ms, seq = take(ARGV[1], KEYS[1], KEYS[2])
 local id = fmt(ms, seq)
 redis.call('SET', KEYS[2], id, 'EX', ARGV[2])
@@ -134,6 +147,14 @@ return id
 /// refresh, so while instances disagree on the flag (an Unleash change
 /// reaches each at its next poll) a session keeps one order.
 pub(super) const FOLLOW_SHARED: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// What the reserve script answered.
+enum Reserved {
+    /// The id reserved for an event kept on this instance.
+    Id(EventId),
+    /// Another instance published the session through Redis lately.
+    Shared,
+}
 
 impl Inner {
     pub(super) async fn publish(
@@ -186,14 +207,21 @@ impl Inner {
             return self.publish(session, event).await;
         }
         // A session's reservations and deliveries here in one order.
-        let _order = self.local_order(session).lock().await;
+        let order = self.local_order(session).lock().await;
         let mut reserved = None;
         if self.redis.is_healthy() {
             match self.reserve(session).await {
-                Ok(id) => {
+                Ok(Reserved::Id(id)) => {
                     self.publish_recovered();
                     self.local.observe(id);
                     reserved = Some(id);
+                }
+                // Shared, though not with this instance's subscriber (no
+                // stream of it here): its streams elsewhere follow Redis.
+                Ok(Reserved::Shared) => {
+                    self.note_shared(session);
+                    drop(order);
+                    return self.publish(session, event).await;
                 }
                 Err(e) => self.note_outage(&e),
             }
@@ -221,19 +249,24 @@ impl Inner {
             .map(drop)
     }
 
-    async fn reserve(&self, session: &SessionId) -> Result<EventId, CallError> {
+    async fn reserve(&self, session: &SessionId) -> Result<Reserved, CallError> {
         let mut call = self.reserve.key(self.keys.history(session));
         call.key(self.keys.reserved(session));
         call.key(self.keys.kept_local(session));
         call.arg(self.local.floor().to_string())
             .arg(self.settings.history.ttl.as_secs())
-            .arg(&self.settings.node_id);
+            .arg(&self.settings.node_id)
+            .arg(FOLLOW_SHARED.as_millis() as u64);
         let call = &call;
         let id: String = self
             .redis
             .call(|mut conn| async move { call.invoke_async(&mut conn).await })
             .await?;
+        if id == "shared" {
+            return Ok(Reserved::Shared);
+        }
         id.parse()
+            .map(Reserved::Id)
             .map_err(|_| CallError::Server(format!("unexpected stream id {id:?}")))
     }
 

@@ -76,6 +76,23 @@ struct State {
     shared_prune_at: usize,
 }
 
+impl State {
+    /// Another instance published `session` through Redis just now.
+    fn note_shared(&mut self, session: &SessionId) {
+        let now = Instant::now();
+        match self.shared_at.get_mut(session) {
+            Some(at) => *at = now,
+            None => {
+                self.shared_at.insert(session.clone(), now);
+                if self.shared_at.len() >= self.shared_prune_at {
+                    self.shared_at.retain(|_, at| at.elapsed() < FOLLOW_SHARED);
+                    self.shared_prune_at = (self.shared_at.len() * 2).max(1024);
+                }
+            }
+        }
+    }
+}
+
 impl Interest {
     fn lock(&self) -> MutexGuard<'_, State> {
         // Every critical section leaves the state consistent.
@@ -194,6 +211,14 @@ impl Inner {
     /// disagree on the flag (each reads it at its own moment), the session
     /// then keeps one order — the sequence's — on this instance, instead of
     /// two that cross at every publish and reset its clients each time.
+    /// Redis's history says another instance published `session` through
+    /// Redis lately (a flag-off publish asked): followed as if its events
+    /// had arrived here, so that a publish while Redis is away goes to the
+    /// outbox, not only to this instance.
+    pub(super) fn note_shared(&self, session: &SessionId) {
+        self.interest.lock().note_shared(session);
+    }
+
     pub(super) fn follows_shared(&self, session: &SessionId) -> bool {
         self.interest
             .lock()
@@ -776,17 +801,7 @@ impl Inner {
                 }
             }
             if !own {
-                let now = Instant::now();
-                match st.shared_at.get_mut(session) {
-                    Some(at) => *at = now,
-                    None => {
-                        st.shared_at.insert(session.clone(), now);
-                        if st.shared_at.len() >= st.shared_prune_at {
-                            st.shared_at.retain(|_, at| at.elapsed() < FOLLOW_SHARED);
-                            st.shared_prune_at = (st.shared_at.len() * 2).max(1024);
-                        }
-                    }
-                }
+                st.note_shared(session);
             }
         }
         for missing in unechoed {
