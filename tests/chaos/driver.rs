@@ -1,9 +1,10 @@
-//! The driver: real processes (a `redis-server` with an append-only file,
-//! three `sse-scale` instances with the flag on, the shipped HAProxy or
-//! nginx file in front), clients that stream through the balancer and resume like
-//! `EventSource`, publishers that post through the balancer and directly
-//! to instances, and the nemesis carrying out the seed's schedule. It
-//! returns the logs the checker reads.
+//! The driver: real processes (Redis: one server, Sentinel or a cluster;
+//! three `sse-scale` instances in Redis mode, the flag from Unleash where
+//! the run flips it; the shipped HAProxy or nginx file in front), clients
+//! that stream through the balancer and resume like `EventSource`,
+//! publishers that post through the balancer and directly to instances,
+//! and the nemesis carrying out the seed's schedule. It returns the logs
+//! the checker reads.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -25,6 +26,7 @@ use crate::redis_cluster::RedisCluster;
 use crate::redis_sentinel::RedisSentinel;
 use crate::redis_server::RedisServer;
 use crate::support::{parse_block, Server};
+use crate::unleash::{self, Unleash};
 
 pub const INSTANCES: [&str; 3] = ["app1", "app2", "app3"];
 /// `REPLAY_MAX_BYTES` of every instance (the default, said explicitly so
@@ -171,11 +173,11 @@ impl Config {
     }
 }
 
-/// The environment of instance `name` on `port` (0: any), with `redis`,
-/// the variables that name its Redis.
-fn instance_env(redis: &[(String, String)], name: &str, port: u16) -> Vec<(String, String)> {
+/// The environment of instance `name` on `port` (0: any), with `services`,
+/// the variables that name its Redis (and Unleash).
+fn instance_env(services: &[(String, String)], name: &str, port: u16) -> Vec<(String, String)> {
     let replay = REPLAY_MAX_BYTES.to_string();
-    let mut env: Vec<(String, String)> = redis.to_vec();
+    let mut env: Vec<(String, String)> = services.to_vec();
     env.extend(
         [
             ("INSTANCE_ID", name),
@@ -200,8 +202,8 @@ fn instance_env(redis: &[(String, String)], name: &str, port: u16) -> Vec<(Strin
 
 /// Starts an instance, retrying while its port is still held by the
 /// process it replaces (or the start otherwise fails).
-fn start_instance(redis: &[(String, String)], name: &str, port: u16) -> Server {
-    let env = instance_env(redis, name, port);
+fn start_instance(services: &[(String, String)], name: &str, port: u16) -> Server {
+    let env = instance_env(services, name, port);
     let mut last = String::new();
     for _ in 0..20 {
         let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
@@ -289,8 +291,10 @@ impl Redis {
 struct Fleet {
     clock: Clock,
     redis: Arc<Mutex<Redis>>,
-    /// The variables that name Redis to an instance.
-    redis_env: Vec<(String, String)>,
+    /// The variables that name Redis (and Unleash) to an instance.
+    services: Vec<(String, String)>,
+    /// The flag's source, for runs that flip it.
+    unleash: Option<Unleash>,
     instances: Vec<Arc<Mutex<Option<Server>>>>,
     ports: Vec<u16>,
     addrs: Vec<String>,
@@ -301,7 +305,7 @@ struct Fleet {
 }
 
 impl Fleet {
-    async fn start(seed: u64, front: Front, store: Store, clock: Clock) -> Fleet {
+    async fn start(seed: u64, front: Front, store: Store, flips: bool, clock: Clock) -> Fleet {
         let dir = std::env::temp_dir().join(format!("sse-chaos-{}-{seed}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
@@ -312,7 +316,7 @@ impl Fleet {
         })
         .await
         .unwrap();
-        let redis_env: Vec<(String, String)> = match &redis {
+        let mut services: Vec<(String, String)> = match &redis {
             Redis::Single(r) => vec![("REDIS_URL".into(), r.url())],
             Redis::Sentinel(s) => vec![
                 ("REDIS_SENTINEL_NODES".into(), s.sentinel_urls()),
@@ -320,17 +324,50 @@ impl Fleet {
             ],
             Redis::Cluster(c) => vec![("REDIS_CLUSTER_NODES".into(), c.seed_urls())],
         };
+        // The flag follows Unleash, polled every second, as operators run
+        // a flip; `FF_REDIS_SSE_BROADCAST=true` is only its value until
+        // Unleash first answers.
+        let unleash = if flips {
+            let u = Unleash::start().await;
+            u.flags(&["create"]).await;
+            u.flags(&["rollout", "100"]).await;
+            u.flags(&["on"]).await;
+            services.extend([
+                ("UNLEASH_URL".to_owned(), u.api_url()),
+                (
+                    "UNLEASH_API_TOKEN".to_owned(),
+                    unleash::CLIENT_TOKEN.to_owned(),
+                ),
+                ("UNLEASH_REFRESH_SECS".to_owned(), "1".to_owned()),
+            ]);
+            Some(u)
+        } else {
+            None
+        };
         let mut instances = Vec::new();
         let mut ports = Vec::new();
         let mut addrs = Vec::new();
         for name in INSTANCES {
-            let env = redis_env.clone();
+            let env = services.clone();
             let s = tokio::task::spawn_blocking(move || start_instance(&env, name, 0))
                 .await
                 .unwrap();
             ports.push(s.addr.rsplit(':').next().unwrap().parse::<u16>().unwrap());
             addrs.push(s.addr.clone());
             instances.push(Arc::new(Mutex::new(Some(s))));
+        }
+        if unleash.is_some() {
+            for addr in &addrs {
+                let follows = crate::support::eventually(Duration::from_secs(15), || async {
+                    flag_state(addr).await == json!({ "enabled": true, "source": "unleash" })
+                })
+                .await;
+                assert!(
+                    follows,
+                    "{addr} does not follow Unleash: {}",
+                    flag_state(addr).await
+                );
+            }
         }
         let apps = [addrs[0].as_str(), addrs[1].as_str(), addrs[2].as_str()];
         let lb = match front {
@@ -340,7 +377,8 @@ impl Fleet {
         Fleet {
             clock,
             redis: Arc::new(Mutex::new(redis)),
-            redis_env,
+            services,
+            unleash,
             instances,
             ports,
             addrs,
@@ -397,7 +435,7 @@ impl Fleet {
 
     async fn start_instance(&self, i: usize) {
         let slot = self.instances[i].clone();
-        let env = self.redis_env.clone();
+        let env = self.services.clone();
         let port = self.ports[i];
         tokio::task::spawn_blocking(move || {
             let server = start_instance(&env, INSTANCES[i], port);
@@ -425,6 +463,19 @@ impl Fleet {
             }
         }
         let _ = std::fs::write(self.dir.join("balancer.log"), self.lb.log());
+    }
+}
+
+/// The flag as instance `addr` reports it (`/stats`).
+async fn flag_state(addr: &str) -> Value {
+    match crate::support::client()
+        .get(format!("http://{addr}/stats"))
+        .bearer_auth(crate::support::ADMIN)
+        .send()
+        .await
+    {
+        Ok(r) => r.json::<Value>().await.unwrap_or(Value::Null)["flag"]["state"].clone(),
+        Err(_) => Value::Null,
     }
 }
 
@@ -730,6 +781,7 @@ pub struct Outcome {
 
 pub async fn run(cfg: &Config) -> Outcome {
     let began = std::time::Instant::now();
+    let flips = cfg.kinds.contains(&Kind::FlagFlip);
     let mut rng = StdRng::seed_from_u64(cfg.seed);
     let faults = nemesis::schedule(
         &mut rng,
@@ -742,12 +794,14 @@ pub async fn run(cfg: &Config) -> Outcome {
     let client_names: Vec<String> = (0..cfg.clients()).map(|c| cfg.client_name(c)).collect();
     let schedule = nemesis::describe(&faults, &instance_names, &client_names);
     println!(
-        "chaos seed {}: {} s behind {} over Redis {}, {} sessions x {} clients, {} publishers per session; schedule:\n{schedule}",
-        cfg.seed, cfg.secs, cfg.front.name(), cfg.store.name(), cfg.sessions, cfg.clients_per_session, cfg.publishers_per_session
+        "chaos seed {}: {} s behind {} over Redis {}, flag {}, {} sessions x {} clients, {} publishers per session; schedule:\n{schedule}",
+        cfg.seed, cfg.secs, cfg.front.name(), cfg.store.name(),
+        if flips { "from Unleash" } else { "on" },
+        cfg.sessions, cfg.clients_per_session, cfg.publishers_per_session
     );
 
     let clock = Clock::new();
-    let fleet = Arc::new(Fleet::start(cfg.seed, cfg.front, cfg.store, clock.clone()).await);
+    let fleet = Arc::new(Fleet::start(cfg.seed, cfg.front, cfg.store, flips, clock.clone()).await);
     let base = format!("http://{}", fleet.lb.addr);
     let setup = http();
     let mut sessions = Vec::new();
@@ -854,6 +908,7 @@ pub async fn run(cfg: &Config) -> Outcome {
         .map(|_| Arc::new(tokio::sync::Mutex::new(())))
         .collect();
     let redis_lock = Arc::new(tokio::sync::Mutex::new(()));
+    let flag_lock = Arc::new(tokio::sync::Mutex::new(()));
     let down = Arc::new(Semaphore::new(nemesis::MAX_INSTANCES_DOWN));
     let stall_switches: Vec<Arc<Mutex<Option<u64>>>> =
         clients.iter().map(|c| c.stall_until.clone()).collect();
@@ -865,6 +920,7 @@ pub async fn run(cfg: &Config) -> Outcome {
         let lock = match fault.kind {
             Kind::Kill | Kind::Term => instance_locks[fault.target].clone(),
             Kind::Stall => Arc::new(tokio::sync::Mutex::new(())),
+            Kind::FlagFlip => flag_lock.clone(),
             _ => redis_lock.clone(),
         };
         let down = down.clone();
@@ -876,6 +932,7 @@ pub async fn run(cfg: &Config) -> Outcome {
         let name = match fault.kind {
             Kind::Kill | Kind::Term => INSTANCES[fault.target].to_owned(),
             Kind::Stall => client_names[fault.target].clone(),
+            Kind::FlagFlip => "unleash".to_owned(),
             _ => "redis".to_owned(),
         };
         fault_tasks.push(tokio::spawn(async move {
@@ -1148,6 +1205,14 @@ async fn inject(
                 Err(e) => format!("{name} (failed: {e})"),
             };
             (start, start, what)
+        }
+        Kind::FlagFlip => {
+            let unleash = fleet.unleash.as_ref().expect("a flag flip needs Unleash");
+            let start = clock.now();
+            unleash.flags(&["off"]).await;
+            tokio::time::sleep(dur).await;
+            unleash.flags(&["on"]).await;
+            (start, clock.now(), name)
         }
         Kind::Stall => {
             let stall = stall.expect("a stall names a client");

@@ -32,6 +32,8 @@ mod redis_sentinel;
 mod redis_server;
 #[path = "../support/mod.rs"]
 mod support;
+#[path = "../support/unleash.rs"]
+mod unleash;
 
 mod checker;
 mod driver;

@@ -41,9 +41,14 @@ pub enum Kind {
     /// In a cluster: move the hash slot of one session (its history and
     /// channel) to another primary, keys and all, under traffic.
     SlotMove,
+    /// Switch the flag off in Unleash for `dur`, then on again. The
+    /// instances poll Unleash every second, each at its own moment, so for
+    /// about a second each way they disagree: the split window of every
+    /// real flip (docs/migration.md).
+    FlagFlip,
 }
 
-pub const KINDS: [Kind; 9] = [
+pub const KINDS: [Kind; 10] = [
     Kind::Kill,
     Kind::Term,
     Kind::RedisLose,
@@ -53,10 +58,11 @@ pub const KINDS: [Kind; 9] = [
     Kind::Stall,
     Kind::Failover,
     Kind::SlotMove,
+    Kind::FlagFlip,
 ];
 
 /// The kinds a run over one `redis-server` draws from.
-pub const SINGLE_KINDS: [Kind; 7] = [
+pub const SINGLE_KINDS: [Kind; 8] = [
     Kind::Kill,
     Kind::Term,
     Kind::RedisLose,
@@ -64,26 +70,29 @@ pub const SINGLE_KINDS: [Kind; 7] = [
     Kind::RedisHang,
     Kind::PubsubKill,
     Kind::Stall,
+    Kind::FlagFlip,
 ];
 
 /// The kinds a run behind Sentinel draws from (restarts of one server
 /// are the failover's there).
-pub const SENTINEL_KINDS: [Kind; 5] = [
+pub const SENTINEL_KINDS: [Kind; 6] = [
     Kind::Kill,
     Kind::Term,
     Kind::Failover,
     Kind::PubsubKill,
     Kind::Stall,
+    Kind::FlagFlip,
 ];
 
 /// The kinds a run over a cluster draws from.
-pub const CLUSTER_KINDS: [Kind; 6] = [
+pub const CLUSTER_KINDS: [Kind; 7] = [
     Kind::Kill,
     Kind::Term,
     Kind::Failover,
     Kind::SlotMove,
     Kind::PubsubKill,
     Kind::Stall,
+    Kind::FlagFlip,
 ];
 
 impl Kind {
@@ -103,6 +112,7 @@ impl Kind {
             Kind::Stall => "client-stall",
             Kind::Failover => "redis-failover",
             Kind::SlotMove => "slot-move",
+            Kind::FlagFlip => "flag-flip",
         }
     }
 
@@ -123,6 +133,9 @@ impl Kind {
             Kind::SlotMove => {
                 "cluster only: move one session's hash slot, keys and all, to another primary"
             }
+            Kind::FlagFlip => {
+                "Unleash: switch the flag off, and on again after the duration (instances poll every second)"
+            }
         }
     }
 
@@ -137,6 +150,7 @@ impl Kind {
             Kind::Stall => (5_000, 9_000),
             Kind::Failover => (1_000, 5_000),
             Kind::SlotMove => (0, 0),
+            Kind::FlagFlip => (2_000, 6_000),
         }
     }
 
@@ -154,6 +168,8 @@ impl Kind {
             // (Sentinel reconfigures it about 10 s after it is back).
             Kind::Failover => 20_000,
             Kind::SlotMove => 5_000,
+            // Every instance has polled the switch back on.
+            Kind::FlagFlip => 3_000,
         }
     }
 
@@ -168,6 +184,7 @@ impl Kind {
             | Kind::Failover
             | Kind::SlotMove => Resource::Redis,
             Kind::Stall => Resource::Client,
+            Kind::FlagFlip => Resource::Flag,
         }
     }
 
@@ -216,6 +233,15 @@ enum Resource {
     Instance,
     Redis,
     Client,
+    Flag,
+}
+
+impl Resource {
+    /// Whether the resource is one thing (faults on it never overlap),
+    /// not one of several targets.
+    fn single(self) -> bool {
+        matches!(self, Resource::Redis | Resource::Flag)
+    }
 }
 
 /// One planned fault.
@@ -225,7 +251,7 @@ pub struct Fault {
     /// When to inject it, ms after the run began.
     pub at: u64,
     pub kind: Kind,
-    /// Instance index (Kill, Term), client index (Stall), or 0 (Redis).
+    /// Instance index (Kill, Term), client index (Stall), or 0 (Redis, the flag).
     pub target: usize,
     pub dur: u64,
 }
@@ -261,7 +287,8 @@ pub fn schedule(
     let mut t = 3_000;
     // A new fault every 1.5-5 s on average over the run.
     while t < last_start {
-        let kind = if !first.is_empty() {
+        let from_first = !first.is_empty();
+        let kind = if from_first {
             first.remove(0)
         } else {
             kinds[rng.gen_range(0..kinds.len())]
@@ -270,7 +297,7 @@ pub fn schedule(
         let dur = if hi == 0 { 0 } else { rng.gen_range(lo..=hi) };
         let targets = match kind.resource() {
             Resource::Instance => instances,
-            Resource::Redis => 1,
+            Resource::Redis | Resource::Flag => 1,
             Resource::Client => clients,
         };
         let target = rng.gen_range(0..targets);
@@ -283,6 +310,10 @@ pub fn schedule(
         };
         if fits(&faults, &candidate) {
             faults.push(candidate);
+        } else if from_first {
+            // Its target is busy: it is tried again at the next moment, so
+            // every kind still comes once early.
+            first.insert(0, kind);
         }
         t += rng.gen_range(1_500..=5_000);
     }
@@ -297,7 +328,7 @@ fn fits(planned: &[Fault], new: &Fault) -> bool {
     let res = new.kind.resource();
     let same_target = planned
         .iter()
-        .filter(|f| f.kind.resource() == res && (res == Resource::Redis || f.target == new.target))
+        .filter(|f| f.kind.resource() == res && (res.single() || f.target == new.target))
         .any(overlaps);
     if same_target {
         return false;
@@ -322,6 +353,7 @@ pub fn describe(faults: &[Fault], instance_names: &[String], client_names: &[Str
         let target = match f.kind.resource() {
             Resource::Instance => instance_names[f.target].clone(),
             Resource::Redis => "redis".to_owned(),
+            Resource::Flag => "unleash".to_owned(),
             Resource::Client => client_names[f.target].clone(),
         };
         let _ = writeln!(
@@ -350,7 +382,7 @@ fn a_seed_replays_the_same_schedule_and_no_target_has_two_faults_at_once() {
     for (i, x) in a.iter().enumerate() {
         for y in &a[i + 1..] {
             if x.kind.resource() == y.kind.resource()
-                && (x.kind.resource() == Resource::Redis || x.target == y.target)
+                && (x.kind.resource().single() || x.target == y.target)
             {
                 assert!(
                     x.busy_until() <= y.at || y.busy_until() <= x.at,
