@@ -634,11 +634,34 @@ async fn the_session_creation_limit_holds_across_instances() {
     ];
     let a = Server::start(&env);
     let b = Server::start(&env);
+    // Until an instance reaches Redis it counts in process (documented);
+    // the shared budget is what this checks.
+    for server in [&a, &b] {
+        let up = eventually(T, || async {
+            let health: serde_json::Value = client()
+                .get(server.url("/healthz?verbose"))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            health["status"] == "ok"
+        })
+        .await;
+        assert!(up, "{} never reached Redis", server.addr);
+    }
     new_session(&a).await;
     new_session(&a).await;
     new_session(&b).await;
     let res = client().post(b.url("/sessions")).send().await.unwrap();
-    assert_eq!(error_code(res).await, (429, "rate_limited".into()));
+    assert_eq!(
+        error_code(res).await,
+        (429, "rate_limited".into()),
+        "fallback checks: a {}, b {}",
+        a.stats().await["rate_limit_fallback_checks"],
+        b.stats().await["rate_limit_fallback_checks"]
+    );
     assert_eq!(
         b.stats().await["rate_limit_fallback_checks"],
         0,

@@ -30,7 +30,7 @@
 //!
 //! - [`Rule::FlagOffOnItsInstance`]: "Events published with the flag off
 //!   stay on the publishing instance": an event accepted with a local id
-//!   while a flag flip had the flag off (until every instance had polled it
+//!   while a flip or a rollout change had the flag off (until every instance had polled it
 //!   on again) may be absent for a client that was not streaming from the
 //!   instance that accepted it. (With Redis up, an instance keeps a
 //!   session's events only while no other instance publishes it through
@@ -231,7 +231,7 @@ impl Faults<'_> {
     /// [from, to].
     fn flag_off(&self, from: u64, to: u64) -> bool {
         self.0.iter().any(|f| {
-            f.kind == Kind::FlagFlip && f.start <= to && from <= f.repaired + FLAG_FOLLOW_MARGIN
+            f.kind.changes_flag() && f.start <= to && from <= f.repaired + FLAG_FOLLOW_MARGIN
         })
     }
 
@@ -239,7 +239,7 @@ impl Faults<'_> {
     fn flipped_before(&self, t: u64) -> bool {
         self.0
             .iter()
-            .any(|f| f.kind == Kind::FlagFlip && f.start <= t && t <= f.repaired + LATE_MARGIN)
+            .any(|f| f.kind.changes_flag() && f.start <= t && t <= f.repaired + LATE_MARGIN)
     }
 
     /// Faults whose time (injection to repair, plus `margin`) meets

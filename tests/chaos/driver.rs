@@ -781,7 +781,7 @@ pub struct Outcome {
 
 pub async fn run(cfg: &Config) -> Outcome {
     let began = std::time::Instant::now();
-    let flips = cfg.kinds.contains(&Kind::FlagFlip);
+    let flips = cfg.kinds.iter().any(|k| k.changes_flag());
     let mut rng = StdRng::seed_from_u64(cfg.seed);
     let faults = nemesis::schedule(
         &mut rng,
@@ -920,7 +920,7 @@ pub async fn run(cfg: &Config) -> Outcome {
         let lock = match fault.kind {
             Kind::Kill | Kind::Term => instance_locks[fault.target].clone(),
             Kind::Stall => Arc::new(tokio::sync::Mutex::new(())),
-            Kind::FlagFlip => flag_lock.clone(),
+            Kind::FlagFlip | Kind::FlagRollout => flag_lock.clone(),
             _ => redis_lock.clone(),
         };
         let down = down.clone();
@@ -932,7 +932,7 @@ pub async fn run(cfg: &Config) -> Outcome {
         let name = match fault.kind {
             Kind::Kill | Kind::Term => INSTANCES[fault.target].to_owned(),
             Kind::Stall => client_names[fault.target].clone(),
-            Kind::FlagFlip => "unleash".to_owned(),
+            Kind::FlagFlip | Kind::FlagRollout => "unleash".to_owned(),
             _ => "redis".to_owned(),
         };
         fault_tasks.push(tokio::spawn(async move {
@@ -1206,12 +1206,17 @@ async fn inject(
             };
             (start, start, what)
         }
-        Kind::FlagFlip => {
-            let unleash = fleet.unleash.as_ref().expect("a flag flip needs Unleash");
+        Kind::FlagFlip | Kind::FlagRollout => {
+            let unleash = fleet.unleash.as_ref().expect("a flag change needs Unleash");
+            let (change, back): (&[&str], &[&str]) = if fault.kind == Kind::FlagFlip {
+                (&["off"], &["on"])
+            } else {
+                (&["rollout", "50"], &["rollout", "100"])
+            };
             let start = clock.now();
-            unleash.flags(&["off"]).await;
+            unleash.flags(change).await;
             tokio::time::sleep(dur).await;
-            unleash.flags(&["on"]).await;
+            unleash.flags(back).await;
             (start, clock.now(), name)
         }
         Kind::Stall => {

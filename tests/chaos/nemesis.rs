@@ -46,9 +46,13 @@ pub enum Kind {
     /// about a second each way they disagree: the split window of every
     /// real flip (docs/migration.md).
     FlagFlip,
+    /// Lower the flag's rollout in Unleash to 50 % of sessions for `dur`,
+    /// then back to 100 %: the sessions outside it switch off and on, the
+    /// others stay on.
+    FlagRollout,
 }
 
-pub const KINDS: [Kind; 10] = [
+pub const KINDS: [Kind; 11] = [
     Kind::Kill,
     Kind::Term,
     Kind::RedisLose,
@@ -59,10 +63,11 @@ pub const KINDS: [Kind; 10] = [
     Kind::Failover,
     Kind::SlotMove,
     Kind::FlagFlip,
+    Kind::FlagRollout,
 ];
 
 /// The kinds a run over one `redis-server` draws from.
-pub const SINGLE_KINDS: [Kind; 8] = [
+pub const SINGLE_KINDS: [Kind; 9] = [
     Kind::Kill,
     Kind::Term,
     Kind::RedisLose,
@@ -71,21 +76,23 @@ pub const SINGLE_KINDS: [Kind; 8] = [
     Kind::PubsubKill,
     Kind::Stall,
     Kind::FlagFlip,
+    Kind::FlagRollout,
 ];
 
 /// The kinds a run behind Sentinel draws from (restarts of one server
 /// are the failover's there).
-pub const SENTINEL_KINDS: [Kind; 6] = [
+pub const SENTINEL_KINDS: [Kind; 7] = [
     Kind::Kill,
     Kind::Term,
     Kind::Failover,
     Kind::PubsubKill,
     Kind::Stall,
     Kind::FlagFlip,
+    Kind::FlagRollout,
 ];
 
 /// The kinds a run over a cluster draws from.
-pub const CLUSTER_KINDS: [Kind; 7] = [
+pub const CLUSTER_KINDS: [Kind; 8] = [
     Kind::Kill,
     Kind::Term,
     Kind::Failover,
@@ -93,6 +100,7 @@ pub const CLUSTER_KINDS: [Kind; 7] = [
     Kind::PubsubKill,
     Kind::Stall,
     Kind::FlagFlip,
+    Kind::FlagRollout,
 ];
 
 impl Kind {
@@ -113,6 +121,7 @@ impl Kind {
             Kind::Failover => "redis-failover",
             Kind::SlotMove => "slot-move",
             Kind::FlagFlip => "flag-flip",
+            Kind::FlagRollout => "flag-rollout",
         }
     }
 
@@ -136,6 +145,9 @@ impl Kind {
             Kind::FlagFlip => {
                 "Unleash: switch the flag off, and on again after the duration (instances poll every second)"
             }
+            Kind::FlagRollout => {
+                "Unleash: the rollout down to 50 % of sessions, back to 100 % after the duration"
+            }
         }
     }
 
@@ -150,7 +162,7 @@ impl Kind {
             Kind::Stall => (5_000, 9_000),
             Kind::Failover => (1_000, 5_000),
             Kind::SlotMove => (0, 0),
-            Kind::FlagFlip => (2_000, 6_000),
+            Kind::FlagFlip | Kind::FlagRollout => (2_000, 6_000),
         }
     }
 
@@ -169,7 +181,7 @@ impl Kind {
             Kind::Failover => 20_000,
             Kind::SlotMove => 5_000,
             // Every instance has polled the switch back on.
-            Kind::FlagFlip => 3_000,
+            Kind::FlagFlip | Kind::FlagRollout => 3_000,
         }
     }
 
@@ -184,7 +196,7 @@ impl Kind {
             | Kind::Failover
             | Kind::SlotMove => Resource::Redis,
             Kind::Stall => Resource::Client,
-            Kind::FlagFlip => Resource::Flag,
+            Kind::FlagFlip | Kind::FlagRollout => Resource::Flag,
         }
     }
 
@@ -205,6 +217,12 @@ impl Kind {
     /// Whether the fault can make Redis lose acknowledged data.
     pub fn loses_data(self) -> bool {
         matches!(self, Kind::RedisLose | Kind::Failover)
+    }
+
+    /// Whether the fault switches the flag (off for some sessions, then
+    /// on again).
+    pub fn changes_flag(self) -> bool {
+        matches!(self, Kind::FlagFlip | Kind::FlagRollout)
     }
 
     /// Whether the fault stops an instance.
