@@ -285,6 +285,39 @@ fn now_ms() -> u64 {
         .as_millis() as u64
 }
 
+/// Writes event `label` into the session's stream as instance `node`
+/// published it through Redis two minutes ago (as the publish script
+/// writes entries): a flag-off instance then no longer takes the session
+/// for shared, and keeps its events to itself.
+fn published_long_ago(redis: &RedisServer, session: &str, label: &str, node: &str) -> Accepted {
+    let id = (now_ms() - 120_000, 0);
+    let mut conn = redis.conn();
+    let added: String = redis::cmd("XADD")
+        .arg(format!("sse:session:{session}:history"))
+        .arg(show(id))
+        .arg("t")
+        .arg("m")
+        .arg("d")
+        .arg(json!(label).to_string())
+        .arg("n")
+        .arg(node)
+        .arg("h")
+        .arg("0")
+        .query(&mut conn)
+        .unwrap();
+    assert_eq!(added, show(id));
+    let _: Option<String> = redis::cmd("SET")
+        .arg(format!("sse:session:{session}:first"))
+        .arg(show(id))
+        .arg("NX")
+        .query(&mut conn)
+        .unwrap();
+    Accepted {
+        label: label.to_owned(),
+        id,
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn ids_pinned_an_hour_ahead_stay_distinct_and_lose_nothing_silently() {
     let redis = RedisServer::start();
@@ -563,10 +596,10 @@ async fn flag_off_events_still_reset_a_resume_elsewhere_after_redis_lost_their_n
     let a = instance(&redis.url(), "a", false);
     let b = instance(&redis.url(), "b", true);
     let (session, token) = new_session(&b).await;
-    let on_b = record(&b, &session, &token).await;
+    let _on_b = record(&b, &session, &token).await;
     wait_subscribed(&b, 1).await;
-    let e0 = accept(&b, &session, &token, "e0").await;
-    assert!(on_b.wait_labels(&["e0"], Duration::from_secs(5)).await);
+    // Long enough ago that A keeps its events to itself.
+    let e0 = published_long_ago(&redis, &session, "e0", "b");
     let on_a = record(&a, &session, &token).await;
     wait_subscribed(&a, 1).await;
     for n in 1..=3 {
@@ -1253,8 +1286,9 @@ async fn a_resume_from_between_an_outbox_events_two_ids_resets_instead_of_repeat
     );
 }
 
-// E0 goes through Redis; L1, L2 stay on C (flag off, no stream of the
-// session there, so C does not follow it as shared). Other sessions'
+// E0 went through Redis two minutes ago; L1, L2 stay on C (flag off, and
+// no other instance published the session through Redis in the last 60 s,
+// so C does not follow it as shared). Other sessions'
 // history then pushes the session's ring out of HISTORY_MEMORY_MB, and L3
 // starts a new one: a resume on C from E0 must not be answered with L3
 // alone.
@@ -1264,7 +1298,8 @@ async fn a_flag_off_resume_after_the_sessions_history_was_evicted_resets_instead
     let a = instance(&redis.url(), "a", true);
     let c = instance_with(&redis.url(), "c", false, &[("HISTORY_MEMORY_MB", "1")]);
     let (session, token) = new_session(&a).await;
-    let e0 = accept(&a, &session, &token, "E0").await;
+    // Long enough ago that C does not take the session for shared.
+    let e0 = published_long_ago(&redis, &session, "E0", "a");
     let l1 = accept(&c, &session, &token, "L1").await;
     let l2 = accept(&c, &session, &token, "L2").await;
     // About 1.4 MB of other sessions' flag-off events; the session's ring
