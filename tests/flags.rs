@@ -293,6 +293,39 @@ async fn switching_in_unleash_under_traffic_gives_a_clean_suffix_then_prefix_and
     eprintln!("published {total}; crossed {first}..={last}; switch-on followed in {delay:?}");
 }
 
+// After a switch-off, A (no stream of the session) keeps an event to
+// itself only if no other instance published the session through Redis in
+// the last 60 s. B did, but A's own events, published while the flag was
+// on, are the newest many in the session's history: B's must still count.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_switch_off_an_instance_follows_a_session_shared_before_its_own_events() {
+    let f = fleet("100", "on").await;
+    let (a, b) = (&f.a, &f.b);
+    let (id, token) = new_session(b).await;
+    let mut on_b = SseClient::open(b, &id, &token).await;
+    on_b.expect_connected().await;
+    let mut texts = vec!["b1".to_owned()];
+    assert_eq!(message(b, &id, &token, "b1").await.status(), 202);
+    for n in 0..20 {
+        let text = format!("a{n}");
+        assert_eq!(message(a, &id, &token, &text).await.status(), 202);
+        texts.push(text);
+    }
+    for text in &texts {
+        assert_eq!(on_b.next_event(T).await.unwrap().json()["text"], *text);
+    }
+    f.unleash.flags(&["off"]).await;
+    wait_flag(a, json!({ "enabled": false, "source": "unleash" })).await;
+    assert_eq!(message(a, &id, &token, "x").await.status(), 202);
+    let ev = on_b.next_event(T).await;
+    assert_eq!(
+        ev.as_ref().map(|e| e.json()["text"].clone()),
+        Some(json!("x")),
+        "{ev:?}; A: {}",
+        a.stats().await["redis"]
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fifty_percent_rollout_splits_sessions_the_same_way_on_every_instance() {
     let f = fleet("50", "on").await;

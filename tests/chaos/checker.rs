@@ -625,10 +625,6 @@ fn check_client(
                 && c.instance.is_some()
                 && c.instance == p.instance
         });
-        if is_local(e) && !own && faults.flag_off(p.sent, p.done) {
-            excuse(Rule::FlagOffOnItsInstance, st);
-            continue;
-        }
         if is_local(e) {
             if let Some(instance) = &p.instance {
                 let until =
@@ -644,6 +640,12 @@ fn check_client(
                     continue;
                 }
             }
+        }
+        // After the outbox rule: an event both rules fit is counted where
+        // the cause is certain.
+        if is_local(e) && !own && faults.flag_off(p.sent, p.done) {
+            excuse(Rule::FlagOffOnItsInstance, st);
+            continue;
         }
         // Only the publishing instance's own clients, for an event that
         // reached Redis (a sequence id) while Redis was killed empty.

@@ -277,6 +277,25 @@ impl Redis {
         }
     }
 
+    /// Kills a cluster primary and its replica: the cluster is down.
+    /// Returns their ports.
+    fn shard_down(&mut self, pick: usize) -> (u16, u16) {
+        let c = self.cluster();
+        let primaries = c.primaries();
+        let primary = primaries[pick % primaries.len()];
+        let replica = c.replica_of(primary).expect("every primary has a replica");
+        c.kill(replica);
+        c.kill(primary);
+        (primary, replica)
+    }
+
+    /// Starts the nodes [`Redis::shard_down`] killed, primary first.
+    fn shard_up(&mut self, (primary, replica): (u16, u16)) {
+        let c = self.cluster();
+        c.restart(primary);
+        c.restart(replica);
+    }
+
     /// Starts a node [`Redis::fail_over`] killed; it rejoins as a replica.
     fn rejoin(&mut self, port: u16) {
         match self {
@@ -1156,6 +1175,18 @@ async fn inject(
             tokio::time::sleep(dur).await;
             fleet.redis(move |r| r.rejoin(old)).await;
             (start, promoted, format!("{name} (port {old})"))
+        }
+        Kind::ShardDown => {
+            let start = clock.now();
+            let pick = fault.index;
+            let shard = fleet.redis(move |r| r.shard_down(pick)).await;
+            tokio::time::sleep(dur).await;
+            fleet.redis(move |r| r.shard_up(shard)).await;
+            (
+                start,
+                clock.now(),
+                format!("{name} (ports {} and {})", shard.0, shard.1),
+            )
         }
         Kind::SlotMove => {
             let session = sessions[fault.target % sessions.len()].id.clone();

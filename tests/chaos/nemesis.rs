@@ -41,6 +41,11 @@ pub enum Kind {
     /// In a cluster: move the hash slot of one session (its history and
     /// channel) to another primary, keys and all, under traffic.
     SlotMove,
+    /// In a cluster: SIGKILL a primary and its replica, so no failover is
+    /// possible and the cluster is down (`cluster-require-full-coverage`,
+    /// Redis's default); both start again after `dur`, the shard empty
+    /// (the nodes keep no data on disk).
+    ShardDown,
     /// Switch the flag off in Unleash for `dur`, then on again. The
     /// instances poll Unleash every second, each at its own moment, so for
     /// about a second each way they disagree: the split window of every
@@ -52,7 +57,7 @@ pub enum Kind {
     FlagRollout,
 }
 
-pub const KINDS: [Kind; 11] = [
+pub const KINDS: [Kind; 12] = [
     Kind::Kill,
     Kind::Term,
     Kind::RedisLose,
@@ -62,6 +67,7 @@ pub const KINDS: [Kind; 11] = [
     Kind::Stall,
     Kind::Failover,
     Kind::SlotMove,
+    Kind::ShardDown,
     Kind::FlagFlip,
     Kind::FlagRollout,
 ];
@@ -92,11 +98,12 @@ pub const SENTINEL_KINDS: [Kind; 7] = [
 ];
 
 /// The kinds a run over a cluster draws from.
-pub const CLUSTER_KINDS: [Kind; 8] = [
+pub const CLUSTER_KINDS: [Kind; 9] = [
     Kind::Kill,
     Kind::Term,
     Kind::Failover,
     Kind::SlotMove,
+    Kind::ShardDown,
     Kind::PubsubKill,
     Kind::Stall,
     Kind::FlagFlip,
@@ -120,6 +127,7 @@ impl Kind {
             Kind::Stall => "client-stall",
             Kind::Failover => "redis-failover",
             Kind::SlotMove => "slot-move",
+            Kind::ShardDown => "shard-down",
             Kind::FlagFlip => "flag-flip",
             Kind::FlagRollout => "flag-rollout",
         }
@@ -142,6 +150,9 @@ impl Kind {
             Kind::SlotMove => {
                 "cluster only: move one session's hash slot, keys and all, to another primary"
             }
+            Kind::ShardDown => {
+                "cluster only: SIGKILL a primary and its replica (no failover: the cluster is down); both restart empty after the duration"
+            }
             Kind::FlagFlip => {
                 "Unleash: switch the flag off, and on again after the duration (instances poll every second)"
             }
@@ -162,6 +173,7 @@ impl Kind {
             Kind::Stall => (5_000, 9_000),
             Kind::Failover => (1_000, 5_000),
             Kind::SlotMove => (0, 0),
+            Kind::ShardDown => (2_000, 8_000),
             Kind::FlagFlip | Kind::FlagRollout => (2_000, 6_000),
         }
     }
@@ -180,6 +192,8 @@ impl Kind {
             // (Sentinel reconfigures it about 10 s after it is back).
             Kind::Failover => 20_000,
             Kind::SlotMove => 5_000,
+            // Two nodes rejoining, the replica's full sync.
+            Kind::ShardDown => 10_000,
             // Every instance has polled the switch back on.
             Kind::FlagFlip | Kind::FlagRollout => 3_000,
         }
@@ -194,7 +208,8 @@ impl Kind {
             | Kind::RedisHang
             | Kind::PubsubKill
             | Kind::Failover
-            | Kind::SlotMove => Resource::Redis,
+            | Kind::SlotMove
+            | Kind::ShardDown => Resource::Redis,
             Kind::Stall => Resource::Client,
             Kind::FlagFlip | Kind::FlagRollout => Resource::Flag,
         }
@@ -208,6 +223,7 @@ impl Kind {
                 | Kind::RedisKeep
                 | Kind::RedisHang
                 | Kind::Failover
+                | Kind::ShardDown
                 // Publishes to a migrating slot are refused (`TRYAGAIN`)
                 // and go to the outbox.
                 | Kind::SlotMove
@@ -216,7 +232,7 @@ impl Kind {
 
     /// Whether the fault can make Redis lose acknowledged data.
     pub fn loses_data(self) -> bool {
-        matches!(self, Kind::RedisLose | Kind::Failover)
+        matches!(self, Kind::RedisLose | Kind::Failover | Kind::ShardDown)
     }
 
     /// Whether the fault switches the flag (off for some sessions, then

@@ -111,7 +111,7 @@ return 1
 
 /// KEYS[1] history stream, KEYS[2] the sequence's last reservation,
 /// KEYS[3] the newest event each instance kept to itself; ARGV: wanted id,
-/// ttl secs, node, follow-shared ms. Reserves the next id of the session's
+/// ttl secs, node, follow-shared ms, most entries to look at. Reserves the next id of the session's
 /// sequence for an event that stays on its instance (flag off), and notes
 /// it as that instance's newest such event: a resume on another instance
 /// from before it then knows its history lacks one. Answers `shared`
@@ -125,9 +125,10 @@ pub(super) fn reserve_script() -> String {
 const RESERVE_LUA: &str = r#"
 local now = redis.call('TIME')
 local since = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000) - tonumber(ARGV[4])
-for _, entry in ipairs(redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 16)) do
-  local ems = parse(entry[1])
-  if not ems or ems < since then break end
+-- Every entry of the window, newest first: this instance's own can be
+-- the newest many (an outbox just flushed).
+local recent = redis.call('XREVRANGE', KEYS[1], '+', string.format('%.0f', since), 'COUNT', ARGV[5])
+for _, entry in ipairs(recent) do
   local f = entry[2]
   for i = 1, #f - 1, 2 do
     if f[i] == 'n' and f[i + 1] ~= ARGV[3] then return 'shared' end
@@ -256,7 +257,9 @@ impl Inner {
         call.arg(self.local.floor().to_string())
             .arg(self.settings.history.ttl.as_secs())
             .arg(&self.settings.node_id)
-            .arg(FOLLOW_SHARED.as_millis() as u64);
+            .arg(FOLLOW_SHARED.as_millis() as u64)
+            // The stream holds about this many entries at most.
+            .arg(self.settings.history.maxlen.max(1));
         let call = &call;
         let id: String = self
             .redis
