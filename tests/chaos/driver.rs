@@ -20,6 +20,7 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use crate::balancer::Balancer;
+use crate::link::Link;
 use crate::log::*;
 use crate::nemesis::{self, Fault, Kind};
 use crate::redis_cluster::RedisCluster;
@@ -200,6 +201,23 @@ fn instance_env(services: &[(String, String)], name: &str, port: u16) -> Vec<(St
     env
 }
 
+/// `services` for instance `i`: with links, its `REDIS_URL` is its link.
+fn instance_services(
+    services: &[(String, String)],
+    links: &[Link],
+    i: usize,
+) -> Vec<(String, String)> {
+    let mut env = services.to_vec();
+    if let Some(link) = links.get(i) {
+        for (k, v) in &mut env {
+            if k == "REDIS_URL" {
+                *v = format!("redis://127.0.0.1:{}/", link.port);
+            }
+        }
+    }
+    env
+}
+
 /// Starts an instance, retrying while its port is still held by the
 /// process it replaces (or the start otherwise fails).
 fn start_instance(services: &[(String, String)], name: &str, port: u16) -> Server {
@@ -314,6 +332,8 @@ struct Fleet {
     services: Vec<(String, String)>,
     /// The flag's source, for runs that flip it.
     unleash: Option<Unleash>,
+    /// Each instance's link to a single Redis (none otherwise).
+    links: Vec<Link>,
     instances: Vec<Arc<Mutex<Option<Server>>>>,
     ports: Vec<u16>,
     addrs: Vec<String>,
@@ -363,11 +383,19 @@ impl Fleet {
         } else {
             None
         };
+        // Over one server, each instance reaches Redis through a link of
+        // its own, which a partition cuts.
+        let mut links = Vec::new();
+        if let Redis::Single(r) = &redis {
+            for _ in INSTANCES {
+                links.push(Link::start(r.port).await);
+            }
+        }
         let mut instances = Vec::new();
         let mut ports = Vec::new();
         let mut addrs = Vec::new();
-        for name in INSTANCES {
-            let env = services.clone();
+        for (i, name) in INSTANCES.into_iter().enumerate() {
+            let env = instance_services(&services, &links, i);
             let s = tokio::task::spawn_blocking(move || start_instance(&env, name, 0))
                 .await
                 .unwrap();
@@ -398,6 +426,7 @@ impl Fleet {
             redis: Arc::new(Mutex::new(redis)),
             services,
             unleash,
+            links,
             instances,
             ports,
             addrs,
@@ -454,7 +483,7 @@ impl Fleet {
 
     async fn start_instance(&self, i: usize) {
         let slot = self.instances[i].clone();
-        let env = self.services.clone();
+        let env = instance_services(&self.services, &self.links, i);
         let port = self.ports[i];
         tokio::task::spawn_blocking(move || {
             let server = start_instance(&env, INSTANCES[i], port);
@@ -937,7 +966,7 @@ pub async fn run(cfg: &Config) -> Outcome {
         let records = records.clone();
         let clock = clock.clone();
         let lock = match fault.kind {
-            Kind::Kill | Kind::Term => instance_locks[fault.target].clone(),
+            Kind::Kill | Kind::Term | Kind::Partition => instance_locks[fault.target].clone(),
             Kind::Stall => Arc::new(tokio::sync::Mutex::new(())),
             Kind::FlagFlip | Kind::FlagRollout => flag_lock.clone(),
             _ => redis_lock.clone(),
@@ -949,7 +978,7 @@ pub async fn run(cfg: &Config) -> Outcome {
         let base = base.clone();
         let cpp = cfg.clients_per_session;
         let name = match fault.kind {
-            Kind::Kill | Kind::Term => INSTANCES[fault.target].to_owned(),
+            Kind::Kill | Kind::Term | Kind::Partition => INSTANCES[fault.target].to_owned(),
             Kind::Stall => client_names[fault.target].clone(),
             Kind::FlagFlip | Kind::FlagRollout => "unleash".to_owned(),
             _ => "redis".to_owned(),
@@ -1136,6 +1165,14 @@ async fn inject(
             fleet.stop_instance(fault.target, fault.kind).await;
             tokio::time::sleep(dur).await;
             fleet.start_instance(fault.target).await;
+            (start, clock.now(), name)
+        }
+        Kind::Partition => {
+            let link = &fleet.links[fault.target];
+            let start = clock.now();
+            link.cut();
+            tokio::time::sleep(dur).await;
+            link.restore();
             (start, clock.now(), name)
         }
         Kind::RedisLose => {

@@ -24,6 +24,8 @@
 
 #[path = "../support/balancer.rs"]
 mod balancer;
+#[path = "../support/link.rs"]
+mod link;
 #[path = "../support/redis_cluster.rs"]
 mod redis_cluster;
 #[path = "../support/redis_sentinel.rs"]

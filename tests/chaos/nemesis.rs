@@ -18,6 +18,10 @@ pub enum Kind {
     /// SIGTERM an instance (it drains: unready, streams closed with a
     /// retry hint, outbox flushed); start it again `dur` after it exited.
     Term,
+    /// Cut one instance's link to Redis (one server) for `dur`: a
+    /// partition between the two, the balancer still reaching the
+    /// instance. Nothing is reset; held bytes flow when it heals.
+    Partition,
     /// SIGKILL redis-server, delete its data, start it empty after `dur`.
     RedisLose,
     /// SIGTERM redis-server (its append-only file is complete on exit),
@@ -57,9 +61,10 @@ pub enum Kind {
     FlagRollout,
 }
 
-pub const KINDS: [Kind; 12] = [
+pub const KINDS: [Kind; 13] = [
     Kind::Kill,
     Kind::Term,
+    Kind::Partition,
     Kind::RedisLose,
     Kind::RedisKeep,
     Kind::RedisHang,
@@ -73,9 +78,10 @@ pub const KINDS: [Kind; 12] = [
 ];
 
 /// The kinds a run over one `redis-server` draws from.
-pub const SINGLE_KINDS: [Kind; 9] = [
+pub const SINGLE_KINDS: [Kind; 10] = [
     Kind::Kill,
     Kind::Term,
+    Kind::Partition,
     Kind::RedisLose,
     Kind::RedisKeep,
     Kind::RedisHang,
@@ -120,6 +126,7 @@ impl Kind {
         match self {
             Kind::Kill => "kill",
             Kind::Term => "term",
+            Kind::Partition => "redis-partition",
             Kind::RedisLose => "redis-restart-lose",
             Kind::RedisKeep => "redis-restart-keep",
             Kind::RedisHang => "redis-hang",
@@ -137,6 +144,9 @@ impl Kind {
         match self {
             Kind::Kill => "SIGKILL an instance, restart it on its port after the duration",
             Kind::Term => "SIGTERM an instance (drain), restart it the duration after it exited",
+            Kind::Partition => {
+                "one server: cut one instance's link to Redis (silence, no reset), heal it after the duration"
+            }
             Kind::RedisLose => "SIGKILL redis-server, delete its data, restart it empty",
             Kind::RedisKeep => {
                 "SIGTERM redis-server (append-only file kept), restart with its data"
@@ -167,6 +177,7 @@ impl Kind {
         match self {
             Kind::Kill => (1_000, 4_000),
             Kind::Term => (500, 3_000),
+            Kind::Partition => (1_000, 6_000),
             Kind::RedisLose | Kind::RedisKeep => (1_000, 5_000),
             Kind::RedisHang => (1_500, 5_000),
             Kind::PubsubKill => (0, 0),
@@ -185,6 +196,8 @@ impl Kind {
         match self {
             Kind::Kill => 2_000,
             Kind::Term => 6_000,
+            // The outbox flush, the subscriber's catch-up.
+            Kind::Partition => 3_000,
             Kind::RedisLose | Kind::RedisKeep | Kind::RedisHang => 2_000,
             Kind::PubsubKill => 1_000,
             Kind::Stall => 3_000,
@@ -202,7 +215,7 @@ impl Kind {
     /// What the fault acts on: one instance, Redis, or one client.
     fn resource(self) -> Resource {
         match self {
-            Kind::Kill | Kind::Term => Resource::Instance,
+            Kind::Kill | Kind::Term | Kind::Partition => Resource::Instance,
             Kind::RedisLose
             | Kind::RedisKeep
             | Kind::RedisHang
@@ -219,7 +232,10 @@ impl Kind {
     pub fn redis_down(self) -> bool {
         matches!(
             self,
-            Kind::RedisLose
+            // For the partitioned instance only; the checker's rules take
+            // it for all (a little more lenient for the others).
+            Kind::Partition
+                | Kind::RedisLose
                 | Kind::RedisKeep
                 | Kind::RedisHang
                 | Kind::Failover
