@@ -28,6 +28,8 @@ command -v systemd-analyze >/dev/null || need+=(systemd)
 command -v chromium >/dev/null || need+=(chromium)
 # The operations tests (tests/ops.rs): a real Prometheus and promtool.
 command -v prometheus >/dev/null || need+=(prometheus)
+# The seeded faults (tests/chaos): one instance's clock off, by libfaketime.
+command -v faketime >/dev/null || need+=(faketime)
 command -v jq >/dev/null || need+=(jq)
 command -v psql >/dev/null || need+=(postgresql-client)
 command -v node >/dev/null || need+=(nodejs)

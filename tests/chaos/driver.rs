@@ -52,6 +52,10 @@ const BURST_PAD: usize = 32_000;
 const BURST_PACE: Duration = Duration::from_millis(100);
 const BURST_BYTES: usize = 3_000_000;
 
+/// The skews a seed draws from: none, and a clock behind or ahead by about
+/// the catch-up's margin (2 s) and past it.
+const SKEWS: [i64; 5] = [0, -1_500, 1_500, -3_000, 3_000];
+
 #[derive(Debug, Clone)]
 pub struct Config {
     pub seed: u64,
@@ -67,6 +71,9 @@ pub struct Config {
     pub front: Front,
     /// What the instances use as Redis.
     pub store: Store,
+    /// How far the last instance's wall clock is off, in ms (it runs
+    /// under libfaketime); the others run on the machine's clock.
+    pub skew_ms: i64,
 }
 
 /// The Redis of a run.
@@ -158,6 +165,7 @@ impl Config {
                 Front::Nginx
             },
             store,
+            skew_ms: SKEWS[((seed / 6) % SKEWS.len() as u64) as usize],
         }
     }
 
@@ -201,10 +209,13 @@ fn instance_env(services: &[(String, String)], name: &str, port: u16) -> Vec<(St
     env
 }
 
-/// `services` for instance `i`: with links, its `REDIS_URL` is its link.
+/// `services` for instance `i`: with links, its `REDIS_URL` is its link;
+/// the last instance's wall clock is `skew_ms` off (libfaketime; its
+/// monotonic clock is left alone).
 fn instance_services(
     services: &[(String, String)],
     links: &[Link],
+    skew_ms: i64,
     i: usize,
 ) -> Vec<(String, String)> {
     let mut env = services.to_vec();
@@ -215,7 +226,35 @@ fn instance_services(
             }
         }
     }
+    if skew_ms != 0 && i == INSTANCES.len() - 1 {
+        env.extend([
+            ("LD_PRELOAD".to_owned(), faketime_lib()),
+            (
+                "FAKETIME".to_owned(),
+                format!("{:+.3}s", skew_ms as f64 / 1000.0),
+            ),
+            ("FAKETIME_DONT_FAKE_MONOTONIC".to_owned(), "1".to_owned()),
+        ]);
+    }
     env
+}
+
+/// libfaketime's multithreaded library (Debian's `faketime` package,
+/// which `tests/run-all.sh` installs).
+fn faketime_lib() -> String {
+    let found = std::fs::read_dir("/usr/lib")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|d| d.path().join("faketime/libfaketimeMT.so.1"))
+        .chain([std::path::PathBuf::from(
+            "/usr/lib/faketime/libfaketimeMT.so.1",
+        )])
+        .find(|p| p.exists());
+    found
+        .unwrap_or_else(|| panic!("libfaketimeMT.so.1 not found: install the faketime package"))
+        .display()
+        .to_string()
 }
 
 /// Starts an instance, retrying while its port is still held by the
@@ -334,6 +373,8 @@ struct Fleet {
     unleash: Option<Unleash>,
     /// Each instance's link to a single Redis (none otherwise).
     links: Vec<Link>,
+    /// See [`Config::skew_ms`].
+    skew_ms: i64,
     instances: Vec<Arc<Mutex<Option<Server>>>>,
     ports: Vec<u16>,
     addrs: Vec<String>,
@@ -344,7 +385,8 @@ struct Fleet {
 }
 
 impl Fleet {
-    async fn start(seed: u64, front: Front, store: Store, flips: bool, clock: Clock) -> Fleet {
+    async fn start(cfg: &Config, flips: bool, clock: Clock) -> Fleet {
+        let (seed, front, store, skew_ms) = (cfg.seed, cfg.front, cfg.store, cfg.skew_ms);
         let dir = std::env::temp_dir().join(format!("sse-chaos-{}-{seed}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
@@ -395,7 +437,7 @@ impl Fleet {
         let mut ports = Vec::new();
         let mut addrs = Vec::new();
         for (i, name) in INSTANCES.into_iter().enumerate() {
-            let env = instance_services(&services, &links, i);
+            let env = instance_services(&services, &links, skew_ms, i);
             let s = tokio::task::spawn_blocking(move || start_instance(&env, name, 0))
                 .await
                 .unwrap();
@@ -427,6 +469,7 @@ impl Fleet {
             services,
             unleash,
             links,
+            skew_ms,
             instances,
             ports,
             addrs,
@@ -483,7 +526,7 @@ impl Fleet {
 
     async fn start_instance(&self, i: usize) {
         let slot = self.instances[i].clone();
-        let env = instance_services(&self.services, &self.links, i);
+        let env = instance_services(&self.services, &self.links, self.skew_ms, i);
         let port = self.ports[i];
         tokio::task::spawn_blocking(move || {
             let server = start_instance(&env, INSTANCES[i], port);
@@ -842,14 +885,15 @@ pub async fn run(cfg: &Config) -> Outcome {
     let client_names: Vec<String> = (0..cfg.clients()).map(|c| cfg.client_name(c)).collect();
     let schedule = nemesis::describe(&faults, &instance_names, &client_names);
     println!(
-        "chaos seed {}: {} s behind {} over Redis {}, flag {}, {} sessions x {} clients, {} publishers per session; schedule:\n{schedule}",
+        "chaos seed {}: {} s behind {} over Redis {}, flag {}, {}'s clock {:+} ms, {} sessions x {} clients, {} publishers per session; schedule:\n{schedule}",
         cfg.seed, cfg.secs, cfg.front.name(), cfg.store.name(),
         if flips { "from Unleash" } else { "on" },
+        INSTANCES[INSTANCES.len() - 1], cfg.skew_ms,
         cfg.sessions, cfg.clients_per_session, cfg.publishers_per_session
     );
 
     let clock = Clock::new();
-    let fleet = Arc::new(Fleet::start(cfg.seed, cfg.front, cfg.store, flips, clock.clone()).await);
+    let fleet = Arc::new(Fleet::start(cfg, flips, clock.clone()).await);
     let base = format!("http://{}", fleet.lb.addr);
     let setup = http();
     let mut sessions = Vec::new();

@@ -14,6 +14,8 @@
 //!   (default: every kind; names as the fault table prints them).
 //! - `CHAOS_BALANCER=haproxy|nginx`: the balancer in front (default: HAProxy
 //!   for an even seed, nginx for an odd one).
+//! - `CHAOS_SKEW_MS=<ms>`: how far app3's wall clock is off (default:
+//!   drawn from the seed: 0, ±1500 or ±3000).
 //! - `CHAOS_REDIS=single|sentinel|cluster`: one `redis-server`, a primary
 //!   and a replica behind three sentinels, or a cluster of three primaries
 //!   with a replica each (default: drawn from the seed, single for the fixed
@@ -83,6 +85,12 @@ async fn seeded_faults_lose_nothing_silently() {
                 panic!("CHAOS_REDIS: no store {name:?} (single, sentinel, cluster)")
             });
             cfg.kinds = cfg.store.kinds();
+        }
+        if let Ok(skew) = std::env::var("CHAOS_SKEW_MS") {
+            cfg.skew_ms = skew
+                .trim()
+                .parse()
+                .unwrap_or_else(|_| panic!("CHAOS_SKEW_MS: not a number of ms: {skew:?}"));
         }
         if let Ok(names) = std::env::var("CHAOS_KINDS") {
             cfg.kinds = names
