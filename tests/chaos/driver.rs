@@ -375,6 +375,8 @@ struct Fleet {
     links: Vec<Link>,
     /// See [`Config::skew_ms`].
     skew_ms: i64,
+    /// The balancer's link to each instance.
+    lb_links: Vec<Link>,
     instances: Vec<Arc<Mutex<Option<Server>>>>,
     ports: Vec<u16>,
     addrs: Vec<String>,
@@ -458,7 +460,21 @@ impl Fleet {
                 );
             }
         }
-        let apps = [addrs[0].as_str(), addrs[1].as_str(), addrs[2].as_str()];
+        // The balancer reaches each instance through a link of its own,
+        // which an `lb-partition` cuts.
+        let mut lb_links = Vec::new();
+        for port in &ports {
+            lb_links.push(Link::start(*port).await);
+        }
+        let fronted: Vec<String> = lb_links
+            .iter()
+            .map(|l| format!("127.0.0.1:{}", l.port))
+            .collect();
+        let apps = [
+            fronted[0].as_str(),
+            fronted[1].as_str(),
+            fronted[2].as_str(),
+        ];
         let lb = match front {
             Front::Haproxy => Balancer::haproxy("haproxy/haproxy.cfg", &apps, &[]).await,
             Front::Nginx => Balancer::nginx("nginx/cookie-map.conf.template", &apps).await,
@@ -470,6 +486,7 @@ impl Fleet {
             unleash,
             links,
             skew_ms,
+            lb_links,
             instances,
             ports,
             addrs,
@@ -1010,7 +1027,9 @@ pub async fn run(cfg: &Config) -> Outcome {
         let records = records.clone();
         let clock = clock.clone();
         let lock = match fault.kind {
-            Kind::Kill | Kind::Term | Kind::Partition => instance_locks[fault.target].clone(),
+            Kind::Kill | Kind::Term | Kind::Partition | Kind::LbPartition => {
+                instance_locks[fault.target].clone()
+            }
             Kind::Stall => Arc::new(tokio::sync::Mutex::new(())),
             Kind::FlagFlip | Kind::FlagRollout => flag_lock.clone(),
             _ => redis_lock.clone(),
@@ -1022,7 +1041,9 @@ pub async fn run(cfg: &Config) -> Outcome {
         let base = base.clone();
         let cpp = cfg.clients_per_session;
         let name = match fault.kind {
-            Kind::Kill | Kind::Term | Kind::Partition => INSTANCES[fault.target].to_owned(),
+            Kind::Kill | Kind::Term | Kind::Partition | Kind::LbPartition => {
+                INSTANCES[fault.target].to_owned()
+            }
             Kind::Stall => client_names[fault.target].clone(),
             Kind::FlagFlip | Kind::FlagRollout => "unleash".to_owned(),
             _ => "redis".to_owned(),
@@ -1211,8 +1232,12 @@ async fn inject(
             fleet.start_instance(fault.target).await;
             (start, clock.now(), name)
         }
-        Kind::Partition => {
-            let link = &fleet.links[fault.target];
+        Kind::Partition | Kind::LbPartition => {
+            let link = if fault.kind == Kind::Partition {
+                &fleet.links[fault.target]
+            } else {
+                &fleet.lb_links[fault.target]
+            };
             let start = clock.now();
             link.cut();
             tokio::time::sleep(dur).await;

@@ -22,6 +22,10 @@ pub enum Kind {
     /// partition between the two, the balancer still reaching the
     /// instance. Nothing is reset; held bytes flow when it heals.
     Partition,
+    /// Cut the balancer's link to one instance for `dur`: streams through
+    /// it fall silent, its health checks fail; publishers that post to the
+    /// instance directly still reach it.
+    LbPartition,
     /// SIGKILL redis-server, delete its data, start it empty after `dur`.
     RedisLose,
     /// SIGTERM redis-server (its append-only file is complete on exit),
@@ -61,10 +65,11 @@ pub enum Kind {
     FlagRollout,
 }
 
-pub const KINDS: [Kind; 13] = [
+pub const KINDS: [Kind; 14] = [
     Kind::Kill,
     Kind::Term,
     Kind::Partition,
+    Kind::LbPartition,
     Kind::RedisLose,
     Kind::RedisKeep,
     Kind::RedisHang,
@@ -78,10 +83,11 @@ pub const KINDS: [Kind; 13] = [
 ];
 
 /// The kinds a run over one `redis-server` draws from.
-pub const SINGLE_KINDS: [Kind; 10] = [
+pub const SINGLE_KINDS: [Kind; 11] = [
     Kind::Kill,
     Kind::Term,
     Kind::Partition,
+    Kind::LbPartition,
     Kind::RedisLose,
     Kind::RedisKeep,
     Kind::RedisHang,
@@ -93,9 +99,10 @@ pub const SINGLE_KINDS: [Kind; 10] = [
 
 /// The kinds a run behind Sentinel draws from (restarts of one server
 /// are the failover's there).
-pub const SENTINEL_KINDS: [Kind; 7] = [
+pub const SENTINEL_KINDS: [Kind; 8] = [
     Kind::Kill,
     Kind::Term,
+    Kind::LbPartition,
     Kind::Failover,
     Kind::PubsubKill,
     Kind::Stall,
@@ -104,9 +111,10 @@ pub const SENTINEL_KINDS: [Kind; 7] = [
 ];
 
 /// The kinds a run over a cluster draws from.
-pub const CLUSTER_KINDS: [Kind; 9] = [
+pub const CLUSTER_KINDS: [Kind; 10] = [
     Kind::Kill,
     Kind::Term,
+    Kind::LbPartition,
     Kind::Failover,
     Kind::SlotMove,
     Kind::ShardDown,
@@ -127,6 +135,7 @@ impl Kind {
             Kind::Kill => "kill",
             Kind::Term => "term",
             Kind::Partition => "redis-partition",
+            Kind::LbPartition => "lb-partition",
             Kind::RedisLose => "redis-restart-lose",
             Kind::RedisKeep => "redis-restart-keep",
             Kind::RedisHang => "redis-hang",
@@ -146,6 +155,9 @@ impl Kind {
             Kind::Term => "SIGTERM an instance (drain), restart it the duration after it exited",
             Kind::Partition => {
                 "one server: cut one instance's link to Redis (silence, no reset), heal it after the duration"
+            }
+            Kind::LbPartition => {
+                "cut the balancer's link to one instance (silence, no reset), heal it after the duration"
             }
             Kind::RedisLose => "SIGKILL redis-server, delete its data, restart it empty",
             Kind::RedisKeep => {
@@ -177,7 +189,7 @@ impl Kind {
         match self {
             Kind::Kill => (1_000, 4_000),
             Kind::Term => (500, 3_000),
-            Kind::Partition => (1_000, 6_000),
+            Kind::Partition | Kind::LbPartition => (1_000, 6_000),
             Kind::RedisLose | Kind::RedisKeep => (1_000, 5_000),
             Kind::RedisHang => (1_500, 5_000),
             Kind::PubsubKill => (0, 0),
@@ -198,6 +210,8 @@ impl Kind {
             Kind::Term => 6_000,
             // The outbox flush, the subscriber's catch-up.
             Kind::Partition => 3_000,
+            // Health checks mark the instance up again.
+            Kind::LbPartition => 3_000,
             Kind::RedisLose | Kind::RedisKeep | Kind::RedisHang => 2_000,
             Kind::PubsubKill => 1_000,
             Kind::Stall => 3_000,
@@ -215,7 +229,7 @@ impl Kind {
     /// What the fault acts on: one instance, Redis, or one client.
     fn resource(self) -> Resource {
         match self {
-            Kind::Kill | Kind::Term | Kind::Partition => Resource::Instance,
+            Kind::Kill | Kind::Term | Kind::Partition | Kind::LbPartition => Resource::Instance,
             Kind::RedisLose
             | Kind::RedisKeep
             | Kind::RedisHang
