@@ -1,10 +1,12 @@
-//! Faults at random, checked from outside (issue 32, first steps): a
-//! seeded nemesis over real processes — three `sse-scale` instances in
-//! Redis mode with the flag on, a real `redis-server`, the shipped HAProxy
-//! or nginx file — while clients stream through the balancer and resume like
-//! `EventSource`, and publishers post through the balancer and to
-//! instances directly. The checker (`checker.rs`) then reads only what the
-//! clients saw and the publishers' answers.
+//! Faults at random, checked from outside (issue 32): a seeded nemesis
+//! over real processes — three `sse-scale` instances in Redis mode (one
+//! `redis-server`, Sentinel or a cluster; the flag from a real Unleash
+//! server; one instance's clock skewed), the shipped HAProxy or nginx file
+//! in front, links that can be cut between the instances and Redis and
+//! between the balancer and the instances — while clients stream through
+//! the balancer and resume like `EventSource`, and publishers post through
+//! the balancer and to instances directly. The checker (`checker.rs`) then
+//! reads only what the clients saw and the publishers' answers.
 //!
 //! - `CHAOS_SEED=<n>`: run that seed only (the schedule is drawn from it
 //!   up front and printed, so the same seed replays the same faults).
