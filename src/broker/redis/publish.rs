@@ -111,13 +111,14 @@ return 1
 
 /// KEYS[1] history stream, KEYS[2] the sequence's last reservation,
 /// KEYS[3] the newest event each instance kept to itself; ARGV: wanted id,
-/// ttl secs, node, follow-shared ms, most entries to look at. Reserves the next id of the session's
-/// sequence for an event that stays on its instance (flag off), and notes
-/// it as that instance's newest such event: a resume on another instance
-/// from before it then knows its history lacks one. Answers `shared`
-/// instead, reserving nothing, when another instance published the session
-/// through Redis within the follow-shared time: its streams are elsewhere
-/// and follow Redis (see [`FOLLOW_SHARED`]).
+/// ttl secs, node, follow-shared ms, most entries to look at. Reserves the
+/// next id of the session's sequence for an event that stays on its
+/// instance (flag off), and notes it as that instance's newest such event:
+/// a resume on another instance from before it then knows its history
+/// lacks one. Answers `shared` instead, reserving nothing, when another
+/// instance published the session through Redis within the follow-shared
+/// time: its streams are elsewhere and follow Redis (see
+/// [`FOLLOW_SHARED`]).
 pub(super) fn reserve_script() -> String {
     format!("{SEQUENCE_LUA}{RESERVE_LUA}")
 }

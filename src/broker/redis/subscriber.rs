@@ -211,20 +211,20 @@ impl Inner {
     /// disagree on the flag (each reads it at its own moment), the session
     /// then keeps one order — the sequence's — on this instance, instead of
     /// two that cross at every publish and reset its clients each time.
-    /// Redis's history says another instance published `session` through
-    /// Redis lately (a flag-off publish asked): followed as if its events
-    /// had arrived here, so that a publish while Redis is away goes to the
-    /// outbox, not only to this instance.
-    pub(super) fn note_shared(&self, session: &SessionId) {
-        self.interest.lock().note_shared(session);
-    }
-
     pub(super) fn follows_shared(&self, session: &SessionId) -> bool {
         self.interest
             .lock()
             .shared_at
             .get(session)
             .is_some_and(|t| t.elapsed() < FOLLOW_SHARED)
+    }
+
+    /// Redis's history says another instance published `session` through
+    /// Redis lately (a flag-off publish asked): followed as if its events
+    /// had arrived here, so that a publish while Redis is away goes to the
+    /// outbox, not only to this instance.
+    pub(super) fn note_shared(&self, session: &SessionId) {
+        self.interest.lock().note_shared(session);
     }
 
     /// Delivers own events whose echo never came and that the stream no
