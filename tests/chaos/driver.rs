@@ -1027,7 +1027,7 @@ pub async fn run(cfg: &Config) -> Outcome {
         let records = records.clone();
         let clock = clock.clone();
         let lock = match fault.kind {
-            Kind::Kill | Kind::Term | Kind::Partition | Kind::LbPartition => {
+            Kind::Kill | Kind::Term | Kind::Partition | Kind::Latency | Kind::LbPartition => {
                 instance_locks[fault.target].clone()
             }
             Kind::Stall => Arc::new(tokio::sync::Mutex::new(())),
@@ -1041,7 +1041,7 @@ pub async fn run(cfg: &Config) -> Outcome {
         let base = base.clone();
         let cpp = cfg.clients_per_session;
         let name = match fault.kind {
-            Kind::Kill | Kind::Term | Kind::Partition | Kind::LbPartition => {
+            Kind::Kill | Kind::Term | Kind::Partition | Kind::Latency | Kind::LbPartition => {
                 INSTANCES[fault.target].to_owned()
             }
             Kind::Stall => client_names[fault.target].clone(),
@@ -1231,6 +1231,15 @@ async fn inject(
             tokio::time::sleep(dur).await;
             fleet.start_instance(fault.target).await;
             (start, clock.now(), name)
+        }
+        Kind::Latency => {
+            let link = &fleet.links[fault.target];
+            let ms = nemesis::latency_ms(fault.index);
+            let start = clock.now();
+            link.set_delay(Duration::from_millis(ms));
+            tokio::time::sleep(dur).await;
+            link.set_delay(Duration::ZERO);
+            (start, clock.now(), format!("{name} (+{ms} ms)"))
         }
         Kind::Partition | Kind::LbPartition => {
             let link = if fault.kind == Kind::Partition {

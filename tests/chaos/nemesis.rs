@@ -22,6 +22,10 @@ pub enum Kind {
     /// partition between the two, the balancer still reaching the
     /// instance. Nothing is reset; held bytes flow when it heals.
     Partition,
+    /// Slow one instance's link to Redis (one server) for `dur`: every byte
+    /// arrives [`latency_ms`] later each way, some past the 1 s response
+    /// timeout.
+    Latency,
     /// Cut the balancer's link to one instance for `dur`: streams through
     /// it fall silent, its health checks fail; publishers that post to the
     /// instance directly still reach it.
@@ -65,10 +69,11 @@ pub enum Kind {
     FlagRollout,
 }
 
-pub const KINDS: [Kind; 14] = [
+pub const KINDS: [Kind; 15] = [
     Kind::Kill,
     Kind::Term,
     Kind::Partition,
+    Kind::Latency,
     Kind::LbPartition,
     Kind::RedisLose,
     Kind::RedisKeep,
@@ -83,10 +88,11 @@ pub const KINDS: [Kind; 14] = [
 ];
 
 /// The kinds a run over one `redis-server` draws from.
-pub const SINGLE_KINDS: [Kind; 11] = [
+pub const SINGLE_KINDS: [Kind; 12] = [
     Kind::Kill,
     Kind::Term,
     Kind::Partition,
+    Kind::Latency,
     Kind::LbPartition,
     Kind::RedisLose,
     Kind::RedisKeep,
@@ -135,6 +141,7 @@ impl Kind {
             Kind::Kill => "kill",
             Kind::Term => "term",
             Kind::Partition => "redis-partition",
+            Kind::Latency => "redis-latency",
             Kind::LbPartition => "lb-partition",
             Kind::RedisLose => "redis-restart-lose",
             Kind::RedisKeep => "redis-restart-keep",
@@ -155,6 +162,9 @@ impl Kind {
             Kind::Term => "SIGTERM an instance (drain), restart it the duration after it exited",
             Kind::Partition => {
                 "one server: cut one instance's link to Redis (silence, no reset), heal it after the duration"
+            }
+            Kind::Latency => {
+                "one server: 150, 400, 800 or 1500 ms more each way on one instance's link to Redis for the duration"
             }
             Kind::LbPartition => {
                 "cut the balancer's link to one instance (silence, no reset), heal it after the duration"
@@ -190,6 +200,7 @@ impl Kind {
             Kind::Kill => (1_000, 4_000),
             Kind::Term => (500, 3_000),
             Kind::Partition | Kind::LbPartition => (1_000, 6_000),
+            Kind::Latency => (2_000, 8_000),
             Kind::RedisLose | Kind::RedisKeep => (1_000, 5_000),
             Kind::RedisHang => (1_500, 5_000),
             Kind::PubsubKill => (0, 0),
@@ -209,7 +220,7 @@ impl Kind {
             Kind::Kill => 2_000,
             Kind::Term => 6_000,
             // The outbox flush, the subscriber's catch-up.
-            Kind::Partition => 3_000,
+            Kind::Partition | Kind::Latency => 3_000,
             // Health checks mark the instance up again.
             Kind::LbPartition => 3_000,
             Kind::RedisLose | Kind::RedisKeep | Kind::RedisHang => 2_000,
@@ -229,7 +240,9 @@ impl Kind {
     /// What the fault acts on: one instance, Redis, or one client.
     fn resource(self) -> Resource {
         match self {
-            Kind::Kill | Kind::Term | Kind::Partition | Kind::LbPartition => Resource::Instance,
+            Kind::Kill | Kind::Term | Kind::Partition | Kind::Latency | Kind::LbPartition => {
+                Resource::Instance
+            }
             Kind::RedisLose
             | Kind::RedisKeep
             | Kind::RedisHang
@@ -249,6 +262,7 @@ impl Kind {
             // For the partitioned instance only; the checker's rules take
             // it for all (a little more lenient for the others).
             Kind::Partition
+                | Kind::Latency
                 | Kind::RedisLose
                 | Kind::RedisKeep
                 | Kind::RedisHang
@@ -324,6 +338,12 @@ impl Fault {
     fn busy_until(&self) -> u64 {
         self.at + self.dur + self.kind.repair_ms()
     }
+}
+
+/// The latency a [`Kind::Latency`] fault adds, by its index in the
+/// schedule.
+pub fn latency_ms(index: usize) -> u64 {
+    [150, 400, 800, 1_500][index % 4]
 }
 
 /// At most this many instances are down at once, so that clients and

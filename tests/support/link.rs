@@ -2,19 +2,25 @@
 //! restore, as a network partition between the two does: while cut, no
 //! byte crosses in either direction, on open connections or new ones, and
 //! nothing is reset — the peers see silence and their own timeouts decide.
-//! Restored, what was held flows again (TCP would retransmit it). The
-//! process connects to [`Link::port`] instead of the server.
+//! Restored, what was held flows again (TCP would retransmit it). It can
+//! also add latency: every byte arrives that much later, in order, at the
+//! rate it was sent. The process connects to [`Link::port`] instead of the
+//! server.
 
 #![allow(dead_code)]
 
+use std::time::Duration;
+
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
 
 pub struct Link {
     /// Where the process connects.
     pub port: u16,
     open: watch::Sender<bool>,
+    delay: watch::Sender<Duration>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -24,10 +30,12 @@ impl Link {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind a link");
         let port = listener.local_addr().unwrap().port();
         let (open, _) = watch::channel(true);
-        let gate = open.clone();
+        let (delay, _) = watch::channel(Duration::ZERO);
+        let (gate, lag) = (open.clone(), delay.clone());
         let task = tokio::spawn(async move {
             while let Ok((from, _)) = listener.accept().await {
                 let gate = gate.subscribe();
+                let lag = lag.subscribe();
                 tokio::spawn(async move {
                     // The connection to the server is made once the link
                     // is open, as a SYN would get through only then.
@@ -40,11 +48,19 @@ impl Link {
                     };
                     let (from_r, from_w) = from.into_split();
                     let (to_r, to_w) = to.into_split();
-                    tokio::join!(pump(from_r, to_w, gate.clone()), pump(to_r, from_w, gate));
+                    tokio::join!(
+                        pump(from_r, to_w, gate.clone(), lag.clone()),
+                        pump(to_r, from_w, gate, lag)
+                    );
                 });
             }
         });
-        Link { port, open, task }
+        Link {
+            port,
+            open,
+            delay,
+            task,
+        }
     }
 
     /// Stops every byte, both ways, until [`Link::restore`].
@@ -55,6 +71,12 @@ impl Link {
     pub fn restore(&self) {
         self.open.send_replace(true);
     }
+
+    /// Every byte read from now on is passed on `delay` later (zero: at
+    /// once).
+    pub fn set_delay(&self, delay: Duration) {
+        self.delay.send_replace(delay);
+    }
 }
 
 impl Drop for Link {
@@ -64,36 +86,53 @@ impl Drop for Link {
 }
 
 /// Copies `r` to `w` while the link is open; holds what it read while it
-/// is cut. Ends when either side closes.
+/// is cut, and passes each chunk on its delay after it was read. Ends when
+/// either side closes.
 async fn pump(
     mut r: tokio::net::tcp::OwnedReadHalf,
     mut w: tokio::net::tcp::OwnedWriteHalf,
-    mut open: watch::Receiver<bool>,
+    open: watch::Receiver<bool>,
+    delay: watch::Receiver<Duration>,
 ) {
-    let mut buf = vec![0u8; 16 * 1024];
-    loop {
-        if open.wait_for(|o| *o).await.is_err() {
-            return;
-        }
-        let n = match r.read(&mut buf).await {
-            Ok(0) | Err(_) => {
-                let _ = w.shutdown().await;
+    // Bounded: a reader far ahead of a slow link waits, as TCP's window
+    // would make the sender wait.
+    let (tx, mut rx) = mpsc::channel::<(Instant, Vec<u8>)>(256);
+    let mut read_gate = open.clone();
+    let reader = async move {
+        let mut buf = vec![0u8; 16 * 1024];
+        loop {
+            if read_gate.wait_for(|o| *o).await.is_err() {
                 return;
             }
-            Ok(n) => n,
-        };
-        if open.wait_for(|o| *o).await.is_err() {
-            return;
+            match r.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => {
+                    let due = Instant::now() + *delay.borrow();
+                    if tx.send((due, buf[..n].to_vec())).await.is_err() {
+                        return;
+                    }
+                }
+            }
         }
-        if w.write_all(&buf[..n]).await.is_err() {
-            return;
+    };
+    let mut write_gate = open;
+    let writer = async move {
+        while let Some((due, chunk)) = rx.recv().await {
+            tokio::time::sleep_until(due).await;
+            if write_gate.wait_for(|o| *o).await.is_err() {
+                return;
+            }
+            if w.write_all(&chunk).await.is_err() {
+                return;
+            }
         }
-    }
+        let _ = w.shutdown().await;
+    };
+    tokio::join!(reader, writer);
 }
 
 #[tokio::test]
 async fn a_cut_link_holds_bytes_both_ways_until_restored() {
-    use std::time::Duration;
     let server = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let target = server.local_addr().unwrap().port();
     let link = Link::start(target).await;
@@ -137,4 +176,28 @@ async fn a_cut_link_holds_bytes_both_ways_until_restored() {
     late.write_all(b"d").await.unwrap();
     late_far.read_exact(&mut one).await.unwrap();
     assert_eq!(&one, b"d");
+
+    // Latency: in order, each chunk its delay after it was sent.
+    link.set_delay(Duration::from_millis(300));
+    let sent = Instant::now();
+    client.write_all(b"e").await.unwrap();
+    client.write_all(b"f").await.unwrap();
+    let mut two = [0u8; 2];
+    far.read_exact(&mut two).await.unwrap();
+    assert_eq!(&two, b"ef");
+    assert!(
+        sent.elapsed() >= Duration::from_millis(300),
+        "{:?}",
+        sent.elapsed()
+    );
+    link.set_delay(Duration::ZERO);
+    let sent = Instant::now();
+    far.write_all(b"g").await.unwrap();
+    client.read_exact(&mut one).await.unwrap();
+    assert_eq!(&one, b"g");
+    assert!(
+        sent.elapsed() < Duration::from_millis(300),
+        "{:?}",
+        sent.elapsed()
+    );
 }
