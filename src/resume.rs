@@ -122,18 +122,22 @@ pub async fn open_stream(
         ));
     }
     // The reset moves the client to the newest id held, so its next
-    // reconnect resumes from a point history can vouch for. When the
-    // shared history could not be read, that is not below the client's own
-    // id: the id is most likely a point of that history (a reconnect once
-    // it answers resumes from it), and moving the client back would have
-    // it replay what it has. An event at or before it arriving later is
-    // covered by the reset. A made-up id from the future is never kept: a
-    // stream positioned there would let no real event through.
+    // reconnect resumes from a point history can vouch for. Not back,
+    // though, when the client's id is most likely a real event this
+    // instance cannot see: the shared history could not be read, or the
+    // id was given during a Redis outage (a local id, by a clock of its
+    // own, maybe ahead) and that event is not here yet. Moving the client
+    // back would have it receive again what it has; an event at or before
+    // its id arriving later is covered by the reset. (A reconnect from such
+    // an id resets again until a newer event moves the client on.) A
+    // made-up id from the future is never kept: a stream positioned there
+    // would let no real event through.
     let held = match replay.newest {
         Some(newest) => newest,
         None => broadcaster.position(session).await,
     };
-    let now = if replay.unreadable && position > held && position.is_plausible() {
+    let unseen = replay.unreadable || position.is_local();
+    let now = if unseen && position > held && position.is_plausible() {
         position
     } else {
         held

@@ -1570,3 +1570,69 @@ async fn a_resume_on_an_instance_still_holding_its_outbox_resets_a_client_from_e
         ),
     );
 }
+
+// During a full outage each instance gives its events local ids by its
+// own clock: b1 on B, then a1 on A. A client on A sees a1 and leaves
+// before Redis is back; B's outbox reaches the stream first (A logs in as
+// a user that exists only until Redis restarts), so both keep their ids,
+// b1's below a1's. A resume from a1's id cannot tell that the client never
+// saw b1: it resets.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_resume_from_an_id_given_during_an_outage_resets() {
+    const USER: &str = "instance-a";
+    const PASSWORD: &str = "instance-a-password";
+    let mut redis = RedisServer::start();
+    acl_user(&mut redis.conn(), USER, PASSWORD, true);
+    let url_a = format!("redis://{USER}:{PASSWORD}@127.0.0.1:{}/", redis.port);
+    let a = instance(&url_a, "a", true);
+    let b = instance(&redis.url(), "b", true);
+    let (session, token) = new_session(&a).await;
+    let on_a = record(&a, &session, &token).await;
+    wait_subscribed(&a, 1).await;
+
+    redis.stop();
+    let b1 = accept(&b, &session, &token, "b1").await;
+    let a1 = accept(&a, &session, &token, "a1").await;
+    assert!(b1.id.1 >= 1 << 46 && a1.id.1 >= 1 << 46 && b1.id < a1.id);
+    assert!(on_a.wait_labels(&["a1"], Duration::from_secs(5)).await);
+    let seen = on_a.labels();
+    drop(on_a);
+
+    redis.restart();
+    let b_flushed = eventually(Duration::from_secs(15), || async {
+        b.stats().await["redis"]["outbox_len"] == 0
+    })
+    .await;
+    assert!(b_flushed, "B never flushed: {}", b.stats().await["redis"]);
+    acl_user(&mut redis.conn(), USER, PASSWORD, true);
+    let a_flushed = eventually(Duration::from_secs(15), || async {
+        a.stats().await["redis"]["outbox_len"] == 0
+    })
+    .await;
+    assert!(a_flushed, "A never flushed: {}", a.stats().await["redis"]);
+    let kept: Vec<Id> = history_entries(&redis, &session)
+        .into_iter()
+        .map(|(id, _)| id)
+        .collect();
+    assert_eq!(
+        kept,
+        vec![b1.id, a1.id],
+        "precondition: both outbox events kept their ids"
+    );
+
+    // b1's id is below a1's, so a replay "after a1" leaves it out: the
+    // client must get b1 or start with a reset.
+    let resumed = record_from(&b, &session, &token, a1.id).await;
+    let marker = accept(&b, &session, &token, "mark").await;
+    let got = resumed.settle(&marker, Duration::from_secs(10)).await;
+    let reset_first = matches!(got.first(), Some(Got::Reset { .. }));
+    let b1_came = got
+        .iter()
+        .any(|g| matches!(g, Got::Event { label, .. } if *label == b1.label));
+    assert!(
+        reset_first || b1_came,
+        "the resume from a1 {} on B skipped b1 {} without a reset (the client saw {seen:?}): {got:?}",
+        show(a1.id),
+        show(b1.id)
+    );
+}

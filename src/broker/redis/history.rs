@@ -220,6 +220,11 @@ impl Inner {
         // delivered. A client of this instance (`after` one of its local
         // ids) saw them in order.
         let held_unseen = !self.local.issued(after) && self.outbox.holds_through(session, after);
+        // A local id was given while Redis was away, by a clock of its own:
+        // events other instances published meanwhile can have lower ids and
+        // reach the stream (and the client's instance) only after the
+        // client went past that id. Nothing shows which of them it saw.
+        let from_outage = after.is_local();
         Ok(Replay {
             frames,
             vouched: !lost_after && (holds || (after == EventId::ZERO && untrimmed)),
@@ -229,6 +234,7 @@ impl Inner {
                 && !kept_elsewhere
                 && !straddled
                 && !held_unseen
+                && !from_outage
                 && (untrimmed || oldest.is_some_and(|o| o <= after)),
             too_large,
             oldest,
