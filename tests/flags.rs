@@ -184,7 +184,7 @@ struct Fleet {
     a: Server,
     b: Server,
     unleash: Unleash,
-    _redis: RedisServer,
+    redis: RedisServer,
 }
 
 async fn fleet(rollout: &str, switch: &str) -> Fleet {
@@ -210,7 +210,7 @@ async fn fleet(rollout: &str, switch: &str) -> Fleet {
         a,
         b,
         unleash,
-        _redis: redis,
+        redis,
     }
 }
 
@@ -324,6 +324,35 @@ async fn after_a_switch_off_an_instance_follows_a_session_shared_before_its_own_
         "{ev:?}; A: {}",
         a.stats().await["redis"]
     );
+}
+
+// A switch-off while Redis is away: A (no stream of the session) holds an
+// event of it in its outbox, published with the flag on. Its next event,
+// with the flag off, goes behind it into the outbox rather than staying on
+// A: once Redis is back, B's stream gets both, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_switch_off_during_an_outage_keeps_a_session_with_held_events_on_redis() {
+    let mut f = fleet("100", "on").await;
+    let (id, token) = new_session(&f.b).await;
+    let mut on_b = SseClient::open(&f.b, &id, &token).await;
+    on_b.expect_connected().await;
+    wait_subscribed(&f.b, 1).await;
+    f.redis.stop();
+    assert_eq!(message(&f.a, &id, &token, "held").await.status(), 202);
+    assert_eq!(f.a.stats().await["redis"]["outbox_len"], 1);
+    f.unleash.flags(&["off"]).await;
+    wait_flag(&f.a, json!({ "enabled": false, "source": "unleash" })).await;
+    assert_eq!(message(&f.a, &id, &token, "after").await.status(), 202);
+    f.redis.restart();
+    for text in ["held", "after"] {
+        let ev = on_b.next_event(Duration::from_secs(15)).await;
+        assert_eq!(
+            ev.as_ref().map(|e| e.json()["text"].clone()),
+            Some(json!(text)),
+            "{ev:?}; A: {}",
+            f.a.stats().await["redis"]
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -516,7 +545,7 @@ async fn an_instance_started_while_unleash_is_down_follows_the_fleet_s_last_know
     on_a.expect_connected().await;
     wait_subscribed(&f.a, 1).await;
     f.unleash.stop();
-    let late = instance(&f._redis, &f.unleash, "late");
+    let late = instance(&f.redis, &f.unleash, "late");
     wait_flag(
         &late,
         json!({ "enabled": true, "source": "unleash-last-known" }),

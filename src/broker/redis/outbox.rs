@@ -62,6 +62,11 @@ impl Outbox {
         self.lock().is_empty()
     }
 
+    /// Whether an event of `session` is still waiting.
+    pub(super) fn holds_session(&self, session: &SessionId) -> bool {
+        self.lock().iter().any(|p| p.session == *session)
+    }
+
     /// Whether an event of `session` at or before `id` is still waiting.
     pub(super) fn holds_through(&self, session: &SessionId, id: EventId) -> bool {
         self.lock()

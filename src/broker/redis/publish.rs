@@ -205,7 +205,10 @@ impl Inner {
         event: &OutgoingEvent,
     ) -> Result<EventId, BrokerError> {
         self.check_open()?;
-        if self.follows_shared(session) {
+        // Events of the session still wait in the outbox (published with
+        // the flag on, during an outage): this one goes behind them, so the
+        // session keeps one order and stays where its streams follow it.
+        if self.follows_shared(session) || self.outbox.holds_session(session) {
             return self.publish(session, event).await;
         }
         // A session's reservations and deliveries here in one order.
