@@ -318,6 +318,10 @@ impl RedisCluster {
                 .arg("")
                 .arg(0)
                 .arg(5000)
+                // The source owns the slot: a copy the target kept from an
+                // earlier owner (a node restarted in the middle of a fault)
+                // is older.
+                .arg("REPLACE")
                 .arg("KEYS");
             for k in &keys {
                 migrate.arg(&k[..]);
