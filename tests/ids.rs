@@ -398,7 +398,7 @@ async fn an_own_event_redis_lost_while_the_subscriber_was_down_arrives_or_is_cov
     let redis = RedisServer::start();
     let mut conn = redis.conn();
     acl_user(&mut conn, USER, PASSWORD, true);
-    let url_a = format!("redis://{USER}:{PASSWORD}@127.0.0.1:{}/", redis.port);
+    let url_a = user_url(&redis, USER, PASSWORD);
     let a = instance(&url_a, "a", true);
     let (session, token) = new_session(&a).await;
     let stream = record(&a, &session, &token).await;
@@ -473,7 +473,7 @@ async fn an_own_event_waiting_for_its_echo_reaches_the_stream_before_later_outbo
     let mut redis = RedisServer::start();
     let mut conn = redis.conn();
     acl_user(&mut conn, USER, PASSWORD, true);
-    let url_a = format!("redis://{USER}:{PASSWORD}@127.0.0.1:{}/", redis.port);
+    let url_a = user_url(&redis, USER, PASSWORD);
     let a = instance(&url_a, "a", true);
     let (session, token) = new_session(&a).await;
     let stream = record(&a, &session, &token).await;
@@ -546,7 +546,7 @@ async fn a_resume_on_an_instance_whose_subscriber_is_down_resets_instead_of_trus
     let redis = RedisServer::start();
     let mut conn = redis.conn();
     acl_user(&mut conn, USER, PASSWORD, true);
-    let url_b = format!("redis://{USER}:{PASSWORD}@127.0.0.1:{}/", redis.port);
+    let url_b = user_url(&redis, USER, PASSWORD);
     let a = instance(&redis.url(), "a", true);
     let b = instance(&url_b, "b", true);
     let (session, token) = new_session(&a).await;
@@ -768,6 +768,11 @@ async fn a_resume_on_a_flag_on_instance_from_before_flag_off_events_resets() {
     );
 }
 
+/// The URL an instance logs in with as `user` (see [`acl_user`]).
+fn user_url(redis: &RedisServer, user: &str, password: &str) -> String {
+    format!("redis://{user}:{password}@127.0.0.1:{}/", redis.port)
+}
+
 /// Creates (or updates) a Redis user allowed everything; `on: false`
 /// refuses new logins as it and keeps the connections already logged in.
 fn acl_user(conn: &mut redis::Connection, user: &str, password: &str, on: bool) {
@@ -805,7 +810,7 @@ async fn a_reassigned_outbox_event_is_not_replayed_to_a_client_that_saw_it() {
     const PASSWORD: &str = "instance-a-password";
     let mut redis = RedisServer::start();
     acl_user(&mut redis.conn(), USER, PASSWORD, true);
-    let url_a = format!("redis://{USER}:{PASSWORD}@127.0.0.1:{}/", redis.port);
+    let url_a = user_url(&redis, USER, PASSWORD);
     let a = instance(&url_a, "a", true);
     let b = instance(&redis.url(), "b", true);
     let (session, token) = new_session(&a).await;
@@ -993,7 +998,7 @@ async fn a_live_stream_whose_catch_up_finds_the_history_trimmed_gets_a_history_g
     let redis = RedisServer::start();
     let mut conn = redis.conn();
     acl_user(&mut conn, USER, PASSWORD, true);
-    let url_b = format!("redis://{USER}:{PASSWORD}@127.0.0.1:{}/", redis.port);
+    let url_b = user_url(&redis, USER, PASSWORD);
     let a = instance_with(&redis.url(), "a", true, &SHORT);
     let b = instance_with(&url_b, "b", true, &SHORT);
     let (session, token) = new_session(&a).await;
@@ -1105,7 +1110,7 @@ async fn a_subscriber_cut_while_redis_ran_that_returns_after_redis_lost_data_res
     let redis = RedisServer::start();
     let mut conn = redis.conn();
     acl_user(&mut conn, USER, PASSWORD, true);
-    let url_b = format!("redis://{USER}:{PASSWORD}@127.0.0.1:{}/", redis.port);
+    let url_b = user_url(&redis, USER, PASSWORD);
     let a = instance_with(&redis.url(), "a", true, &[]);
     let b = instance_with(&url_b, "b", true, &[]);
     let (session, token) = new_session(&a).await;
@@ -1180,7 +1185,7 @@ async fn a_resume_from_between_an_outbox_events_two_ids_resets_instead_of_repeat
     let redis = RedisServer::start();
     let mut conn = redis.conn();
     acl_user(&mut conn, USER, PASSWORD, true);
-    let url_a = format!("redis://{USER}:{PASSWORD}@127.0.0.1:{}/", redis.port);
+    let url_a = user_url(&redis, USER, PASSWORD);
     let a = instance(&url_a, "a", true);
     let b = instance(&redis.url(), "b", true);
     let (session, token) = new_session(&a).await;
@@ -1489,7 +1494,7 @@ async fn a_resume_on_an_instance_still_holding_its_outbox_resets_a_client_from_e
     let redis = RedisServer::start();
     let mut admin = redis.conn();
     acl_user(&mut admin, USER, PASSWORD, true);
-    let url_a = format!("redis://{USER}:{PASSWORD}@127.0.0.1:{}/", redis.port);
+    let url_a = user_url(&redis, USER, PASSWORD);
     let a = instance(&url_a, "a", true);
     let b = instance(&redis.url(), "b", true);
     let (session, token) = new_session(&a).await;
@@ -1583,7 +1588,7 @@ async fn a_resume_from_an_id_given_during_an_outage_resets() {
     const PASSWORD: &str = "instance-a-password";
     let mut redis = RedisServer::start();
     acl_user(&mut redis.conn(), USER, PASSWORD, true);
-    let url_a = format!("redis://{USER}:{PASSWORD}@127.0.0.1:{}/", redis.port);
+    let url_a = user_url(&redis, USER, PASSWORD);
     let a = instance(&url_a, "a", true);
     let b = instance(&redis.url(), "b", true);
     let (session, token) = new_session(&a).await;
