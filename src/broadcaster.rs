@@ -21,6 +21,12 @@ pub enum BroadcastError {
     /// The broadcaster has been shut down.
     #[error("the broadcaster is shut down")]
     Closed,
+    /// The event could not be published where it would survive this
+    /// instance: it is stopping and cannot reach Redis (see
+    /// [`Broadcaster::stop_holding`]). Nothing was delivered; retry
+    /// elsewhere.
+    #[error("not published: {0}")]
+    Unavailable(String),
 }
 
 /// Counters a broadcaster reports for `/stats`.
@@ -97,6 +103,12 @@ pub trait Broadcaster: Send + Sync + 'static {
     /// instances now (the flag's answer where there is a cross-instance
     /// broker; false where there is none).
     fn crosses_instances(&self, session: &SessionId) -> bool;
+
+    /// The instance is about to stop (it turned unready): a publish that
+    /// could only wait in this instance's memory for Redis is refused from
+    /// now on ([`BroadcastError::Unavailable`]) rather than accepted and
+    /// lost with the process. See [`crate::broker::Broker::stop_holding`].
+    fn stop_holding(&self) {}
 
     /// Flushes what is pending, closes every subscription and refuses
     /// further work.

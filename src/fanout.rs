@@ -171,8 +171,11 @@ impl Fanout {
     }
 }
 
-fn closed(_: BrokerError) -> BroadcastError {
-    BroadcastError::Closed
+fn refused(e: BrokerError) -> BroadcastError {
+    match e {
+        BrokerError::Unavailable(why) => BroadcastError::Unavailable(why),
+        _ => BroadcastError::Closed,
+    }
 }
 
 impl From<crate::hub::Closed> for BroadcastError {
@@ -195,7 +198,7 @@ impl Broadcaster for Fanout {
                 Some(remote) => remote.publish_local(session, &event).await,
                 None => self.local.publish_now(session, &event),
             };
-            let id = published.map_err(closed)?;
+            let id = published.map_err(refused)?;
             self.published.fetch_add(1, Ordering::Relaxed);
             Ok(id)
         }
@@ -208,7 +211,7 @@ impl Broadcaster for Fanout {
                 Some(remote) if self.flags.state().enabled => remote.as_ref(),
                 _ => self.local.as_ref(),
             };
-            let id = broker.publish_all(&event).await.map_err(closed)?;
+            let id = broker.publish_all(&event).await.map_err(refused)?;
             self.published.fetch_add(1, Ordering::Relaxed);
             Ok(id)
         }
@@ -252,6 +255,12 @@ impl Broadcaster for Fanout {
 
     fn crosses_instances(&self, session: &SessionId) -> bool {
         self.remote.is_some() && self.flags.redis_broadcast(session)
+    }
+
+    fn stop_holding(&self) {
+        if let Some(remote) = &self.remote {
+            remote.stop_holding();
+        }
     }
 
     fn shutdown(&self) -> BoxFuture<'_, ()> {

@@ -953,13 +953,8 @@ fn kill_user(conn: &mut redis::Connection, user: &str) -> i64 {
 /// The session's stream in Redis, oldest first: each entry's id and its
 /// fields as (name, value) pairs.
 fn history_entries(redis: &RedisServer, session: &str) -> Vec<(Id, Vec<(String, String)>)> {
-    let entries: Vec<(String, Vec<String>)> = redis::cmd("XRANGE")
-        .arg(format!("sse:session:{session}:history"))
-        .arg("-")
-        .arg("+")
-        .query(&mut redis.conn())
-        .unwrap();
-    entries
+    redis
+        .history(session)
         .into_iter()
         .map(|(id, fields)| {
             let pairs = fields

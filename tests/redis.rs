@@ -654,6 +654,99 @@ async fn a_hung_redis_does_not_hold_up_shutdown_and_the_held_events_are_reported
     redis.resume();
 }
 
+/// Redis is down when SIGTERM comes and back a moment into the stop:
+/// shutdown's last flush keeps trying for its couple of seconds, so the
+/// events the outbox held reach Redis instead of going with the process.
+#[tokio::test]
+async fn an_outbox_reaches_a_redis_that_returns_while_the_instance_stops() {
+    let mut redis = RedisServer::start();
+    let mut a = quickly_stopped_instance(&redis, "a");
+    let (id, token) = new_session(&a).await;
+    redis.stop();
+    for n in 0..3 {
+        publish(&a, &id, &token, "held", json!({ "n": n })).await;
+    }
+    let stats = a.stats().await;
+    assert_eq!(stats["redis"]["outbox_len"], 3, "{stats}");
+
+    a.signal("TERM");
+    let log = a.log.clone();
+    let flushing = eventually(T, || {
+        let log = log.clone();
+        async move { log.lock().unwrap().contains("closing the broadcaster") }
+    })
+    .await;
+    assert!(flushing, "{}", a.log.lock().unwrap());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    redis.restart();
+    assert_eq!(a.wait_exit(Duration::from_secs(40)), Some(0));
+    let log = a.log.lock().unwrap().clone();
+    assert_eq!(outbox_left_at_exit(&a), None, "{log}");
+    let entries = redis.history(&id);
+    assert_eq!(entries.len(), 3, "{entries:?}\n{log}");
+}
+
+/// Once an instance turns unready (SIGTERM), a publish that could only
+/// wait in its outbox — Redis away — is refused with a 503 its publisher
+/// retries elsewhere: the outbox would go with the process, and a 202 would
+/// name a lost event. Before the stop such a publish is held as usual, and
+/// during it a publish that reaches Redis is accepted.
+#[tokio::test]
+async fn a_stopping_instance_refuses_a_publish_it_could_only_hold() {
+    let mut redis = RedisServer::start();
+    let a = Server::start(&[
+        ("REDIS_URL", &redis.url()),
+        ("INSTANCE_ID", "a"),
+        ("FF_REDIS_SSE_BROADCAST", "true"),
+        ("RATE_LIMIT_PUBLISH_PER_SEC", "0"),
+        ("SHUTDOWN_UNREADY_SECS", "30"),
+        ("SHUTDOWN_GRACE_SECS", "60"),
+    ]);
+    let (id, token) = new_session(&a).await;
+    redis.stop();
+    publish(&a, &id, &token, "held", json!({ "n": 0 })).await;
+    redis.restart();
+    let flushed = eventually(T, || async {
+        a.stats().await["redis"]["outbox_len"].as_u64() == Some(0)
+    })
+    .await;
+    assert!(flushed, "{}", a.stats().await);
+
+    a.signal("TERM");
+    let unready = eventually(T, || async {
+        client()
+            .get(a.url("/readyz"))
+            .send()
+            .await
+            .is_ok_and(|r| r.status() == 503)
+    })
+    .await;
+    assert!(unready, "{}", a.log.lock().unwrap());
+    publish(&a, &id, &token, "through", json!({ "n": 1 })).await;
+
+    redis.stop();
+    let path = format!("/sessions/{id}/events");
+    let refused = post(
+        &a,
+        &token,
+        &path,
+        json!({ "type": "held", "data": { "n": 2 } }),
+    )
+    .await;
+    assert_eq!(refused.status(), 503);
+    assert_eq!(
+        refused
+            .headers()
+            .get("retry-after")
+            .and_then(|v| v.to_str().ok()),
+        Some("1")
+    );
+    let body: Value = refused.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "unavailable", "{body}");
+    assert_eq!(a.stats().await["redis"]["outbox_len"], 0);
+    a.signal("KILL");
+}
+
 /// Redis answers, but slowly (overloaded), while the outbox holds many
 /// events from an outage: flushing them all would take far longer than
 /// shutdown's last attempt. SIGTERM ends the process once that attempt's
@@ -696,12 +789,7 @@ async fn a_slow_redis_bounds_the_outbox_flush_at_shutdown() {
     assert!(left > 0, "{log}");
 
     drop(busy);
-    let entries: Vec<(String, Vec<String>)> = redis::cmd("XRANGE")
-        .arg(format!("sse:session:{id}:history"))
-        .arg("-")
-        .arg("+")
-        .query(&mut redis.conn())
-        .unwrap();
+    let entries = redis.history(&id);
     // (event number, whether the outbox published it)
     let published: Vec<(u64, bool)> = entries
         .iter()

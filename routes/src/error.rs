@@ -115,6 +115,7 @@ impl From<BroadcastError> for AppError {
     fn from(e: BroadcastError) -> Self {
         match e {
             BroadcastError::Closed => Self::unavailable("the server is shutting down", 1),
+            BroadcastError::Unavailable(why) => Self::unavailable(format!("{why}; retry"), 1),
             #[allow(unreachable_patterns)]
             other => {
                 tracing::error!(error = %other, "broadcast failed");

@@ -213,6 +213,7 @@ impl AppState {
     /// [`AppState::accept_publish`]).
     pub fn start_unready(&self) {
         self.draining.store(true, Ordering::Release);
+        self.broadcaster.stop_holding();
     }
 
     /// Open streams close, spread over the drain window.

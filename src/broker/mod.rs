@@ -115,6 +115,13 @@ pub trait Broker: Send + Sync + 'static {
         session: &'a SessionId,
     ) -> BoxFuture<'a, Result<EventId, BrokerError>>;
 
+    /// The instance is about to stop: from now on a publish that could
+    /// only wait in this instance's memory for the backend (an outbox while
+    /// Redis is away) fails with [`BrokerError::Unavailable`] instead, so
+    /// its publisher retries where the event survives. Publishes that
+    /// reach the backend go on as before.
+    fn stop_holding(&self) {}
+
     /// Flushes what is pending and stops; later calls fail with
     /// [`BrokerError::Closed`].
     fn shutdown(&self) -> BoxFuture<'_, ()>;

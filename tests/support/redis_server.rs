@@ -118,6 +118,17 @@ impl RedisServer {
         }
     }
 
+    /// A session's history stream (`XRANGE` of its key), oldest first: each
+    /// entry's id and its fields, names and values alternating.
+    pub fn history(&self, session: &str) -> Vec<(String, Vec<String>)> {
+        redis::cmd("XRANGE")
+            .arg(format!("sse:session:{session}:history"))
+            .arg("-")
+            .arg("+")
+            .query(&mut self.conn())
+            .unwrap()
+    }
+
     /// Freezes the server (SIGSTOP): its connections stay open and nothing
     /// is answered, as with a hung host. [`RedisServer::resume`] undoes it.
     pub fn pause(&self) {

@@ -153,6 +153,8 @@ struct Inner {
     interest: Arc<subscriber::Interest>,
     /// Set while publishing to Redis fails, so an outage is logged once.
     publish_outage: AtomicBool,
+    /// See [`Broker::stop_holding`]: the outbox takes no new event.
+    stop_holding: AtomicBool,
     counters: Counters,
     closed: AtomicBool,
     /// The broker's own tasks and their stop signal: the application's
@@ -280,6 +282,7 @@ impl RedisBroker {
                 .collect(),
             interest: Arc::default(),
             publish_outage: AtomicBool::new(false),
+            stop_holding: AtomicBool::new(false),
             counters: Counters::default(),
             closed: AtomicBool::new(false),
             cancel: CancellationToken::new(),
@@ -422,14 +425,19 @@ impl Broker for RedisBroker {
         .boxed()
     }
 
+    fn stop_holding(&self) {
+        self.inner.stop_holding.store(true, Ordering::Release);
+    }
+
     fn shutdown(&self) -> BoxFuture<'_, ()> {
         async move {
             let inner = &self.inner;
             // Publishes that already started finish; new ones are refused.
             inner.closed.store(true, Ordering::Release);
-            // Events still waiting for Redis get one last chance. The flush
-            // holds the outbox's flush lock, so it never races the flusher.
-            let flushed = tokio::time::timeout(SHUTDOWN_FLUSH, inner.flush_all()).await;
+            // Events still waiting for Redis get a last chance of up to
+            // SHUTDOWN_FLUSH. The flush holds the outbox's flush lock, so
+            // it never races the flusher.
+            let flushed = tokio::time::timeout(SHUTDOWN_FLUSH, inner.flush_retrying()).await;
             let left = inner.outbox.len();
             if left > 0 || flushed.is_err() {
                 tracing::warn!(

@@ -88,6 +88,13 @@ impl Inner {
         session: &SessionId,
         event: &OutgoingEvent,
     ) -> Result<EventId, BrokerError> {
+        // The instance is stopping: the outbox would go with it before
+        // Redis is back, and the publisher's 202 would name a lost event.
+        if self.stop_holding.load(Ordering::Acquire) {
+            return Err(BrokerError::Unavailable(
+                "this instance is stopping and cannot reach Redis".into(),
+            ));
+        }
         // Its local id is past this instance's own events still waiting for
         // their echo: those reach the subscribers here first.
         self.release_unechoed(session);
@@ -213,6 +220,16 @@ impl Inner {
                 Flush::Failed | Flush::Cancelled => return false,
                 Flush::More => tokio::task::yield_now().await,
             }
+        }
+    }
+
+    /// Flushes until nothing is left, trying again every [`RETRY_EVERY`]
+    /// while Redis is away or refuses: shutdown's last chance, bounded by
+    /// its caller. A Redis that is away at the moment of the stop (a
+    /// restart, a failover, a shard coming back) often answers within it.
+    pub(super) async fn flush_retrying(&self) {
+        while !self.flush_all().await {
+            tokio::time::sleep(RETRY_EVERY).await;
         }
     }
 
