@@ -221,6 +221,13 @@ impl SseResponse {
         self
     }
 
+    /// Heartbeats as `heartbeat` events (see
+    /// [`SseStream::heartbeat_events`]).
+    pub fn heartbeat_events(mut self) -> Self {
+        self.body = self.body.heartbeat_events();
+        self
+    }
+
     /// Called once when the server ends the stream (see
     /// [`SseStream::on_end`]).
     pub fn on_end(mut self, f: impl FnOnce(StreamEnd) + Send + Sync + 'static) -> Self {

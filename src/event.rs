@@ -32,7 +32,16 @@ pub enum InvalidInput {
     EventType,
     #[error("event id must look like <milliseconds>-<sequence>")]
     EventId,
+    #[error("event types connected, reset and heartbeat are the stream's own; publish under another name")]
+    ReservedEventType,
 }
+
+/// Event types the stream itself sends ([`EventType::is_reserved`]): the
+/// `connected` that opens it, the `reset` that replaces a replay, and the
+/// `heartbeat` an `EventSource` can see (see
+/// [`SseStream::heartbeat_events`](crate::SseStream::heartbeat_events)).
+/// A client takes them for the protocol's, so an app must not publish them.
+pub const RESERVED_EVENT_TYPES: [&str; 3] = ["connected", "reset", "heartbeat"];
 
 /// The id of one SSE session: the unit of subscription and of publishing.
 ///
@@ -101,6 +110,12 @@ impl EventType {
 
     pub fn as_str(&self) -> &str {
         &self.0
+    }
+
+    /// One of [`RESERVED_EVENT_TYPES`]: a publish from outside under it
+    /// would pass for the stream's own event.
+    pub fn is_reserved(&self) -> bool {
+        RESERVED_EVENT_TYPES.contains(&self.as_str())
     }
 }
 

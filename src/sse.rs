@@ -105,6 +105,12 @@ pub fn encode_retry(delay: Duration) -> Bytes {
 /// A comment line: ignored by clients, keeps proxies from timing the stream out.
 pub const HEARTBEAT: Bytes = Bytes::from_static(b": heartbeat\n\n");
 
+/// A heartbeat an `EventSource` can see: a `heartbeat` event with empty
+/// data and no `id:` (the client's last id stays). A page that must notice
+/// a silent, half-open connection asks for these
+/// ([`SseStream::heartbeat_events`](crate::SseStream::heartbeat_events)).
+pub const HEARTBEAT_EVENT: Bytes = Bytes::from_static(b"event: heartbeat\ndata:\n\n");
+
 /// Splits on CR LF, CR and LF. An empty payload still yields one (empty)
 /// `data:` line so the event is dispatched.
 fn split_lines(data: &str) -> impl Iterator<Item = &str> {

@@ -39,7 +39,7 @@ use crate::event::{EventId, Frame};
 use crate::hub::{Subscription, SubscriptionError};
 use crate::retry::RetryPolicy;
 use crate::sink::DirectWriter;
-use crate::sse::{encode_retry, HEARTBEAT};
+use crate::sse::{encode_retry, HEARTBEAT, HEARTBEAT_EVENT};
 
 /// Why a stream ended, reported to the `on_end` callback.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -70,6 +70,8 @@ pub struct SseStream {
     heartbeat: Interval,
     /// How the hint is drawn, and the spread the last one was drawn under.
     hint: Option<(RetryPolicy, Duration)>,
+    /// Heartbeats as events ([`HEARTBEAT_EVENT`]) rather than comments.
+    beat_events: bool,
     close: Closing,
     on_end: Option<Box<dyn FnOnce(StreamEnd) + Send + Sync>>,
 }
@@ -110,6 +112,7 @@ impl SseStream {
             subscription,
             heartbeat: interval,
             hint: None,
+            beat_events: false,
             close: Closing::Waiting(Box::pin(close.token.clone().cancelled_owned()), close),
             on_end: None,
         }
@@ -123,6 +126,22 @@ impl SseStream {
         self
     }
 
+    /// Heartbeats go out as `heartbeat` events instead of comments: an
+    /// `EventSource` sees no comment, so a page that checks its stream is
+    /// alive needs something it can see at least once per interval.
+    pub fn heartbeat_events(mut self) -> Self {
+        self.beat_events = true;
+        self
+    }
+
+    fn beat(&self) -> Bytes {
+        if self.beat_events {
+            HEARTBEAT_EVENT
+        } else {
+            HEARTBEAT
+        }
+    }
+
     /// The bytes of one heartbeat: a fresh hint when the herd's spread has
     /// moved on, else a comment — or nothing when an event went out less
     /// than a heartbeat ago: a stream that carries events is not idle, and
@@ -133,7 +152,14 @@ impl SseStream {
             let now = policy.spread(self.subscription.herd());
             if RetryPolicy::stale(*sent, now) {
                 *sent = now;
-                return Some(encode_retry(policy.draw(now)));
+                let hint = encode_retry(policy.draw(now));
+                if !self.beat_events {
+                    return Some(hint);
+                }
+                // The hint alone is invisible to an `EventSource`.
+                let mut both = bytes::BytesMut::from(&hint[..]);
+                both.extend_from_slice(&HEARTBEAT_EVENT);
+                return Some(both.freeze());
             }
         }
         if let Some(last) = self.subscription.last_out() {
@@ -143,7 +169,7 @@ impl SseStream {
                 return None;
             }
         }
-        Some(HEARTBEAT)
+        Some(self.beat())
     }
 
     /// Live frames up to `position` are not sent: the client is past them.
@@ -255,7 +281,7 @@ impl Stream for SseStream {
             // event, so it is not due yet; if it were, it gets its comment).
             let beat = match this.heartbeat_bytes() {
                 Some(beat) => Some(beat),
-                None => this.heartbeat.poll_tick(cx).is_ready().then_some(HEARTBEAT),
+                None => this.heartbeat.poll_tick(cx).is_ready().then(|| this.beat()),
             };
             if let Some(beat) = beat {
                 this.subscription.push_own(beat);
@@ -343,5 +369,20 @@ mod tests {
         let t = Instant::now();
         assert_eq!(next(&mut s).await, HEARTBEAT);
         assert!(t.elapsed() >= beat - Duration::from_millis(20));
+    }
+
+    /// Asked for, heartbeats are `heartbeat` events without an id, on the
+    /// same schedule; events in between are untouched.
+    #[tokio::test]
+    async fn heartbeat_events_replace_the_comments() {
+        let hub = Hub::new(64);
+        let session = SessionId::parse("s").unwrap();
+        let mut s = stream(&hub, &session, Duration::from_millis(200)).heartbeat_events();
+        assert_eq!(next(&mut s).await, Bytes::from_static(b": hi\n\n"));
+        assert_eq!(next(&mut s).await, HEARTBEAT_EVENT);
+        assert_eq!(&HEARTBEAT_EVENT[..], b"event: heartbeat\ndata:\n\n");
+        hub.deliver(&session, frame(1));
+        assert_eq!(next(&mut s).await, frame(1).bytes);
+        assert_eq!(next(&mut s).await, HEARTBEAT_EVENT);
     }
 }

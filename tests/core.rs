@@ -27,7 +27,7 @@ async fn stream_opens_with_headers_retry_and_connected() {
     assert_eq!(connected.event.as_deref(), Some("connected"));
     assert_eq!(
         connected.json(),
-        json!({ "instance_id": "node-a", "session_id": id })
+        json!({ "instance_id": "node-a", "session_id": id, "heartbeat_ms": 15000 })
     );
     // A new session has no events yet: the stream starts from its
     // beginning, and `connected` says so as its id.
@@ -324,6 +324,19 @@ async fn bad_bodies_get_clear_json_errors() {
             "{ty:?}"
         );
     }
+    // The stream's own events: a client would take a forged one for the
+    // protocol's (move its position, reload its state).
+    for ty in ["connected", "reset", "heartbeat"] {
+        let body = json!({ "type": ty, "data": { "last_event_id": "9-9" } }).to_string();
+        assert_eq!(
+            error_of(send(body).await.unwrap()).await,
+            (400, "reserved_event_type".into()),
+            "{ty:?}"
+        );
+    }
+    publish(&server, &id, &token, "after", json!(1)).await;
+    let next = sse.next_event(T).await.unwrap();
+    assert_eq!(next.event.as_deref(), Some("after"), "{next:?}");
     let pipe = server.url(&format!("/sessions/{id}/pipeline"));
     let r = c
         .post(&pipe)
@@ -394,6 +407,33 @@ async fn heartbeats_arrive_on_idle_streams() {
         let block = sse.next_block(Duration::from_millis(2500)).await.unwrap();
         assert!(block.comment && block.event.is_none(), "{block:?}");
     }
+}
+
+/// `EventSource` sees no comment: a stream opened with
+/// `?heartbeat=event` gets `heartbeat` events (no id, so a client's last
+/// id stays) on the same interval, which `connected` announces.
+#[tokio::test]
+async fn heartbeat_events_on_request_with_the_interval_in_connected() {
+    let server = Server::start(&[("SSE_HEARTBEAT_SECS", "1")]);
+    let (id, token) = new_session(&server).await;
+    let url = server.url(&format!(
+        "/sessions/{id}/events?token={token}&heartbeat=event"
+    ));
+    let res = client().get(url).send().await.unwrap();
+    assert_eq!(res.status(), 200);
+    let mut sse = SseClient::from_response(res);
+    let connected = sse.expect_connected().await;
+    assert_eq!(connected.json()["heartbeat_ms"], 1000, "{connected:?}");
+    for _ in 0..2 {
+        let block = sse.next_block(Duration::from_millis(2500)).await.unwrap();
+        assert_eq!(block.raw, "event: heartbeat\ndata:", "{block:?}");
+        assert_eq!(block.id, None);
+    }
+    // Without the parameter: comments, as before.
+    let mut plain = SseClient::open(&server, &id, &token).await;
+    plain.expect_connected().await;
+    let block = plain.next_block(Duration::from_millis(2500)).await.unwrap();
+    assert!(block.comment && block.event.is_none(), "{block:?}");
 }
 
 /// A large herd is told to come back spread out: with `SSE_RESUME_RATE`
@@ -1027,4 +1067,45 @@ async fn a_drain_logs_no_errors() {
     let log = server.log.lock().unwrap().clone();
     assert!(log.contains("unready"), "{log}");
     assert!(!log.contains("ERROR"), "{log}");
+}
+
+/// The demo page and its files come with a policy that lets the page load
+/// only its own files and be framed by nobody; the page has no inline
+/// script or style the policy would block.
+#[tokio::test]
+async fn the_page_is_served_with_a_content_security_policy_it_obeys() {
+    let server = Server::start(&[]);
+    for path in ["/", "/app.js", "/style.css", "/sse-scale.js"] {
+        let res = client().get(server.url(path)).send().await.unwrap();
+        assert_eq!(res.status(), 200, "{path}");
+        let h = res.headers().clone();
+        let policy = h["content-security-policy"].to_str().unwrap();
+        for directive in [
+            "default-src 'self'",
+            "script-src 'self'",
+            "object-src 'none'",
+            "frame-ancestors 'none'",
+        ] {
+            assert!(policy.contains(directive), "{path}: {policy}");
+        }
+        assert!(!policy.contains("unsafe"), "{path}: {policy}");
+        assert_eq!(h["x-content-type-options"], "nosniff", "{path}");
+        assert_eq!(h["referrer-policy"], "no-referrer", "{path}");
+        if path == "/" {
+            let html = res.text().await.unwrap();
+            for tag in html.split("<script").skip(1) {
+                let (attributes, rest) = tag.split_once('>').unwrap();
+                assert!(attributes.contains("src="), "inline script: <script{tag}");
+                assert!(rest.starts_with("</script>"), "inline script: <script{tag}");
+            }
+            assert!(
+                !html.contains("<style") && !html.contains(" style="),
+                "inline style"
+            );
+            assert!(
+                !html.contains(" onclick=") && !html.contains(" onload="),
+                "inline handler"
+            );
+        }
+    }
 }

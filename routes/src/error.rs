@@ -82,6 +82,7 @@ impl From<InvalidInput> for AppError {
         let code = match e {
             InvalidInput::SessionId => "invalid_session_id",
             InvalidInput::EventType => "invalid_event_type",
+            InvalidInput::ReservedEventType => "reserved_event_type",
             _ => "invalid_input",
         };
         Self::bad_request(code, e.to_string())

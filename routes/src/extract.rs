@@ -103,6 +103,21 @@ async fn authorize(
     }
 }
 
+/// `?heartbeat=event` on a stream: its heartbeats as `heartbeat` events,
+/// which an `EventSource` can see (it sees no comment), for a page that
+/// checks its stream is alive.
+#[derive(Debug, Clone, Copy)]
+pub struct HeartbeatEvents(pub bool);
+
+impl<S: Send + Sync> FromRequestParts<S> for HeartbeatEvents {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        let asked = sse_scale::axum::query_value(&parts.uri, "heartbeat");
+        Ok(Self(asked.as_deref() == Some("event")))
+    }
+}
+
 /// A request that carries `ADMIN_TOKEN` as its bearer token: the operator
 /// endpoints (`/stats`, `/flags`, `POST /announcements`). Without the
 /// setting they are closed (403 naming it); without the header, 401.

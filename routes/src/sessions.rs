@@ -14,12 +14,13 @@ use bytes::{BufMut, BytesMut};
 use serde::Deserialize;
 use serde_json::{json, value::RawValue};
 use sse_scale::axum::LastEventId;
+use sse_scale::event::InvalidInput;
 use sse_scale::stream::StreamEnd;
 use sse_scale::token::Scope;
 use sse_scale::{EventId, EventType, OutgoingEvent, ResumeOutcome, SessionId};
 
 use crate::error::AppError;
-use crate::extract::{AuthedSession, ClientIp, JsonBody, StreamSession};
+use crate::extract::{AuthedSession, ClientIp, HeartbeatEvents, JsonBody, StreamSession};
 use crate::state::AppState;
 
 /// `POST /sessions` → `201 {"id", "token"}`.
@@ -68,8 +69,8 @@ pub async fn stream(
     StreamSession(session): StreamSession,
     ClientIp(ip): ClientIp,
     LastEventId(resume_from): LastEventId,
+    HeartbeatEvents(heartbeat_events): HeartbeatEvents,
     method: Method,
-    jar: CookieJar,
     headers: HeaderMap,
 ) -> Result<Response, AppError> {
     state.limit_stream_open(ip).await?;
@@ -95,10 +96,13 @@ pub async fn stream(
         )
             .into_response());
     }
-    let (response, outcome) = state
+    let (mut response, outcome) = state
         .scale
         .respond_with_outcome(&session, resume_from)
         .await?;
+    if heartbeat_events {
+        response = response.heartbeat_events();
+    }
     match outcome {
         ResumeOutcome::Resumed { .. } => {
             state.resumes.fetch_add(1, Ordering::Relaxed);
@@ -122,7 +126,9 @@ pub async fn stream(
             tracing::info!(session = %session, "stream cut: client fell behind its queue");
         }
     });
-    let jar = state.affinity.pin(jar, &headers);
+    let jar = state
+        .affinity
+        .pin(CookieJar::from_headers(&headers), &headers);
     Ok((jar, response).into_response())
 }
 
@@ -241,6 +247,9 @@ pub async fn publish(
 ) -> Result<Response, AppError> {
     state.limit_event_publish(&session).await?;
     let event_type = EventType::parse(&body.event_type)?;
+    if event_type.is_reserved() {
+        return Err(InvalidInput::ReservedEventType.into());
+    }
     let data = body.data.map_or_else(
         || "null".to_owned(),
         |raw| String::from(Box::<str>::from(raw)),

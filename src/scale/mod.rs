@@ -143,6 +143,12 @@ impl SseScale {
         options
             .connected
             .insert("instance_id".into(), self.instance_id.clone().into());
+        // The client's liveness check: a stream silent for much longer is
+        // taken for dead.
+        let heartbeat_ms = u64::try_from(self.heartbeat.as_millis()).unwrap_or(u64::MAX);
+        options
+            .connected
+            .insert("heartbeat_ms".into(), heartbeat_ms.into());
         options
     }
 
