@@ -225,6 +225,11 @@ impl Broadcaster for Fanout {
         async move {
             let joined = self.hub.subscribe(session)?;
             if let Some(remote) = &self.remote {
+                // Every open asks, not only the first (`joined.first`): a
+                // stream that opens while the first one's channel is not
+                // confirmed yet must wait for it too, or an event published
+                // meanwhile reaches neither its replay nor its subscription.
+                // Once the channel is live the call answers at once.
                 // Wait (bounded) until events published elsewhere from now
                 // on are sure to arrive. Not confirmed in time: the stream
                 // still opens; the broker catches up once it can.

@@ -750,6 +750,85 @@ async fn resuming_beyond_history_resets_the_page_which_refetches_its_state() {
     assert!(stats["resets"].as_u64() >= Some(1), "{stats}");
 }
 
+/// The page goes into the back/forward cache and comes back (its
+/// `pagehide`/`pageshow` handlers close and reopen the stream) while it
+/// refetches its state after a `reset` and the module holds live messages
+/// back: behind HAProxy (`haproxy.cfg`, three instances, phase 1: cookie
+/// affinity, in-process history, `HISTORY_MAXLEN=10`, which trims exactly;
+/// Redis trims its streams approximately). Every live message shows once,
+/// in order, after the refetched ones; the reopen resumes from the reset's
+/// id.
+#[tokio::test]
+async fn a_page_closed_and_reopened_during_a_resync_still_gets_every_held_event() {
+    let _serial = SERIAL.lock().await;
+    let maxlen = "10";
+    let servers: Vec<Server> = NAMES
+        .iter()
+        .map(|n| instance(n, 0, &[("HISTORY_MAXLEN", maxlen)]))
+        .collect();
+    let lb = Balancer::haproxy(
+        "haproxy/haproxy.cfg",
+        &[&servers[0].addr, &servers[1].addr, &servers[2].addr],
+        &[],
+    )
+    .await;
+    let mut script = Script::start(
+        "bfcache",
+        "bfcache-resync",
+        &lb.url(""),
+        &[("HISTORY_MAXLEN", maxlen)],
+    );
+    let connected = script.step("connected", Duration::from_secs(30)).await;
+    let (session, token) = (str_of(&connected, "sessionId"), str_of(&connected, "token"));
+    // Phase 1: the session's events live on the instance the cookie names.
+    let home = &servers[index_of(str_of(&connected, "instance"))];
+    script.step("away", Duration::from_secs(20)).await;
+    let offline = 15;
+    chat(home, session, token, "offline", offline).await;
+    script.send("published", json!({ "offline": offline }));
+    script.step("reset", Duration::from_secs(30)).await;
+    chat(home, session, token, "live", 3).await;
+    script.send("live", json!({ "count": 3 }));
+    script.step("reopened", Duration::from_secs(20)).await;
+    let res = message(home, session, token, "live 4").await;
+    assert_eq!(res.status(), 202, "publish live 4");
+    script.send("after", json!({ "count": 4 }));
+    script.finish(Duration::from_secs(60)).await;
+    let stats = home.stats().await;
+    assert!(stats["resets"].as_u64() >= Some(1), "{stats}");
+}
+
+/// The server becomes unreachable (the cable cut for ten seconds) under a
+/// page on the EventSource transport whose stream had been up: the browser
+/// retries once on its own, then the module closes the EventSource and
+/// backs off with jitter (reported and seen on the wire), instead of
+/// EventSource's endless fixed loop; once the network is back every message
+/// published meanwhile shows once.
+#[tokio::test]
+async fn an_unreachable_server_is_retried_on_the_module_s_backoff_not_the_browser_s_loop() {
+    let _serial = SERIAL.lock().await;
+    let server = instance("solo", 0, &[]);
+    let cable = Cable::start(&server.addr).await;
+    let mut script = Script::start(
+        "backoff",
+        "backoff-unreachable",
+        &format!("http://{}", cable.addr),
+        &[],
+    );
+    let connected = script.step("connected", Duration::from_secs(30)).await;
+    let (session, token) = (str_of(&connected, "sessionId"), str_of(&connected, "token"));
+    chat(&server, session, token, "before", 3).await;
+    script.send("before", json!({ "count": 3 }));
+    script.step("stable", Duration::from_secs(30)).await;
+    cable.cut();
+    script.send("cut", json!({}));
+    script.step("observed", Duration::from_secs(40)).await;
+    chat(&server, session, token, "during", 3).await;
+    cable.plug();
+    script.send("plugged", json!({ "during": 3 }));
+    script.finish(Duration::from_secs(60)).await;
+}
+
 /// Phase 1 (cookie affinity, no Redis) behind nginx's `cookie-map` file:
 /// stream, pipeline and gate all reach the instance the cookie names.
 #[tokio::test]

@@ -52,8 +52,18 @@ function el(tag, attrs = {}, text) {
   return node;
 }
 
-function sleep(ms) {
-  return new Promise((resolve) => setTimeout(resolve, ms));
+function sleep(ms, signal) {
+  return new Promise((resolve, reject) => {
+    if (signal?.aborted) {
+      reject(signal.reason);
+      return;
+    }
+    const timer = setTimeout(resolve, ms);
+    signal?.addEventListener('abort', () => {
+      clearTimeout(timer);
+      reject(signal.reason);
+    }, { once: true });
+  });
 }
 
 function clock(at = Date.now()) {
@@ -303,6 +313,8 @@ function renderState(change) {
     if (change.retryAfterMs != null) why.push(`Retry-After ${seconds(change.retryAfterMs)}`);
     if (change.by === 'browser') {
       text = 'reconnecting (browser, after the retry hint)';
+    } else if (change.delayMs == null) {
+      text = `reconnecting once the refetch is done (${change.reason})`;
     } else {
       text = `reconnecting in ${seconds(change.delayMs)}${why.length ? ` (${why.join(', ')})` : ''}`;
     }
@@ -312,6 +324,7 @@ function renderState(change) {
       'data-status': change.status ?? undefined,
       'data-retry-after': change.retryAfterMs ?? undefined,
       'data-attempt': change.attempt ?? undefined,
+      'data-reason': change.reason ?? undefined,
     });
   } else if (change.state === 'closed' && change.reason !== 'closed') {
     text = `closed: the server refused the stream (HTTP ${change.status})`;
@@ -345,11 +358,16 @@ function onReset(ev) {
   gap.dataset.restored = '';
 }
 
-/** The module's resync hook: reread the history window named by the reset. */
-async function resync(reset, source) {
+/**
+ * The module's resync hook: reread the history window named by the reset.
+ * `signal` aborts when the stream is closed meanwhile (the page went into
+ * the back/forward cache); the module runs the hook again once it reopens,
+ * and what the first run applied is not applied twice (`shown`).
+ */
+async function resync(reset, source, { signal } = {}) {
   const from = reset.data.oldest_id;
-  if (resyncDelayMs) await sleep(resyncDelayMs);
-  const { events, complete } = await source.readHistory({ from, to: reset.id });
+  if (resyncDelayMs) await sleep(resyncDelayMs, signal);
+  const { events, complete } = await source.readHistory({ from, to: reset.id, signal });
   for (const ev of events) apply(ev, true);
   const gaps = $('chat-log').querySelectorAll('[data-kind="gap"]');
   const gap = gaps[gaps.length - 1];
@@ -470,8 +488,10 @@ function wireControls() {
       input.value = '';
     });
   });
-  // A page restored from the back/forward cache reopens its stream; one
-  // being hidden for good lets the connection go.
+  // A page going into the back/forward cache closes its stream (an open
+  // connection would keep it out of the cache) and reopens it when
+  // restored; the module resumes from the last event it delivered, so
+  // events it was holding back for a refetch are sent again.
   window.addEventListener('pagehide', (e) => {
     if (e.persisted) stream?.close();
   });

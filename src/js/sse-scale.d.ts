@@ -8,8 +8,16 @@ export const RECONNECTING: 'reconnecting';
 export const CLOSED: 'closed';
 export type ConnectionState = 'connecting' | 'open' | 'reconnecting' | 'closed';
 
-/** Event types of the reference server; the EventSource transport listens to these and to every type passed to `on()` or `events`. */
+/** Event types of the reference server. Both transports deliver these and every type passed to `on()` or `events`; `'*'` covers exactly that set. */
 export const SERVER_EVENTS: readonly string[];
+
+/** Names of the protocol's own events (`connected`, `reset`, `heartbeat`): apps cannot publish them; `heartbeat` never reaches a listener. */
+export const RESERVED_EVENTS: readonly string[];
+
+/** The longest timer value (2^31 − 1 ms); every wait is clamped to it. */
+export const MAX_DELAY_MS: number;
+/** The shortest wait before a reconnect (100 ms), so `retry: 0` cannot spin. */
+export const MIN_DELAY_MS: number;
 
 /** One event as delivered to the app, in stream order. */
 export interface StreamEvent<T = unknown> {
@@ -21,14 +29,18 @@ export interface StreamEvent<T = unknown> {
    * Opaque: compare for equality only.
    */
   id: string | null;
-  /** `data` parsed as JSON, or the string itself when it is not JSON. */
+  /**
+   * The payload as published: with `decode: 'json'` (the default) the JSON
+   * text parsed (`"123"` on the wire is the string "123", `123` the number),
+   * or the text itself when it is not JSON; with `decode: 'text'` the text.
+   */
   data: T;
   /** `data` as received (multi-line data joined with `\n`). */
   raw: string;
 }
 
-/** The server's `connected` event: which instance holds the stream. */
-export type ConnectedEvent = StreamEvent<{ instance_id: string; session_id: string }>;
+/** The server's `connected` event (always the first of a connection): which instance holds the stream, and its heartbeat interval. */
+export type ConnectedEvent = StreamEvent<{ instance_id: string; session_id: string; heartbeat_ms?: number }>;
 
 /**
  * The server's `reset` event: the history no longer reaches the id the
@@ -46,14 +58,21 @@ export interface StateChange {
   delayMs?: number | null;
   /** `reconnecting`: 1 for the first attempt after a failure, growing with the backoff. */
   attempt?: number;
-  /** Who reconnects: `'browser'` (EventSource by itself) or `'module'`. */
+  /** Who reconnects: `'browser'` (EventSource by itself, once, after a healthy stream broke) or `'module'`. */
   by?: 'browser' | 'module';
   /** The HTTP status that caused it (0: network error), when known. */
   status?: number;
   /** The server's `Retry-After`, in milliseconds, when it sent one. */
   retryAfterMs?: number | null;
-  /** Why: `'refused'`, `'network'`, `'ended'`, `'closed'` (by `close()`), ... */
+  /**
+   * Why: `'refused'`, `'network'`, `'ended'`, `'idle'` (liveness deadline),
+   * `'parse'`, `'token'`, `'stream-failed'`, `'probe-unanswered'`,
+   * `'not-an-event-stream'`, `'held-overflow'`, `'online'`, `'visible'`,
+   * `'closed'` (by `close()`).
+   */
   reason?: string;
+  /** `reconnecting` after a HEAD probe that something on the way answered 405/501: that status. */
+  probeStatus?: number;
   /** `open`: `'eventsource'` or `'fetch'`. */
   transport?: 'eventsource' | 'fetch';
 }
@@ -67,6 +86,14 @@ export interface BackoffOptions {
   factor?: number;
   /** Spread, 0..1 (default 0.3): backoff in [1 - jitter, 1] of itself, a Retry-After wait in [1, 1 + jitter] of it. */
   jitter?: number;
+  /** A stream open this long counts as healthy and the backoff starts over (default 5000 ms). */
+  stableMs?: number;
+}
+
+/** The options of the resync hook's third argument. */
+export interface ResyncContext {
+  /** Aborted when the stream is closed during the resync; the module runs the hook again on `open()`. */
+  signal: AbortSignal;
 }
 
 export interface StreamOptions {
@@ -81,28 +108,39 @@ export interface StreamOptions {
   token?: string | (() => string | Promise<string>);
   /** Resume from this id on the first connect. */
   lastEventId?: string;
-  /** Event types to listen to besides `SERVER_EVENTS` (EventSource needs the names). */
+  /** Event types to deliver besides `SERVER_EVENTS` and the names passed to `on()` (EventSource needs the names). */
   events?: string[];
   backoff?: BackoffOptions;
   /**
    * Called after a `reset` was delivered; events that arrive meanwhile are
    * held back and delivered, in order, once the promise settles. Reload the
-   * app's state here (e.g. from your API, or with `readHistory`).
+   * app's state here (e.g. from your API, or with `readHistory`). Pass
+   * `signal` on: a `close()` aborts it, and `open()` runs the hook again.
    */
-  resync?: (reset: ResetEvent, stream: SseScaleStream | SseScaleFetchStream) => void | Promise<unknown>;
+  resync?: (reset: ResetEvent, stream: SseScaleStream | SseScaleFetchStream, context: ResyncContext) => void | Promise<unknown>;
   /** Most events held back during a resync (default 10000); beyond, the connection is dropped and resumed from the last delivered id afterwards. */
   maxHeldEvents?: number;
   /** `false`: do not connect until `open()`. */
   open?: boolean;
+  /** How `data` is decoded: `'json'` (default), `'text'`, or a function of the raw text and the type. `connected` and `reset` are always JSON. */
+  decode?: 'json' | 'text' | ((raw: string, type: string) => unknown);
+  /**
+   * Reconnect when nothing arrived for this long (0: never). Default: two
+   * heartbeat intervals (`heartbeat_ms` of `connected`, 15000 until then)
+   * plus 5000 ms. On EventSource only once `connected` announced
+   * `heartbeat_ms` (a server that sends heartbeats as comments, which
+   * EventSource never shows, gets no deadline).
+   */
+  idleTimeoutMs?: number;
+  /** Longest line the parser keeps unfinished (default 1 Mi characters); longer is a parse error (fetch transport and history reads). */
+  maxLineLength?: number;
 }
 
 export interface FetchStreamOptions extends StreamOptions {
   /** Sent as `X-Session-ID` on every request, for balancers that route on it. */
   sessionId?: string;
-  /** Wait before reopening a stream that ended, until the server sends `retry:` (default 2000 ms). */
+  /** Wait before reopening a healthy stream that ended, until the server sends `retry:` (default 2000 ms). */
   retryMs?: number;
-  /** Reconnect when nothing (not even a heartbeat) arrived for this long (default 45000 ms; 0: never). */
-  idleTimeoutMs?: number;
 }
 
 export interface HistoryRead {
@@ -122,25 +160,31 @@ declare class StreamBase {
   readonly reconnects: number;
   on(type: 'connected', fn: (ev: ConnectedEvent) => void): () => void;
   on(type: 'reset', fn: (ev: ResetEvent) => void): () => void;
-  /** Events of one type; `'*'`: every event. Returns an unsubscribe function. */
+  /**
+   * Events of one type; `'*'`: every event of the stream's types
+   * (`SERVER_EVENTS`, `events`, and every name passed to `on()`), the same
+   * on both transports. `'heartbeat'` throws: heartbeats are never app
+   * events. Returns an unsubscribe function.
+   */
   on<T = unknown>(type: string, fn: (ev: StreamEvent<T>) => void): () => void;
   onState(fn: (change: StateChange) => void): () => void;
-  /** Errors thrown by listeners or the resync hook (default: console.error). */
+  /** Errors of listeners, the resync hook, the token function and the parser (default: console.error). */
   onError(fn: (error: unknown) => void): () => void;
   /** Connects (done by the constructor unless `open: false`); after `close()` or a refusal, connects again. */
   open(): this;
-  /** Closes the stream; no reconnect follows. */
+  /** Closes the stream; no reconnect and no further event follows (held events are sent again after `open()`). */
   close(): void;
   /**
    * Reads the events after `from` up to and including `to` from the
    * server's history with a short-lived fetch() read (one stream open).
    * If the history dropped `from` meanwhile, reads again after the oldest
-   * event it holds (`complete: false`).
+   * event it holds (`complete: false`). Rejects with an `AbortError` when
+   * `signal` aborts or the stream is closed meanwhile.
    */
   readHistory(range: { from: string | null; to: string | null; timeoutMs?: number; signal?: AbortSignal }): Promise<HistoryRead>;
 }
 
-/** The stream over EventSource, with a HEAD probe and backoff once EventSource gives up. */
+/** The stream over EventSource; the module's backoff (after a HEAD probe) whenever the browser's own reconnect would not do. */
 export class SseScaleStream extends StreamBase {
   constructor(options: StreamOptions);
 }
@@ -156,7 +200,10 @@ export function openStream(options: StreamOptions & { transport?: 'eventsource' 
 /** `Retry-After` (seconds or an HTTP date) in milliseconds from `now`; `null` when absent or unreadable. */
 export function parseRetryAfter(value: string | null | undefined, now?: number): number | null;
 
-/** The wait before attempt `attempt` (1-based): jittered exponential backoff, never below `retryAfterMs`. */
+/** A value setTimeout honours: at least `min` (default `MIN_DELAY_MS`), at most `MAX_DELAY_MS`. */
+export function clampDelay(ms: number, min?: number): number;
+
+/** The wait before attempt `attempt` (1-based): jittered exponential backoff, never below `retryAfterMs`, clamped by `clampDelay`. */
 export function retryDelay(attempt: number, retryAfterMs?: number | null, backoff?: BackoffOptions, random?: () => number): number;
 
 /**

@@ -3,27 +3,28 @@
 //
 // Two transports behind one API (see sse-scale.d.ts and docs/browser.md):
 //
-// - `SseScaleStream` uses the browser's EventSource. EventSource reconnects by
-//   itself after a network error or a closed stream (sending Last-Event-ID),
-//   but gives up for good on any non-200 answer, e.g. 503 from a draining or
-//   full instance, 429 from the stream rate limit, or 502/504 from a
-//   balancer, and it cannot read the status or `Retry-After`. So once it has
-//   given up (readyState CLOSED) this module asks once with a HEAD request to
-//   the same URL, which the server answers with the stream's status and
-//   `Retry-After` without holding a stream open, waits a jittered exponential
-//   backoff that is never shorter than `Retry-After`, and opens a new
-//   EventSource with `?last_event_id=` (a new EventSource sends no
-//   Last-Event-ID header of its own).
+// - `SseScaleStream` uses the browser's EventSource. It asks the server for
+//   heartbeats as events (`?heartbeat=event`), which EventSource can see,
+//   unlike comments. When a stream that had been healthy breaks, the
+//   browser's own reconnect (after the server's jittered `retry:` hint) is
+//   allowed once; any further failure — a refused connection, a stream that
+//   dies right after opening, a non-200 answer (EventSource gives up for
+//   good on those and cannot read the status) — closes the EventSource and
+//   the module takes over: one HEAD probe for the status and `Retry-After`,
+//   its own backoff, then a new EventSource with `?last_event_id=`.
 // - `SseScaleFetchStream` reads the stream with fetch() and a WHATWG event
 //   stream parser, for deployments that route on the `X-Session-ID` header,
 //   which EventSource cannot send. It sends X-Session-ID, Authorization and
 //   Last-Event-ID itself and sees every status and `Retry-After` directly.
 //
-// Both surface the connection state (connecting, open, reconnecting with the
-// delay, closed), the server's `connected` event (which instance holds the
-// stream), its `reset` event (resume beyond history: the app must reload its
-// state, optionally while the module holds later events back), and every
-// event with its id.
+// What both keep, across reconnects, close()/open(), held events, overflow
+// and parser errors: every event the server delivered reaches the app's
+// listeners once, in stream order, or the app gets the server's `reset`.
+// Two positions make that hold: the id of the last event delivered to the
+// app, and the id of the last one received (ahead of it while a resync holds
+// events back). A reconnect resumes from the received one; whenever held
+// events are dropped (close(), overflow) the received position goes back to
+// the delivered one, so the server sends them again.
 
 export const CONNECTING = 'connecting';
 export const OPEN = 'open';
@@ -49,6 +50,9 @@ export const SERVER_EVENTS = Object.freeze([
   'pipeline_cancelled',
 ]);
 
+/** Event names of the protocol itself, which apps cannot publish. */
+export const RESERVED_EVENTS = Object.freeze(['connected', 'reset', 'heartbeat']);
+
 const BACKOFF_DEFAULTS = Object.freeze({
   initialMs: 1000,
   maxMs: 30000,
@@ -57,11 +61,37 @@ const BACKOFF_DEFAULTS = Object.freeze({
   // Retry-After wait from [1, 1 + jitter] of it, so clients refused at the
   // same moment (a drain) do not all come back at the same moment.
   jitter: 0.3,
+  // A stream open this long counts as healthy: the backoff starts over. A
+  // shorter-lived one (opens, then dies) keeps climbing it.
+  stableMs: 5000,
 });
+
+/** setTimeout fires at once for anything above this (a signed 32-bit int). */
+export const MAX_DELAY_MS = 2 ** 31 - 1;
+/** The shortest wait before a reconnect: `retry: 0` must not spin. */
+export const MIN_DELAY_MS = 100;
+
+const DEFAULT_HEARTBEAT_MS = 15000;
+// What the liveness deadline adds to two heartbeat intervals: a heartbeat
+// may leave late on a busy server and travel through slow proxies.
+const LIVENESS_MARGIN_MS = 5000;
+// Heartbeat intervals a `connected` event may announce; anything outside is
+// taken as the nearest bound rather than trusted.
+const HEARTBEAT_BOUNDS = [500, 10 * 60 * 1000];
 
 // Answers that no amount of waiting fixes: a bad request, a token that is
 // missing, expired or for another session, a route that does not exist.
 const FATAL_STATUSES = new Set([400, 401, 403, 404, 405, 410]);
+// Answers to the HEAD probe that say nothing about the stream: a proxy that
+// does not pass HEAD on.
+const PROBE_UNANSWERED = new Set([405, 501]);
+
+/** A timer value setTimeout honours: finite, at least `min`, at most 2^31−1. */
+export function clampDelay(ms, min = MIN_DELAY_MS) {
+  const n = Number(ms);
+  if (Number.isNaN(n)) return min;
+  return Math.round(Math.min(MAX_DELAY_MS, Math.max(min, n)));
+}
 
 /**
  * Parses a `Retry-After` value (delay-seconds or an HTTP date) into
@@ -79,15 +109,16 @@ export function parseRetryAfter(value, now = Date.now()) {
 
 /**
  * The wait before reconnect attempt `attempt` (1 for the first): an
- * exponential backoff with jitter, never shorter than `retryAfterMs`.
+ * exponential backoff with jitter, capped at `maxMs`, never shorter than
+ * `retryAfterMs`, and always a value a timer honours (`clampDelay`).
  */
 export function retryDelay(attempt, retryAfterMs = null, backoff = {}, random = Math.random) {
   const b = { ...BACKOFF_DEFAULTS, ...backoff };
   const exp = Math.min(b.maxMs, b.initialMs * b.factor ** Math.max(0, attempt - 1));
   const spread = exp * (1 - b.jitter * random());
-  if (retryAfterMs == null) return Math.round(spread);
+  if (retryAfterMs == null) return clampDelay(spread);
   // A server asking for a longer wait than maxMs is still obeyed.
-  return Math.round(Math.max(spread, retryAfterMs * (1 + b.jitter * random())));
+  return clampDelay(Math.max(spread, retryAfterMs * (1 + b.jitter * random())));
 }
 
 /**
@@ -209,11 +240,6 @@ export class SseParser {
   }
 }
 
-/**
- * Orders two sse-scale ids (`<ms>-<seq>`): -1, 0 or 1; `null` when either
- * is not of that form. Apps should treat ids as opaque; the module compares
- * them only to bound a history read.
- */
 export function compareIds(a, b) {
   const pa = /^(\d+)-(\d+)$/.exec(a ?? '');
   const pb = /^(\d+)-(\d+)$/.exec(b ?? '');
@@ -226,28 +252,35 @@ export function compareIds(a, b) {
   return 0;
 }
 
-/** `data` as JSON when it is JSON, else the string itself. */
-function decode(data) {
+/**
+ * `data` as the publisher sent it. The server's payloads are JSON text
+ * (`POST /sessions/{id}/events` sends `data` exactly as given), so JSON
+ * text decodes to the very value published: `"123"` on the wire is the
+ * string "123", `123` the number 123. Text that is not JSON (a server
+ * outside that contract) stays the string it is.
+ */
+function decodeJson(raw) {
   try {
-    return JSON.parse(data);
+    return JSON.parse(raw);
   } catch {
-    return data;
+    return raw;
   }
 }
 
-function sleep(ms, signal) {
-  return new Promise((resolve) => {
-    const timer = setTimeout(resolve, ms);
-    signal?.addEventListener('abort', () => {
-      clearTimeout(timer);
-      resolve();
-    }, { once: true });
-  });
+function abortError(signal) {
+  if (signal?.reason !== undefined) return signal.reason;
+  const error = new Error('the operation was aborted');
+  error.name = 'AbortError';
+  return error;
+}
+
+function isAbort(error) {
+  return error?.name === 'AbortError';
 }
 
 /**
- * What both transports share: listeners, state, the position (the id of the
- * last event delivered to the app), reset handling and reconnect timing.
+ * What both transports share: listeners, state, the two positions, reset
+ * handling, the reconnect policy and the liveness deadline.
  */
 class StreamBase {
   constructor(options) {
@@ -258,20 +291,47 @@ class StreamBase {
     this._stateListeners = new Set();
     this._errorListeners = new Set();
     this._types = new Set([...SERVER_EVENTS, ...(options.events || [])]);
-    // Two positions: the last event delivered to the app, and the last one
-    // received from the transport (ahead of it while a resync holds events
-    // back). Reconnects resume from the received one, so held events are
-    // not sent twice.
+    for (const name of this._types) {
+      if (name === 'heartbeat') throw new TypeError('sse-scale: `heartbeat` is not an app event');
+    }
+    const decode = options.decode ?? 'json';
+    if (decode === 'json') this._decode = decodeJson;
+    else if (decode === 'text') this._decode = (raw) => raw;
+    else if (typeof decode === 'function') this._decode = decode;
+    else throw new TypeError("sse-scale: `decode` is 'json', 'text' or a function");
+    // The last event delivered to the app, and the last one received from
+    // the transport (ahead while a resync holds events back). Reconnects
+    // resume from the received one, so held events are not sent twice.
     this._position = options.lastEventId || null;
     this._received = this._position;
     this._state = null;
+    this._closed = true;
+    // The current connection (an object per connect); events and failures
+    // of any other are ignored, which is what stops a dropped connection's
+    // remaining bytes from reaching the app.
+    this._conn = null;
     this._attempt = 0;
     this._timer = null;
-    this._closed = false;
+    // The current wait was set by the server's Retry-After: nothing cuts it short.
+    this._timerFloored = false;
+    // The HEAD probe in flight (EventSource transport).
+    this._probe = null;
+    this._stableTimer = null;
+    this._livenessTimer = null;
+    this._heartbeatMs = DEFAULT_HEARTBEAT_MS;
     this._resyncing = false;
+    this._resyncReset = null;
+    this._resyncRun = 0;
+    this._resyncCtrl = null;
     this._held = [];
     this._overflowed = false;
     this._maxHeld = options.maxHeldEvents ?? 10000;
+    // Aborted by close(): cancels history reads in flight.
+    this._life = new AbortController();
+    this._onOnline = () => this._wake('online');
+    this._onVisibility = () => {
+      if (globalThis.document?.visibilityState === 'visible') this._wake('visible');
+    };
     this.instanceId = null;
     this.reconnects = 0;
   }
@@ -285,8 +345,9 @@ class StreamBase {
     return this._state;
   }
 
-  /** Listens to events of one type (`'*'`: every event); returns an unsubscribe function. */
+  /** Listens to events of one type (`'*'`: every event of the stream's types); returns an unsubscribe function. */
   on(type, fn) {
+    if (type === 'heartbeat') throw new TypeError('sse-scale: `heartbeat` is not an app event');
     if (!this._listeners.has(type)) this._listeners.set(type, new Set());
     this._listeners.get(type).add(fn);
     if (type !== '*' && !this._types.has(type)) {
@@ -302,7 +363,7 @@ class StreamBase {
     return () => this._stateListeners.delete(fn);
   }
 
-  /** Listens to errors thrown by listeners or the resync hook. */
+  /** Listens to errors: listeners, the resync hook, the token function, the parser. */
   onError(fn) {
     this._errorListeners.add(fn);
     return () => this._errorListeners.delete(fn);
@@ -313,20 +374,53 @@ class StreamBase {
     if (this._state !== null && this._state !== CLOSED) return this;
     this._closed = false;
     this._attempt = 0;
+    this._environment(true);
     this._setState(CONNECTING, {});
-    this._start();
+    // A resync that close() interrupted runs again: what it was to reload
+    // is still missing, and nothing after the reset is delivered before it.
+    if (this._resyncing && this._resyncReset) this._runResync(this._resyncReset);
+    if (!this._closed) this._start();
     return this;
   }
 
-  /** Closes the stream for good; no reconnect follows. */
+  /** Closes the stream; no reconnect follows and no further event is delivered. */
   close() {
     if (this._closed) return;
+    this._shutdown();
+    this._setState(CLOSED, { reason: 'closed' });
+  }
+
+  /**
+   * Everything close() and a refusal share: the connection, timers and
+   * history reads stop; held events are dropped and the received position
+   * goes back to the delivered one, so the next open() gets them again; a
+   * resync in progress is interrupted and runs again on open().
+   */
+  _shutdown() {
     this._closed = true;
     clearTimeout(this._timer);
     this._timer = null;
     this._stop();
+    this._environment(false);
     this._held = [];
-    this._setState(CLOSED, { reason: 'closed' });
+    this._overflowed = false;
+    this._received = this._position;
+    if (this._resyncing) {
+      this._resyncRun += 1;
+      this._resyncCtrl?.abort();
+      this._resyncCtrl = null;
+    }
+    this._life.abort();
+    this._life = new AbortController();
+  }
+
+  _environment(on) {
+    const g = globalThis;
+    const method = on ? 'addEventListener' : 'removeEventListener';
+    if (typeof g[method] === 'function') g[method]('online', this._onOnline);
+    if (g.document && typeof g.document[method] === 'function') {
+      g.document[method]('visibilitychange', this._onVisibility);
+    }
   }
 
   /**
@@ -336,14 +430,17 @@ class StreamBase {
    * holds. Resolves with the events in order. The history is a sliding
    * window: if it dropped `from` meanwhile (the read itself gets a reset),
    * the read starts again after the oldest event it now holds, and
-   * `complete` is false.
+   * `complete` is false. Rejects (AbortError) when `signal` aborts or the
+   * stream is closed meanwhile.
    */
   async readHistory({ from, to, timeoutMs = 10000, signal } = {}) {
+    const life = this._life.signal;
+    if (signal?.aborted) throw abortError(signal);
     let cursor = from;
     let complete = true;
     for (let round = 0; round < 3; round++) {
       if (!cursor || !to || cursor === to || to === '0-0') return { events: [], complete };
-      const read = await this._readOnce(cursor, to, timeoutMs, signal);
+      const read = await this._readOnce(cursor, to, timeoutMs, signal, life);
       if (!read.reset) return { events: read.events, complete };
       complete = false;
       const oldest = read.reset.data?.oldest_id ?? null;
@@ -354,11 +451,18 @@ class StreamBase {
     return { events: [], complete: false };
   }
 
-  async _readOnce(from, to, timeoutMs, signal) {
+  async _readOnce(from, to, timeoutMs, signal, life) {
     const ctrl = new AbortController();
-    const stop = () => ctrl.abort();
-    signal?.addEventListener('abort', stop, { once: true });
-    const timer = setTimeout(stop, timeoutMs);
+    let why = null;
+    const stopBy = (source) => () => {
+      why = source;
+      ctrl.abort();
+    };
+    const onSignal = stopBy(signal);
+    const onClose = stopBy(life);
+    signal?.addEventListener('abort', onSignal, { once: true });
+    life.addEventListener('abort', onClose, { once: true });
+    const timer = setTimeout(stopBy('timeout'), clampDelay(timeoutMs, 0));
     const events = [];
     let reset = null;
     try {
@@ -369,14 +473,16 @@ class StreamBase {
         signal: ctrl.signal,
       });
       if (res.status !== 200 || !res.body) {
+        res.body?.cancel().catch(() => {});
         throw new Error(`history read answered ${res.status}`);
       }
       let done = false;
       const parser = new SseParser({
+        maxLineLength: this.options.maxLineLength,
         onEvent: (ev) => {
-          if (done || ev.type === 'connected') return;
+          if (done || ev.type === 'connected' || ev.type === 'heartbeat') return;
           if (ev.type === 'reset') {
-            reset = { id: ev.id, data: decode(ev.data) };
+            reset = { id: ev.id, data: decodeJson(ev.data) };
             done = true;
             return;
           }
@@ -385,7 +491,7 @@ class StreamBase {
             done = true;
             return;
           }
-          events.push({ type: ev.type, id: ev.id, data: decode(ev.data), raw: ev.data });
+          events.push({ type: ev.type, id: ev.id, data: this._decode(ev.data, ev.type), raw: ev.data });
           if (ev.id === to) done = true;
         },
       });
@@ -397,9 +503,14 @@ class StreamBase {
       }
       await reader.cancel().catch(() => {});
       return { events, reset };
+    } catch (error) {
+      if (why === 'timeout') throw new Error(`history read took longer than ${timeoutMs} ms`);
+      if (why) throw abortError(why === life ? null : why);
+      throw error;
     } finally {
       clearTimeout(timer);
-      signal?.removeEventListener('abort', stop);
+      signal?.removeEventListener('abort', onSignal);
+      life.removeEventListener('abort', onClose);
       ctrl.abort();
     }
   }
@@ -449,109 +560,262 @@ class StreamBase {
     }
   }
 
-  /** The stream answered 200: the state is open, the backoff starts over. */
-  _opened(info = {}) {
-    this._attempt = 0;
+  /** A new connection becomes the current one; the liveness deadline covers its connect. */
+  _newConn(extra = {}) {
+    const conn = { open: false, events: 0, liveness: true, deadline: null, ...extra };
+    this._conn = conn;
+    this._alive(conn);
+    return conn;
+  }
+
+  /** How long a stream may stay silent: `idleTimeoutMs`, else two heartbeats and a margin (0: no deadline). */
+  _livenessMs() {
+    const idle = this.options.idleTimeoutMs;
+    if (idle != null) return idle > 0 ? clampDelay(idle) : 0;
+    return clampDelay(2 * this._heartbeatMs + LIVENESS_MARGIN_MS);
+  }
+
+  /** Something arrived on `conn` (or it started): the liveness deadline starts over. */
+  _alive(conn) {
+    if (conn !== this._conn) return;
+    clearTimeout(this._livenessTimer);
+    this._livenessTimer = null;
+    conn.deadline = null;
+    const ms = conn.liveness ? this._livenessMs() : 0;
+    if (ms <= 0) return;
+    conn.deadline = Date.now() + ms;
+    this._livenessTimer = setTimeout(() => {
+      this._livenessTimer = null;
+      this._fail(conn, { reason: 'idle', hintMs: this._hint() });
+    }, ms);
+  }
+
+  /** The server's `retry:` hint, when the transport can see it. */
+  _hint() {
+    return null;
+  }
+
+  /** The stream answered 200: the state is open; the backoff starts over once it stays up. */
+  _opened(conn, info = {}) {
+    conn.open = true;
+    conn.events = 0;
+    clearTimeout(this._stableTimer);
+    conn.stable = false;
+    this._stableTimer = setTimeout(() => {
+      this._stableTimer = null;
+      if (this._conn !== conn) return;
+      conn.stable = true;
+      this._attempt = 0;
+    }, clampDelay(this._backoff.stableMs, 0));
+    this._alive(conn);
     this._setState(OPEN, info);
   }
 
+  /** `conn` failed or ended: drop it and schedule the next connect (a stale one is ignored). */
+  _fail(conn, info) {
+    if (conn !== this._conn || this._closed) return;
+    this._stop();
+    // The server's hint paces only the reconnect after a healthy stream;
+    // one that died young backs off.
+    if (!conn.stable) delete info.hintMs;
+    this._retry(info);
+  }
+
+  /** Drops the current connection, its timers and any probe. */
+  _stop() {
+    const conn = this._conn;
+    this._conn = null;
+    clearTimeout(this._livenessTimer);
+    this._livenessTimer = null;
+    clearTimeout(this._stableTimer);
+    this._stableTimer = null;
+    this._probe?.abort();
+    this._probe = null;
+    if (conn) this._teardown(conn);
+  }
+
   /** One event from the transport, in stream order. */
-  _receive(raw) {
-    if (this._closed) return;
-    const ev = { type: raw.type, id: raw.id || null, data: decode(raw.data), raw: raw.data };
-    if (ev.id) this._received = ev.id;
+  _receive(raw, conn) {
+    if (conn !== this._conn || this._closed) return;
+    this._alive(conn);
+    // Heartbeats are liveness only, never an app event.
+    if (raw.type === 'heartbeat') return;
+    conn.events += 1;
+    const protocol = raw.type === 'connected' || raw.type === 'reset';
+    const ev = {
+      type: raw.type,
+      id: raw.id || null,
+      data: protocol ? decodeJson(raw.data) : this._decode(raw.data, raw.type),
+      raw: raw.data,
+    };
+    if (raw.type === 'connected') {
+      if (conn.events === 1) {
+        this._connected(conn, ev.data);
+      } else {
+        // Only the first event of a connection is the server's `connected`.
+        Object.defineProperty(ev, 'skip', { value: true });
+        this._error(new Error('sse-scale: a `connected` event in the middle of a stream is not the server\'s; ignored'));
+      }
+    }
     if (this._resyncing) {
       if (this._held.length >= this._maxHeld) {
         // Holding more would grow without bound: drop what is held and the
-        // connection; once the app has resynced, the stream resumes from
-        // the last delivered id and the server sends them again.
+        // connection (the rest of its bytes with it); once the app has
+        // resynced, the stream resumes from the last delivered id and the
+        // server sends them again.
         this._held = [];
         this._overflowed = true;
         this._received = this._position;
         this._stop();
+        this._setState(RECONNECTING, { by: 'module', reason: 'held-overflow', delayMs: null, attempt: this._attempt });
         return;
       }
-      if (!this._overflowed) this._held.push(ev);
+      if (ev.id) this._received = ev.id;
+      this._held.push(ev);
       return;
     }
+    if (ev.id) this._received = ev.id;
     this._deliver(ev);
+  }
+
+  /** The server's `connected`: its instance and heartbeat interval. */
+  _connected(conn, data) {
+    const ok = data && typeof data === 'object';
+    const hb = ok ? data.heartbeat_ms : undefined;
+    if (typeof hb === 'number' && Number.isFinite(hb) && hb > 0) {
+      this._heartbeatMs = Math.min(HEARTBEAT_BOUNDS[1], Math.max(HEARTBEAT_BOUNDS[0], hb));
+      conn.heartbeats = true;
+    } else {
+      conn.heartbeats = false;
+    }
+    this._livenessKnown(conn);
+  }
+
+  /** Called once `connected` told whether heartbeats are visible on `conn`. */
+  _livenessKnown(conn) {
+    this._alive(conn);
   }
 
   _deliver(ev) {
     if (ev.id) this._position = ev.id;
+    if (ev.skip) return;
     if (ev.type === 'connected' && ev.data && typeof ev.data === 'object') {
-      this.instanceId = ev.data.instance_id ?? null;
+      this.instanceId = typeof ev.data.instance_id === 'string' ? ev.data.instance_id : null;
     }
+    // Every listener of this event gets it, even if one of them closes the
+    // stream; nothing after it is delivered then.
     for (const fn of this._listeners.get(ev.type) || []) this._call(fn, ev);
-    for (const fn of this._listeners.get('*') || []) this._call(fn, ev);
-    if (ev.type === 'reset' && this.options.resync) this._startResync(ev);
+    if (this._types.has(ev.type)) {
+      for (const fn of this._listeners.get('*') || []) this._call(fn, ev);
+    }
+    if (ev.type === 'reset' && this.options.resync) {
+      this._resyncing = true;
+      this._resyncReset = ev;
+      if (!this._closed) this._runResync(ev);
+    }
   }
 
   /** Runs the app's resync hook; events behind the reset wait for it. */
-  _startResync(reset) {
-    this._resyncing = true;
+  _runResync(reset) {
+    const run = ++this._resyncRun;
+    const ctrl = new AbortController();
+    this._resyncCtrl = ctrl;
     let hook;
     try {
-      hook = Promise.resolve(this.options.resync(reset, this));
+      hook = Promise.resolve(this.options.resync(reset, this, { signal: ctrl.signal }));
     } catch (error) {
       hook = Promise.reject(error);
     }
     hook
-      .catch((error) => this._error(error))
-      .finally(() => {
+      .catch((error) => {
+        // An interrupted run's abort is the module's own doing; anything
+        // else is the app's to see.
+        if (!(ctrl.signal.aborted && isAbort(error))) this._error(error);
+      })
+      .then(() => {
+        if (run !== this._resyncRun) return;
+        this._resyncCtrl = null;
         this._resyncing = false;
+        this._resyncReset = null;
         const held = this._held;
         this._held = [];
-        // Delivered one by one: a held event may be another reset.
+        // Delivered one by one: a held event may be another reset, and a
+        // listener may close the stream.
         for (let i = 0; i < held.length; i++) {
+          if (this._closed) return;
           this._deliver(held[i]);
           if (this._resyncing) {
             this._held = held.slice(i + 1).concat(this._held);
             return;
           }
         }
-        if (this._overflowed) {
+        if (this._overflowed && !this._closed) {
           this._overflowed = false;
-          if (!this._closed) this._retry({ reason: 'resync-overflow' }, 0);
+          this._setState(RECONNECTING, { by: 'module', reason: 'held-overflow', delayMs: 0, attempt: this._attempt });
+          this._start();
         }
       });
   }
 
   /**
    * Schedules the next connect after a failure. `status`/`retryAfterMs`
-   * come from the answer when one was seen; `delay` overrides the backoff
-   * (a server's `retry:` hint after a stream that was open).
+   * come from the answer when one was seen; `hintMs` is the server's
+   * `retry:` hint, given only after a healthy stream ended: that first
+   * reconnect waits for it, as EventSource would.
    */
-  _retry(info, delay = null) {
+  _retry(info) {
     if (this._closed) return;
     clearTimeout(this._timer);
+    this._timer = null;
     if (info.status && FATAL_STATUSES.has(info.status)) {
-      this._closed = true;
-      this._stop();
+      this._shutdown();
       this._setState(CLOSED, { reason: 'refused', ...info });
       return;
     }
     this._attempt += 1;
-    const wait = delay ?? retryDelay(this._attempt, info.retryAfterMs ?? null, this._backoff);
+    const { hintMs, ...shown } = info;
+    const wait = hintMs != null && info.retryAfterMs == null
+      ? clampDelay(hintMs)
+      : retryDelay(this._attempt, info.retryAfterMs ?? null, this._backoff);
+    this._timerFloored = info.retryAfterMs != null;
     this.reconnects += 1;
-    this._setState(RECONNECTING, { ...info, delayMs: wait, attempt: this._attempt, by: 'module' });
+    this._setState(RECONNECTING, { ...shown, delayMs: wait, attempt: this._attempt, by: 'module' });
     this._timer = setTimeout(() => {
       this._timer = null;
       if (!this._closed) this._start();
     }, wait);
+  }
+
+  /**
+   * The network is back (`online`) or the page is visible again: a pending
+   * backoff is cut short (never a wait the server asked for), and a stream
+   * past its liveness deadline (timers sleep in hidden tabs) is replaced.
+   */
+  _wake(reason) {
+    if (this._closed) return;
+    if (this._timer && !this._timerFloored) {
+      clearTimeout(this._timer);
+      this._timer = null;
+      this._setState(RECONNECTING, { by: 'module', reason, delayMs: 0, attempt: this._attempt });
+      this._start();
+      return;
+    }
+    const conn = this._conn;
+    if (conn && conn.deadline != null && Date.now() >= conn.deadline) {
+      this._fail(conn, { reason: 'idle', hintMs: this._hint() });
+    }
   }
 }
 
 /**
  * The stream over the browser's EventSource. The token goes in the URL
  * (`?token=`; use the session's stream-only token); the position after a
- * module-driven reconnect in `?last_event_id=`.
+ * module-driven reconnect in `?last_event_id=`; `?heartbeat=event` asks for
+ * heartbeats EventSource can see.
  */
 export class SseScaleStream extends StreamBase {
   constructor(options) {
     super(options);
-    this._es = null;
-    this._probe = null;
     if (options.open !== false) this.open();
   }
 
@@ -561,84 +825,128 @@ export class SseScaleStream extends StreamBase {
     if (token) url.searchParams.set('token', token);
     if (this._received) url.searchParams.set('last_event_id', this._received);
     else url.searchParams.delete('last_event_id');
+    url.searchParams.set('heartbeat', 'event');
     return url.toString();
   }
 
   _start() {
-    const generation = (this._generation = (this._generation || 0) + 1);
-    this._url()
-      .then((url) => {
-        if (this._closed || generation !== this._generation) return;
+    const conn = this._newConn({ es: null });
+    this._url().then(
+      (url) => {
+        if (conn !== this._conn) return;
         const es = new EventSource(url);
-        this._es = es;
+        conn.es = es;
         es.onopen = () => {
-          if (this._es === es) this._opened({ transport: 'eventsource' });
+          if (conn !== this._conn) return;
+          conn.browserRetry = false;
+          // Until `connected` says heartbeats come as events, silence is
+          // bounded only by the connect-phase deadline.
+          conn.liveness = true;
+          this._opened(conn, { transport: 'eventsource' });
         };
-        es.onerror = () => {
-          if (this._es !== es || this._closed) return;
-          if (es.readyState === EventSource.CLOSED) {
-            // EventSource has given up (a non-200 answer): find out why.
-            this._es = null;
-            es.close();
-            this._probeAndRetry(generation).catch((error) => this._error(error));
-          } else {
-            // EventSource reconnects by itself (network error or a closed
-            // stream), after the server's `retry:` hint, with Last-Event-ID.
-            this.reconnects += 1;
-            this._setState(RECONNECTING, { by: 'browser', delayMs: null });
-          }
-        };
-        for (const type of this._types) this._bind(es, type);
-      })
-      .catch((error) => {
+        es.onerror = () => this._esError(conn, es);
+        for (const type of this._types) this._bind(conn, es, type);
+        this._bind(conn, es, 'heartbeat');
+      },
+      (error) => {
+        if (conn !== this._conn) return;
         this._error(error);
-        this._retry({ reason: 'token' });
-      });
+        this._fail(conn, { reason: 'token' });
+      },
+    );
   }
 
-  _bind(es, type) {
+  _esError(conn, es) {
+    if (conn !== this._conn || this._closed) return;
+    const healthy = conn.stable && es.readyState !== EventSource.CLOSED;
+    if (healthy) {
+      // A stream that had been up for a while broke: EventSource reconnects
+      // by itself after the server's `retry:` hint (jittered per stream, so
+      // the clients of a dead instance spread out), with Last-Event-ID.
+      // That one attempt is left to it; if it fails too, the module takes
+      // over with its backoff.
+      conn.open = false;
+      conn.stable = false;
+      conn.browserRetry = true;
+      conn.liveness = true;
+      clearTimeout(this._stableTimer);
+      this._stableTimer = null;
+      this._attempt = 1;
+      this.reconnects += 1;
+      this._alive(conn);
+      this._setState(RECONNECTING, { by: 'browser', delayMs: null, attempt: 1, reason: 'network' });
+      return;
+    }
+    // EventSource gave up (a non-200 answer), or would retry in its own
+    // fixed loop (a refused connection, a stream that died young): close
+    // it, learn the status with a HEAD probe and back off.
+    this._probeAndRetry(conn).catch((error) => this._error(error));
+  }
+
+  _bind(conn, es, type) {
     es.addEventListener(type, (e) => {
-      if (this._es === es) this._receive({ type: e.type, id: e.lastEventId, data: e.data });
+      this._receive({ type: e.type, id: e.lastEventId, data: e.data }, conn);
     });
   }
 
   _listenType(type) {
-    if (this._es) this._bind(this._es, type);
+    const conn = this._conn;
+    if (conn?.es) this._bind(conn, conn.es, type);
+  }
+
+  _livenessKnown(conn) {
+    // Without `heartbeat_ms` the server sends heartbeats as comments, which
+    // EventSource never shows: a quiet stream would look dead.
+    conn.liveness = conn.heartbeats === true;
+    this._alive(conn);
   }
 
   /** HEAD to the stream URL: its status and Retry-After, no stream held. */
-  async _probeAndRetry(generation) {
+  async _probeAndRetry(conn) {
+    if (conn !== this._conn) return;
+    this._stop();
     const ctrl = new AbortController();
     this._probe = ctrl;
+    let url;
+    try {
+      url = await this._url();
+    } catch (error) {
+      if (this._probe !== ctrl || this._closed) return;
+      this._probe = null;
+      this._error(error);
+      this._retry({ reason: 'token' });
+      return;
+    }
     const timer = setTimeout(() => ctrl.abort(), 5000);
     let info;
     try {
-      const res = await fetch(await this._url(), {
+      const res = await fetch(url, {
         method: 'HEAD',
         cache: 'no-store',
         credentials: 'same-origin',
         signal: ctrl.signal,
       });
-      info = { status: res.status, retryAfterMs: parseRetryAfter(res.headers.get('Retry-After')) };
-      if (res.status === 200) info.reason = 'stream-failed';
+      const retryAfterMs = parseRetryAfter(res.headers.get('Retry-After'));
+      if (PROBE_UNANSWERED.has(res.status)) {
+        // Something on the way does not pass HEAD on: that says nothing
+        // about the stream, so it is no reason to give up.
+        info = { reason: 'probe-unanswered', probeStatus: res.status, retryAfterMs };
+      } else {
+        info = { status: res.status, retryAfterMs };
+        if (res.status === 200) info.reason = 'stream-failed';
+      }
     } catch {
       info = { status: 0, reason: 'network' };
     } finally {
       clearTimeout(timer);
-      if (this._probe === ctrl) this._probe = null;
     }
-    if (this._closed || generation !== this._generation) return;
+    if (this._probe !== ctrl || this._closed) return;
+    this._probe = null;
     this._retry(info);
   }
 
-  _stop() {
-    this._generation = (this._generation || 0) + 1;
-    this._probe?.abort();
-    this._probe = null;
-    if (this._es) {
-      this._es.close();
-      this._es = null;
-    }
+  _teardown(conn) {
+    conn.es?.close();
   }
 }
 
@@ -650,36 +958,46 @@ export class SseScaleStream extends StreamBase {
 export class SseScaleFetchStream extends StreamBase {
   constructor(options) {
     super(options);
-    this._ctrl = null;
-    // The server's `retry:` hint, used after a stream that was open ends.
+    // The server's `retry:` hint, used after a healthy stream ends.
     this._retryHint = options.retryMs ?? 2000;
-    this._idleMs = options.idleTimeoutMs ?? 45000;
     if (options.open !== false) this.open();
   }
 
   _listenType() {}
 
-  _start() {
-    const ctrl = new AbortController();
-    this._ctrl = ctrl;
-    this._run(ctrl).catch((error) => this._error(error));
+  _hint() {
+    return this._retryHint;
   }
 
-  async _run(ctrl) {
+  _start() {
+    const conn = this._newConn({ ctrl: new AbortController() });
+    this._run(conn).catch((error) => this._error(error));
+  }
+
+  async _run(conn) {
+    let headers;
+    try {
+      headers = await this._headers(this._received);
+    } catch (error) {
+      if (conn !== this._conn) return;
+      this._error(error);
+      this._fail(conn, { reason: 'token' });
+      return;
+    }
+    if (conn !== this._conn) return;
     let res;
     try {
       res = await fetch(this.options.url, {
-        headers: await this._headers(this._received),
+        headers,
         cache: 'no-store',
         credentials: 'same-origin',
-        signal: ctrl.signal,
+        signal: conn.ctrl.signal,
       });
     } catch {
-      if (ctrl.signal.aborted && this._ctrl !== ctrl) return;
-      this._retry({ status: 0, reason: 'network' });
+      this._fail(conn, { status: 0, reason: 'network' });
       return;
     }
-    if (this._ctrl !== ctrl) {
+    if (conn !== this._conn) {
       res.body?.cancel().catch(() => {});
       return;
     }
@@ -691,50 +1009,56 @@ export class SseScaleFetchStream extends StreamBase {
         reason: res.status === 200 ? 'not-an-event-stream' : 'refused',
       };
       res.body?.cancel().catch(() => {});
-      this._retry(info);
+      this._fail(conn, info);
       return;
     }
-    this._opened({ transport: 'fetch', status: 200 });
+    this._opened(conn, { transport: 'fetch', status: 200 });
     const parser = new SseParser({
-      onEvent: (ev) => this._receive(ev),
+      maxLineLength: this.options.maxLineLength,
+      onEvent: (ev) => this._receive(ev, conn),
       onRetry: (ms) => {
-        this._retryHint = ms;
+        if (conn === this._conn) this._retryHint = ms;
       },
     });
     parser.lastEventId = this._received || '';
     parser.reset();
-    let idle = null;
-    const arm = () => {
-      clearTimeout(idle);
-      if (this._idleMs > 0) idle = setTimeout(() => ctrl.abort(), this._idleMs);
-    };
-    let reason = 'ended';
+    const reader = res.body.pipeThrough(new TextDecoderStream()).getReader();
     try {
-      const reader = res.body.pipeThrough(new TextDecoderStream()).getReader();
-      arm();
       for (;;) {
-        const { value, done } = await reader.read();
-        if (done) break;
-        arm();
-        parser.feed(value);
-        if (this._ctrl !== ctrl) break;
+        let chunk;
+        try {
+          chunk = await reader.read();
+        } catch {
+          this._fail(conn, { status: 0, reason: 'network', hintMs: this._retryHint });
+          return;
+        }
+        if (conn !== this._conn) return;
+        if (chunk.done) break;
+        // Any byte is life, heartbeat comments included.
+        this._alive(conn);
+        try {
+          parser.feed(chunk.value);
+        } catch (error) {
+          if (conn !== this._conn) return;
+          // A line over maxLineLength: the stream cannot be read past it.
+          // Drop the response (the reconnect resumes before that event, so
+          // the backoff, not the server's hint, paces the next tries).
+          this._error(error);
+          this._fail(conn, { reason: 'parse' });
+          return;
+        }
+        // The connection may have been dropped while this chunk was parsed
+        // (close(), overflow): its remaining bytes went nowhere.
+        if (conn !== this._conn) return;
       }
-    } catch {
-      reason = ctrl.signal.aborted ? 'idle-or-stopped' : 'network';
+      this._fail(conn, { reason: 'ended', hintMs: this._retryHint });
     } finally {
-      clearTimeout(idle);
+      if (conn !== this._conn) reader.cancel().catch(() => {});
     }
-    if (this._ctrl !== ctrl || this._closed) return;
-    this._ctrl = null;
-    // Like EventSource: a stream that was open is reopened after the
-    // server's retry hint (the server jitters it while draining).
-    this._retry({ reason }, this._retryHint);
   }
 
-  _stop() {
-    const ctrl = this._ctrl;
-    this._ctrl = null;
-    ctrl?.abort();
+  _teardown(conn) {
+    conn.ctrl.abort();
   }
 }
 

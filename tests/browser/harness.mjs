@@ -209,7 +209,10 @@ export function readPage(p) {
         delay: li.dataset.delay === undefined ? null : Number(li.dataset.delay),
         status: li.dataset.status === undefined ? null : Number(li.dataset.status),
         retryAfter: li.dataset.retryAfter === undefined ? null : Number(li.dataset.retryAfter),
+        attempt: li.dataset.attempt === undefined ? null : Number(li.dataset.attempt),
+        reason: li.dataset.reason ?? null,
         instance: li.dataset.instance ?? null,
+        position: li.dataset.position ?? null,
         text: li.textContent,
       })),
     };

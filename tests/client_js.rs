@@ -1,0 +1,42 @@
+//! The browser client module (`src/js/sse-scale.js`) under Node's own test
+//! runner: `node --test tests/js/`, the unit tests of its stream logic
+//! (held events, overflow, close()/open() during a resync, parser errors,
+//! the backoff of both transports, the liveness deadline) with fake timers
+//! and a faked network. No browser and no server: the Chromium scenarios
+//! in `tests/browser.rs` cover the module against real processes.
+//!
+//! Needs `node` 20 or later (tests/run-all.sh installs nodejs).
+
+use std::path::Path;
+use std::process::Command;
+
+#[test]
+fn the_client_module_s_stream_logic_passes_its_node_unit_tests() {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let output = match Command::new("node")
+        .args(["--test", "--test-reporter=tap", "tests/js/"])
+        .current_dir(&repo)
+        .output()
+    {
+        Ok(output) => output,
+        Err(e) => panic!(
+            "cannot run `node` ({e}): the client module's unit tests need Node.js 20 or later \
+             (Debian: apt-get install nodejs; tests/run-all.sh installs it)"
+        ),
+    };
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success(),
+        "node --test tests/js/ failed ({}):\n{stdout}\n{stderr}",
+        output.status
+    );
+    // A run that found no test file passes too; it must have run some.
+    let passed = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("# pass "))
+        .and_then(|n| n.trim().parse::<u32>().ok())
+        .unwrap_or(0);
+    assert!(passed > 0, "node ran no test:\n{stdout}\n{stderr}");
+    println!("{passed} node unit tests passed");
+}
