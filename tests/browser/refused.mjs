@@ -69,7 +69,10 @@ run(async () => {
   const refusals = responses.filter((r) => r.status === MODE);
   const gets = after.filter((w) => w.kind === 'request' && w.method === 'GET');
   const heads = after.filter((w) => w.kind === 'request' && w.method === 'HEAD');
-  check(refusals.length >= 2, `the stream was refused with ${MODE} (EventSource, then the probe)`, refusals);
+  // The probe's answer at least; the EventSource's own GET is refused too
+  // when the browser retried by itself first (a stream that had been open
+  // for a while), not when the module took over at once.
+  check(refusals.some((r) => r.method === 'HEAD'), `the probe was refused with ${MODE}`, refusals);
   check(refusals.every((r) => r.retryAfter !== null), 'every refusal carried Retry-After', refusals);
   // An EventSource fails with a refusal, with no answer at all (while the
   // cable is cut), or by the cut of the stream that was open (one more);
