@@ -23,8 +23,10 @@ pub enum BroadcastError {
     Closed,
     /// The event could not be published where it would survive this
     /// instance: it is stopping and cannot reach Redis (see
-    /// [`Broadcaster::stop_holding`]). Nothing was delivered; retry
-    /// elsewhere.
+    /// [`Broadcaster::stop_holding`]). Nothing was delivered, unless the
+    /// message says Redis did not confirm it: a publish already sent whose
+    /// reply timed out may still run, and a retry then arrives as a second
+    /// event. Retry elsewhere.
     #[error("not published: {0}")]
     Unavailable(String),
 }

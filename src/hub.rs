@@ -164,10 +164,11 @@ impl Hub {
         }
         let sink = Arc::new(Sink::default());
         let mut map = self.inner.lock();
-        let (generation, first) = match map.slots.get(session) {
+        let (generation, first, joined_after) = match map.slots.get(session) {
             Some(slot) => {
-                slot.lock().sinks.push(sink.clone());
-                (slot.generation, false)
+                let mut members = slot.lock();
+                members.sinks.push(sink.clone());
+                (slot.generation, false, members.last)
             }
             None => {
                 map.next_generation += 1;
@@ -180,7 +181,7 @@ impl Hub {
                     }),
                 };
                 map.slots.insert(session.clone(), Arc::new(slot));
-                (generation, true)
+                (generation, true, EventId::ZERO)
             }
         };
         drop(map);
@@ -191,7 +192,11 @@ impl Hub {
             sink: sink.clone(),
         };
         Ok(Joined {
-            subscription: Subscription { sink, guard },
+            subscription: Subscription {
+                sink,
+                guard,
+                joined_after,
+            },
             generation,
             first,
         })
@@ -428,6 +433,9 @@ pub enum SubscriptionError {
 pub struct Subscription {
     sink: Arc<Sink>,
     guard: Leave,
+    /// The newest id this hub had delivered for the session when this
+    /// subscriber joined: that event and those before it never reach it.
+    joined_after: EventId,
 }
 
 impl Subscription {
@@ -451,6 +459,14 @@ impl Subscription {
 
     pub(crate) fn raise_position(&self, position: EventId) {
         self.sink.raise_position(position);
+    }
+
+    /// The newest id delivered here for the session before this subscriber
+    /// joined (`0-0` for the first): a stream whose replay does not reach
+    /// it must not start below it, or the events between would be missing
+    /// without a word.
+    pub(crate) fn joined_after(&self) -> EventId {
+        self.joined_after
     }
 
     /// The number of live subscriptions of this hub: the streams that would

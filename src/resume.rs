@@ -82,9 +82,14 @@ pub async fn open_stream(
     // A late event that comes before the stream's position is known (while
     // it subscribes and reads its replay) is answered once it is.
     let subscription = broadcaster.subscribe(session).await?;
+    // What this instance delivered before the subscription joined never
+    // reaches it: a stream starts at or past it unless its replay covers
+    // it (a fresh stream whose position could not be read, a resume
+    // answered with `reset`).
+    let joined_after = subscription.joined_after();
     let (position, replay) = match last_event_id {
         Some(after) => (after, Some(broadcaster.replay(session, after).await)),
-        None => (broadcaster.position(session).await, None),
+        None => (broadcaster.position(session).await.max(joined_after), None),
     };
 
     let mut fields = options.connected;
@@ -141,7 +146,8 @@ pub async fn open_stream(
         position
     } else {
         held
-    };
+    }
+    .max(joined_after);
     let reset = OutgoingEvent::json(
         EventType::from_static("reset"),
         &json!({

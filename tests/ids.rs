@@ -1636,3 +1636,55 @@ async fn a_resume_from_an_id_given_during_an_outage_resets() {
         show(b1.id)
     );
 }
+
+// A resume on an instance that cannot read the session's history while
+// other streams of the session there already receive its events: what the
+// instance delivered before the new stream joined never reaches it, so its
+// `reset` must carry an id at or past that. Fails before the fix: the
+// reset kept the client at its own id (with history unreadable, the id
+// may be a real event not here yet), below e2-e4, which the instance had
+// already delivered, and they were missing without a word. B's Redis user
+// may do everything but read streams.
+#[tokio::test]
+async fn a_resume_that_cannot_read_history_starts_past_what_its_instance_already_delivered() {
+    const USER: &str = "instance-b";
+    const PASSWORD: &str = "instance-b-password";
+    let redis = RedisServer::start();
+    let mut admin = redis.conn();
+    acl_user(&mut admin, USER, PASSWORD, true);
+    let _: () = redis::cmd("ACL")
+        .arg("SETUSER")
+        .arg(USER)
+        .arg("-xrange")
+        .arg("-xrevrange")
+        .query(&mut admin)
+        .unwrap();
+    let a = instance(&redis.url(), "a", true);
+    let b = instance(&user_url(&redis, USER, PASSWORD), "b", true);
+    let (session, token) = new_session(&a).await;
+    let watching = record(&b, &session, &token).await;
+    wait_subscribed(&b, 1).await;
+    let mut events = Vec::new();
+    for n in 1..=4 {
+        events.push(accept(&a, &session, &token, &format!("e{n}")).await);
+    }
+    assert!(
+        watching.wait_labels(&["e4"], Duration::from_secs(5)).await,
+        "{:?}",
+        watching.snapshot()
+    );
+
+    let resumed = record_from(&b, &session, &token, events[0].id).await;
+    let marker = accept(&a, &session, &token, "marker").await;
+    let got = resumed.settle(&marker, Duration::from_secs(10)).await;
+    let mut owed = events[1..].to_vec();
+    owed.push(marker);
+    let verdict = judge(
+        "a resume from e1 on b",
+        &got,
+        &owed,
+        &labels(&[&events[0]]),
+        false,
+    );
+    assert!(verdict.is_ok(), "{}", verdict.unwrap_err());
+}

@@ -548,6 +548,19 @@ fn quickly_stopped_instance(redis: &RedisServer, name: &str) -> Server {
     ])
 }
 
+/// An instance that stays unready, streams and all, for half a minute
+/// after SIGTERM: long enough to publish to it while it stops.
+fn unready_for_long(redis: &RedisServer) -> Server {
+    Server::start(&[
+        ("REDIS_URL", &redis.url()),
+        ("INSTANCE_ID", "a"),
+        ("FF_REDIS_SSE_BROADCAST", "true"),
+        ("RATE_LIMIT_PUBLISH_PER_SEC", "0"),
+        ("SHUTDOWN_UNREADY_SECS", "30"),
+        ("SHUTDOWN_GRACE_SECS", "60"),
+    ])
+}
+
 /// What the exit warning says was still in the outbox (`left=N`), if the
 /// server logged it.
 fn outbox_left_at_exit(server: &Server) -> Option<u64> {
@@ -694,14 +707,7 @@ async fn an_outbox_reaches_a_redis_that_returns_while_the_instance_stops() {
 #[tokio::test]
 async fn a_stopping_instance_refuses_a_publish_it_could_only_hold() {
     let mut redis = RedisServer::start();
-    let a = Server::start(&[
-        ("REDIS_URL", &redis.url()),
-        ("INSTANCE_ID", "a"),
-        ("FF_REDIS_SSE_BROADCAST", "true"),
-        ("RATE_LIMIT_PUBLISH_PER_SEC", "0"),
-        ("SHUTDOWN_UNREADY_SECS", "30"),
-        ("SHUTDOWN_GRACE_SECS", "60"),
-    ]);
+    let a = unready_for_long(&redis);
     let (id, token) = new_session(&a).await;
     redis.stop();
     publish(&a, &id, &token, "held", json!({ "n": 0 })).await;
@@ -744,6 +750,39 @@ async fn a_stopping_instance_refuses_a_publish_it_could_only_hold() {
     let body: Value = refused.json().await.unwrap();
     assert_eq!(body["error"]["code"], "unavailable", "{body}");
     assert_eq!(a.stats().await["redis"]["outbox_len"], 0);
+    a.signal("KILL");
+}
+
+/// A publish already sent to a Redis that stopped answering when the
+/// instance turned unready: its reply times out, and the 503 says Redis may
+/// still run it — it does, once Redis wakes — so a publisher knows its
+/// retry may arrive as a second event.
+#[tokio::test]
+async fn a_stopping_instance_says_when_a_refused_publish_may_still_arrive() {
+    let redis = RedisServer::start();
+    let a = unready_for_long(&redis);
+    let (id, token) = new_session(&a).await;
+    // Redis has the publish script from here on (a first publish may send
+    // it by hash only, which a server without it refuses).
+    publish(&a, &id, &token, "first", json!({ "n": 0 })).await;
+    redis.pause();
+    let sent = tokio::spawn(
+        client()
+            .post(a.url(&format!("/sessions/{id}/events")))
+            .bearer_auth(&token)
+            .json(&json!({ "type": "late", "data": { "n": 1 } }))
+            .send(),
+    );
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    a.signal("TERM");
+    let res = sent.await.unwrap().unwrap();
+    assert_eq!(res.status(), 503);
+    let body: Value = res.json().await.unwrap();
+    let message = body["error"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("may still arrive"), "{body}");
+    redis.resume();
+    let ran = eventually(T, || async { redis.history(&id).len() == 2 }).await;
+    assert!(ran, "{:?}\n{}", redis.history(&id), a.log.lock().unwrap());
     a.signal("KILL");
 }
 

@@ -27,7 +27,6 @@ pub mod error;
 pub mod extract;
 mod head;
 pub mod health;
-mod keepalive;
 pub mod metrics;
 pub mod page;
 pub mod pipeline;

@@ -1,5 +1,6 @@
 //! The accept loop: every connection is served by hyper, except one whose
-//! first request opens an event stream (`GET /sessions/{id}/events`).
+//! first request opens an event stream (`GET /sessions/{id}/events`) and is
+//! all the client sent (`head.rs` says exactly when).
 //!
 //! Why a second path: an idle SSE stream served by hyper keeps hyper's
 //! per-connection buffers (an 8 KiB read buffer that grows to 16 KiB when
@@ -15,12 +16,14 @@
 //! straight from its shared bytes, until the stream ends or the client goes
 //! away, with no task while the stream waits. The response is
 //! close-delimited (`Connection: close`), which every HTTP/1 client and
-//! proxy reads. Everything else is hyper's — until a later request of a
-//! kept-alive HTTP/1 connection opens a stream (a balancer that reuses its
-//! upstream connections sends streams that way): then `keepalive.rs` takes
-//! the connection back from hyper, with its buffers freed, and it is
-//! written by the same writer as a first-request stream. HTTP/2
-//! connections stay with hyper for their whole life.
+//! proxy reads. Everything else is hyper's, from the connection's first
+//! byte to its last: later requests of a kept-alive connection (a stream
+//! among them is served by hyper, with its buffers), HTTP/2 (an h2c
+//! preface in any number of pieces), upgrades. Exactly one HTTP/1 framer
+//! owns a connection: this loop only ever reads a first head that carries
+//! no body, never where a body ends. The shipped balancer configs send
+//! streams on connections of their own (lb-config/README.md), so streams
+//! take the lean path.
 //!
 //! **Slow or idle clients.** The first head is read (not peeked) against
 //! one deadline for the whole head, waiting on socket readiness; the bytes
@@ -54,10 +57,7 @@ use tower::ServiceExt;
 
 use sse_scale::stall::{PeerAddr, StallGuard};
 
-use crate::head::{boundary, Boundary, MAX_HEAD};
-
-/// How an HTTP/2 prior-knowledge (h2c) connection starts.
-const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0";
+use crate::head::{classify, First, MAX_HEAD};
 
 /// How connections are bounded.
 #[derive(Debug, Clone)]
@@ -98,10 +98,6 @@ pub async fn serve(
         .keep_alive_interval(Some(limits.head_timeout))
         .keep_alive_timeout(limits.head_timeout);
     let builder = Arc::new(builder);
-    let mut h1 = hyper::server::conn::http1::Builder::new();
-    h1.timer(TokioTimer::new())
-        .header_read_timeout(limits.head_timeout);
-    let h1 = Arc::new(h1);
     let pending = Arc::new(Semaphore::new(limits.max_pending_heads));
     loop {
         let (tcp, peer) = tokio::select! {
@@ -141,7 +137,6 @@ pub async fn serve(
             stalled: limits.stalled.clone(),
         };
         let builder = builder.clone();
-        let h1 = h1.clone();
         let watcher = graceful.watcher();
         let stop = shutdown.clone();
         conns.spawn(async move {
@@ -152,14 +147,8 @@ pub async fn serve(
             drop(waiting);
             match sniffed {
                 Sniff::Stream(req) => conn.serve_stream(conn.guard(tcp), *req).await,
-                Sniff::Other(read) if read.starts_with(H2_PREFACE) => {
-                    Box::pin(conn.serve_hyper(tcp, read, &builder, watcher)).await
-                }
                 Sniff::Other(read) => {
-                    let taken = Box::pin(conn.serve_http1(tcp, read, &h1, &stop)).await;
-                    if let Some((io, req)) = taken {
-                        conn.serve_stream(io, *req).await;
-                    }
+                    Box::pin(conn.serve_hyper(tcp, read, &builder, watcher)).await
                 }
                 Sniff::Gone => {}
             }
@@ -214,14 +203,12 @@ impl Conn {
                     Ok(Ok(_)) => {}
                 },
             }
-            match boundary(&buf, self.peer) {
-                Boundary::Stream(req) => return Sniff::Stream(req),
-                Boundary::Partial => {}
-                // Anything else is hyper's to answer. Copied: the head
+            match classify(&buf, self.peer) {
+                First::Stream(req) => return Sniff::Stream(req),
+                First::Partial => {}
+                // Hyper's, every byte read so far first. Copied: the head
                 // buffer is not kept for the connection's life.
-                Boundary::Request(_) | Boundary::Opaque => {
-                    return Sniff::Other(bytes::Bytes::copy_from_slice(&buf))
-                }
+                First::Hyper => return Sniff::Other(bytes::Bytes::copy_from_slice(&buf)),
             }
         }
     }
@@ -246,23 +233,12 @@ impl Conn {
             },
         ));
         let served = builder.serve_connection_with_upgrades(io, svc);
-        if let Err(e) = watcher.watch(served.into_owned()).await {
+        // Folded: hyper's request body wakes this task from inside its own
+        // poll (`self_wake.rs`).
+        let served = crate::self_wake::Folded::new(Box::pin(watcher.watch(served.into_owned())));
+        if let Err(e) = served.await {
             tracing::debug!(error = %e, "connection ended with an error");
         }
-    }
-
-    /// Serves an HTTP/1 connection with hyper until it ends, or until a
-    /// later request on it opens a stream (`keepalive.rs`): then the
-    /// connection and that request are returned, for the stream writer.
-    async fn serve_http1(
-        &self,
-        tcp: TcpStream,
-        read: bytes::Bytes,
-        builder: &hyper::server::conn::http1::Builder,
-        stop: &CancellationToken,
-    ) -> Option<(StallGuard, Box<Request<Body>>)> {
-        let io = self.guard(tcp);
-        crate::keepalive::serve(self.app.clone(), self.peer, io, read, builder, stop).await
     }
 
     /// Runs a stream request through the router and writes the response.

@@ -105,6 +105,13 @@ fn response_head(res: Response<Body>) -> (Vec<u8>, bool, Body) {
         head.extend_from_slice(value.as_bytes());
         head.extend_from_slice(b"\r\n");
     }
+    // As hyper does on every response (RFC 9110 §6.6.1: an origin server
+    // with a clock sends one).
+    if !parts.headers.contains_key(header::DATE) {
+        head.extend_from_slice(b"date: ");
+        head.extend_from_slice(httpdate::fmt_http_date(std::time::SystemTime::now()).as_bytes());
+        head.extend_from_slice(b"\r\n");
+    }
     head.extend_from_slice(b"connection: close\r\n");
     (head, streaming, body)
 }

@@ -87,13 +87,20 @@ impl Inner {
         &self,
         session: &SessionId,
         event: &OutgoingEvent,
+        unconfirmed: bool,
     ) -> Result<EventId, BrokerError> {
         // The instance is stopping: the outbox would go with it before
         // Redis is back, and the publisher's 202 would name a lost event.
+        // `unconfirmed`: the publish was sent and not answered; Redis may
+        // still run it, as with any publish whose reply timed out, so a
+        // retry may arrive as a second event.
         if self.stop_holding.load(Ordering::Acquire) {
-            return Err(BrokerError::Unavailable(
-                "this instance is stopping and cannot reach Redis".into(),
-            ));
+            let why = if unconfirmed {
+                "this instance is stopping and Redis did not confirm the event (it may still arrive)"
+            } else {
+                "this instance is stopping and cannot reach Redis"
+            };
+            return Err(BrokerError::Unavailable(why.into()));
         }
         // Its local id is past this instance's own events still waiting for
         // their echo: those reach the subscribers here first.

@@ -170,7 +170,7 @@ impl Inner {
         // published.
         if !self.outbox.is_empty() || !self.redis.is_healthy() {
             self.note_outage(&"Redis unreachable");
-            return self.hold(session, event);
+            return self.hold(session, event, false);
         }
         let floor = self.local.floor();
         match self.run_script(session, event, floor, false).await {
@@ -187,7 +187,10 @@ impl Inner {
             }
             Err(e) => {
                 self.note_outage(&e);
-                self.hold(session, event)
+                // Sent and not answered: Redis may still run it (a timeout
+                // withdraws nothing). Refused or never sent: it did not.
+                let unconfirmed = matches!(e, CallError::Timeout(_) | CallError::Connection(_));
+                self.hold(session, event, unconfirmed)
             }
         }
     }

@@ -467,9 +467,23 @@ impl Inner {
             }
             (None, None) => {
                 // Everything after the stream's top arrives on the channel,
-                // which was confirmed before this read.
+                // which was confirmed before this read; what is at or before
+                // it (an event published between the two is on the channel
+                // too, and dropped there as a repeat) reaches a stream only
+                // through its replay. A stream that has none reaching the
+                // top — its history read failed, or it opened before this
+                // read because the confirmation was late — gets a `reset`
+                // to the top instead of a silent hole. The hub decides per
+                // stream: one already there gets nothing.
                 self.stream_top(session).await.map(|top| {
                     self.interest.lock().cursors.insert(session.clone(), top);
+                    if top != EventId::ZERO {
+                        let gap = Frame {
+                            id: top,
+                            bytes: bytes::Bytes::new(),
+                        };
+                        (self.handler)(Target::Gap(session), gap);
+                    }
                 })
             }
         };
