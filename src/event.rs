@@ -203,6 +203,19 @@ impl EventId {
         }
     }
 
+    /// The id just before this one (`None` for `0-0`): a `reset` to it
+    /// stands for everything before this event and not for the event.
+    pub fn predecessor(self) -> Option<EventId> {
+        match (self.ms, self.seq) {
+            (ms, seq) if seq > 0 => Some(EventId { ms, seq: seq - 1 }),
+            (ms, _) if ms > 0 => Some(EventId {
+                ms: ms - 1,
+                seq: u64::MAX,
+            }),
+            _ => None,
+        }
+    }
+
     /// Whether an id could have been given out by now: its time is not
     /// more than [`FUTURE_MARGIN_MS`] ahead of this clock. A client's id
     /// that is not was made up (or came from a clock far off), and nothing
@@ -411,6 +424,18 @@ pub struct Frame {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_predecessor_is_the_id_just_before() {
+        let id = |ms, seq| EventId { ms, seq };
+        assert_eq!(id(5, 3).predecessor(), Some(id(5, 2)));
+        assert_eq!(id(5, 0).predecessor(), Some(id(4, u64::MAX)));
+        assert_eq!(EventId::ZERO.predecessor(), None);
+        for x in [id(5, 3), id(5, 0), id(1, u64::MAX)] {
+            let p = x.predecessor().unwrap();
+            assert!(p < x && p.successor() == Some(x));
+        }
+    }
 
     #[test]
     fn event_type_rejects_field_injection() {

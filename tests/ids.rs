@@ -17,6 +17,8 @@
 //! fault (a killed Pub/Sub connection, deleted keys, a stopped server, a
 //! Redis user that disappears with a restart).
 
+#[path = "support/link.rs"]
+mod link;
 #[path = "support/redis_server.rs"]
 mod redis_server;
 mod support;
@@ -1686,5 +1688,139 @@ async fn a_resume_that_cannot_read_history_starts_past_what_its_instance_already
         &labels(&[&events[0]]),
         false,
     );
+    assert!(verdict.is_ok(), "{}", verdict.unwrap_err());
+}
+
+/// Creates user `user` allowed everything but reading streams: its
+/// instance publishes, subscribes and follows, and every history read it
+/// makes is refused (`NOPERM`).
+fn user_without_stream_reads(redis: &RedisServer, user: &str, password: &str) -> String {
+    let mut admin = redis.conn();
+    acl_user(&mut admin, user, password, true);
+    let _: () = redis::cmd("ACL")
+        .arg("SETUSER")
+        .arg(user)
+        .arg("-xrange")
+        .arg("-xrevrange")
+        .query(&mut admin)
+        .unwrap();
+    user_url(redis, user, password)
+}
+
+/// Publishes `n` events labelled `<prefix><i>` to `server`.
+async fn accept_many(
+    server: &Server,
+    session: &str,
+    token: &str,
+    prefix: &str,
+    n: usize,
+) -> Vec<Accepted> {
+    let mut events = Vec::new();
+    for i in 1..=n {
+        events.push(accept(server, session, token, &format!("{prefix}{i}")).await);
+    }
+    events
+}
+
+// The session's first stream on an instance whose history reads Redis
+// refuses: what was published before its channel was subscribed reaches
+// it neither by replay nor live. Fails before: the subscriber went on with
+// live messages only and no reset, and the resume's reset kept the client
+// at its own id below e2-e8.
+#[tokio::test]
+async fn a_first_stream_whose_history_redis_refuses_is_reset_past_what_it_missed() {
+    let redis = RedisServer::start();
+    let b_url = user_without_stream_reads(&redis, "instance-b", "instance-b-password");
+    let a = instance(&redis.url(), "a", true);
+    let b = instance(&b_url, "b", true);
+    let (session, token) = new_session(&a).await;
+    let mut events = accept_many(&a, &session, &token, "e", 8).await;
+
+    let resumed = record_from(&b, &session, &token, events[0].id).await;
+    let marker = accept(&a, &session, &token, "marker").await;
+    let got = resumed.settle(&marker, Duration::from_secs(10)).await;
+    let seen = labels(&[&events[0]]);
+    events.remove(0);
+    events.push(marker);
+    let verdict = judge("a resume from e1 on b", &got, &events, &seen, false);
+    assert!(verdict.is_ok(), "{}", verdict.unwrap_err());
+}
+
+// An instance's subscriber reconnects (its connection was killed) and its
+// catch-up read is refused: what was published while it was away reaches
+// none of its streams. Fails before: they went on with live messages only,
+// the hole silent; now the first event after it comes behind a reset.
+#[tokio::test]
+async fn a_catch_up_redis_refuses_resets_the_streams_past_the_hole() {
+    let redis = RedisServer::start();
+    let b_url = user_without_stream_reads(&redis, "instance-b", "instance-b-password");
+    let a = instance(&redis.url(), "a", true);
+    let b = instance(&b_url, "b", true);
+    let (session, token) = new_session(&a).await;
+    let on_b = record(&b, &session, &token).await;
+    wait_subscribed(&b, 1).await;
+    let before = accept(&a, &session, &token, "before").await;
+    assert!(on_b.wait_labels(&["before"], Duration::from_secs(5)).await);
+
+    let connects = b.stats().await["redis"]["subscriber_connects"]
+        .as_u64()
+        .unwrap_or(0);
+    assert!(kill_pubsub(&mut redis.conn()) >= 1);
+    let mut owed = vec![before];
+    owed.extend(accept_many(&a, &session, &token, "away", 20).await);
+    assert!(wait_resubscribed(&b, connects).await, "{}", b.stats().await);
+    let marker = accept(&a, &session, &token, "marker").await;
+    owed.push(marker.clone());
+    let got = on_b.settle(&marker, Duration::from_secs(10)).await;
+    let verdict = judge("the stream on b", &got, &owed, &HashSet::new(), false);
+    assert!(verdict.is_ok(), "{}", verdict.unwrap_err());
+}
+
+// A resume on an instance cut from Redis, from an id older than the
+// subscriber's late catch-up reaches back (when the session was wanted,
+// less 2 s): the events in between reach the stream neither by replay
+// (unreadable) nor by the catch-up. Fails before: the reset kept the
+// client at its id and they were missing; now the catch-up's start comes
+// as a reset.
+#[tokio::test]
+async fn a_resume_older_than_a_late_catch_up_reaches_is_reset_past_the_hole() {
+    let redis = RedisServer::start();
+    let link = link::Link::start(redis.port).await;
+    let a = instance(&redis.url(), "a", true);
+    let b = instance(&format!("redis://127.0.0.1:{}/", link.port), "b", true);
+    let (session, token) = new_session(&a).await;
+    let mut events = accept_many(&a, &session, &token, "e", 6).await;
+    // Older than the catch-up's margin by the time b wants the session.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+
+    link.cut();
+    let from = events[0].id;
+    let opening = tokio::spawn({
+        let url = b.url(&format!("/sessions/{session}/events?token={token}"));
+        async move {
+            let res = reqwest::Client::new()
+                .get(url)
+                .header("last-event-id", show(from))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(res.status(), 200);
+            let mut sse = SseClient::from_response(res);
+            sse.expect_connected().await;
+            Recorder::start(sse)
+        }
+    });
+    // Long enough for the subscription to be given up as late and the
+    // history read to fail.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    link.restore();
+    let resumed = opening.await.unwrap();
+    wait_subscribed(&b, 1).await;
+    let marker = accept(&a, &session, &token, "marker").await;
+    let got = resumed.settle(&marker, Duration::from_secs(15)).await;
+    let seen = labels(&[&events[0]]);
+    events.remove(0);
+    events.push(marker);
+    let verdict = judge("a resume from e1 on b", &got, &events, &seen, false);
     assert!(verdict.is_ok(), "{}", verdict.unwrap_err());
 }

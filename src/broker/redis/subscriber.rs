@@ -50,6 +50,11 @@ struct State {
     /// since): not an id the stream ever held, so its absence from the
     /// stream says nothing about lost events.
     estimated: HashSet<SessionId>,
+    /// Sessions whose history could not be read when their channel was
+    /// (re)subscribed (Redis refused the read: an ACL, a key of the wrong
+    /// type): what was published before is unknown here, so the first
+    /// event that arrives is preceded by a `reset` just below it.
+    blind: HashSet<SessionId>,
     /// Sessions wanted and not yet subscribed: an estimate of "when it was
     /// wanted", and whether the catch-up must start there — the connection
     /// was down, or the subscriber stopped waiting — rather than at the
@@ -301,6 +306,7 @@ impl Inner {
             st.waiters.remove(session);
             st.floors.remove(session);
             st.estimated.remove(session);
+            st.blind.remove(session);
             st.sent.remove(session);
             st.direct.remove(session);
             st.dirty.insert(session.clone());
@@ -463,6 +469,11 @@ impl Inner {
                     st.cursors.insert(session.clone(), floor);
                     st.estimated.insert(session.clone());
                 }
+                // Nothing at or before the floor is delivered from here on:
+                // a stream that opened meanwhile below it, its replay not
+                // reaching it (its history read failed), gets a `reset` to
+                // it rather than a hole (the hub decides per stream).
+                self.gap(session, floor);
                 self.catch_up_checked(session, floor, true).await.map(drop)
             }
             (None, None) => {
@@ -477,13 +488,7 @@ impl Inner {
                 // stream: one already there gets nothing.
                 self.stream_top(session).await.map(|top| {
                     self.interest.lock().cursors.insert(session.clone(), top);
-                    if top != EventId::ZERO {
-                        let gap = Frame {
-                            id: top,
-                            bytes: bytes::Bytes::new(),
-                        };
-                        (self.handler)(Target::Gap(session), gap);
-                    }
+                    self.gap(session, top);
                 })
             }
         };
@@ -496,12 +501,12 @@ impl Inner {
             // messages still pass.
             Err(e) => {
                 self.counters.malformed.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(backend = "redis", session = %session, error = %e, "session history unreadable; delivering live messages only");
-                self.interest
-                    .lock()
-                    .cursors
-                    .entry(session.clone())
-                    .or_default();
+                tracing::warn!(backend = "redis", session = %session, error = %e, "session history unreadable; delivering live messages only, after a reset");
+                let mut st = self.interest.lock();
+                st.cursors.entry(session.clone()).or_default();
+                // What was published while the channel was not subscribed
+                // is unknown here; the next event tells where it ends.
+                st.blind.insert(session.clone());
             }
         }
         let mut st = self.interest.lock();
@@ -523,6 +528,20 @@ impl Inner {
             self.interest.changed.notify_one();
         }
         Ok(())
+    }
+
+    /// Tells the session's streams here that events up to `at` will not be
+    /// delivered to them from here on (the hub gives a `reset` to those not
+    /// already past it).
+    fn gap(&self, session: &SessionId, at: EventId) {
+        if at == EventId::ZERO {
+            return;
+        }
+        let gap = Frame {
+            id: at,
+            bytes: bytes::Bytes::new(),
+        };
+        (self.handler)(Target::Gap(session), gap);
     }
 
     /// Catches the session up from `from` if the stream still reaches back
@@ -778,6 +797,7 @@ impl Inner {
     /// published, whatever arrives first.
     fn deliver(&self, session: &SessionId, own: bool, held: bool, frame: Frame) -> bool {
         let mut unechoed = Vec::new();
+        let mut blind_until = None;
         let delivered_already;
         {
             let mut st = self.interest.lock();
@@ -792,6 +812,9 @@ impl Inner {
                 Some(cursor) => *cursor = frame.id,
             }
             st.estimated.remove(session);
+            if st.blind.remove(session) {
+                blind_until = frame.id.predecessor();
+            }
             delivered_already = match st.direct.get_mut(session) {
                 Some(direct) => {
                     let had = direct.remove(&frame.id);
@@ -817,6 +840,11 @@ impl Inner {
             if !own {
                 st.note_shared(session);
             }
+        }
+        // The session's ids grow in publish order: everything published
+        // while its history could not be read came before this event.
+        if let Some(at) = blind_until {
+            self.gap(session, at);
         }
         for missing in unechoed {
             tracing::warn!(backend = "redis", session = %session, id = %missing.id,
