@@ -430,9 +430,19 @@ impl Inner {
 
     /// The newest id in the session's stream, `0-0` if it has none.
     pub(super) async fn stream_top(&self, session: &SessionId) -> Result<EventId, CallError> {
+        self.newest_up_to(session, None).await
+    }
+
+    /// The newest id of the session's stream at or before `at` (all of it
+    /// with `None`); `0-0` when there is none.
+    pub(super) async fn newest_up_to(
+        &self,
+        session: &SessionId,
+        at: Option<EventId>,
+    ) -> Result<EventId, CallError> {
         let mut cmd = redis::cmd("XREVRANGE");
         cmd.arg(self.keys.history(session))
-            .arg("+")
+            .arg(at.map_or_else(|| "+".to_owned(), |at| at.to_string()))
             .arg("-")
             .arg("COUNT")
             .arg(1);

@@ -470,10 +470,16 @@ impl Inner {
                     st.estimated.insert(session.clone());
                 }
                 // Nothing at or before the floor is delivered from here on:
-                // a stream that opened meanwhile below it, its replay not
-                // reaching it (its history read failed), gets a `reset` to
-                // it rather than a hole (the hub decides per stream).
-                self.gap(session, floor);
+                // a stream that opened meanwhile below the newest event
+                // there, its replay not reaching it (its history read
+                // failed), gets a `reset` to that event rather than a hole
+                // (the hub decides per stream). The floor itself when that
+                // read fails: no event is left out unannounced.
+                let left_out = self
+                    .newest_up_to(session, Some(floor))
+                    .await
+                    .unwrap_or(floor);
+                self.gap(session, left_out);
                 self.catch_up_checked(session, floor, true).await.map(drop)
             }
             (None, None) => {
