@@ -132,11 +132,19 @@ impl Inner {
         if let Err(e) = self.check_open() {
             return futures::future::ready(Err(e)).boxed();
         }
-        let rx = {
+        let (rx, stale) = {
             let mut st = self.interest.lock();
+            // Wanted anew while the channel of an earlier generation is not
+            // released yet: its cursor goes on, so nothing at or before it
+            // reaches the new streams, whose hub slot starts empty.
+            let stale = if st.wanted.contains_key(session) {
+                None
+            } else {
+                st.cursors.get(session).copied()
+            };
             let current = st.wanted.entry(session.clone()).or_insert(generation);
             *current = (*current).max(generation);
-            if st.live.contains(session) {
+            let rx = if st.live.contains(session) {
                 None
             } else {
                 if !st.cursors.contains_key(session) {
@@ -154,8 +162,14 @@ impl Inner {
                 st.waiters.entry(session.clone()).or_default().push(tx);
                 st.dirty.insert(session.clone());
                 Some(rx)
-            }
+            };
+            (rx, stale)
         };
+        // A stream whose replay does not reach the cursor gets a `reset` to
+        // it (the hub decides per stream, once its position is known).
+        if let Some(cursor) = stale {
+            self.gap(session, cursor);
+        }
         self.interest.changed.notify_one();
         let interest = self.interest.clone();
         let session = session.clone();
