@@ -236,9 +236,10 @@ pub fn assert_exactly_once(who: &str, seen: &Seen, n: u64) {
             .collect();
         panic!(
             "{who}: {} events for {n} published; missing {missing:?}, doubled {doubled:?}, \
-             in order: {}; connections: {:?}",
+             in order: {}; resets: {}; connections: {:?}",
             seen.numbers.len(),
             seen.numbers.windows(2).all(|w| w[0] < w[1]),
+            seen.resets,
             seen.instances
         );
     }
