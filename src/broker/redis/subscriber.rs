@@ -319,8 +319,9 @@ impl Inner {
             st.wanted.remove(session);
             st.waiters.remove(session);
             st.floors.remove(session);
-            st.estimated.remove(session);
-            st.blind.remove(session);
+            // The cursor stays until the channel is released, and with it
+            // what it owes: wanted again before that, the channel goes on
+            // and its next event must still come behind the reset.
             st.sent.remove(session);
             st.direct.remove(session);
             st.dirty.insert(session.clone());
@@ -396,10 +397,14 @@ impl Inner {
             let State {
                 wanted,
                 cursors,
+                estimated,
+                blind,
                 floors,
                 ..
             } = &mut *st;
             cursors.retain(|s, _| wanted.contains_key(s));
+            estimated.retain(|s| cursors.contains_key(s));
+            blind.retain(|s| cursors.contains_key(s));
             floors.retain(|s, _| wanted.contains_key(s));
             for (s, floor) in floors.iter_mut() {
                 // Wanted before this connection: catch up from then.
@@ -471,6 +476,9 @@ impl Inner {
                 let read = self.catch_up_checked(session, from, estimated).await;
                 match read {
                     Ok(reach) => {
+                        // Read from the cursor on: a hole an earlier read
+                        // could not see is filled.
+                        self.interest.lock().blind.remove(session);
                         self.deliver_unechoed(session, reach);
                         self.renote_kept(session).await
                     }
@@ -712,6 +720,7 @@ impl Inner {
             if !st.wanted.contains_key(&session) {
                 st.cursors.remove(&session);
                 st.estimated.remove(&session);
+                st.blind.remove(&session);
             } else {
                 // Wanted again meanwhile: subscribe it on the next round.
                 st.dirty.insert(session);
