@@ -480,24 +480,34 @@ async fn haproxy_drain_keeps_pinned_streams_and_sends_new_clients_elsewhere() {
     // The deploy step: drain the instance over the runtime API.
     let answer = lb.haproxy_command(&format!("set server app/{drained} state drain"));
     assert!(answer.trim().is_empty(), "drain refused: {answer:?}");
+    // Its twin in the streams backend follows it.
     let state = lb.haproxy_command("show stat");
-    let row = state
-        .lines()
-        .find(|l| l.starts_with(&format!("app,{drained},")))
-        .unwrap_or_else(|| panic!("no stats row for {drained}: {state}"));
-    assert!(row.contains(",DRAIN"), "{row}");
+    for backend in ["app", "streams"] {
+        let row = state
+            .lines()
+            .find(|l| l.starts_with(&format!("{backend},{drained},")))
+            .unwrap_or_else(|| panic!("no stats row for {backend}/{drained}: {state}"));
+        assert!(row.contains(",DRAIN"), "{row}");
+    }
 
     // The pinned stream stays open and keeps receiving; its cookie still
     // routes to the drained instance.
     publish_and_receive(&lb, &s, &jar, &[], &mut sse, "while draining").await;
     assert_follow_ups_land_on(&lb, &s, &jar, &[], &drained).await;
 
-    // New clients (no cookie) go elsewhere.
+    // New clients (no cookie) go elsewhere, their requests and their
+    // streams.
     for n in 0..FOLLOW_UPS {
-        let (_, landed) = create_session(&lb, &mut Jar::default()).await;
+        let mut fresh = Jar::default();
+        let (s, landed) = create_session(&lb, &mut fresh).await;
         assert_ne!(
             landed, drained,
             "new client {n} reached the drained instance"
+        );
+        let (_, streamed_on) = open_stream(&lb, &s, &mut Jar::default(), &[]).await;
+        assert_ne!(
+            streamed_on, drained,
+            "new client {n}'s stream reached the drained instance"
         );
     }
     // Health checks keep running while draining and do not undo it.
@@ -544,8 +554,9 @@ async fn nginx_cookie_map_drain_by_reload_keeps_pinned_streams() {
     // only (its own upstream, which pinned clients use, stays), then reload.
     let addr = apps.addr_of(&drained);
     lb.nginx_reload(|conf| {
+        // The pool and its twin for streams.
         let pool_line = format!("server {addr} max_fails");
-        assert_eq!(conf.matches(&pool_line).count(), 1, "{conf}");
+        assert_eq!(conf.matches(&pool_line).count(), 2, "{conf}");
         conf.replace(&pool_line, &format!("server {addr} down max_fails"))
     });
     // The reload takes effect once the new workers run.
@@ -555,10 +566,15 @@ async fn nginx_cookie_map_drain_by_reload_keeps_pinned_streams() {
     .await;
     assert!(reloaded, "new clients still reach {drained}; {}", lb.log());
     for n in 0..FOLLOW_UPS {
-        let (_, landed) = create_session(&lb, &mut Jar::default()).await;
+        let (s, landed) = create_session(&lb, &mut Jar::default()).await;
         assert_ne!(
             landed, drained,
             "new client {n} reached the drained instance"
+        );
+        let (_, streamed_on) = open_stream(&lb, &s, &mut Jar::default(), &[]).await;
+        assert_ne!(
+            streamed_on, drained,
+            "new client {n}'s stream reached the drained instance"
         );
     }
     // The stream opened before the reload is still served (by an old
@@ -848,4 +864,118 @@ async fn caddy_round_robin_serves_phase_3() {
     let apps = phase3_apps(&redis);
     let lb = Balancer::caddy("caddy/Caddyfile.roundrobin", &apps.addrs(), &[]).await;
     round_robin_suite(&lb).await;
+}
+
+/// Streams opened so far on `apps`: (all, as their connection's first
+/// request).
+async fn stream_opens(apps: &Apps) -> (u64, u64) {
+    let mut all = (0, 0);
+    for server in apps.servers.iter().flatten() {
+        let stats = server.stats().await;
+        all.0 += stats["stream_opens"].as_u64().unwrap();
+        all.1 += stats["stream_opens_first_request"].as_u64().unwrap();
+    }
+    all
+}
+
+/// Publishes, then opens a stream, `STREAMS` times over one client
+/// connection kept alive (a browser does the same: its page's requests,
+/// then the `EventSource`, on the connections it keeps), with the
+/// affinity the file routes on. Every stream must reach its instance as
+/// its connection's first request: the balancer opens streams on
+/// upstream connections of their own, never on one a publish left idle,
+/// so each is served by the stream writer without hyper's buffers.
+async fn streams_take_upstream_connections_of_their_own(
+    file: &str,
+    lb: &Balancer,
+    apps: &Apps,
+) -> Option<String> {
+    const STREAMS: u64 = 4;
+    let (opened, first) = stream_opens(apps).await;
+    let mut jar = Jar::default();
+    let (s, _) = create_session(lb, &mut jar).await;
+    // One connection at a time: each stream takes over the connection its
+    // publish just used.
+    let browser = reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(5))
+        .pool_max_idle_per_host(1)
+        .build()
+        .unwrap();
+    let affinity = |req: reqwest::RequestBuilder| {
+        let req = req.header("X-Session-ID", &s.id);
+        if jar.0.is_empty() {
+            req
+        } else {
+            req.header(COOKIE, jar.header())
+        }
+    };
+    let mut streams = Vec::new();
+    for n in 0..STREAMS {
+        let res = affinity(
+            browser
+                .post(lb.url(&format!("/sessions/{}/events", s.id)))
+                .bearer_auth(&s.token)
+                .timeout(Duration::from_secs(10))
+                .json(&json!({ "type": "noise", "data": n })),
+        )
+        .send()
+        .await
+        .unwrap();
+        assert_eq!(res.status(), 202, "{:?}: {}", lb.kind, lb.log());
+        let res =
+            affinity(browser.get(lb.url(&format!("/sessions/{}/events?token={}", s.id, s.token))))
+                .send()
+                .await
+                .unwrap();
+        assert_eq!(res.status(), 200, "{:?}: {}", lb.kind, lb.log());
+        let mut sse = SseClient::from_response(res);
+        sse.expect_connected().await;
+        streams.push(sse);
+    }
+    let (now_opened, now_first) = stream_opens(apps).await;
+    assert_eq!(now_opened - opened, STREAMS, "{file}");
+    let shared = STREAMS - (now_first - first);
+    (shared > 0).then(|| {
+        format!(
+            "{file}: {shared} of {STREAMS} streams on an upstream connection that had \
+             already carried a request"
+        )
+    })
+}
+
+#[tokio::test]
+async fn every_shipped_balancer_opens_streams_on_upstream_connections_of_their_own() {
+    let apps = Apps::start();
+    let mut failures = Vec::new();
+    for file in [
+        "haproxy/haproxy.cfg",
+        "haproxy/haproxy-header.cfg",
+        "haproxy/haproxy-roundrobin.cfg",
+    ] {
+        let lb = Balancer::haproxy(file, &apps.addrs(), &[]).await;
+        failures.extend(streams_take_upstream_connections_of_their_own(file, &lb, &apps).await);
+    }
+    for file in [
+        "nginx/cookie-map.conf.template",
+        "nginx/cookie-hash.conf.template",
+        "nginx/header-hash.conf.template",
+        "nginx/roundrobin.conf.template",
+    ] {
+        let lb = Balancer::nginx(file, &apps.addrs()).await;
+        failures.extend(streams_take_upstream_connections_of_their_own(file, &lb, &apps).await);
+    }
+    for file in [
+        "caddy/Caddyfile",
+        "caddy/Caddyfile.header",
+        "caddy/Caddyfile.roundrobin",
+    ] {
+        let lb = Balancer::caddy(
+            file,
+            &apps.addrs(),
+            &[("LB_COOKIE_SECRET", "lb-test-secret")],
+        )
+        .await;
+        failures.extend(streams_take_upstream_connections_of_their_own(file, &lb, &apps).await);
+    }
+    assert!(failures.is_empty(), "{failures:#?}");
 }

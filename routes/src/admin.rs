@@ -32,6 +32,8 @@ pub async fn stats(_: Admin, State(state): State<Arc<AppState>>) -> Json<serde_j
         "slow_consumers_cut": state.slow_consumers_cut.load(Ordering::Relaxed),
         "stalled_writes_cut": state.stalled_writes_cut.load(Ordering::Relaxed),
         "heads_refused": state.heads_refused.load(Ordering::Relaxed),
+        "stream_opens": state.stream_opens.load(Ordering::Relaxed),
+        "stream_opens_first_request": state.stream_opens_first_request.load(Ordering::Relaxed),
         "resumes": state.resumes.load(Ordering::Relaxed),
         "resets": state.resets.load(Ordering::Relaxed),
         "order_resets": b.order_resets,

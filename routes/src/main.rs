@@ -229,6 +229,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
         max_pending_heads: config.max_pending_heads as usize,
         stalled: state.stalled_writes_cut.clone(),
         heads_refused: state.heads_refused.clone(),
+        first_request_streams: state.stream_opens_first_request.clone(),
     };
     let serve = sse_scale_server::serve::serve(listener, app, limits, state.shutdown.clone());
     let grace = config.shutdown_grace();

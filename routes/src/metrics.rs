@@ -166,6 +166,12 @@ impl Collector for StateCollector {
             "Streams opened",
             load(&s.stream_opens),
         )?;
+        counter(
+            &mut e,
+            "sse_stream_opens_first_request",
+            "Streams opened as their connection's first request (without hyper's buffers)",
+            load(&s.stream_opens_first_request),
+        )?;
         let ends = &s.stream_ends;
         let stalled = load(&s.stalled_writes_cut);
         counters(

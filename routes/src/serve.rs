@@ -74,6 +74,9 @@ pub struct Limits {
     pub stalled: Arc<AtomicU64>,
     /// Counts connections refused because too many heads were pending.
     pub heads_refused: Arc<AtomicU64>,
+    /// Counts streams opened as their connection's first request (served
+    /// by the stream writer, without hyper's buffers).
+    pub first_request_streams: Arc<AtomicU64>,
 }
 
 /// Serves `app` on `listener` until `shutdown` fires, then waits for open
@@ -135,6 +138,7 @@ pub async fn serve(
             write_timeout: limits.write_timeout,
             head_timeout: limits.head_timeout,
             stalled: limits.stalled.clone(),
+            first_request_streams: limits.first_request_streams.clone(),
         };
         let builder = builder.clone();
         let watcher = graceful.watcher();
@@ -179,6 +183,7 @@ struct Conn {
     write_timeout: Duration,
     head_timeout: Duration,
     stalled: Arc<AtomicU64>,
+    first_request_streams: Arc<AtomicU64>,
 }
 
 impl Conn {
@@ -244,6 +249,10 @@ impl Conn {
     /// Runs a stream request through the router and writes the response.
     async fn serve_stream(&self, io: StallGuard, req: Request<Body>) {
         let Ok(res) = Box::pin(self.app.clone().oneshot(req)).await;
+        if res.status() == axum::http::StatusCode::OK {
+            self.first_request_streams
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
         crate::writer::respond(io, res, self.tracker.token()).await;
     }
 }

@@ -99,6 +99,11 @@ pub struct AppState {
     pub resets: AtomicU64,
     /// Streams opened (answered 200).
     pub stream_opens: AtomicU64,
+    /// Of those, streams opened as their connection's first request: the
+    /// stream writer's, without hyper's per-connection buffers. The rest
+    /// came as a later request of a kept-alive connection (a balancer that
+    /// reuses its upstream connections for streams).
+    pub stream_opens_first_request: Arc<AtomicU64>,
     /// Streams that ended, by why.
     pub stream_ends: StreamEnds,
     /// 429 answers, by limit.
@@ -191,6 +196,7 @@ impl AppState {
             resumes: AtomicU64::new(0),
             resets: AtomicU64::new(0),
             stream_opens: AtomicU64::new(0),
+            stream_opens_first_request: Arc::new(AtomicU64::new(0)),
             stream_ends: StreamEnds::default(),
             rate_limited: RateLimited::default(),
         }
