@@ -65,7 +65,7 @@ use crate::broadcaster::BroadcastError;
 use crate::event::{EventId, InvalidInput, SessionId};
 use crate::resume::ResumeOutcome;
 use crate::scale::SseScale;
-use crate::stall::{PeerAddr, StallGuard};
+use crate::stall::StallGuard;
 use crate::stream::{SseStream, StreamEnd};
 
 /// An error as a JSON response: `{"error": {"code", "message"}}`.
@@ -361,18 +361,25 @@ async fn wait_for(signal: std::io::Result<tokio::signal::unix::Signal>) {
     }
 }
 
-/// A TCP listener for `axum::serve` whose connections fail a write that
-/// stays blocked longer than `limit` (see [`crate::stall`]). The request's
-/// peer address is `ConnectInfo<PeerAddr>` with
+/// The peer address of a connection, in the request's extensions as
+/// `ConnectInfo<PeerAddr>`: with [`StallListener`], through
 /// `into_make_service_with_connect_info::<PeerAddr>()`.
-pub struct StallListener {
-    inner: TcpListener,
+#[derive(Debug, Clone, Copy)]
+pub struct PeerAddr(pub SocketAddr);
+
+/// A listener for `axum::serve` (a `TcpListener` unless said otherwise)
+/// whose connections fail a write that stays blocked longer than `limit`
+/// (see [`crate::stall`]). The request's peer address is
+/// `ConnectInfo<PeerAddr>` with
+/// `into_make_service_with_connect_info::<PeerAddr>()`.
+pub struct StallListener<L = TcpListener> {
+    inner: L,
     limit: Duration,
     stalled: Arc<AtomicU64>,
 }
 
-impl StallListener {
-    pub fn new(inner: TcpListener, limit: Duration) -> Self {
+impl<L: Listener> StallListener<L> {
+    pub fn new(inner: L, limit: Duration) -> Self {
         Self {
             inner,
             limit,
@@ -386,14 +393,13 @@ impl StallListener {
     }
 }
 
-impl Listener for StallListener {
-    type Io = StallGuard;
-    type Addr = SocketAddr;
+impl<L: Listener> Listener for StallListener<L> {
+    type Io = StallGuard<L::Io>;
+    type Addr = L::Addr;
 
     async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        let (tcp, addr) = Listener::accept(&mut self.inner).await;
-        let _ = tcp.set_nodelay(true);
-        (StallGuard::new(tcp, self.limit, self.stalled.clone()), addr)
+        let (io, addr) = self.inner.accept().await;
+        (StallGuard::new(io, self.limit, self.stalled.clone()), addr)
     }
 
     fn local_addr(&self) -> io::Result<Self::Addr> {
@@ -401,8 +407,8 @@ impl Listener for StallListener {
     }
 }
 
-impl Connected<IncomingStream<'_, StallListener>> for PeerAddr {
-    fn connect_info(stream: IncomingStream<'_, StallListener>) -> Self {
+impl<L: Listener<Addr = SocketAddr>> Connected<IncomingStream<'_, StallListener<L>>> for PeerAddr {
+    fn connect_info(stream: IncomingStream<'_, StallListener<L>>) -> Self {
         PeerAddr(*stream.remote_addr())
     }
 }

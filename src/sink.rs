@@ -1,14 +1,15 @@
 //! [`Sink`]: one subscriber's end of the connection map. It holds a bounded
 //! queue of frames for the subscriber's stream task and, once the stream's
-//! writer has handed over its socket ([`DirectWriter::attach`]), a direct
-//! path: the delivering task writes the frame into the socket itself, with
-//! one non-blocking write.
+//! writer has handed over a [`DirectWrite`] ([`DirectWriter::attach`]), a
+//! direct path: the delivering task writes the frame itself, with one
+//! write that does not wait.
 //!
 //! Why the direct path: a delivery through a queue wakes the stream's
 //! task, which is scheduled, polls its body and then writes, several times
 //! the user-space work of the write itself (docs/benchmarks.md). Written
 //! from the delivering task, a delivery is one `write`, the least any server
-//! can do.
+//! can do. The library holds no socket: how bytes reach the connection is
+//! the server's [`DirectWrite`] (the reference server's is its TCP socket).
 //!
 //! **Order** rests on one rule: a direct write is allowed only while the
 //! stream's writer is *idle*, with nothing queued and nothing in flight. The
@@ -31,7 +32,6 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
 
 use bytes::Bytes;
-use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use crate::event::{EventId, Frame};
@@ -69,8 +69,8 @@ pub(crate) struct Sink {
 struct State {
     queue: VecDeque<Frame>,
     waker: Option<Waker>,
-    /// The stream's socket, once its writer handed it over.
-    socket: Option<Arc<TcpStream>>,
+    /// Where deliveries write directly, once the writer handed it over.
+    direct: Option<Arc<dyn DirectWrite>>,
     /// The writer has nothing queued or in flight: see the module docs.
     idle: bool,
     /// Frames up to this id are not for this subscriber: the replay carried
@@ -232,14 +232,8 @@ impl Sink {
         // subscriber ends the stream, and then no heartbeat is due anyway.
         st.last_out = Some(now);
         if st.idle {
-            if let Some(socket) = &st.socket {
-                // The socket's own `send`, not tokio's `try_write`: that
-                // first reads the readiness tokio keeps for the socket, a
-                // cache line of its own per stream and the largest part of
-                // a direct write's user-space time (docs/benchmarks.md). A
-                // full socket is seen by the writer's next awaited write,
-                // which tokio then waits for as usual.
-                match socket2::SockRef::from(socket.as_ref()).send(&frame.bytes) {
+            if let Some(direct) = &st.direct {
+                match direct.write_now(&frame.bytes) {
                     Ok(n) if n == frame.bytes.len() => return Offered::Written,
                     Ok(n) => {
                         let rest = Frame {
@@ -385,7 +379,7 @@ impl Sink {
                 }
             }
             None => {
-                st.idle = st.socket.is_some();
+                st.idle = st.direct.is_some();
                 if !st.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
                     st.waker = Some(cx.waker().clone());
                 }
@@ -394,12 +388,12 @@ impl Sink {
         }
     }
 
-    fn attach(&self, socket: Arc<TcpStream>) {
+    fn attach(&self, direct: Arc<dyn DirectWrite>) {
         let mut st = self.lock();
         if st.ended.is_none() {
             // Not idle yet: the writer turns idle when it next finds
             // nothing to write, after what it already holds.
-            st.socket = Some(socket);
+            st.direct = Some(direct);
         }
     }
 }
@@ -410,20 +404,30 @@ fn wake(waker: Option<Waker>) {
     }
 }
 
-/// The handle a stream's writer uses to hand its socket to the connection
-/// map. A writer may attach only if it writes the stream's bytes to the
-/// socket as they are (a close-delimited HTTP/1 response, no chunked
-/// framing, no TLS), it has written the response head, and it writes
-/// nothing but the frames its body yields from then on, each before it
-/// polls the body again.
+/// A stream's connection as its writer lends it to the connection map:
+/// where a delivery writes a frame at once, from its own task.
+pub trait DirectWrite: Send + Sync + 'static {
+    /// Writes as much of `bytes` as goes without waiting: `Ok(n)` for the
+    /// first `n` bytes taken (the rest is queued for the writer),
+    /// `WouldBlock` for none; any other error means the connection is gone.
+    /// Never waits.
+    fn write_now(&self, bytes: &[u8]) -> io::Result<usize>;
+}
+
+/// The handle a stream's writer uses to lend its connection to the
+/// connection map. A writer may attach only if it writes the stream's bytes
+/// to the connection as they are (a close-delimited HTTP/1 response, no
+/// chunked framing, no TLS), it has written the response head, and it
+/// writes nothing but the frames its body yields from then on, each whole
+/// before it polls the body again.
 #[derive(Clone)]
 pub struct DirectWriter(pub(crate) Arc<Sink>);
 
 impl DirectWriter {
-    /// From now on, deliveries write straight into `socket` whenever the
+    /// From now on, deliveries write straight into `direct` whenever the
     /// writer is idle (see the module docs).
-    pub fn attach(&self, socket: Arc<TcpStream>) {
-        self.0.attach(socket);
+    pub fn attach(&self, direct: Arc<dyn DirectWrite>) {
+        self.0.attach(direct);
     }
 }
 
@@ -436,23 +440,62 @@ impl std::fmt::Debug for DirectWriter {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tokio::io::AsyncReadExt;
-    use tokio::net::TcpListener;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use tokio::sync::Notify;
 
-    async fn pair() -> (Arc<TcpStream>, TcpStream) {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let client = TcpStream::connect(listener.local_addr().unwrap())
-            .await
-            .unwrap();
-        let (server, _) = listener.accept().await.unwrap();
-        // Small buffers: a reader that pauses fills the socket soon.
-        socket2::SockRef::from(&server)
-            .set_send_buffer_size(32 * 1024)
-            .unwrap();
-        socket2::SockRef::from(&client)
-            .set_recv_buffer_size(32 * 1024)
-            .unwrap();
-        (Arc::new(server), client)
+    /// A connection with a small send buffer, in memory: takes what fits,
+    /// says `WouldBlock` when full, and fails once the peer is gone.
+    #[derive(Default)]
+    struct Pipe {
+        sent: Mutex<Vec<u8>>,
+        /// Bytes taken and not yet read by the peer.
+        in_flight: Mutex<usize>,
+        drained: Notify,
+        gone: AtomicBool,
+    }
+
+    /// Bytes the pipe holds before it is full.
+    const ROOM: usize = 32 * 1024;
+
+    impl DirectWrite for Pipe {
+        fn write_now(&self, bytes: &[u8]) -> io::Result<usize> {
+            if self.gone.load(Ordering::SeqCst) {
+                return Err(io::ErrorKind::ConnectionReset.into());
+            }
+            let mut in_flight = self.in_flight.lock().unwrap();
+            let n = bytes.len().min(ROOM - *in_flight);
+            if n == 0 {
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+            *in_flight += n;
+            self.sent.lock().unwrap().extend_from_slice(&bytes[..n]);
+            Ok(n)
+        }
+    }
+
+    impl Pipe {
+        /// The peer reads up to `max` bytes.
+        fn read(&self, max: usize) -> usize {
+            let mut in_flight = self.in_flight.lock().unwrap();
+            let n = (*in_flight).min(max);
+            *in_flight -= n;
+            drop(in_flight);
+            self.drained.notify_waiters();
+            n
+        }
+
+        /// What a writer does on a full connection: waits until the peer
+        /// read, then tries again.
+        async fn write_all(&self, mut rest: &[u8]) {
+            while !rest.is_empty() {
+                let drained = self.drained.notified();
+                match self.write_now(rest) {
+                    Ok(n) => rest = &rest[n..],
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => drained.await,
+                    Err(e) => panic!("{e}"),
+                }
+            }
+        }
     }
 
     fn frame(n: u64, len: usize) -> Frame {
@@ -466,44 +509,37 @@ mod tests {
 
     /// What a stream's writer does: take the next frame, write it whole,
     /// only then ask again.
-    async fn writer(sink: Arc<Sink>, socket: Arc<TcpStream>) -> u64 {
+    async fn writer(sink: Arc<Sink>, pipe: Arc<Pipe>) -> u64 {
         let mut written = 0;
         while let Some(Ok(frame)) = std::future::poll_fn(|cx| sink.poll_next(cx)).await {
-            let mut rest = &frame.bytes[..];
-            while !rest.is_empty() {
-                socket.writable().await.unwrap();
-                match socket.try_write(rest) {
-                    Ok(n) => rest = &rest[n..],
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                    Err(e) => panic!("{e}"),
-                }
-            }
+            pipe.write_all(&frame.bytes).await;
             written += 1;
         }
         written
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn direct_and_queued_writes_keep_their_order_through_a_full_socket() {
-        let (server, mut client) = pair().await;
+    async fn direct_and_queued_writes_keep_their_order_through_a_full_connection() {
+        let pipe = Arc::new(Pipe::default());
         let sink = Arc::new(Sink::default());
-        sink.attach(server.clone());
-        let task = tokio::spawn(writer(sink.clone(), server));
+        sink.attach(pipe.clone());
+        let task = tokio::spawn(writer(sink.clone(), pipe.clone()));
         // Let the writer find nothing and turn idle.
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         const N: u64 = 2000;
         const LEN: usize = 8 * 1024;
-        // A slow reader: the socket fills and drains while frames arrive, so
-        // deliveries meet an idle writer, a full socket and a busy writer.
-        let reader = tokio::spawn(async move {
-            let mut got = vec![0u8; N as usize * LEN];
-            let mut filled = 0;
-            while filled < got.len() {
-                let end = (filled + 64 * 1024).min(got.len());
-                filled += client.read(&mut got[filled..end]).await.unwrap();
-                tokio::time::sleep(std::time::Duration::from_micros(200)).await;
+        // A slow reader: the connection fills and drains while frames
+        // arrive, so deliveries meet an idle writer, a full connection and
+        // a busy writer.
+        let reader = tokio::spawn({
+            let pipe = pipe.clone();
+            async move {
+                let mut read = 0;
+                while read < N as usize * LEN {
+                    read += pipe.read(64 * 1024);
+                    tokio::time::sleep(std::time::Duration::from_micros(200)).await;
+                }
             }
-            got
         });
         let mut offered = [0usize; 3];
         for n in 1..=N {
@@ -513,16 +549,18 @@ mod tests {
                 tokio::time::sleep(std::time::Duration::from_micros(100)).await;
             }
         }
-        let got = reader.await.unwrap();
+        reader.await.unwrap();
         assert!(
             offered[Offered::Written as usize] > 0,
-            "some went straight into the socket"
+            "some went straight into the connection"
         );
         assert!(
             offered[Offered::Queued as usize] > 0,
-            "some queued behind a full socket"
+            "some queued behind a full connection"
         );
         assert_eq!(offered[Offered::Dropped as usize], 0);
+        let got = pipe.sent.lock().unwrap().clone();
+        assert_eq!(got.len(), N as usize * LEN);
         for (i, chunk) in got.chunks(LEN).enumerate() {
             assert_eq!(&chunk[..8], format!("{:08}", i + 1).as_bytes(), "frame {i}");
             assert!(chunk[8..].iter().all(|&b| b == b'.'), "frame {i} whole");
@@ -539,11 +577,12 @@ mod tests {
 
     #[tokio::test]
     async fn nothing_is_written_directly_before_the_writer_asks() {
-        let (server, mut client) = pair().await;
+        let pipe = Arc::new(Pipe::default());
         let sink = Arc::new(Sink::default());
-        sink.attach(server);
+        sink.attach(pipe.clone());
         // The writer still holds its prelude: a delivery must wait behind it.
         assert_eq!(sink.offer(&frame(1, 4), 8, Instant::now()), Offered::Queued);
+        assert!(pipe.sent.lock().unwrap().is_empty());
         sink.set_position(EventId { ms: 1, seq: 0 });
         let next = std::future::poll_fn(|cx| Poll::Ready(sink.poll_next(cx))).await;
         assert!(next.is_pending(), "frame 1 is before the position");
@@ -557,9 +596,34 @@ mod tests {
             sink.offer(&frame(1, 4), 8, Instant::now()),
             Offered::Dropped
         );
-        let mut got = [0u8; 4];
-        client.read_exact(&mut got).await.unwrap();
-        assert_eq!(&got, b"0000");
+        assert_eq!(&pipe.sent.lock().unwrap()[..], b"0000");
+    }
+
+    #[tokio::test]
+    async fn a_write_that_goes_through_in_part_queues_the_rest_first() {
+        let pipe = Arc::new(Pipe::default());
+        let sink = Arc::new(Sink::default());
+        sink.attach(pipe.clone());
+        let next = std::future::poll_fn(|cx| Poll::Ready(sink.poll_next(cx))).await;
+        assert!(next.is_pending(), "idle");
+        // Fills all but 4 bytes, then a frame of 10: 4 go out directly.
+        assert_eq!(
+            sink.offer(&frame(1, ROOM - 4), 8, Instant::now()),
+            Offered::Written
+        );
+        assert_eq!(
+            sink.offer(&frame(2, 10), 8, Instant::now()),
+            Offered::Queued
+        );
+        // No longer idle: the next waits behind the rest.
+        assert_eq!(
+            sink.offer(&frame(3, 10), 8, Instant::now()),
+            Offered::Queued
+        );
+        let rest = std::future::poll_fn(|cx| sink.poll_next(cx)).await;
+        assert_eq!(&rest.unwrap().unwrap().bytes[..], b"0002..");
+        let third = std::future::poll_fn(|cx| sink.poll_next(cx)).await;
+        assert_eq!(&third.unwrap().unwrap().bytes[..8], b"00000003");
     }
 
     #[tokio::test]
@@ -581,22 +645,16 @@ mod tests {
 
     #[tokio::test]
     async fn a_failed_direct_write_ends_the_subscriber() {
-        let (server, client) = pair().await;
+        let pipe = Arc::new(Pipe::default());
         let sink = Sink::default();
-        sink.attach(server);
+        sink.attach(pipe.clone());
         let next = std::future::poll_fn(|cx| Poll::Ready(sink.poll_next(cx))).await;
         assert!(next.is_pending());
-        // A reset from the peer: SO_LINGER 0, then close.
-        socket2::SockRef::from(&client)
-            .set_linger(Some(std::time::Duration::ZERO))
-            .unwrap();
-        drop(client);
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-        let mut outcome = Offered::Written;
-        for n in 1..=3 {
-            outcome = sink.offer(&frame(n, 4), 8, Instant::now());
-        }
-        assert_eq!(outcome, Offered::Dropped);
+        pipe.gone.store(true, Ordering::SeqCst);
+        assert_eq!(
+            sink.offer(&frame(1, 4), 8, Instant::now()),
+            Offered::Dropped
+        );
         let next = std::future::poll_fn(|cx| Poll::Ready(sink.poll_next(cx))).await;
         assert!(matches!(next, Poll::Ready(Some(Err(Ended::Gone)))));
     }

@@ -18,7 +18,7 @@ use sse_scale::SessionId;
 
 use crate::error::AppError;
 use crate::state::AppState;
-use sse_scale::stall::PeerAddr;
+use sse_scale::axum::PeerAddr;
 
 /// A session whose full token the request proved it holds: it may publish,
 /// run pipelines and ask for new tokens.

@@ -21,7 +21,7 @@ use axum::body::Body;
 use axum::extract::ConnectInfo;
 use axum::http::{header, HeaderMap, HeaderName, HeaderValue, Method, Request};
 
-use sse_scale::stall::PeerAddr;
+use sse_scale::axum::PeerAddr;
 
 /// Longest first head served here; a longer one is hyper's.
 pub(crate) const MAX_HEAD: usize = 8192;

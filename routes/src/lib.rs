@@ -34,6 +34,7 @@ pub mod runs;
 mod self_wake;
 pub mod serve;
 pub mod sessions;
+mod socket;
 pub mod state;
 pub mod workflow;
 mod write_through;

@@ -55,9 +55,14 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower::ServiceExt;
 
-use sse_scale::stall::{PeerAddr, StallGuard};
+use sse_scale::axum::PeerAddr;
+use sse_scale::stall::StallGuard;
 
 use crate::head::{classify, First, MAX_HEAD};
+use crate::socket::Socket;
+
+/// A connection as it is served: its socket, with the write-stall cut-off.
+pub(crate) type Guarded = StallGuard<Socket>;
 
 /// How connections are bounded.
 #[derive(Debug, Clone)]
@@ -187,8 +192,8 @@ struct Conn {
 }
 
 impl Conn {
-    fn guard(&self, tcp: TcpStream) -> StallGuard {
-        StallGuard::new(tcp, self.write_timeout, self.stalled.clone())
+    fn guard(&self, tcp: TcpStream) -> Guarded {
+        StallGuard::new(Socket::new(tcp), self.write_timeout, self.stalled.clone())
     }
 
     /// Reads the first request head, all of it within the head timeout.
@@ -247,7 +252,7 @@ impl Conn {
     }
 
     /// Runs a stream request through the router and writes the response.
-    async fn serve_stream(&self, io: StallGuard, req: Request<Body>) {
+    async fn serve_stream(&self, io: Guarded, req: Request<Body>) {
         let Ok(res) = Box::pin(self.app.clone().oneshot(req)).await;
         if res.status() == axum::http::StatusCode::OK {
             self.first_request_streams
@@ -261,7 +266,7 @@ impl Conn {
 /// first, then the socket.
 struct Rewind {
     read: bytes::Bytes,
-    io: StallGuard,
+    io: Guarded,
 }
 
 impl AsyncRead for Rewind {

@@ -1,7 +1,8 @@
 //! `AsyncWrite` for the connection wrappers that only change how a socket
 //! is read (`serve.rs`'s `Rewind`, `keepalive.rs`'s `Boundaries`): each
 //! sends every write straight to its `io` field, the connection's
-//! [`StallGuard`](sse_scale::stall::StallGuard), so hyper's responses keep
+//! [`StallGuard`](sse_scale::stall::StallGuard) around its
+//! [`Socket`](crate::socket::Socket), so hyper's responses keep
 //! the stall cut-off and vectored writes.
 
 /// Implements `tokio::io::AsyncWrite` for `$ty` by passing every call to

@@ -31,7 +31,8 @@ use tokio::runtime::Handle;
 use tokio_util::task::task_tracker::TaskTrackerToken;
 
 use sse_scale::sink::DirectWriter;
-use sse_scale::stall::StallGuard;
+
+use crate::serve::Guarded;
 
 /// Largest non-stream response written here (the stream route's error
 /// bodies); it is buffered to send its length.
@@ -42,7 +43,7 @@ const DISCARD: usize = 16 * 1024;
 
 /// Writes `res` on `io`, a connection that closes after it, then closes
 /// it. `tracker` keeps a graceful shutdown waiting while the stream lives.
-pub(crate) async fn respond(mut io: StallGuard, res: Response<Body>, tracker: TaskTrackerToken) {
+pub(crate) async fn respond(mut io: Guarded, res: Response<Body>, tracker: TaskTrackerToken) {
     let direct = res.extensions().get::<DirectWriter>().cloned();
     let (head, streaming, body) = response_head(res);
     if !streaming {
@@ -53,7 +54,7 @@ pub(crate) async fn respond(mut io: StallGuard, res: Response<Body>, tracker: Ta
         return close(io, Err(e)).await;
     }
     if let Some(direct) = direct {
-        direct.attach(io.shared());
+        direct.attach(Arc::new(io.get_ref().clone()));
     }
     let pump = Pump {
         io,
@@ -68,7 +69,7 @@ pub(crate) async fn respond(mut io: StallGuard, res: Response<Body>, tracker: Ta
 }
 
 /// The end of a response: its connection is closed.
-async fn close(mut io: StallGuard, written: io::Result<()>) {
+async fn close(mut io: Guarded, written: io::Result<()>) {
     if let Err(e) = written {
         tracing::debug!(error = %e, "stream connection ended");
     }
@@ -117,7 +118,7 @@ fn response_head(res: Response<Body>) -> (Vec<u8>, bool, Body) {
 }
 
 /// A whole (error) response: buffered, with its length.
-async fn write_whole(io: &mut StallGuard, mut head: Vec<u8>, body: Body) -> io::Result<()> {
+async fn write_whole(io: &mut Guarded, mut head: Vec<u8>, body: Body) -> io::Result<()> {
     let bytes = axum::body::to_bytes(body, MAX_ERROR_BODY)
         .await
         .map_err(io::Error::other)?;
@@ -126,7 +127,7 @@ async fn write_whole(io: &mut StallGuard, mut head: Vec<u8>, body: Body) -> io::
     io.write_all(&head).await
 }
 
-async fn write_head(io: &mut StallGuard, mut head: Vec<u8>) -> io::Result<()> {
+async fn write_head(io: &mut Guarded, mut head: Vec<u8>) -> io::Result<()> {
     head.extend_from_slice(b"\r\n");
     io.write_all(&head).await
 }
@@ -137,7 +138,7 @@ async fn write_head(io: &mut StallGuard, mut head: Vec<u8>) -> io::Result<()> {
 /// frames are written by the deliveries themselves, and the body yields only
 /// what had to wait for a full socket, heartbeats and its end.
 struct Pump {
-    io: StallGuard,
+    io: Guarded,
     body: Body,
     _tracker: TaskTrackerToken,
 }
@@ -177,7 +178,11 @@ impl Pump {
         if let Poll::Ready(frame) = Pin::new(&mut self.body).poll_frame(cx) {
             return Poll::Ready(Next::Frame(frame));
         }
-        self.io.tcp().poll_read_ready(cx).map(Next::Readable)
+        self.io
+            .get_ref()
+            .tcp()
+            .poll_read_ready(cx)
+            .map(Next::Readable)
     }
 
     /// Acts on what woke the stream; `Ok(false)` once it is over.
@@ -200,7 +205,7 @@ impl Pump {
                 let mut scratch = [0u8; 512];
                 let mut discarded = 0;
                 while discarded < DISCARD {
-                    match self.io.tcp().try_read(&mut scratch) {
+                    match self.io.get_ref().tcp().try_read(&mut scratch) {
                         Ok(0) => return Ok(false),
                         Ok(n) => discarded += n,
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
