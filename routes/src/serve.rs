@@ -59,10 +59,7 @@ use sse_scale::axum::PeerAddr;
 use sse_scale::stall::StallGuard;
 
 use crate::head::{classify, First, MAX_HEAD};
-use crate::socket::Socket;
-
-/// A connection as it is served: its socket, with the write-stall cut-off.
-pub(crate) type Guarded = StallGuard<Socket>;
+use crate::socket::{Guarded, Socket};
 
 /// How connections are bounded.
 #[derive(Debug, Clone)]

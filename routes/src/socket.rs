@@ -27,6 +27,9 @@ use tokio::net::TcpStream;
 #[derive(Clone)]
 pub struct Socket(Arc<TcpStream>);
 
+/// A connection as it is served: its socket, with the write-stall cut-off.
+pub(crate) type Guarded = sse_scale::stall::StallGuard<Socket>;
+
 impl Socket {
     pub fn new(tcp: TcpStream) -> Self {
         Self(Arc::new(tcp))

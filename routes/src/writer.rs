@@ -32,7 +32,7 @@ use tokio_util::task::task_tracker::TaskTrackerToken;
 
 use sse_scale::sink::DirectWriter;
 
-use crate::serve::Guarded;
+use crate::socket::Guarded;
 
 /// Largest non-stream response written here (the stream route's error
 /// bodies); it is buffered to send its length.
