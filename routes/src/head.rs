@@ -272,7 +272,12 @@ mod tests {
     }
 
     proptest! {
-        #![proptest_config(ProptestConfig { cases: 3000, ..ProptestConfig::default() })]
+        // 3,000 cases per property in the suite; `HEAD_FUZZ_CASES` for a
+        // longer run by hand (docs/security.md records one).
+        #![proptest_config(ProptestConfig {
+            cases: std::env::var("HEAD_FUZZ_CASES").ok().and_then(|n| n.parse().ok()).unwrap_or(3000),
+            ..ProptestConfig::default()
+        })]
 
         #[test]
         fn a_stream_open_served_here_is_hyper_s_get_without_a_body(
