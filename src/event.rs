@@ -32,16 +32,29 @@ pub enum InvalidInput {
     EventType,
     #[error("event id must look like <milliseconds>-<sequence>")]
     EventId,
-    #[error("event types connected, reset and heartbeat are the stream's own; publish under another name")]
+    #[error(
+        "event types connected, reset and heartbeat are the stream's own, open and error are \
+         EventSource's, and * is a client's wildcard; publish under another name"
+    )]
     ReservedEventType,
 }
 
-/// Event types the stream itself sends ([`EventType::is_reserved`]): the
-/// `connected` that opens it, the `reset` that replaces a replay, and the
-/// `heartbeat` an `EventSource` can see (see
-/// [`SseStream::heartbeat_events`](crate::SseStream::heartbeat_events)).
-/// A client takes them for the protocol's, so an app must not publish them.
-pub const RESERVED_EVENT_TYPES: [&str; 3] = ["connected", "reset", "heartbeat"];
+/// Event types nothing from outside may publish ([`EventType::is_reserved`]):
+///
+/// - the stream's own: the `connected` that opens it, the `reset` that
+///   replaces a replay, and the `heartbeat` an `EventSource` can see (see
+///   [`SseStream::heartbeat_events`](crate::SseStream::heartbeat_events)).
+///   A client takes them for the protocol's;
+/// - `open` and `error`, the names of `EventSource`'s own events: a server
+///   event under either reaches the page's `onopen`/`onerror` and passes for
+///   a connection that opened or failed (an `error` event made the browser
+///   client reconnect before it, and replay it, forever);
+/// - `*`, which the browser client's `on('*')` takes as "every event".
+///
+/// `message`, the type of an event sent without `event:`, stays allowed:
+/// `event: message` is exactly what an unnamed event is.
+pub const RESERVED_EVENT_TYPES: [&str; 6] =
+    ["connected", "reset", "heartbeat", "open", "error", "*"];
 
 /// The id of one SSE session: the unit of subscription and of publishing.
 ///
@@ -445,6 +458,21 @@ mod tests {
         assert_eq!(EventType::parse("data:x"), Err(InvalidInput::EventType));
         assert_eq!(EventType::parse(""), Err(InvalidInput::EventType));
         assert!(EventType::parse(&"x".repeat(MAX_EVENT_TYPE_LEN + 1)).is_err());
+    }
+
+    #[test]
+    fn reserved_event_types_are_refused_by_name_and_named_in_the_error() {
+        for name in RESERVED_EVENT_TYPES {
+            let ty = EventType::parse(name).expect("a valid type, refused as reserved");
+            assert!(ty.is_reserved(), "{name}");
+            assert!(
+                InvalidInput::ReservedEventType.to_string().contains(name),
+                "the error names {name}"
+            );
+        }
+        for name in ["message", "Error", "open_x", "**", "chat_message"] {
+            assert!(!EventType::parse(name).unwrap().is_reserved(), "{name}");
+        }
     }
 
     #[test]

@@ -923,6 +923,20 @@ async fn the_fetch_transport_routes_by_header_and_resumes_after_a_kill() {
     script.finish(Duration::from_secs(45)).await;
 }
 
+/// What Chromium's own EventSource makes of a stream, against the module,
+/// on both transports, from a scripted origin of the script's own
+/// (`tests/browser/native.mjs`): server events named `error`, `open` and
+/// `*` are neither connection news nor reach `'*'`; a `decode` that throws
+/// loses no event and loops no connection; a `retry:` hint longer than the
+/// liveness deadline is waited out.
+#[tokio::test]
+async fn eventsource_s_own_names_decode_errors_and_long_retry_hints() {
+    let _serial = SERIAL.lock().await;
+    Script::start("native", "native", "", &[])
+        .finish(Duration::from_secs(60))
+        .await;
+}
+
 /// The module's parser, `Retry-After` parsing and backoff under Node (no
 /// browser): `tests/browser/parser.mjs`.
 #[tokio::test]

@@ -40,3 +40,19 @@ fn the_client_module_s_stream_logic_passes_its_node_unit_tests() {
     assert!(passed > 0, "node ran no test:\n{stdout}\n{stderr}");
     println!("{passed} node unit tests passed");
 }
+
+/// The module's `RESERVED_EVENTS` are the server's `RESERVED_EVENT_TYPES`:
+/// the names the server refuses to publish are the names the module keeps
+/// from its listeners (`open`, `error`, `*`, `heartbeat`) or takes for the
+/// protocol's (`connected`, `reset`).
+#[test]
+fn the_module_s_reserved_names_are_the_server_s() {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let module = std::fs::read_to_string(repo.join("src/js/sse-scale.js")).expect("the module");
+    let line = module
+        .lines()
+        .find(|l| l.starts_with("export const RESERVED_EVENTS"))
+        .expect("RESERVED_EVENTS in the module");
+    let names: Vec<&str> = line.split('\'').skip(1).step_by(2).collect();
+    assert_eq!(names, sse_scale::event::RESERVED_EVENT_TYPES, "{line}");
+}

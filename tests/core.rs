@@ -325,15 +325,43 @@ async fn bad_bodies_get_clear_json_errors() {
         );
     }
     // The stream's own events: a client would take a forged one for the
-    // protocol's (move its position, reload its state).
-    for ty in ["connected", "reset", "heartbeat"] {
+    // protocol's (move its position, reload its state); EventSource's own
+    // `open` and `error` (an `error` passed for a broken connection and
+    // wedged the browser client); the client's wildcard `*`. Announcements
+    // refuse them too.
+    let announce = server.url("/announcements");
+    for ty in ["connected", "reset", "heartbeat", "open", "error", "*"] {
         let body = json!({ "type": ty, "data": { "last_event_id": "9-9" } }).to_string();
+        let refused = send(body.clone()).await.unwrap();
+        assert_eq!(refused.status(), 400, "{ty:?}");
+        let error: Value = refused.json().await.unwrap();
+        assert_eq!(error["error"]["code"], "reserved_event_type", "{ty:?}");
+        let text = error["error"]["message"].as_str().unwrap_or_default();
+        assert!(text.contains(ty), "the message names {ty:?}: {text}");
+        let by_admin = c
+            .post(&announce)
+            .bearer_auth(ADMIN)
+            .body(body)
+            .header("content-type", "application/json")
+            .send()
+            .await
+            .unwrap();
         assert_eq!(
-            error_of(send(body).await.unwrap()).await,
+            error_of(by_admin).await,
             (400, "reserved_event_type".into()),
-            "{ty:?}"
+            "announcement {ty:?}"
         );
     }
+    // `message` is what an event without `event:` is: allowed.
+    assert_eq!(
+        send(json!({ "type": "message", "data": 1 }).to_string())
+            .await
+            .unwrap()
+            .status(),
+        202
+    );
+    let message = sse.next_event(T).await.unwrap();
+    assert_eq!(message.event.as_deref(), Some("message"), "{message:?}");
     publish(&server, &id, &token, "after", json!(1)).await;
     let next = sse.next_event(T).await.unwrap();
     assert_eq!(next.event.as_deref(), Some("after"), "{next:?}");

@@ -11,6 +11,7 @@ use axum::Json;
 use serde::Deserialize;
 use serde_json::json;
 use serde_json::value::RawValue;
+use sse_scale::event::InvalidInput;
 use sse_scale::{EventType, OutgoingEvent, SessionId};
 
 use crate::error::AppError;
@@ -106,13 +107,19 @@ pub struct AnnouncementBody {
 /// `POST /announcements` `{"type", "data"}` → 202: one event to every
 /// session, on this instance and (flag on) on every other. Announcements
 /// are live only: they carry no `id:` and are kept in no history, so a
-/// client that was away when one was sent does not get it on resume.
+/// client that was away when one was sent does not get it on resume. The
+/// reserved types are refused here as on `POST /sessions/{id}/events`: an
+/// announced `reset` would make every page reload its state, an `error`
+/// would pass for a broken connection in every `EventSource`.
 pub async fn announce(
     _: Admin,
     State(state): State<Arc<AppState>>,
     JsonBody(body): JsonBody<AnnouncementBody>,
 ) -> Result<Response, AppError> {
     let event_type = EventType::parse(&body.event_type)?;
+    if event_type.is_reserved() {
+        return Err(InvalidInput::ReservedEventType.into());
+    }
     let data = body.data.map_or_else(
         || "null".to_owned(),
         |raw| String::from(Box::<str>::from(raw)),

@@ -247,6 +247,8 @@ pub async fn publish(
 ) -> Result<Response, AppError> {
     state.limit_event_publish(&session).await?;
     let event_type = EventType::parse(&body.event_type)?;
+    // The stream's own types, EventSource's `open` and `error`, the client's
+    // `*` (`RESERVED_EVENT_TYPES`): a client would misread any of them.
     if event_type.is_reserved() {
         return Err(InvalidInput::ReservedEventType.into());
     }

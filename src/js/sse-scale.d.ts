@@ -11,7 +11,13 @@ export type ConnectionState = 'connecting' | 'open' | 'reconnecting' | 'closed';
 /** Event types of the reference server. Both transports deliver these and every type passed to `on()` or `events`; `'*'` covers exactly that set. */
 export const SERVER_EVENTS: readonly string[];
 
-/** Names of the protocol's own events (`connected`, `reset`, `heartbeat`): apps cannot publish them; `heartbeat` never reaches a listener. */
+/**
+ * Event types the server refuses to publish (`400 reserved_event_type`):
+ * the protocol's own (`connected`, `reset`, `heartbeat`), EventSource's own
+ * (`open`, `error`) and the wildcard `*`. `heartbeat`, `open` and `error`
+ * never reach a listener (`on()` throws for them); an event typed `*`
+ * reaches none either, `'*'` included.
+ */
 export const RESERVED_EVENTS: readonly string[];
 
 /** The longest timer value (2^31 − 1 ms); every wait is clamped to it. */
@@ -37,6 +43,22 @@ export interface StreamEvent<T = unknown> {
   data: T;
   /** `data` as received (multi-line data joined with `\n`). */
   raw: string;
+  /**
+   * Set only when a `decode` function threw for this event: the error (also
+   * reported to `onError`); `data` is then the text, as `raw`.
+   */
+  decodeError?: unknown;
+}
+
+/** What `onError` gets when a `decode` function threw (the event itself is still delivered, with `decodeError`). */
+export interface DecodeError extends Error {
+  reason: 'decode';
+  /** The event's id (its position). */
+  id: string | null;
+  /** The event's type. */
+  type: string;
+  /** What the decoder threw. */
+  cause: unknown;
 }
 
 /** The server's `connected` event (always the first of a connection): which instance holds the stream, and its heartbeat interval. */
@@ -108,7 +130,7 @@ export interface StreamOptions {
   token?: string | (() => string | Promise<string>);
   /** Resume from this id on the first connect. */
   lastEventId?: string;
-  /** Event types to deliver besides `SERVER_EVENTS` and the names passed to `on()` (EventSource needs the names). */
+  /** Event types to deliver besides `SERVER_EVENTS` and the names passed to `on()` (EventSource needs the names); `heartbeat`, `open`, `error` and `*` throw. */
   events?: string[];
   backoff?: BackoffOptions;
   /**
@@ -122,17 +144,25 @@ export interface StreamOptions {
   maxHeldEvents?: number;
   /** `false`: do not connect until `open()`. */
   open?: boolean;
-  /** How `data` is decoded: `'json'` (default), `'text'`, or a function of the raw text and the type. `connected` and `reset` are always JSON. */
+  /**
+   * How `data` is decoded: `'json'` (default), `'text'`, or a function of
+   * the raw text and the type. `connected` and `reset` are always JSON. A
+   * function that throws loses no event: it is delivered with its text as
+   * `data` and the error as `decodeError`, and the error goes to `onError`
+   * (a `DecodeError`).
+   */
   decode?: 'json' | 'text' | ((raw: string, type: string) => unknown);
   /**
    * Reconnect when nothing arrived for this long (0: never). Default: two
    * heartbeat intervals (`heartbeat_ms` of `connected`, 15000 until then)
    * plus 5000 ms. On EventSource only once `connected` announced
    * `heartbeat_ms` (a server that sends heartbeats as comments, which
-   * EventSource never shows, gets no deadline).
+   * EventSource never shows, gets no deadline). It never cuts a wait made
+   * on purpose; while EventSource waits out the server's `retry:` hint by
+   * itself (which it does not show), it is longer by `backoff.maxMs`.
    */
   idleTimeoutMs?: number;
-  /** Longest line the parser keeps unfinished (default 1 Mi characters); longer is a parse error (fetch transport and history reads). */
+  /** Longest line the parser accepts, complete or unfinished, however it is chunked (default 1 Mi characters); longer is a parse error (fetch transport and history reads). */
   maxLineLength?: number;
 }
 
@@ -163,12 +193,14 @@ declare class StreamBase {
   /**
    * Events of one type; `'*'`: every event of the stream's types
    * (`SERVER_EVENTS`, `events`, and every name passed to `on()`), the same
-   * on both transports. `'heartbeat'` throws: heartbeats are never app
-   * events. Returns an unsubscribe function.
+   * on both transports. `'heartbeat'`, `'open'` and `'error'` throw:
+   * heartbeats are never app events, and `open`/`error` are EventSource's
+   * own events (use `onState` and `onError`). Returns an unsubscribe
+   * function.
    */
   on<T = unknown>(type: string, fn: (ev: StreamEvent<T>) => void): () => void;
   onState(fn: (change: StateChange) => void): () => void;
-  /** Errors of listeners, the resync hook, the token function and the parser (default: console.error). */
+  /** Errors of listeners, the resync hook, the token function, the parser and `decode` (a `DecodeError`) (default: console.error). */
   onError(fn: (error: unknown) => void): () => void;
   /** Connects (done by the constructor unless `open: false`); after `close()` or a refusal, connects again. */
   open(): this;
@@ -197,7 +229,7 @@ export class SseScaleFetchStream extends StreamBase {
 export function openStream(options: FetchStreamOptions & { transport: 'fetch' }): SseScaleFetchStream;
 export function openStream(options: StreamOptions & { transport?: 'eventsource' }): SseScaleStream;
 
-/** `Retry-After` (seconds or an HTTP date) in milliseconds from `now`; `null` when absent or unreadable. */
+/** `Retry-After` (delay-seconds, digits only, or an HTTP-date) in milliseconds from `now`; `null` when absent or anything else (`1.5`). */
 export function parseRetryAfter(value: string | null | undefined, now?: number): number | null;
 
 /** A value setTimeout honours: at least `min` (default `MIN_DELAY_MS`), at most `MAX_DELAY_MS`. */
@@ -219,7 +251,7 @@ export class SseParser {
     onEvent?: (ev: { type: string; data: string; id: string }) => void;
     onRetry?: (ms: number) => void;
     onComment?: (text: string) => void;
-    /** Longest unfinished line kept (default 1 Mi characters); longer throws. */
+    /** Longest line accepted, complete or unfinished (default 1 Mi characters); longer throws, however the input is chunked. */
     maxLineLength?: number;
   });
   /** The last event id seen (persists across events, as in EventSource). */

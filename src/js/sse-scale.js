@@ -50,8 +50,23 @@ export const SERVER_EVENTS = Object.freeze([
   'pipeline_cancelled',
 ]);
 
-/** Event names of the protocol itself, which apps cannot publish. */
-export const RESERVED_EVENTS = Object.freeze(['connected', 'reset', 'heartbeat']);
+/**
+ * Event names apps cannot publish (the server refuses them, as
+ * `RESERVED_EVENT_TYPES` in src/event.rs): the protocol's own, the names
+ * EventSource gives its own meaning (a server's `event: error` would reach
+ * `onerror` and pass for a broken connection, `event: open` for a new one),
+ * and `'*'`, which `on()` takes as "every event".
+ */
+export const RESERVED_EVENTS = Object.freeze(['connected', 'reset', 'heartbeat', 'open', 'error', '*']);
+
+// Names no app listener gets: heartbeats are liveness only, and `open` and
+// `error` on EventSource are the browser's own events, which `on()` must
+// not hand over as the server's.
+const NOT_APP_EVENTS = new Set(['heartbeat', 'open', 'error']);
+
+function notAppEvent(type) {
+  return new TypeError(`sse-scale: \`${type}\` is not an app event`);
+}
 
 const BACKOFF_DEFAULTS = Object.freeze({
   initialMs: 1000,
@@ -94,17 +109,56 @@ export function clampDelay(ms, min = MIN_DELAY_MS) {
 }
 
 /**
- * Parses a `Retry-After` value (delay-seconds or an HTTP date) into
- * milliseconds from `now`; `null` when absent or unreadable.
+ * Parses a `Retry-After` value into milliseconds from `now` (RFC 9110
+ * §10.2.3): delay-seconds, digits only, or an HTTP-date; `null` when
+ * absent or anything else. `Date.parse` is not used: it reads far more
+ * than HTTP-dates (`1.5` is a date in 2001, hence a wait of 0).
  */
 export function parseRetryAfter(value, now = Date.now()) {
   if (value == null) return null;
   const text = String(value).trim();
   if (text === '') return null;
   if (/^\d+$/.test(text)) return Number(text) * 1000;
-  const at = Date.parse(text);
-  if (Number.isNaN(at)) return null;
+  const at = parseHttpDate(text, now);
+  if (at === null) return null;
   return Math.max(0, at - now);
+}
+
+const MONTHS = ['Jan', 'Feb', 'Mar', 'Apr', 'May', 'Jun', 'Jul', 'Aug', 'Sep', 'Oct', 'Nov', 'Dec'];
+const DAY = '(?:Mon|Tue|Wed|Thu|Fri|Sat|Sun)';
+const LONG_DAY = '(?:Monday|Tuesday|Wednesday|Thursday|Friday|Saturday|Sunday)';
+const MONTH = `(${MONTHS.join('|')})`;
+const TIME = '(\\d{2}):(\\d{2}):(\\d{2})';
+// The three forms of RFC 9110 §5.6.7, all in GMT: IMF-fixdate, the obsolete
+// RFC 850 form (two-digit year) and asctime's.
+const IMF_FIXDATE = new RegExp(`^${DAY}, (\\d{2}) ${MONTH} (\\d{4}) ${TIME} GMT$`);
+const RFC850_DATE = new RegExp(`^${LONG_DAY}, (\\d{2})-${MONTH}-(\\d{2}) ${TIME} GMT$`);
+const ASCTIME_DATE = new RegExp(`^${DAY} ${MONTH} ([ \\d]\\d) ${TIME} (\\d{4})$`);
+
+/** An HTTP-date in milliseconds since the epoch; `null` for anything else. */
+function parseHttpDate(text, now) {
+  let day, month, year, h, min, sec;
+  let m = IMF_FIXDATE.exec(text);
+  if (m) {
+    [, day, month, year, h, min, sec] = m;
+  } else if ((m = RFC850_DATE.exec(text))) {
+    [, day, month, year, h, min, sec] = m;
+    // A two-digit year more than 50 years ahead is in the past century.
+    const current = new Date(now).getUTCFullYear();
+    year = Number(year) + Math.floor(current / 100) * 100;
+    if (year > current + 50) year -= 100;
+  } else if ((m = ASCTIME_DATE.exec(text))) {
+    [, month, day, h, min, sec, year] = m;
+  } else {
+    return null;
+  }
+  const fields = [Number(year), MONTHS.indexOf(month), Number(day), Number(h), Number(min), Number(sec)];
+  const at = Date.UTC(...fields);
+  const d = new Date(at);
+  // No 31 November, no 25:00: Date.UTC would roll those over.
+  const back = [d.getUTCFullYear(), d.getUTCMonth(), d.getUTCDate(), d.getUTCHours(), d.getUTCMinutes(), d.getUTCSeconds()];
+  if (fields[3] > 23 || fields[4] > 59 || fields[5] > 60 || back.slice(0, 3).some((v, i) => v !== fields[i])) return null;
+  return at;
 }
 
 /**
@@ -170,6 +224,9 @@ export class SseParser {
     let m;
     while ((m = ends.exec(buf)) !== null) {
       const i = m.index;
+      // The limit holds for complete lines too: a long line must be refused
+      // whether it came in one chunk or in many.
+      if (i - start > this.maxLineLength) this._tooLong();
       this._line(buf.slice(start, i));
       if (buf.charCodeAt(i) === 13) {
         if (i + 1 === buf.length) {
@@ -182,10 +239,13 @@ export class SseParser {
       start = ends.lastIndex;
     }
     this._buf = buf.slice(start);
-    if (this._buf.length > this.maxLineLength) {
-      this._buf = '';
-      throw new Error(`event stream line longer than ${this.maxLineLength} characters`);
-    }
+    if (this._buf.length > this.maxLineLength) this._tooLong();
+  }
+
+  _tooLong() {
+    this._buf = '';
+    this._skipLF = false;
+    throw new Error(`event stream line longer than ${this.maxLineLength} characters`);
   }
 
   _line(line) {
@@ -292,7 +352,7 @@ class StreamBase {
     this._errorListeners = new Set();
     this._types = new Set([...SERVER_EVENTS, ...(options.events || [])]);
     for (const name of this._types) {
-      if (name === 'heartbeat') throw new TypeError('sse-scale: `heartbeat` is not an app event');
+      if (NOT_APP_EVENTS.has(name) || name === '*') throw notAppEvent(name);
     }
     const decode = options.decode ?? 'json';
     if (decode === 'json') this._decode = decodeJson;
@@ -310,6 +370,12 @@ class StreamBase {
     // of any other are ignored, which is what stops a dropped connection's
     // remaining bytes from reaching the app.
     this._conn = null;
+    // Bumped whenever the module lets go of everything it was holding
+    // (close(), a refusal): a batch of held events being delivered belongs
+    // to one generation, and stops the moment that one ends, even if a
+    // listener opened the stream again at once (the new connection sends
+    // the rest again, from the delivered position).
+    this._gen = 0;
     this._attempt = 0;
     this._timer = null;
     // The current wait was set by the server's Retry-After: nothing cuts it short.
@@ -345,9 +411,14 @@ class StreamBase {
     return this._state;
   }
 
-  /** Listens to events of one type (`'*'`: every event of the stream's types); returns an unsubscribe function. */
+  /**
+   * Listens to events of one type (`'*'`: every event of the stream's
+   * types); returns an unsubscribe function. `heartbeat`, `open` and
+   * `error` throw: on EventSource the last two would get the browser's own
+   * events (use `onState` and `onError`).
+   */
   on(type, fn) {
-    if (type === 'heartbeat') throw new TypeError('sse-scale: `heartbeat` is not an app event');
+    if (NOT_APP_EVENTS.has(type)) throw notAppEvent(type);
     if (!this._listeners.has(type)) this._listeners.set(type, new Set());
     this._listeners.get(type).add(fn);
     if (type !== '*' && !this._types.has(type)) {
@@ -398,6 +469,7 @@ class StreamBase {
    */
   _shutdown() {
     this._closed = true;
+    this._gen += 1;
     clearTimeout(this._timer);
     this._timer = null;
     this._stop();
@@ -491,7 +563,9 @@ class StreamBase {
             done = true;
             return;
           }
-          events.push({ type: ev.type, id: ev.id, data: this._decode(ev.data, ev.type), raw: ev.data });
+          const event = { type: ev.type, id: ev.id, data: ev.data, raw: ev.data };
+          this._decodeData(event);
+          events.push(event);
           if (ev.id === to) done = true;
         },
       });
@@ -581,8 +655,14 @@ class StreamBase {
     clearTimeout(this._livenessTimer);
     this._livenessTimer = null;
     conn.deadline = null;
-    const ms = conn.liveness ? this._livenessMs() : 0;
+    let ms = conn.liveness ? this._livenessMs() : 0;
     if (ms <= 0) return;
+    // The deadline bounds a connect, never a wait the module or the browser
+    // makes on purpose (the fetch transport starts it after its wait).
+    // EventSource waits out the server's `retry:` hint by itself and shows
+    // neither the hint nor the moment it connects: until it opens again the
+    // deadline also allows the longest wait the module would make itself.
+    if (conn.browserRetry) ms = clampDelay(ms + this._backoff.maxMs);
     conn.deadline = Date.now() + ms;
     this._livenessTimer = setTimeout(() => {
       this._livenessTimer = null;
@@ -645,7 +725,8 @@ class StreamBase {
     const ev = {
       type: raw.type,
       id: raw.id || null,
-      data: protocol ? decodeJson(raw.data) : this._decode(raw.data, raw.type),
+      // The app's `decode` runs when the event is delivered (_deliver).
+      data: protocol ? decodeJson(raw.data) : raw.data,
       raw: raw.data,
     };
     if (raw.type === 'connected') {
@@ -699,19 +780,43 @@ class StreamBase {
   _deliver(ev) {
     if (ev.id) this._position = ev.id;
     if (ev.skip) return;
+    // Only events of the stream's types reach listeners, on both
+    // transports: EventSource sees no other (it needs a listener per name),
+    // so the fetch transport delivers no other either — an event typed `*`
+    // (not the wildcard), `open` or `error` included. Its position counts.
+    if (!this._types.has(ev.type)) return;
+    if (ev.type !== 'connected' && ev.type !== 'reset') this._decodeData(ev);
     if (ev.type === 'connected' && ev.data && typeof ev.data === 'object') {
       this.instanceId = typeof ev.data.instance_id === 'string' ? ev.data.instance_id : null;
     }
     // Every listener of this event gets it, even if one of them closes the
     // stream; nothing after it is delivered then.
     for (const fn of this._listeners.get(ev.type) || []) this._call(fn, ev);
-    if (this._types.has(ev.type)) {
-      for (const fn of this._listeners.get('*') || []) this._call(fn, ev);
-    }
+    for (const fn of this._listeners.get('*') || []) this._call(fn, ev);
     if (ev.type === 'reset' && this.options.resync) {
       this._resyncing = true;
       this._resyncReset = ev;
       if (!this._closed) this._runResync(ev);
+    }
+  }
+
+  /**
+   * `ev.data` made by the app's `decode`. One that throws cannot take the
+   * event from the stream (it counts, like any other) nor stop the stream:
+   * the event keeps its text as `data`, with the error as `decodeError`,
+   * and the error goes to onError (`reason: 'decode'`, the event's `id` and
+   * `type`).
+   */
+  _decodeData(ev) {
+    try {
+      ev.data = this._decode(ev.raw, ev.type);
+    } catch (error) {
+      ev.data = ev.raw;
+      ev.decodeError = error;
+      const why = error instanceof Error ? error.message : String(error);
+      const failure = new Error(`sse-scale: decode threw for the \`${ev.type}\` event ${ev.id}: ${why}`, { cause: error });
+      Object.assign(failure, { reason: 'decode', id: ev.id, type: ev.type });
+      this._error(failure);
     }
   }
 
@@ -739,17 +844,22 @@ class StreamBase {
         this._resyncReset = null;
         const held = this._held;
         this._held = [];
+        const gen = this._gen;
         // Delivered one by one: a held event may be another reset, and a
-        // listener may close the stream.
+        // listener may close the stream — and open it again at once, which
+        // clears `_closed` but not the generation: the rest of this batch
+        // was dropped with the old one, and the new connection resumes from
+        // the last event delivered, so it sends them again.
         for (let i = 0; i < held.length; i++) {
-          if (this._closed) return;
+          if (this._closed || gen !== this._gen) return;
           this._deliver(held[i]);
+          if (gen !== this._gen) return;
           if (this._resyncing) {
             this._held = held.slice(i + 1).concat(this._held);
             return;
           }
         }
-        if (this._overflowed && !this._closed) {
+        if (this._overflowed && !this._closed && gen === this._gen) {
           this._overflowed = false;
           this._setState(RECONNECTING, { by: 'module', reason: 'held-overflow', delayMs: 0, attempt: this._attempt });
           this._start();
@@ -836,7 +946,14 @@ export class SseScaleStream extends StreamBase {
         if (conn !== this._conn) return;
         const es = new EventSource(url);
         conn.es = es;
-        es.onopen = () => {
+        // A server event named `open` or `error` reaches these handlers too,
+        // as a MessageEvent (with `data`): it is an event of the stream (one
+        // no listener gets, see _deliver), not the browser's news of a
+        // connection that opened or failed.
+        const sent = (e) => typeof e?.data === 'string';
+        const event = (e) => this._receive({ type: e.type, id: e.lastEventId, data: e.data }, conn);
+        es.onopen = (e) => {
+          if (sent(e)) return event(e);
           if (conn !== this._conn) return;
           conn.browserRetry = false;
           // Until `connected` says heartbeats come as events, silence is
@@ -844,7 +961,7 @@ export class SseScaleStream extends StreamBase {
           conn.liveness = true;
           this._opened(conn, { transport: 'eventsource' });
         };
-        es.onerror = () => this._esError(conn, es);
+        es.onerror = (e) => (sent(e) ? event(e) : this._esError(conn, es));
         for (const type of this._types) this._bind(conn, es, type);
         this._bind(conn, es, 'heartbeat');
       },

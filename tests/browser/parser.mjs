@@ -81,11 +81,30 @@ same(parse(['id: 3\n\n']).lastEventId, '3', 'an id block without data still move
   }
   same(threw, true, 'an endless line is refused (bounded memory)');
 }
+{
+  // The limit does not depend on the chunking: a long line that arrives
+  // whole is refused as one that arrives in pieces.
+  const text = 'data: a\n\ndata: 0123456789abcdef\n\ndata: b\n\n';
+  const outcome = (chunks) => {
+    const out = [];
+    const p = new SseParser({ maxLineLength: 10, onEvent: (e) => out.push(e.data) });
+    try {
+      for (const c of chunks) p.feed(c);
+    } catch {
+      out.push('refused');
+    }
+    return out;
+  };
+  same(outcome([text]), ['a', 'refused'], 'a long complete line is refused');
+  same(outcome([...text]), ['a', 'refused'], 'a long line fed char by char is refused');
+}
 
 same(parseRetryAfter('2'), 2000, 'Retry-After in seconds');
 same(parseRetryAfter(' 0 '), 0, 'Retry-After 0');
 same(parseRetryAfter(new Date(10_000 + 5000).toUTCString(), 10_000), 5000, 'Retry-After as an HTTP date');
 same(parseRetryAfter('soon'), null, 'an unreadable Retry-After');
+same(parseRetryAfter('1.5'), null, 'Retry-After delay-seconds are digits only (not a date either)');
+same(parseRetryAfter('Sun, 06 Nov 1994 08:49:37 GMT', Date.UTC(1994, 10, 6, 8, 49, 30)), 7000, 'Retry-After as an IMF-fixdate');
 same(parseRetryAfter(null), null, 'no Retry-After');
 
 for (const r of [() => 0, () => 0.5, () => 0.999]) {

@@ -132,12 +132,19 @@ export class FakeEventSource {
     this.onopen?.({ type: 'open' });
   }
 
-  /** One event, as EventSource dispatches it (never after close()). */
+  /**
+   * One event, as EventSource dispatches it (never after close()): to the
+   * listeners of its type and, as a browser does, to the `on<type>` handler
+   * of that name — a server's `event: error` reaches `onerror`, `event: open`
+   * reaches `onopen`, as a MessageEvent (with `data`).
+   */
   emit(type, data, id) {
     if (this.closed) return;
     if (id !== undefined) this.lastEventId = id;
     const payload = typeof data === 'string' ? data : JSON.stringify(data);
-    for (const fn of this.listeners.get(type) || []) fn({ type, data: payload, lastEventId: this.lastEventId });
+    const ev = { type, data: payload, lastEventId: this.lastEventId };
+    for (const fn of this.listeners.get(type) || []) fn(ev);
+    if (type === 'open' || type === 'error' || type === 'message') this[`on${type}`]?.(ev);
   }
 
   /** An error: `CONNECTING` (EventSource will retry by itself) or `CLOSED` (it gave up). */

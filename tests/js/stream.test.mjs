@@ -473,3 +473,251 @@ test('readHistory honours an aborted signal and close()', async (t) => {
   await flush();
   assert.equal(env.server.openBodies, 0, 'close() lets the history read go');
 });
+
+// ------------------------------------------------------------ attack 33
+
+/** Ten numbered chat events after a reset: `n1`..`n10`, ids 16-0..25-0. */
+const ten = () => Array.from({ length: 10 }, (_, i) => [`n${i + 1}`, `${16 + i}-0`]);
+
+for (const transport of ['fetch', 'eventsource']) {
+  test(`${transport}: close(); open() in a listener while held events are delivered: each event once, in order`, async (t) => {
+    const env = setup(t, (req) => eventStream(req));
+    const { runs, hook } = manualResync();
+    const Cls = transport === 'fetch' ? m.SseScaleFetchStream : m.SseScaleStream;
+    const s = env.track(new Cls({ url: '/s/events', token: 'tk', lastEventId: '1-0', resync: hook }));
+    const got = record(s);
+    let reopened = false;
+    s.on('chat_message', (ev) => {
+      if (!reopened && ev.data.text === 'n3') {
+        reopened = true;
+        s.close();
+        s.open();
+      }
+    });
+    await flush();
+    if (transport === 'fetch') {
+      env.server.gets[0].body.push(connected('1-0') + reset('15-0') + ten().map(([x, id]) => chat(x, id)).join(''));
+    } else {
+      const es = FakeEventSource.last;
+      es.open();
+      es.emit('connected', { instance_id: 'app1' }, '1-0');
+      es.emit('reset', { last_event_id: '1-0', oldest_id: '5-0' }, '15-0');
+      for (const [x, id] of ten()) es.emit('chat_message', { text: x }, id);
+    }
+    await flush();
+    assert.deepEqual(names(got), ['connected', 'reset'], 'held while the resync runs');
+    runs[0].resolve();
+    await flush();
+    assert.equal(s.lastEventId, '18-0', 'the delivery of the old batch stopped at the listener\'s close()');
+    // The new connection resumes from the last delivered event and replays the rest.
+    const rest = ten().slice(3);
+    if (transport === 'fetch') {
+      const second = env.server.gets[1];
+      assert.equal(second.headers['Last-Event-ID'], '18-0');
+      second.body.push(connected('18-0') + rest.map(([x, id]) => chat(x, id)).join(''));
+    } else {
+      const es2 = FakeEventSource.last;
+      assert.equal(new URL(es2.url).searchParams.get('last_event_id'), '18-0');
+      es2.open();
+      es2.emit('connected', { instance_id: 'app1' }, '18-0');
+      for (const [x, id] of rest) es2.emit('chat_message', { text: x }, id);
+    }
+    await flush();
+    assert.deepEqual(names(got), ['connected', 'reset', 'n1', 'n2', 'n3', 'connected', ...ten().slice(3).map(([x]) => x)]);
+    assert.equal(s.lastEventId, '25-0');
+  });
+}
+
+test('on() and `events` refuse the names EventSource and the module give their own meaning', async (t) => {
+  const env = setup(t, (req) => eventStream(req));
+  const s = env.track(new m.SseScaleFetchStream({ url: '/s/events', open: false }));
+  for (const name of ['heartbeat', 'error', 'open']) {
+    assert.throws(() => s.on(name, () => {}), TypeError, `on('${name}')`);
+    assert.throws(() => new m.SseScaleFetchStream({ url: '/s/events', open: false, events: [name] }), TypeError, `events: ['${name}']`);
+  }
+  assert.throws(() => new m.SseScaleStream({ url: '/s/events', open: false, events: ['*'] }), TypeError, "events: ['*']");
+  for (const name of ['error', 'open', '*']) assert.ok(m.RESERVED_EVENTS.includes(name), `RESERVED_EVENTS has ${name}`);
+  assert.equal(env.server.requests.length, 0);
+});
+
+test("EventSource: a server event named `error` or `open` is not taken for the browser's own", async (t) => {
+  const env = setup(t, () => {
+    throw new TypeError('no HEAD expected');
+  });
+  const s = env.track(new m.SseScaleStream({ url: '/s/events', token: 'tk' }));
+  const got = record(s);
+  await flush();
+  const es = FakeEventSource.last;
+  es.open();
+  es.emit('connected', { instance_id: 'app1', heartbeat_ms: 15000 }, '0-0');
+  await env.tick(6000);
+  es.emit('error', { t: 'error' }, '1-0');
+  es.emit('open', { t: 'open' }, '2-0');
+  es.emit('chat_message', { text: 'after' }, '3-0');
+  await flush();
+  assert.equal(es.closed, false, 'no reconnect');
+  assert.deepEqual(got.states.map((c) => c.state), ['open'], 'no second `open`, no `reconnecting`');
+  assert.deepEqual(names(got), ['connected', 'after']);
+  assert.equal(s.lastEventId, '3-0');
+  // The browser's own events still work.
+  es.fail(FakeEventSource.CONNECTING);
+  await flush();
+  assert.deepEqual(got.waits().map((w) => w.by), ['browser']);
+});
+
+test("'*' never delivers an event whose type is `*`, `error` or `open`, on either transport", async (t) => {
+  const env = setup(t, (req) => eventStream(req));
+  const f = env.track(new m.SseScaleFetchStream({ url: '/s/events' }));
+  const fgot = record(f);
+  await flush();
+  const wire = [['connected', { instance_id: 'a' }, '0-0'], ['*', { t: 1 }, '1-0'], ['error', { t: 2 }, '2-0'], ['open', { t: 3 }, '3-0'], ['chat_message', { text: 'c' }, '4-0']];
+  env.server.gets[0].body.push(wire.map(([type, data, id]) => sse(type, data, id)).join(''));
+  await flush();
+  assert.deepEqual(names(fgot), ['connected', 'c']);
+  assert.equal(f.lastEventId, '4-0');
+
+  const e = env.track(new m.SseScaleStream({ url: '/s/events' }));
+  const egot = record(e);
+  await flush();
+  const es = FakeEventSource.last;
+  es.open();
+  for (const [type, data, id] of wire) es.emit(type, data, id);
+  assert.deepEqual(names(egot), names(fgot));
+  assert.equal(e.lastEventId, '4-0');
+  assert.equal(es.closed, false);
+});
+
+for (const transport of ['fetch', 'eventsource']) {
+  test(`${transport}: a decode function that throws: the event counts, reaches listeners undecoded and onError, no reconnect`, async (t) => {
+    const env = setup(t, (req) => eventStream(req));
+    const decode = (raw) => {
+      const v = JSON.parse(raw);
+      if (v.boom) throw new Error('boom');
+      return v;
+    };
+    const Cls = transport === 'fetch' ? m.SseScaleFetchStream : m.SseScaleStream;
+    const s = env.track(new Cls({ url: '/s/events', token: 'tk', decode }));
+    const got = record(s);
+    await flush();
+    const wire = [['connected', { instance_id: 'a', heartbeat_ms: 15000 }, '0-0'], ['chat_message', { text: 'n1' }, '1-0'],
+      ['chat_message', { text: 'n2', boom: true }, '2-0'], ['chat_message', { text: 'n3' }, '3-0']];
+    if (transport === 'fetch') {
+      env.server.gets[0].body.push(wire.map(([type, data, id]) => sse(type, data, id)).join(''));
+    } else {
+      const es = FakeEventSource.last;
+      es.open();
+      for (const [type, data, id] of wire) es.emit(type, data, id);
+    }
+    await flush();
+    const chats = got.events.filter((e) => e.type === 'chat_message');
+    assert.deepEqual(chats.map((e) => e.id), ['1-0', '2-0', '3-0'], 'every event once, in order');
+    assert.equal(chats[1].data, '{"text":"n2","boom":true}', 'the undecodable event comes with its raw text as data');
+    assert.equal(chats[1].decodeError?.message, 'boom');
+    assert.equal(chats[0].decodeError, undefined);
+    assert.equal(got.errors.length, 1, 'reported once');
+    assert.deepEqual([got.errors[0].reason, got.errors[0].id, got.errors[0].type], ['decode', '2-0', 'chat_message']);
+    assert.equal(got.errors[0].cause?.message, 'boom');
+    assert.equal(s.lastEventId, '3-0');
+    assert.deepEqual(got.waits(), [], 'no reconnect');
+    assert.equal(s.state, 'open');
+  });
+}
+
+test('EventSource: the liveness deadline does not cut the browser\'s wait for a long retry: hint', async (t) => {
+  mock.method(Math, 'random', () => 0);
+  const env = setup(t, async () => refuse(503));
+  const s = env.track(new m.SseScaleStream({ url: '/s/events', token: 'tk' }));
+  const got = record(s);
+  await flush();
+  const es = FakeEventSource.last;
+  es.open();
+  es.emit('connected', { instance_id: 'app1', heartbeat_ms: 1000 }, '0-0'); // liveness: 7 s
+  await env.tick(5000);
+  es.emit('heartbeat', '');
+  es.fail(FakeEventSource.CONNECTING); // the browser waits the server's hint (say 20-30 s)
+  await flush();
+  await env.tick(30000);
+  assert.equal(es.closed, false, 'the browser is still left to wait out the hint');
+  assert.deepEqual(got.waits().map((w) => w.by), ['browser']);
+  es.open();
+  es.emit('connected', { instance_id: 'app2', heartbeat_ms: 1000 }, '0-0');
+  assert.equal(s.state, 'open');
+  await env.tick(7000);
+  assert.equal(es.closed, true, 'once open again, silence is bounded as before');
+  assert.equal(got.waits().at(-1).reason, 'idle');
+});
+
+test('EventSource: a browser reconnect that never answers is still bounded', async (t) => {
+  mock.method(Math, 'random', () => 0);
+  const env = setup(t, async () => refuse(503));
+  const s = env.track(new m.SseScaleStream({ url: '/s/events', token: 'tk' }));
+  const got = record(s);
+  await flush();
+  const es = FakeEventSource.last;
+  es.open();
+  es.emit('connected', { instance_id: 'app1', heartbeat_ms: 1000 }, '0-0');
+  await env.tick(5000);
+  es.fail(FakeEventSource.CONNECTING);
+  await flush();
+  await env.tick(30000 + 7000); // backoff.maxMs + the liveness deadline
+  assert.equal(es.closed, true);
+  assert.equal(got.waits().at(-1).reason, 'idle');
+});
+
+test('fetch: the liveness deadline does not run during the wait for a long retry: hint', async (t) => {
+  const env = setup(t, (req) => eventStream(req, 'retry: 20000\n\n' + connected('0-0', { heartbeat_ms: 1000 })));
+  const s = env.track(new m.SseScaleFetchStream({ url: '/s/events' }));
+  const got = record(s);
+  await flush();
+  await env.tick(5000);
+  env.server.gets[0].body.end();
+  await flush();
+  assert.deepEqual(got.waits().map((w) => [w.reason, w.delayMs]), [['ended', 20000]]);
+  await env.tick(19999);
+  assert.equal(env.server.gets.length, 1);
+  assert.equal(got.waits().length, 1, 'no idle timeout while waiting');
+  await env.tick(1);
+  assert.equal(env.server.gets.length, 2);
+});
+
+test('maxLineLength holds for a complete line as for an unfinished one, whatever the chunking', () => {
+  const text = `id: 1-0\nevent: a\ndata: short\n\nid: 2-0\nevent: a\ndata: ${'x'.repeat(100)}\n\nid: 3-0\nevent: a\ndata: after\n\n`;
+  const run = (chunks) => {
+    const events = [];
+    const p = new m.SseParser({ maxLineLength: 64, onEvent: (e) => events.push(e.id) });
+    let error = null;
+    try {
+      for (const c of chunks) p.feed(c);
+    } catch (e) {
+      error = e.message;
+    }
+    return { events, error };
+  };
+  const whole = run([text]);
+  assert.deepEqual(whole, { events: ['1-0'], error: 'event stream line longer than 64 characters' });
+  const pieces = [];
+  for (let i = 0; i < text.length; i += 10) pieces.push(text.slice(i, i + 10));
+  assert.deepEqual(run(pieces), whole, 'in pieces');
+  assert.deepEqual(run([...text]), whole, 'char by char');
+  // A line of exactly the limit passes both ways.
+  const ok = `data: ${'x'.repeat(58)}\n\n`;
+  assert.deepEqual(run([ok]).error, null);
+  assert.deepEqual(run([...ok]).error, null);
+});
+
+test('Retry-After: delta-seconds are digits only; anything else must be an HTTP-date', () => {
+  const now = Date.UTC(1994, 10, 6, 8, 49, 30);
+  assert.equal(m.parseRetryAfter('1.5', now), null, 'not delta-seconds, not a date');
+  assert.equal(m.parseRetryAfter('-1', now), null);
+  assert.equal(m.parseRetryAfter('+3', now), null);
+  assert.equal(m.parseRetryAfter('1e3', now), null);
+  assert.equal(m.parseRetryAfter('2024', now), 2024000, 'digits are seconds');
+  assert.equal(m.parseRetryAfter('12/25/2030', now), null, 'a date JavaScript reads but HTTP does not');
+  assert.equal(m.parseRetryAfter('Tomorrow', now), null);
+  assert.equal(m.parseRetryAfter('Sun, 06 Nov 1994 08:49:37 GMT', now), 7000, 'IMF-fixdate');
+  assert.equal(m.parseRetryAfter('Sunday, 06-Nov-94 08:49:37 GMT', now), 7000, 'obsolete RFC 850 date');
+  assert.equal(m.parseRetryAfter('Sun Nov  6 08:49:37 1994', now), 7000, 'asctime date (GMT)');
+  assert.equal(m.parseRetryAfter('Sun, 06 Nov 1994 08:49:00 GMT', now), 0, 'a date in the past: now');
+  assert.equal(m.parseRetryAfter('Sun, 31 Nov 1994 08:49:37 GMT', now), null, 'no such day');
+  assert.equal(m.parseRetryAfter('Sun, 06 Nov 1994 08:49:37 +0100', now), null, 'HTTP-dates are GMT');
+});
