@@ -21,22 +21,22 @@ use crate::state::AppState;
 pub async fn stats(_: Admin, State(state): State<Arc<AppState>>) -> Json<serde_json::Value> {
     let b = state.broadcaster.stats();
     Json(json!({
-        "instance_id": state.instance_id,
+        "instance_id": state.settings.instance_id,
         "mode": b.mode,
-        "open_streams": state.open_streams.load(Ordering::Relaxed),
+        "open_streams": state.counters.open_streams.load(Ordering::Relaxed),
         "tasks": state.runtime_tasks(),
-        "max_streams": state.max_streams,
-        "streams_refused": state.streams_refused.load(Ordering::Relaxed),
+        "max_streams": state.settings.max_streams,
+        "streams_refused": state.counters.streams_refused.load(Ordering::Relaxed),
         "sessions_with_subscribers": b.sessions,
         "subscribers": b.subscribers,
         "published": b.published,
-        "slow_consumers_cut": state.slow_consumers_cut.load(Ordering::Relaxed),
-        "stalled_writes_cut": state.stalled_writes_cut.load(Ordering::Relaxed),
-        "heads_refused": state.heads_refused.load(Ordering::Relaxed),
-        "stream_opens": state.stream_opens.load(Ordering::Relaxed),
-        "stream_opens_first_request": state.stream_opens_first_request.load(Ordering::Relaxed),
-        "resumes": state.resumes.load(Ordering::Relaxed),
-        "resets": state.resets.load(Ordering::Relaxed),
+        "slow_consumers_cut": state.counters.slow_consumers_cut.load(Ordering::Relaxed),
+        "stalled_writes_cut": state.counters.stalled_writes_cut.load(Ordering::Relaxed),
+        "heads_refused": state.counters.heads_refused.load(Ordering::Relaxed),
+        "stream_opens": state.counters.stream_opens.load(Ordering::Relaxed),
+        "stream_opens_first_request": state.counters.stream_opens_first_request.load(Ordering::Relaxed),
+        "resumes": state.counters.resumes.load(Ordering::Relaxed),
+        "resets": state.counters.resets.load(Ordering::Relaxed),
         "order_resets": b.order_resets,
         "covered_by_reset": b.covered_by_reset,
         "history": { "sessions": b.history_sessions, "bytes": b.history_bytes },
@@ -86,7 +86,7 @@ pub async fn flags(
     listed.sort_by(|a, b| a["session"].as_str().cmp(&b["session"].as_str()));
     let on_redis = listed.iter().filter(|s| s["redis"] == true).count();
     Ok(Json(json!({
-        "instance_id": state.instance_id,
+        "instance_id": state.settings.instance_id,
         "mode": state.broadcaster.stats().mode,
         "flag": sse_scale::flags::REDIS_SSE_BROADCAST,
         "state": state.flags.state(),
@@ -124,8 +124,8 @@ pub async fn announce(
         || "null".to_owned(),
         |raw| String::from(Box::<str>::from(raw)),
     );
-    if sse_scale::sse::data_len(&data) > state.max_event_bytes {
-        return Err(AppError::too_large(state.max_event_bytes));
+    if sse_scale::sse::data_len(&data) > state.settings.max_event_bytes {
+        return Err(AppError::too_large(state.settings.max_event_bytes));
     }
     state
         .broadcaster

@@ -131,7 +131,7 @@ impl FromRequestParts<Arc<AppState>> for Admin {
         parts: &mut Parts,
         state: &Arc<AppState>,
     ) -> Result<Self, Self::Rejection> {
-        let Some(expected) = &state.admin_token else {
+        let Some(expected) = &state.settings.admin_token else {
             return Err(AppError::new(
                 StatusCode::FORBIDDEN,
                 "admin_disabled",
@@ -198,7 +198,7 @@ impl FromRequestParts<Arc<AppState>> for ClientIp {
         Ok(Self(client_address(
             peer,
             forwarded,
-            &state.trusted_proxies,
+            &state.settings.trusted_proxies,
         )))
     }
 }

@@ -50,7 +50,7 @@ pub async fn healthz(
     }
     Json(json!({
         "status": if reasons.is_empty() { "ok" } else { "degraded" },
-        "instance_id": state.instance_id,
+        "instance_id": state.settings.instance_id,
         "mode": stats.mode,
         "ready": !state.is_draining(),
         "reasons": reasons,

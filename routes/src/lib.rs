@@ -60,8 +60,8 @@ pub const INSTANCE_HEADER: HeaderName = HeaderName::from_static("x-instance-id")
 
 /// Builds the router. Fails only if the instance id cannot be a header value.
 pub fn app(state: Arc<AppState>) -> Result<Router, axum::http::header::InvalidHeaderValue> {
-    let instance = HeaderValue::from_str(&state.instance_id)?;
-    let body_limit = state.max_event_bytes + BODY_OVERHEAD;
+    let instance = HeaderValue::from_str(&state.settings.instance_id)?;
+    let body_limit = state.settings.max_event_bytes + BODY_OVERHEAD;
     // Full paths, not a router nested under `/sessions`: a nested router is
     // a route of its own, and each request through it paid for stripping
     // the prefix and cloning the nested services (callgrind, see
@@ -99,7 +99,7 @@ pub fn app(state: Arc<AppState>) -> Result<Router, axum::http::header::InvalidHe
     // `Router::layer` they would wrap each route, and a request would clone
     // every layer's boxed service on its way in (15 boxed clones per
     // publish, callgrind).
-    let cors = cors(&state.cors_allowed_origins);
+    let cors = cors(&state.settings.cors_allowed_origins);
     // Spans name the path, never the query: `?token=` must not reach the
     // logs. 5xx answers are logged at debug, not as errors: a draining
     // instance answers its balancer's health checks with 503 on purpose,

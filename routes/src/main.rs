@@ -171,9 +171,12 @@ async fn run(config: Config) -> anyhow::Result<()> {
     };
     let state = Arc::new(AppState::new(&config, services));
     if let Some(rx) = control_rx {
-        state
-            .tasks
-            .spawn(state.runs.clone().serve_control(rx, state.shutdown.clone()));
+        state.tasks.spawn(
+            state
+                .runs
+                .clone()
+                .serve_control(rx, state.drain.shutdown.clone()),
+        );
     }
     let app =
         sse_scale_server::app(state.clone()).context("INSTANCE_ID is not a valid header value")?;
@@ -181,7 +184,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
     // Signals are caught from here on: the "listening" line below is what
     // supervisors (and the tests) wait for before they may send SIGTERM.
     let signal = sse_scale::axum::terminate();
-    tracing::info!(%addr, instance_id = %state.instance_id, mode = state.broadcaster.stats().mode, "listening");
+    tracing::info!(%addr, instance_id = %state.settings.instance_id, mode = state.broadcaster.stats().mode, "listening");
     // SIGTERM: unready at once, so the balancer takes this instance out
     // before any stream closes (SHUTDOWN_UNREADY_SECS); then streams close
     // spread over the drain window (publishes keep working meanwhile), and
@@ -191,7 +194,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
     state.tasks.spawn(async move {
         tokio::select! {
             () = signal => {}
-            () = signal_state.shutdown.cancelled() => {}
+            () = signal_state.drain.shutdown.cancelled() => {}
         }
         signal_state.start_unready();
         tracing::info!(
@@ -200,38 +203,40 @@ async fn run(config: Config) -> anyhow::Result<()> {
         );
         tokio::select! {
             () = tokio::time::sleep(unready_for) => {}
-            () = signal_state.shutdown.cancelled() => {}
+            () = signal_state.drain.shutdown.cancelled() => {}
         }
         signal_state.close_streams();
         tracing::info!(
-            window_secs = signal_state.drain_window.as_secs_f64(),
+            window_secs = signal_state.drain.window.as_secs_f64(),
             streams = signal_state
+                .counters
                 .open_streams
                 .load(std::sync::atomic::Ordering::Relaxed),
             "draining"
         );
-        let deadline = tokio::time::Instant::now() + signal_state.drain_window;
+        let deadline = tokio::time::Instant::now() + signal_state.drain.window;
         while tokio::time::Instant::now() < deadline
             && signal_state
+                .counters
                 .open_streams
                 .load(std::sync::atomic::Ordering::Relaxed)
                 > 0
-            && !signal_state.shutdown.is_cancelled()
+            && !signal_state.drain.shutdown.is_cancelled()
         {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        signal_state.shutdown.cancel();
+        signal_state.drain.shutdown.cancel();
     });
 
     let limits = sse_scale_server::serve::Limits {
         write_timeout: Duration::from_secs(config.sse_write_timeout_secs),
         head_timeout: config.request_head_timeout(),
         max_pending_heads: config.max_pending_heads as usize,
-        stalled: state.stalled_writes_cut.clone(),
-        heads_refused: state.heads_refused.clone(),
-        first_request_streams: state.stream_opens_first_request.clone(),
+        stalled: state.counters.stalled_writes_cut.clone(),
+        heads_refused: state.counters.heads_refused.clone(),
+        first_request_streams: state.counters.stream_opens_first_request.clone(),
     };
-    let serve = sse_scale_server::serve::serve(listener, app, limits, state.shutdown.clone());
+    let serve = sse_scale_server::serve::serve(listener, app, limits, state.drain.shutdown.clone());
     let grace = config.shutdown_grace();
     // The order matters: runs stop and publish their last events while the
     // broadcaster still takes them; then the toolkit flushes its outbox and
@@ -248,7 +253,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
     tokio::pin!(served);
     tokio::select! {
         r = &mut served => r?,
-        () = async { state.drain.cancelled().await; tokio::time::sleep(grace).await } => {
+        () = async { state.drain.closing.cancelled().await; tokio::time::sleep(grace).await } => {
             tracing::warn!(grace_secs = grace.as_secs(), "shutdown grace period elapsed; exiting");
         }
     }

@@ -100,7 +100,7 @@ impl Collector for StateCollector {
                 MetricType::Gauge,
             )?;
             ConstGauge::new(1).encode(m.encode_family(&[
-                ("instance_id", s.instance_id.as_str()),
+                ("instance_id", s.settings.instance_id.as_str()),
                 ("mode", b.mode),
                 ("topology", topology),
             ])?)?;
@@ -109,7 +109,7 @@ impl Collector for StateCollector {
             &mut e,
             "sse_open_streams",
             "Streams open now",
-            s.open_streams.load(Ordering::Relaxed) as i64,
+            s.counters.open_streams.load(Ordering::Relaxed) as i64,
         )?;
         gauge(
             &mut e,
@@ -121,7 +121,7 @@ impl Collector for StateCollector {
             &mut e,
             "sse_max_streams",
             "MAX_STREAMS",
-            s.max_streams as i64,
+            s.settings.max_streams as i64,
         )?;
         gauge(
             &mut e,
@@ -164,16 +164,16 @@ impl Collector for StateCollector {
             &mut e,
             "sse_stream_opens",
             "Streams opened",
-            load(&s.stream_opens),
+            load(&s.counters.stream_opens),
         )?;
         counter(
             &mut e,
             "sse_stream_opens_first_request",
             "Streams opened as their connection's first request (without hyper's buffers)",
-            load(&s.stream_opens_first_request),
+            load(&s.counters.stream_opens_first_request),
         )?;
-        let ends = &s.stream_ends;
-        let stalled = load(&s.stalled_writes_cut);
+        let ends = &s.counters.stream_ends;
+        let stalled = load(&s.counters.stalled_writes_cut);
         counters(
             &mut e,
             "sse_stream_closes",
@@ -189,26 +189,26 @@ impl Collector for StateCollector {
                 ("drain", load(&ends.drain)),
                 ("lag_cut", load(&ends.lag_cut)),
                 ("broadcaster_closed", load(&ends.closed)),
-                ("refused", load(&s.streams_refused)),
+                ("refused", load(&s.counters.streams_refused)),
             ],
         )?;
         counter(
             &mut e,
             "sse_heads_refused",
             "Connections closed at once (MAX_PENDING_HEADS)",
-            load(&s.heads_refused),
+            load(&s.counters.heads_refused),
         )?;
         counter(
             &mut e,
             "sse_resumes",
             "Streams resumed from history with Last-Event-ID",
-            load(&s.resumes),
+            load(&s.counters.resumes),
         )?;
         counter(
             &mut e,
             "sse_resets",
             "Resumes answered with reset",
-            load(&s.resets),
+            load(&s.counters.resets),
         )?;
         counter(
             &mut e,
@@ -253,9 +253,9 @@ impl Collector for StateCollector {
             "Requests answered 429, by limit",
             "limit",
             &[
-                ("publish", load(&s.rate_limited.publish)),
-                ("sessions", load(&s.rate_limited.sessions)),
-                ("streams", load(&s.rate_limited.streams)),
+                ("publish", load(&s.counters.rate_limited.publish)),
+                ("sessions", load(&s.counters.rate_limited.sessions)),
+                ("streams", load(&s.counters.rate_limited.streams)),
             ],
         )?;
         counter(

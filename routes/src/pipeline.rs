@@ -95,12 +95,12 @@ pub async fn start(
         return Err(AppError::unavailable("this instance is draining", 1));
     }
     let run_id = uuid::Uuid::new_v4().simple().to_string();
-    let cancel = state.shutdown.child_token();
+    let cancel = state.drain.shutdown.child_token();
     match state.runs.insert(
         &run_id,
         &session,
         cancel.clone(),
-        state.max_runs_per_session,
+        state.settings.max_runs_per_session,
     ) {
         Ok(()) => {}
         Err(Full::Instance) => {
@@ -301,7 +301,7 @@ impl From<AppError> for Stop {
 }
 
 fn cancel_reason(state: &AppState) -> &'static str {
-    if state.shutdown.is_cancelled() {
+    if state.drain.shutdown.is_cancelled() {
         "shutdown"
     } else {
         "cancelled"

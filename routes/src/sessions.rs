@@ -39,7 +39,7 @@ pub async fn create(
     let Ok(id) = SessionId::parse(&raw) else {
         unreachable!("uuid is a valid session id")
     };
-    let jar = state.affinity.pin(jar, &headers);
+    let jar = state.settings.affinity.pin(jar, &headers);
     let mut body = tokens(&state, &id);
     body["id"] = id.as_str().into();
     Ok((StatusCode::CREATED, jar, Json(body)).into_response())
@@ -48,8 +48,12 @@ pub async fn create(
 /// A full token and a stream-only token for `session`, and when they
 /// expire (Unix seconds).
 fn tokens(state: &AppState, session: &SessionId) -> serde_json::Value {
-    let full = state.signer.issue(session, Scope::Full, state.token_ttl);
-    let stream = state.signer.issue(session, Scope::Stream, state.token_ttl);
+    let full = state
+        .signer
+        .issue(session, Scope::Full, state.settings.token_ttl);
+    let stream = state
+        .signer
+        .issue(session, Scope::Stream, state.settings.token_ttl);
     json!({ "token": full.token, "stream_token": stream.token, "expires_at": full.expires })
 }
 
@@ -105,28 +109,32 @@ pub async fn stream(
     }
     match outcome {
         ResumeOutcome::Resumed { .. } => {
-            state.resumes.fetch_add(1, Ordering::Relaxed);
+            state.counters.resumes.fetch_add(1, Ordering::Relaxed);
         }
         ResumeOutcome::Reset {
             last_event_id,
             oldest,
             ..
         } => {
-            state.resets.fetch_add(1, Ordering::Relaxed);
+            state.counters.resets.fetch_add(1, Ordering::Relaxed);
             tracing::info!(session = %session, %last_event_id, ?oldest, "resume beyond history: reset");
         }
         _ => {}
     }
     let ended = state.clone();
-    state.stream_opens.fetch_add(1, Ordering::Relaxed);
+    state.counters.stream_opens.fetch_add(1, Ordering::Relaxed);
     let response = response.hold((slot, per_address)).on_end(move |why| {
-        ended.stream_ends.count(why);
+        ended.counters.stream_ends.count(why);
         if why == StreamEnd::Lagged {
-            ended.slow_consumers_cut.fetch_add(1, Ordering::Relaxed);
+            ended
+                .counters
+                .slow_consumers_cut
+                .fetch_add(1, Ordering::Relaxed);
             tracing::info!(session = %session, "stream cut: client fell behind its queue");
         }
     });
     let jar = state
+        .settings
         .affinity
         .pin(CookieJar::from_headers(&headers), &headers);
     Ok((jar, response).into_response())
@@ -137,10 +145,13 @@ struct OpenStream(Arc<AppState>);
 
 impl OpenStream {
     fn try_new(state: Arc<AppState>) -> Result<Self, AppError> {
-        let before = state.open_streams.fetch_add(1, Ordering::Relaxed);
+        let before = state.counters.open_streams.fetch_add(1, Ordering::Relaxed);
         let slot = Self(state);
-        if before >= slot.0.max_streams {
-            slot.0.streams_refused.fetch_add(1, Ordering::Relaxed);
+        if before >= slot.0.settings.max_streams {
+            slot.0
+                .counters
+                .streams_refused
+                .fetch_add(1, Ordering::Relaxed);
             return Err(AppError::unavailable(
                 "this instance holds its maximum number of streams (MAX_STREAMS)",
                 2,
@@ -152,7 +163,7 @@ impl OpenStream {
 
 impl Drop for OpenStream {
     fn drop(&mut self) {
-        self.0.open_streams.fetch_sub(1, Ordering::Relaxed);
+        self.0.counters.open_streams.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -167,7 +178,7 @@ impl AddressSlot {
                 .lock()
                 .unwrap_or_else(|e| e.into_inner());
             let n = open.entry(ip).or_insert(0);
-            if *n >= state.max_streams_per_address {
+            if *n >= state.settings.max_streams_per_address {
                 return Err(AppError::new(
                     StatusCode::TOO_MANY_REQUESTS,
                     "too_many_streams",

@@ -42,6 +42,25 @@ pub struct AppState {
     /// Decides per publish whether an event also goes through Redis.
     pub flags: Arc<dyn FlagSource>,
     pub limiter: RateLimiter,
+    pub signer: TokenSigner,
+    /// Pipeline runs executing on this instance, and the gate relay.
+    pub runs: Arc<Runs>,
+    /// Owns every task spawned on behalf of a request, so shutdown can wait
+    /// for them.
+    pub tasks: TaskTracker,
+    /// Open streams per client address (IPv6 per /64), for
+    /// `MAX_STREAMS_PER_ADDRESS`.
+    pub streams_by_address: std::sync::Mutex<std::collections::HashMap<IpAddr, usize>>,
+    /// What the configuration fixed at start-up.
+    pub settings: Settings,
+    /// What `/stats` and `/metrics` count.
+    pub counters: Counters,
+    /// Where shutdown stands.
+    pub drain: Drain,
+}
+
+/// The instance's settings, fixed at start-up.
+pub struct Settings {
     pub publish_limit: Limit,
     pub stream_limit: Limit,
     pub session_limit: Limit,
@@ -49,11 +68,9 @@ pub struct AppState {
     pub max_runs_per_session: usize,
     /// `TRUSTED_PROXIES`: peers whose `X-Forwarded-For` is believed.
     pub trusted_proxies: Vec<ipnet::IpNet>,
-    /// Open streams per client address (IPv6 per /64), for
-    /// `MAX_STREAMS_PER_ADDRESS`.
-    pub streams_by_address: std::sync::Mutex<std::collections::HashMap<IpAddr, usize>>,
     pub max_streams_per_address: usize,
-    pub signer: TokenSigner,
+    /// Cap on open streams (`MAX_STREAMS`).
+    pub max_streams: usize,
     /// How long issued session tokens are valid.
     pub token_ttl: Duration,
     /// `ADMIN_TOKEN`: the bearer token of the operator endpoints.
@@ -66,23 +83,26 @@ pub struct AppState {
     pub node_id: String,
     pub affinity: Affinity,
     pub max_event_bytes: usize,
-    /// Pipeline runs executing on this instance, and the gate relay.
-    pub runs: Arc<Runs>,
-    /// Fired on SIGTERM/SIGINT: streams start closing, spread over the
-    /// drain window.
-    pub drain: CancellationToken,
-    pub drain_window: Duration,
+}
+
+/// Shutdown, in its steps: unready (new streams and stray publishes
+/// refused), streams closing over the drain window, then the stop.
+pub struct Drain {
+    /// Set when shutdown begins: `/readyz` turns unready and new streams
+    /// are refused.
+    unready: AtomicBool,
+    /// Fired on SIGTERM/SIGINT: streams start closing, spread over
+    /// `window`.
+    pub closing: CancellationToken,
+    pub window: Duration,
     /// Fired after the drain window: the server stops, runs are cancelled.
     pub shutdown: CancellationToken,
-    /// Owns every task spawned on behalf of a request, so shutdown can wait
-    /// for them.
-    pub tasks: TaskTracker,
-    /// Set when shutdown begins: `/readyz` turns unready and new streams are
-    /// refused.
-    pub draining: AtomicBool,
+}
+
+/// What `/stats` and `/metrics` count.
+#[derive(Default)]
+pub struct Counters {
     pub open_streams: AtomicUsize,
-    /// Cap on `open_streams` (`MAX_STREAMS`).
-    pub max_streams: usize,
     /// Stream opens refused because of the cap.
     pub streams_refused: AtomicU64,
     /// Streams cut because the client fell behind its queue.
@@ -162,48 +182,42 @@ impl AppState {
             runs: Arc::new(Runs::new(control.clone(), node_id.clone())),
             control,
             limiter,
-            publish_limit: Limit::per_second(config.rate_limit_publish_per_sec),
-            stream_limit: Limit::per_minute(config.rate_limit_streams_per_min),
-            session_limit: Limit::per_minute(config.rate_limit_sessions_per_min),
-            max_runs_per_session: config.max_runs_per_session as usize,
-            trusted_proxies: config.trusted_proxies.clone(),
-            streams_by_address: Default::default(),
-            max_streams_per_address: config.max_streams_per_address as usize,
             signer,
-            token_ttl: Duration::from_secs(config.session_token_ttl_secs),
-            // Empty is unset: the endpoints stay closed.
-            admin_token: config.admin_token.clone().filter(|t| !t.is_empty()),
-            cors_allowed_origins: config.cors_allowed_origins.clone(),
-            affinity: Affinity::new(
-                &config.affinity_cookie,
-                config.affinity_cookie_secure,
-                &instance_id,
-            ),
-            instance_id,
-            node_id,
-            max_event_bytes: config.max_event_bytes as usize,
-            drain: CancellationToken::new(),
-            drain_window: config.shutdown_drain(),
-            shutdown,
             tasks,
-            draining: AtomicBool::new(false),
-            open_streams: AtomicUsize::new(0),
-            max_streams: config.max_streams as usize,
-            streams_refused: AtomicU64::new(0),
-            slow_consumers_cut: AtomicU64::new(0),
-            stalled_writes_cut: Arc::new(AtomicU64::new(0)),
-            heads_refused: Arc::new(AtomicU64::new(0)),
-            resumes: AtomicU64::new(0),
-            resets: AtomicU64::new(0),
-            stream_opens: AtomicU64::new(0),
-            stream_opens_first_request: Arc::new(AtomicU64::new(0)),
-            stream_ends: StreamEnds::default(),
-            rate_limited: RateLimited::default(),
+            streams_by_address: Default::default(),
+            settings: Settings {
+                publish_limit: Limit::per_second(config.rate_limit_publish_per_sec),
+                stream_limit: Limit::per_minute(config.rate_limit_streams_per_min),
+                session_limit: Limit::per_minute(config.rate_limit_sessions_per_min),
+                max_runs_per_session: config.max_runs_per_session as usize,
+                trusted_proxies: config.trusted_proxies.clone(),
+                max_streams_per_address: config.max_streams_per_address as usize,
+                max_streams: config.max_streams as usize,
+                token_ttl: Duration::from_secs(config.session_token_ttl_secs),
+                // Empty is unset: the endpoints stay closed.
+                admin_token: config.admin_token.clone().filter(|t| !t.is_empty()),
+                cors_allowed_origins: config.cors_allowed_origins.clone(),
+                affinity: Affinity::new(
+                    &config.affinity_cookie,
+                    config.affinity_cookie_secure,
+                    &instance_id,
+                ),
+                instance_id,
+                node_id,
+                max_event_bytes: config.max_event_bytes as usize,
+            },
+            counters: Counters::default(),
+            drain: Drain {
+                unready: AtomicBool::new(false),
+                closing: CancellationToken::new(),
+                window: config.shutdown_drain(),
+                shutdown,
+            },
         }
     }
 
     pub fn is_draining(&self) -> bool {
-        self.draining.load(Ordering::Acquire)
+        self.drain.unready.load(Ordering::Acquire)
     }
 
     /// Tasks alive in the runtime that runs this state (`/stats` `tasks`,
@@ -218,13 +232,13 @@ impl AppState {
     /// publishes for sessions whose stream is not here are refused too (see
     /// [`AppState::accept_publish`]).
     pub fn start_unready(&self) {
-        self.draining.store(true, Ordering::Release);
+        self.drain.unready.store(true, Ordering::Release);
         self.broadcaster.stop_holding();
     }
 
     /// Open streams close, spread over the drain window.
     pub fn close_streams(&self) {
-        self.drain.cancel();
+        self.drain.closing.cancel();
         self.scale.start_drain();
     }
 
@@ -259,8 +273,8 @@ impl AppState {
         session: &SessionId,
         event: OutgoingEvent,
     ) -> Result<EventId, AppError> {
-        if sse_scale::sse::data_len(&event.data) > self.max_event_bytes {
-            return Err(AppError::too_large(self.max_event_bytes));
+        if sse_scale::sse::data_len(&event.data) > self.settings.max_event_bytes {
+            return Err(AppError::too_large(self.settings.max_event_bytes));
         }
         Ok(self.broadcaster.publish(session, event).await?)
     }
@@ -276,8 +290,8 @@ impl AppState {
     pub async fn limit_publish(&self, session: &SessionId) -> Result<(), AppError> {
         let key = format!("publish:{session}");
         limited(
-            self.limiter.check(&key, self.publish_limit).await,
-            &self.rate_limited.publish,
+            self.limiter.check(&key, self.settings.publish_limit).await,
+            &self.counters.rate_limited.publish,
         )
     }
 
@@ -286,8 +300,8 @@ impl AppState {
     pub async fn limit_session_create(&self, ip: IpAddr) -> Result<(), AppError> {
         let key = format!("sessions:{ip}");
         limited(
-            self.limiter.check(&key, self.session_limit).await,
-            &self.rate_limited.sessions,
+            self.limiter.check(&key, self.settings.session_limit).await,
+            &self.counters.rate_limited.sessions,
         )
     }
 
@@ -297,7 +311,7 @@ impl AppState {
     pub async fn pace_publish(&self, session: &SessionId) {
         let key = format!("publish:{session}");
         while let Decision::Limited { retry_after } =
-            self.limiter.check(&key, self.publish_limit).await
+            self.limiter.check(&key, self.settings.publish_limit).await
         {
             tokio::time::sleep(retry_after.max(Duration::from_millis(10))).await;
         }
@@ -307,8 +321,8 @@ impl AppState {
     pub async fn limit_stream_open(&self, ip: IpAddr) -> Result<(), AppError> {
         let key = format!("streams:{ip}");
         limited(
-            self.limiter.check(&key, self.stream_limit).await,
-            &self.rate_limited.streams,
+            self.limiter.check(&key, self.settings.stream_limit).await,
+            &self.counters.rate_limited.streams,
         )
     }
 }
