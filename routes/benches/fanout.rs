@@ -41,16 +41,19 @@
 mod baselines;
 #[path = "support/procs.rs"]
 mod procs;
+#[path = "../../tests/support/redis_server.rs"]
+mod redis_server;
+#[path = "support/server.rs"]
+mod server;
 #[path = "support/sse_client.rs"]
 mod sse_client;
 
 use std::fmt::Write as _;
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{mpsc, Arc, Mutex};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
@@ -59,7 +62,10 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
 
-use procs::{machine, proc_cpu_split, proc_rss_kib, today, Redis, ADMIN, SECRET};
+use server::BenchServer as Server;
+
+use procs::{machine, today, ADMIN};
+use redis_server::RedisServer;
 use sse_client::{create_session, now_micros, parse_data, Session};
 
 /// Streams per session in every fan-out scenario.
@@ -97,120 +103,53 @@ impl Kind {
     }
 }
 
-/// A running server process; stopped when dropped.
-struct Server {
-    child: Child,
-    addr: SocketAddr,
+/// Starts `kind` as instance `name` with `extra` settings.
+fn start_server(kind: Kind, name: &str, extra: &[(&str, String)]) -> Server {
+    // `BENCH_SERVER_WRAP="perf record -g -o /tmp/p.data --"` runs the
+    // servers under a profiler (the CPU figures are then the wrapper's).
+    let wrap = std::env::var("BENCH_SERVER_WRAP").unwrap_or_default();
+    start_server_wrapped(kind, name, extra, &wrap)
 }
 
-impl Server {
-    fn start(kind: Kind, name: &str, extra: &[(&str, String)]) -> Server {
-        // `BENCH_SERVER_WRAP="perf record -g -o /tmp/p.data --"` runs the
-        // servers under a profiler (the CPU figures are then the wrapper's).
-        let wrap = std::env::var("BENCH_SERVER_WRAP").unwrap_or_default();
-        Self::start_wrapped(kind, name, extra, &wrap)
-    }
-
-    /// Starts `kind` under `wrap` (a command line the server's own command
-    /// is appended to; empty for none).
-    fn start_wrapped(kind: Kind, name: &str, extra: &[(&str, String)], wrap: &str) -> Server {
-        let product = env!("CARGO_BIN_EXE_sse-scale");
-        let me = std::env::current_exe().expect("the bench binary's path");
-        // A baseline is this bench binary itself, re-executed in a mode.
-        let (bin, args): (&std::ffi::OsStr, &[&str]) = match kind {
-            Kind::Product => (product.as_ref(), &[]),
-            Kind::Floor => (me.as_os_str(), &["--baseline", "floor"]),
-            Kind::Axum => (me.as_os_str(), &["--baseline", "axum"]),
-        };
-        let mut words = wrap.split_whitespace();
-        let mut cmd = match words.next() {
-            Some(prog) => {
-                let mut c = Command::new(prog);
-                c.args(words).arg(bin);
-                c
-            }
-            None => Command::new(bin),
-        };
-        cmd.args(args);
-        cmd.env_clear()
-            .env("HOST", "127.0.0.1")
-            .env("PORT", "0")
-            .env("INSTANCE_ID", name)
-            .env("SESSION_SECRET", SECRET)
-            .env("ADMIN_TOKEN", ADMIN)
-            // The load generator shares one address; per-IP and per-session
-            // limits would throttle the benchmark, not a real deployment.
-            .env("RATE_LIMIT_PUBLISH_PER_SEC", "0")
-            .env("RATE_LIMIT_STREAMS_PER_MIN", "0")
-            .env("RATE_LIMIT_SESSIONS_PER_MIN", "0")
-            .env("MAX_STREAMS", "19000")
-            // One address opens every stream here (200 by default).
-            .env("MAX_STREAMS_PER_ADDRESS", "10000000")
-            .env("SSE_CLIENT_QUEUE", "1024")
-            // End quickly when the benchmark is done with a server.
-            .env("SHUTDOWN_UNREADY_SECS", "0")
-            .env("SHUTDOWN_DRAIN_SECS", "0")
-            .env("SHUTDOWN_GRACE_SECS", "2")
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        for (k, v) in extra {
-            cmd.env(k, v);
+/// Starts `kind` under `wrap` (a command line the server's own command is
+/// appended to; empty for none).
+fn start_server_wrapped(kind: Kind, name: &str, extra: &[(&str, String)], wrap: &str) -> Server {
+    let product = env!("CARGO_BIN_EXE_sse-scale");
+    let me = std::env::current_exe().expect("the bench binary's path");
+    // A baseline is this bench binary itself, re-executed in a mode.
+    let (bin, args): (&std::ffi::OsStr, &[&str]) = match kind {
+        Kind::Product => (product.as_ref(), &[]),
+        Kind::Floor => (me.as_os_str(), &["--baseline", "floor"]),
+        Kind::Axum => (me.as_os_str(), &["--baseline", "axum"]),
+    };
+    let mut words = wrap.split_whitespace();
+    let mut cmd = match words.next() {
+        Some(prog) => {
+            let mut c = Command::new(prog);
+            c.args(words).arg(bin);
+            c
         }
-        let mut child = cmd.spawn().expect("spawn the sse-scale binary");
-        let stderr = child.stderr.take().expect("server stderr");
-        let (tx, rx) = mpsc::channel();
-        // Drains the log for the whole run so the server never blocks on it.
-        std::thread::spawn(move || {
-            let mut tx = Some(tx);
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if let Some(addr) = line.split("addr=").nth(1) {
-                    if let Some(tx) = tx.take() {
-                        let addr = addr.split_whitespace().next().unwrap_or("").to_owned();
-                        let _ = tx.send(addr);
-                    }
-                }
-                if line.contains("WARN") || line.contains("ERROR") {
-                    eprintln!("[server] {line}");
-                }
+        None => Command::new(bin),
+    };
+    cmd.args(args);
+    let mut env = vec![
+        ("MAX_STREAMS", "19000".to_owned()),
+        // Room for a reader that falls behind while the machine is
+        // saturated: a slow load generator shows as latency, not as
+        // streams cut for lagging.
+        ("SSE_CLIENT_QUEUE", "1024".to_owned()),
+    ];
+    env.extend(extra.iter().cloned());
+    Server::start(
+        cmd,
+        name,
+        &env,
+        Box::new(|line: &str| {
+            if line.contains("WARN") || line.contains("ERROR") {
+                eprintln!("[server] {line}");
             }
-        });
-        let addr = rx
-            .recv_timeout(Duration::from_secs(20))
-            .expect("server did not log its address")
-            .parse()
-            .expect("server address");
-        Server { child, addr }
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    fn cpu_split(&self) -> (Duration, Duration) {
-        proc_cpu_split(self.pid())
-    }
-
-    fn rss_kib(&self) -> u64 {
-        proc_rss_kib(self.pid())
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        // SIGTERM first, so a profiler wrapping the server writes its data.
-        // SAFETY: kill has no memory preconditions; the pid is our child.
-        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+        }),
+    )
 }
 
 // ---------------------------------------------------------------- streams
@@ -921,7 +860,7 @@ async fn futures_join(http: &reqwest::Client, servers: &[&Server]) -> Vec<Value>
 /// every stream's request arriving `via` a fresh connection, a kept-alive
 /// one, or h2c.
 async fn idle_memory(kind: Kind, via: Via, streams: usize, env: &[(&str, String)]) -> Value {
-    let server = Server::start(kind, "bench-mem", env);
+    let server = start_server(kind, "bench-mem", env);
     let http = reqwest::Client::new();
     let sessions: Vec<Arc<Session>> = {
         let mut v = Vec::new();
@@ -966,7 +905,7 @@ async fn idle_memory(kind: Kind, via: Via, streams: usize, env: &[(&str, String)
 /// CPU per open (the open, the stream's set-up and its close) and the
 /// time to `connected`.
 async fn churn(kind: Kind, rate: f64, secs: f64, env: &[(&str, String)]) -> Value {
-    let server = Server::start(kind, "bench-churn", env);
+    let server = start_server(kind, "bench-churn", env);
     let http = reqwest::Client::new();
     let mut sessions = Vec::new();
     for _ in 0..10 {
@@ -1073,7 +1012,7 @@ async fn callgrind(
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("callgrind dir");
     let out = dir.join("cg.out");
-    let server = Server::start_wrapped(
+    let server = start_server_wrapped(
         kind,
         "bench-cg",
         env,
@@ -1728,7 +1667,7 @@ fn main() {
                     if opts.run("local") {
                         let servers: Vec<(Kind, Server)> = order
                             .iter()
-                            .map(|&k| (k, Server::start(k, "bench-local", &env_for(k, vec![]))))
+                            .map(|&k| (k, start_server(k, "bench-local", &env_for(k, vec![]))))
                             .collect();
                         let refs: Vec<(Kind, &Server)> =
                             servers.iter().map(|(k, s)| (*k, s)).collect();
@@ -1736,7 +1675,7 @@ fn main() {
                             .extend(local_sweep(&refs, n, publishes, opts.secs, opts.rounds).await);
                     }
                     if opts.run("redis") {
-                        let redis = Redis::start();
+                        let redis = RedisServer::start();
                         let env = env_for(
                             Kind::Product,
                             vec![
@@ -1745,8 +1684,8 @@ fn main() {
                                 ("FF_REDIS_SSE_BROADCAST", "true".to_owned()),
                             ],
                         );
-                        let a = Server::start(Kind::Product, "bench-a", &env);
-                        let b = Server::start(Kind::Product, "bench-b", &env);
+                        let a = start_server(Kind::Product, "bench-a", &env);
+                        let b = start_server(Kind::Product, "bench-b", &env);
                         r.redis
                             .push(redis_fanout(&[&a, &b], n, publishes, opts.secs).await);
                     }

@@ -43,18 +43,23 @@
 //! the server's default `SSE_RETRY_MS`). Exits non-zero if a stream did not
 //! resume or lost or duplicated an event.
 
+#[path = "../../tests/support/balancer.rs"]
+mod balancer;
 #[path = "support/procs.rs"]
 mod procs;
+#[path = "../../tests/support/redis_server.rs"]
+mod redis_server;
+#[path = "support/server.rs"]
+mod server;
 #[path = "support/sse_client.rs"]
 mod sse_client;
 
 use std::fmt::Write as _;
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::PathBuf;
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{mpsc, Arc, Mutex};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt as _;
@@ -63,7 +68,10 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
 
-use procs::{free_port, machine, require_binary, today, try_proc_cpu, Redis, ADMIN, SECRET};
+use balancer::Balancer;
+use procs::{machine, today, try_proc_cpu, ADMIN};
+use redis_server::RedisServer;
+use server::BenchServer;
 use sse_client::{create_session, parse_data, stats, Session};
 
 /// Streams in their first handshake at once while setting up.
@@ -77,9 +85,9 @@ const TIMELINE_BUCKETS: usize = 200;
 
 // ---------------------------------------------------------------- processes
 
-/// A release `sse-scale` instance; stopped when dropped (if not killed).
+/// An instance, and the warnings it logged that the storm reports.
 struct App {
-    child: Option<Child>,
+    server: BenchServer,
     /// `subscribing the session's channel is late` warnings logged: a
     /// stream that waited the whole bound (2 × the Redis response timeout)
     /// for its session's channel to be confirmed.
@@ -94,39 +102,14 @@ struct App {
 }
 
 impl App {
-    fn start(name: &'static str, redis: &Redis, retry_ms: Option<u64>) -> App {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_sse-scale"));
-        cmd.env_clear()
-            .env("HOST", "127.0.0.1")
-            .env("PORT", "0")
-            .env("INSTANCE_ID", name)
-            .env("SESSION_SECRET", SECRET)
-            .env("ADMIN_TOKEN", ADMIN)
-            .env("REDIS_URL", redis.url())
-            .env("FF_REDIS_SSE_BROADCAST", "true")
-            // Every client here is 127.0.0.1 (the balancers' address, and
-            // the load generator's behind them): the per-address limits
-            // would refuse the bench, not the crowd of browsers it stands
-            // for. `MAX_STREAMS` stays at its default.
-            .env("MAX_STREAMS_PER_ADDRESS", "10000000")
-            .env("RATE_LIMIT_STREAMS_PER_MIN", "0")
-            .env("RATE_LIMIT_SESSIONS_PER_MIN", "0")
-            // `STORM_SESSIONS` may be small enough for one session to get
-            // more than the default 50 publishes/s.
-            .env("RATE_LIMIT_PUBLISH_PER_SEC", "0")
-            // End quickly when the benchmark is done with an instance.
-            .env("SHUTDOWN_UNREADY_SECS", "0")
-            .env("SHUTDOWN_DRAIN_SECS", "0")
-            .env("SHUTDOWN_GRACE_SECS", "2")
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
+    fn start(name: &'static str, redis: &RedisServer, retry_ms: Option<u64>) -> App {
+        let mut env = vec![
+            ("REDIS_URL", redis.url()),
+            ("FF_REDIS_SSE_BROADCAST", "true".to_owned()),
+        ];
         if let Some(ms) = retry_ms {
-            cmd.env("SSE_RETRY_MS", ms.to_string());
+            env.push(("SSE_RETRY_MS", ms.to_string()));
         }
-        let mut child = cmd.spawn().expect("spawn the sse-scale binary");
-        let stderr = child.stderr.take().expect("server stderr");
-        let (tx, rx) = mpsc::channel();
         let late_subscribes = Arc::new(AtomicU64::new(0));
         let warnings = Arc::new(AtomicU64::new(0));
         let history_unreadable = Arc::new(AtomicU64::new(0));
@@ -135,17 +118,12 @@ impl App {
             history_unreadable.clone(),
             warnings.clone(),
         );
-        // Drains the log for the whole run so the server never blocks on it;
-        // counts the warnings, prints the first few of each kind.
-        std::thread::spawn(move || {
-            let mut tx = Some(tx);
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if let Some(addr) = line.split("addr=").nth(1) {
-                    if let Some(tx) = tx.take() {
-                        let addr = addr.split_whitespace().next().unwrap_or("").to_owned();
-                        let _ = tx.send(addr);
-                    }
-                }
+        // Counts the warnings, prints the first few of each kind.
+        let server = BenchServer::start(
+            Command::new(env!("CARGO_BIN_EXE_sse-scale")),
+            name,
+            &env,
+            Box::new(move |line: &str| {
                 if line.contains("subscribing the session's channel is late") {
                     if late.fetch_add(1, Ordering::Relaxed) < 2 {
                         eprintln!("[{name}] {line}");
@@ -159,127 +137,51 @@ impl App {
                 {
                     eprintln!("[{name}] {line}");
                 }
-            }
-        });
-        let addr = rx
-            .recv_timeout(Duration::from_secs(20))
-            .expect("server did not log its address")
-            .parse()
-            .expect("server address");
-        let pid = child.id();
+            }),
+        );
         App {
-            child: Some(child),
+            pid: server.pid(),
+            addr: server.addr,
+            server,
             late_subscribes,
             history_unreadable,
             warnings,
-            pid,
-            addr,
         }
     }
 
     /// SIGKILL, as a crashed or evicted instance.
     fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-impl Drop for App {
-    fn drop(&mut self) {
-        let Some(mut child) = self.child.take() else {
-            return;
-        };
-        // SAFETY: kill has no memory preconditions; the pid is our child.
-        unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = child.kill();
-        let _ = child.wait();
+        self.server.kill();
     }
 }
 
 /// `haproxy -db -f lb-config/haproxy/haproxy.cfg`, the shipped file
 /// unchanged, configured through its environment variables as
-/// lb-config/README.md documents.
+/// lb-config/README.md documents (`tests/support/balancer.rs`).
 struct Haproxy {
-    child: Child,
+    lb: Balancer,
     pid: u32,
     addr: SocketAddr,
-    dir: PathBuf,
 }
 
 impl Haproxy {
-    fn start(tag: usize, apps: &[SocketAddr; 3]) -> Haproxy {
-        let dir = std::env::temp_dir().join(format!("sse-storm-{}-lb{tag}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("create scratch dir");
-        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
-        let cfg = Path::new(env!("CARGO_MANIFEST_DIR")).join("../lb-config/haproxy/haproxy.cfg");
-        let log = std::fs::File::create(dir.join("haproxy.log")).expect("create log");
-        #[allow(clippy::zombie_processes)] // waited for in Drop
-        let child = Command::new(require_binary("haproxy"))
-            .arg("-db")
-            .arg("-f")
-            .arg(&cfg)
-            .env("LB_LISTEN", addr.to_string())
-            .env("APP_1", apps[0].to_string())
-            .env("APP_2", apps[1].to_string())
-            .env("APP_3", apps[2].to_string())
-            .env("HAPROXY_SOCKET", dir.join("admin.sock"))
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("clone log"))
-            .stderr(log)
-            .spawn()
-            .expect("spawn haproxy");
-        let pid = child.id();
-        let mut lb = Haproxy {
-            child,
-            pid,
-            addr,
-            dir,
-        };
-        lb.wait_ready();
-        lb
-    }
-
-    /// Until a request through the balancer reaches an instance.
-    fn wait_ready(&mut self) {
-        use std::io::{Read, Write};
-        let deadline = Instant::now() + Duration::from_secs(15);
-        while Instant::now() < deadline {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                panic!("haproxy exited with {status}; log:\n{}", self.log());
-            }
-            if let Ok(mut s) = std::net::TcpStream::connect(self.addr) {
-                let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
-                let _ = s
-                    .write_all(b"GET /readyz HTTP/1.1\r\nHost: storm\r\nConnection: close\r\n\r\n");
-                let mut out = String::new();
-                let _ = s.read_to_string(&mut out);
-                if out.starts_with("HTTP/1.1 200")
-                    && out.to_ascii_lowercase().contains("x-instance-id")
-                {
-                    return;
-                }
-            }
-            std::thread::sleep(Duration::from_millis(50));
+    async fn start(apps: &[SocketAddr; 3]) -> Haproxy {
+        let apps = apps.map(|a| a.to_string());
+        let lb = Balancer::haproxy(
+            "haproxy/haproxy.cfg",
+            &[apps[0].as_str(), apps[1].as_str(), apps[2].as_str()],
+            &[],
+        )
+        .await;
+        Haproxy {
+            pid: lb.pid(),
+            addr: lb.addr.parse().expect("balancer address"),
+            lb,
         }
-        panic!(
-            "haproxy on {} did not answer; log:\n{}",
-            self.addr,
-            self.log()
-        );
     }
 
     fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.join("haproxy.log")).unwrap_or_default()
+        self.lb.log()
     }
 
     /// HAProxy's own timers of the streams it sent to app2/app3 (the
@@ -290,8 +192,12 @@ impl Haproxy {
         for line in self.log().lines() {
             let f: Vec<&str> = line.split_whitespace().collect();
             // `%ci:%cp [%tr] %ft %b/%s %TR/%Tw/%Tc/%Tr/%Ta %ST ... %ac/%fc/%bc/%sc/%rc`
+            // Streams go to the `streams` backend (lb-config/README.md).
             if f.len() < 11
-                || !(f[3] == "app/app2" || f[3] == "app/app3")
+                || !matches!(
+                    f[3],
+                    "streams/app2" | "streams/app3" | "app/app2" | "app/app3"
+                )
                 || !line.contains("/events ")
             {
                 continue;
@@ -317,16 +223,6 @@ impl Haproxy {
             .filter(|l| l.contains(needle))
             .map(str::to_owned)
             .collect()
-    }
-}
-
-impl Drop for Haproxy {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        if std::env::var_os("STORM_KEEP_LOGS").is_none() {
-            let _ = std::fs::remove_dir_all(&self.dir);
-        }
     }
 }
 
@@ -973,18 +869,18 @@ fn pcts(mut v: Vec<u64>) -> Value {
 
 fn run(opts: &Options, run_no: usize) -> Value {
     let wall = Instant::now();
-    let redis = Redis::start();
+    let redis = RedisServer::start();
     let mut apps = [
         App::start("app1", &redis, opts.retry_ms),
         App::start("app2", &redis, opts.retry_ms),
         App::start("app3", &redis, opts.retry_ms),
     ];
     let addrs = [apps[0].addr, apps[1].addr, apps[2].addr];
-    let lbs = [Haproxy::start(0, &addrs), Haproxy::start(1, &addrs)];
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .expect("runtime");
+    let lbs = rt.block_on(async { [Haproxy::start(&addrs).await, Haproxy::start(&addrs).await] });
     let http = reqwest::Client::builder()
         .pool_max_idle_per_host(256)
         .build()
@@ -1534,7 +1430,7 @@ fn main() {
         "open-file limit {nofile} is too low for {} client sockets",
         opts.streams
     );
-    let haproxy_version = Command::new(require_binary("haproxy"))
+    let haproxy_version = Command::new(balancer::require_binary("haproxy"))
         .arg("-v")
         .output()
         .map(|o| {

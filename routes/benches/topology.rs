@@ -37,17 +37,18 @@ mod procs;
 mod redis_cluster;
 #[path = "../../tests/support/redis_server.rs"]
 mod redis_server;
+#[path = "support/server.rs"]
+mod server;
 #[path = "support/sse_client.rs"]
 mod sse_client;
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{mpsc, Arc, Mutex};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
@@ -58,7 +59,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
 
-use procs::{machine_ticks, proc_cpu, today, ADMIN, SECRET};
+use server::BenchServer as Server;
+
+use procs::{machine_ticks, proc_cpu, today, ADMIN};
 use sse_client::{create_session, now_micros, parse_data, parse_id, stats, Session};
 
 /// Streams opened at once while setting up a run.
@@ -76,86 +79,20 @@ const IDLE_WINDOW: Duration = Duration::from_secs(3);
 
 // ---------------------------------------------------------------- processes
 
-/// A running `sse-scale` process; stopped when dropped.
-struct Server {
-    child: Child,
-    addr: SocketAddr,
-}
-
-impl Server {
-    fn start(name: &str, redis: &(&str, String)) -> Server {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_sse-scale"));
-        cmd.env_clear()
-            .env("HOST", "127.0.0.1")
-            .env("PORT", "0")
-            .env("INSTANCE_ID", name)
-            .env("SESSION_SECRET", SECRET)
-            .env("ADMIN_TOKEN", ADMIN)
-            .env(redis.0, &redis.1)
-            .env("FF_REDIS_SSE_BROADCAST", "true")
-            // The load generator shares one address; per-IP and per-session
-            // limits would throttle the benchmark, not a real deployment.
-            .env("RATE_LIMIT_PUBLISH_PER_SEC", "0")
-            .env("RATE_LIMIT_STREAMS_PER_MIN", "0")
-            .env("RATE_LIMIT_SESSIONS_PER_MIN", "0")
-            .env("MAX_STREAMS_PER_ADDRESS", "10000000")
+/// Starts the release binary as instance `name` on the Redis that
+/// `redis` (a variable and its value) names, flag on.
+fn start_server(name: &str, redis: &(&str, String)) -> Server {
+    Server::product(
+        name,
+        &[
+            (redis.0, redis.1.clone()),
+            ("FF_REDIS_SSE_BROADCAST", "true".to_owned()),
             // Room for a reader that falls behind while the machine is
             // saturated, so a slow load generator shows as latency, not as
             // streams cut for lagging.
-            .env("SSE_CLIENT_QUEUE", "1024")
-            // End quickly when the benchmark is done with a server.
-            .env("SHUTDOWN_UNREADY_SECS", "0")
-            .env("SHUTDOWN_DRAIN_SECS", "0")
-            .env("SHUTDOWN_GRACE_SECS", "2")
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        let mut child = cmd.spawn().expect("spawn the sse-scale binary");
-        let stderr = child.stderr.take().expect("server stderr");
-        let (tx, rx) = mpsc::channel();
-        // Drains the log for the whole run so the server never blocks on it.
-        let tag = name.to_owned();
-        std::thread::spawn(move || {
-            let mut tx = Some(tx);
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if let Some(addr) = line.split("addr=").nth(1) {
-                    if let Some(tx) = tx.take() {
-                        let addr = addr.split_whitespace().next().unwrap_or("").to_owned();
-                        let _ = tx.send(addr);
-                    }
-                }
-                if line.contains("WARN") || line.contains("ERROR") {
-                    eprintln!("[{tag}] {line}");
-                }
-            }
-        });
-        let addr = rx
-            .recv_timeout(Duration::from_secs(20))
-            .expect("server did not log its address")
-            .parse()
-            .expect("server address");
-        Server { child, addr }
-    }
-
-    fn cpu(&self) -> Duration {
-        proc_cpu(self.child.id())
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        // SAFETY: kill has no memory preconditions; the pid is our child.
-        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+            ("SSE_CLIENT_QUEUE", "1024".to_owned()),
+        ],
+    )
 }
 
 // ---------------------------------------------------------------- Redis
@@ -650,8 +587,8 @@ fn run_topology(
     let backend = Backend::start(topology);
     let redis_env = backend.env();
     let mut nodes = backend.nodes();
-    let a = Server::start("bench-a", &redis_env);
-    let b = Server::start("bench-b", &redis_env);
+    let a = start_server("bench-a", &redis_env);
+    let b = start_server("bench-b", &redis_env);
     // Blocking Redis calls below run on this thread (block_on's), never on
     // the runtime's workers, so they do not stall the streams.
     runtime.block_on(async {

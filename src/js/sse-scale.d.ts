@@ -88,7 +88,7 @@ export interface StateChange {
   retryAfterMs?: number | null;
   /**
    * Why: `'refused'`, `'network'`, `'ended'`, `'idle'` (liveness deadline),
-   * `'parse'`, `'token'`, `'stream-failed'`, `'probe-unanswered'`,
+   * `'parse'`, `'token'`, `'probe-unanswered'`,
    * `'not-an-event-stream'`, `'held-overflow'`, `'online'`, `'visible'`,
    * `'closed'` (by `close()`).
    */

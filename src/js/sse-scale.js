@@ -887,7 +887,11 @@ class StreamBase {
     const wait = hintMs != null && info.retryAfterMs == null
       ? clampDelay(hintMs)
       : retryDelay(this._attempt, info.retryAfterMs ?? null, this._backoff);
-    this._timerFloored = info.retryAfterMs != null;
+    // A wait the server asked for — Retry-After, or its `retry:` hint after
+    // a healthy stream — is not cut short by `online` or a visible page:
+    // the hint spreads the clients of a dead instance over time (as
+    // EventSource, which nothing can cut, keeps it).
+    this._timerFloored = info.retryAfterMs != null || hintMs != null;
     this.reconnects += 1;
     this._setState(RECONNECTING, { ...shown, delayMs: wait, attempt: this._attempt, by: 'module' });
     this._timer = setTimeout(() => {
@@ -898,7 +902,8 @@ class StreamBase {
 
   /**
    * The network is back (`online`) or the page is visible again: a pending
-   * backoff is cut short (never a wait the server asked for), and a stream
+   * backoff is cut short (never a wait the server asked for: Retry-After or
+   * the `retry:` hint), and a stream
    * past its liveness deadline (timers sleep in hidden tabs) is replaced.
    */
   _wake(reason) {
@@ -1049,8 +1054,10 @@ export class SseScaleStream extends StreamBase {
         // about the stream, so it is no reason to give up.
         info = { reason: 'probe-unanswered', probeStatus: res.status, retryAfterMs };
       } else {
-        info = { status: res.status, retryAfterMs };
-        if (res.status === 200) info.reason = 'stream-failed';
+        // The same reasons as the fetch transport's: a stream the server
+        // would open again ended (it opened and died), anything else was
+        // refused.
+        info = { status: res.status, retryAfterMs, reason: res.status === 200 ? 'ended' : 'refused' };
       }
     } catch {
       info = { status: 0, reason: 'network' };

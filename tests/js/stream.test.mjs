@@ -290,17 +290,23 @@ test('EventSource: a HEAD probe a proxy answers 405 does not close the stream', 
   assert.equal(got.waits().at(-1).reason, 'probe-unanswered');
 });
 
+/** Stands in for `window`'s events (`online`) for one test. */
+function windowEvents(t) {
+  const target = new EventTarget();
+  const saved = { add: globalThis.addEventListener, remove: globalThis.removeEventListener };
+  globalThis.addEventListener = target.addEventListener.bind(target);
+  globalThis.removeEventListener = target.removeEventListener.bind(target);
+  t.after(() => Object.assign(globalThis, { addEventListener: saved.add, removeEventListener: saved.remove }));
+  return target;
+}
+
 test('online cuts a backoff short, never a Retry-After wait', async (t) => {
   let status = 0;
   const env = setup(t, async (req) => {
     if (status === 0) throw new TypeError('offline');
     return refuse(status, { 'Retry-After': '10' });
   });
-  const target = new EventTarget();
-  const saved = { add: globalThis.addEventListener, remove: globalThis.removeEventListener };
-  globalThis.addEventListener = target.addEventListener.bind(target);
-  globalThis.removeEventListener = target.removeEventListener.bind(target);
-  t.after(() => Object.assign(globalThis, { addEventListener: saved.add, removeEventListener: saved.remove }));
+  const target = windowEvents(t);
   const s = env.track(new m.SseScaleFetchStream({ url: '/s/events' }));
   const got = record(s);
   await flush();
@@ -317,6 +323,24 @@ test('online cuts a backoff short, never a Retry-After wait', async (t) => {
   target.dispatchEvent(new Event('online'));
   await flush();
   assert.equal(env.server.gets.length, 2, 'a closed stream ignores online');
+});
+
+test('fetch: online never cuts the wait for the server\'s retry: hint after a healthy stream', async (t) => {
+  const env = setup(t, (req) => eventStream(req, 'retry: 20000\n\n' + connected('0-0')));
+  const target = windowEvents(t);
+  const s = env.track(new m.SseScaleFetchStream({ url: '/s/events' }));
+  const got = record(s);
+  await flush();
+  await env.tick(5000); // open for stableMs: healthy
+  env.server.gets[0].body.end();
+  await flush();
+  assert.deepEqual(got.waits().map((w) => [w.reason, w.delayMs]), [['ended', 20000]]);
+  await env.tick(3000);
+  target.dispatchEvent(new Event('online'));
+  await flush();
+  assert.equal(env.server.gets.length, 1, 'the hint spreads reconnects: online does not cut it');
+  await env.tick(17000);
+  assert.equal(env.server.gets.length, 2);
 });
 
 // ------------------------------------------------------------ liveness

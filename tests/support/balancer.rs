@@ -212,6 +212,11 @@ impl Balancer {
         format!("http://{}{}", self.addr, path)
     }
 
+    /// The balancer's process id (nginx: its master's).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Everything the balancer logged so far (for failure messages).
     pub fn log(&self) -> String {
         let mut out = String::new();

@@ -48,6 +48,11 @@ impl RedisServer {
         format!("redis://127.0.0.1:{}/", self.port)
     }
 
+    /// The running server's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("not running").id()
+    }
+
     /// (Re)starts the server on its port and waits until it answers.
     pub fn restart(&mut self) {
         assert!(self.child.is_none(), "already running");

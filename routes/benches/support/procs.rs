@@ -1,12 +1,13 @@
-//! Bench support: the processes a benchmark starts and measures (a private
-//! `redis-server`, installed binaries) and their CPU time and memory from
-//! `/proc`. Shared by the bench targets, each of which uses part of it.
+//! Bench support: what the processes a benchmark starts cost — their CPU
+//! time and memory from `/proc` — and the machine a run was on. (The
+//! processes themselves: `server.rs`, and `tests/support` for Redis and the
+//! balancers.) Shared by the bench targets, each of which uses part of it.
 
 #![allow(dead_code)]
 
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde_json::{json, Value};
 
@@ -97,67 +98,6 @@ pub fn proc_rss_kib(pid: u32) -> u64 {
         .and_then(|v| v.split_whitespace().next())
         .and_then(|v| v.parse().ok())
         .expect("VmRSS in /proc/pid/status")
-}
-
-/// Finds an installed binary, in the sbin directories too (HAProxy lives
-/// in /usr/sbin, which is not on every user's PATH).
-pub fn require_binary(name: &str) -> PathBuf {
-    let path = std::env::var("PATH").unwrap_or_default();
-    let dirs = path
-        .split(':')
-        .map(PathBuf::from)
-        .chain(["/usr/sbin", "/usr/local/sbin", "/sbin"].map(PathBuf::from));
-    for dir in dirs {
-        let candidate = dir.join(name);
-        if candidate.is_file() {
-            return candidate;
-        }
-    }
-    panic!("`{name}` is not installed (tests/run-all.sh installs it on Debian)")
-}
-
-/// A private `redis-server` on a free port, without persistence; stopped
-/// when dropped.
-pub struct Redis {
-    child: Child,
-    pub port: u16,
-}
-
-impl Redis {
-    pub fn start() -> Redis {
-        let port = free_port();
-        #[allow(clippy::zombie_processes)] // waited for in Drop
-        let child = Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("redis-server must be installed (tests/run-all.sh installs it)");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                return Redis { child, port };
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        panic!("redis-server on port {port} did not start");
-    }
-
-    pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/", self.port)
-    }
-
-    pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
-}
-
-impl Drop for Redis {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 /// (busy, total) jiffies of the whole machine, from `/proc/stat`: how
