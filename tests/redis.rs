@@ -773,10 +773,11 @@ async fn a_stopping_instance_refuses_a_publish_it_could_only_hold() {
     a.signal("KILL");
 }
 
-/// A publish already sent to a Redis that stopped answering when the
-/// instance turned unready: its reply times out, and the 503 says Redis may
-/// still run it — it does, once Redis wakes — so a publisher knows its
-/// retry may arrive as a second event.
+/// A stopping instance's publish, sent to a Redis that stopped answering:
+/// its reply times out, and the 503 says Redis may still run it — it does,
+/// once Redis wakes — so a publisher knows its retry may arrive as a
+/// second event. (Unready first, then the publish: the order does not hang
+/// on how fast a loaded machine handles the signal.)
 #[tokio::test]
 async fn a_stopping_instance_says_when_a_refused_publish_may_still_arrive() {
     let redis = RedisServer::start();
@@ -785,17 +786,24 @@ async fn a_stopping_instance_says_when_a_refused_publish_may_still_arrive() {
     // Redis has the publish script from here on (a first publish may send
     // it by hash only, which a server without it refuses).
     publish(&a, &id, &token, "first", json!({ "n": 0 })).await;
-    redis.pause();
-    let sent = tokio::spawn(
-        client()
-            .post(a.url(&format!("/sessions/{id}/events")))
-            .bearer_auth(&token)
-            .json(&json!({ "type": "late", "data": { "n": 1 } }))
-            .send(),
-    );
-    tokio::time::sleep(Duration::from_millis(200)).await;
     a.signal("TERM");
-    let res = sent.await.unwrap().unwrap();
+    let unready = eventually(T, || async {
+        client()
+            .get(a.url("/readyz"))
+            .send()
+            .await
+            .is_ok_and(|r| r.status() == 503)
+    })
+    .await;
+    assert!(unready, "{}", a.log.lock().unwrap());
+    redis.pause();
+    let res = client()
+        .post(a.url(&format!("/sessions/{id}/events")))
+        .bearer_auth(&token)
+        .json(&json!({ "type": "late", "data": { "n": 1 } }))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(res.status(), 503);
     let body: Value = res.json().await.unwrap();
     let message = body["error"]["message"].as_str().unwrap_or_default();

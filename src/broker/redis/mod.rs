@@ -34,8 +34,10 @@ use crate::event::{EventId, OutgoingEvent, SessionId};
 use crate::history::HistoryLimits;
 use crate::redis_client::{SharedRedis, TopologyKind};
 
+mod catch_up;
 pub mod envelope;
 mod history;
+mod interest;
 mod outbox;
 mod publish;
 mod pubsub;
@@ -150,7 +152,7 @@ struct Inner {
     /// across their reservation, so they are delivered in id order.
     local_order: Vec<tokio::sync::Mutex<()>>,
     outbox: outbox::Outbox,
-    interest: Arc<subscriber::Interest>,
+    interest: Arc<interest::Interest>,
     /// Set while publishing to Redis fails, so an outage is logged once.
     publish_outage: AtomicBool,
     /// See [`Broker::stop_holding`]: the outbox takes no new event.

@@ -2,108 +2,29 @@
 //! for each session with subscribers on this instance, plus the broadcast
 //! channel, and hands every event it receives to the broker's handler.
 //!
-//! Interest is state, not a queue of commands: [`Interest`] records which
+//! Interest is state, not a queue of commands: [`Interest`](super::interest::Interest) records which
 //! sessions are wanted (with the hub's generation, so a stale unsubscribe
 //! is ignored) and which are dirty; the task brings Redis in line with it.
 //! No lock is held across a Redis round trip. Each subscribed session has a
 //! cursor — the newest id delivered here — which drops a message received
 //! twice and tells a reconnect where to catch up from.
 
-use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 
 use futures::future::{BoxFuture, FutureExt};
-use futures::StreamExt;
-use tokio::sync::{oneshot, Notify};
+use tokio::sync::oneshot;
 
 use super::envelope::{self, DecodeError};
-use super::history::{Continuity, PAGE};
+use super::interest::State;
 use super::publish::FOLLOW_SHARED;
 use super::pubsub::{Incoming, PubSubConn};
 use super::Inner;
 use crate::broker::{BrokerError, Target};
 use crate::event::{EventId, Frame, SessionId};
-use crate::redis_client::{CallError, RESPONSE_TIMEOUT};
+use crate::redis_client::RESPONSE_TIMEOUT;
 use crate::sse;
-
-/// What this instance wants from the subscriber connection.
-#[derive(Default)]
-pub(super) struct Interest {
-    state: Mutex<State>,
-    /// Wakes the task when `dirty` gained a session.
-    changed: Notify,
-}
-
-#[derive(Default)]
-struct State {
-    /// Sessions with subscribers here, by hub generation.
-    wanted: HashMap<SessionId, u64>,
-    /// Sessions subscribed on the current connection.
-    live: HashSet<SessionId>,
-    /// Per wanted session: the newest id delivered here (or, before the
-    /// first, where the session's stream stood when it was subscribed).
-    /// Exact: a message at or before it is a repeat.
-    cursors: HashMap<SessionId, EventId>,
-    /// Sessions whose cursor is still such an estimate (no event delivered
-    /// since): not an id the stream ever held, so its absence from the
-    /// stream says nothing about lost events.
-    estimated: HashSet<SessionId>,
-    /// Sessions whose history could not be read when their channel was
-    /// (re)subscribed (Redis refused the read: an ACL, a key of the wrong
-    /// type): what was published before is unknown here, so the first
-    /// event that arrives is preceded by a `reset` just below it.
-    blind: HashSet<SessionId>,
-    /// Sessions wanted and not yet subscribed: an estimate of "when it was
-    /// wanted", and whether the catch-up must start there — the connection
-    /// was down, or the subscriber stopped waiting — rather than at the
-    /// stream's top. Never used to drop a message.
-    floors: HashMap<SessionId, (EventId, bool)>,
-    /// Sessions whose subscription may need to change.
-    dirty: HashSet<SessionId>,
-    /// Subscribers waiting for their session's channel to be confirmed.
-    waiters: HashMap<SessionId, Vec<oneshot::Sender<()>>>,
-    /// This instance's own events of wanted sessions whose echo has not
-    /// come back yet. Normally a few; after a reconnect, those the stream
-    /// no longer has (Redis restarted empty) are delivered from here, so a
-    /// subscriber here never misses an event its own instance published.
-    sent: HashMap<SessionId, VecDeque<Frame>>,
-    /// Own events of `sent` handed to the subscribers here before their
-    /// echo came (see [`Inner::release_unechoed`]): their echo, if it comes,
-    /// is not delivered again. Ids past the cursor only.
-    direct: HashMap<SessionId, HashSet<EventId>>,
-    /// Per session: when an event of another instance last arrived here
-    /// (see [`Inner::follows_shared`]). Kept after the session's last stream
-    /// here closed, for as long as it counts; pruned as it grows.
-    shared_at: HashMap<SessionId, Instant>,
-    /// `shared_at`'s length at which it is next pruned.
-    shared_prune_at: usize,
-}
-
-impl State {
-    /// Another instance published `session` through Redis just now.
-    fn note_shared(&mut self, session: &SessionId) {
-        let now = Instant::now();
-        match self.shared_at.get_mut(session) {
-            Some(at) => *at = now,
-            None => {
-                self.shared_at.insert(session.clone(), now);
-                if self.shared_at.len() >= self.shared_prune_at {
-                    self.shared_at.retain(|_, at| at.elapsed() < FOLLOW_SHARED);
-                    self.shared_prune_at = (self.shared_at.len() * 2).max(1024);
-                }
-            }
-        }
-    }
-}
-
-impl Interest {
-    fn lock(&self) -> MutexGuard<'_, State> {
-        // Every critical section leaves the state consistent.
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
-    }
-}
 
 /// Own events kept per session until their echo arrives.
 const MAX_SENT: usize = 1024;
@@ -114,9 +35,6 @@ const FLOOR_MARGIN_MS: u64 = 2_000;
 
 /// Channels subscribed with one command.
 const SUBSCRIBE_BATCH: usize = 512;
-
-/// Sessions whose catch-up or first read runs at the same time.
-const PARALLEL_CONFIRMS: usize = 64;
 
 /// Longest wait between reconnect attempts.
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
@@ -252,7 +170,7 @@ impl Inner {
     /// published after that read, on the channel already subscribed: its
     /// echo is still coming, maybe behind other instances' events, and is
     /// left to [`Self::deliver`].
-    fn deliver_unechoed(&self, session: &SessionId, reach: EventId) {
+    pub(super) fn deliver_unechoed(&self, session: &SessionId, reach: EventId) {
         let left: Vec<Frame> = {
             let mut st = self.interest.lock();
             let Some(sent) = st.sent.get_mut(session) else {
@@ -426,211 +344,6 @@ impl Inner {
             return Err(format!("catch-up failed: {e}"));
         }
         Ok(conn)
-    }
-
-    /// [`Self::confirmed`] for each of `sessions`, [`PARALLEL_CONFIRMS`] at a
-    /// time: each is a read or two on the shared client, and a thousand
-    /// sessions subscribed at once (the streams of a dead instance coming
-    /// back) must not wait on each other's round trips. On failure, the
-    /// sessions not confirmed and the error.
-    async fn confirm_all(
-        &self,
-        sessions: Vec<SessionId>,
-    ) -> Result<(), (Vec<SessionId>, CallError)> {
-        let results: Vec<(SessionId, Result<(), CallError>)> = futures::stream::iter(sessions)
-            .map(|session| async move {
-                let confirmed = self.confirmed(&session).await;
-                (session, confirmed)
-            })
-            .buffer_unordered(PARALLEL_CONFIRMS)
-            .collect()
-            .await;
-        let mut failed = Vec::new();
-        let mut error = None;
-        for (session, confirmed) in results {
-            if let Err(e) = confirmed {
-                failed.push(session);
-                error.get_or_insert(e);
-            }
-        }
-        match error {
-            None => Ok(()),
-            Some(e) => Err((failed, e)),
-        }
-    }
-
-    /// A session's channel is subscribed: catch up from its cursor (a
-    /// reconnect), or start the cursor at the stream's newest id.
-    async fn confirmed(&self, session: &SessionId) -> Result<(), CallError> {
-        let (cursor, floor) = {
-            let mut st = self.interest.lock();
-            let floor = st
-                .floors
-                .remove(session)
-                .and_then(|(f, late)| late.then_some(f));
-            (st.cursors.get(session).copied(), floor)
-        };
-        let read = match (cursor, floor) {
-            (Some(from), _) => {
-                let estimated = self.interest.lock().estimated.contains(session);
-                let read = self.catch_up_checked(session, from, estimated).await;
-                match read {
-                    Ok(reach) => {
-                        // Read from the cursor on: a hole an earlier read
-                        // could not see is filled.
-                        self.interest.lock().blind.remove(session);
-                        self.deliver_unechoed(session, reach);
-                        self.renote_kept(session).await
-                    }
-                    Err(e) => Err(e),
-                }
-            }
-            (None, Some(floor)) => {
-                {
-                    let mut st = self.interest.lock();
-                    st.cursors.insert(session.clone(), floor);
-                    st.estimated.insert(session.clone());
-                }
-                // Nothing at or before the floor is delivered from here on:
-                // a stream that opened meanwhile below the newest event
-                // there, its replay not reaching it (its history read
-                // failed), gets a `reset` to that event rather than a hole
-                // (the hub decides per stream). The floor itself when that
-                // read fails: no event is left out unannounced.
-                let left_out = self
-                    .newest_up_to(session, Some(floor))
-                    .await
-                    .unwrap_or(floor);
-                self.gap(session, left_out);
-                self.catch_up_checked(session, floor, true).await.map(drop)
-            }
-            (None, None) => {
-                // Everything after the stream's top arrives on the channel,
-                // which was confirmed before this read; what is at or before
-                // it (an event published between the two is on the channel
-                // too, and dropped there as a repeat) reaches a stream only
-                // through its replay. A stream that has none reaching the
-                // top — its history read failed, or it opened before this
-                // read because the confirmation was late — gets a `reset`
-                // to the top instead of a silent hole. The hub decides per
-                // stream: one already there gets nothing.
-                self.stream_top(session).await.map(|top| {
-                    self.interest.lock().cursors.insert(session.clone(), top);
-                    self.gap(session, top);
-                })
-            }
-        };
-        match read {
-            Ok(()) => {}
-            // Redis away: the next connection catches up from the same place.
-            Err(e) if e.is_outage() => return Err(e),
-            // Redis refused this session's key (say, of the wrong type): it
-            // must not stop delivery for every other session. Its live
-            // messages still pass.
-            Err(e) => {
-                self.counters.malformed.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(backend = "redis", session = %session, error = %e, "session history unreadable; delivering live messages only, after a reset");
-                let mut st = self.interest.lock();
-                st.cursors.entry(session.clone()).or_default();
-                // What was published while the channel was not subscribed
-                // is unknown here; the next event tells where it ends.
-                st.blind.insert(session.clone());
-            }
-        }
-        let mut st = self.interest.lock();
-        // Subscribed on the connection whatever happened meanwhile; given up
-        // since, it is unsubscribed on the next round.
-        st.live.insert(session.clone());
-        let given_up = !st.wanted.contains_key(session);
-        if given_up {
-            st.dirty.insert(session.clone());
-        }
-        for waiter in st.waiters.remove(session).unwrap_or_default() {
-            let _ = waiter.send(());
-        }
-        self.counters
-            .subscribed
-            .store(st.live.len() as u64, Ordering::Relaxed);
-        drop(st);
-        if given_up {
-            self.interest.changed.notify_one();
-        }
-        Ok(())
-    }
-
-    /// Tells the session's streams here that events up to `at` will not be
-    /// delivered to them from here on (the hub gives a `reset` to those not
-    /// already past it).
-    fn gap(&self, session: &SessionId, at: EventId) {
-        if at == EventId::ZERO {
-            return;
-        }
-        let gap = Frame {
-            id: at,
-            bytes: bytes::Bytes::new(),
-        };
-        (self.handler)(Target::Gap(session), gap);
-    }
-
-    /// Catches the session up from `from` if the stream still reaches back
-    /// to it; otherwise the session's streams here get a `reset` to the
-    /// stream's newest entry and the cursor moves there (see
-    /// [`Inner::check_lost`]). Returns how far the stream was read: every
-    /// event of the session up to there was in it or is gone.
-    async fn catch_up_checked(
-        &self,
-        session: &SessionId,
-        from: EventId,
-        estimated: bool,
-    ) -> Result<EventId, CallError> {
-        match self.check_lost(session, from, estimated).await? {
-            Continuity::Whole => self.catch_up(session, from).await,
-            Continuity::Gap { top } => {
-                self.counters.catch_up_gaps.fetch_add(1, Ordering::Relaxed);
-                let at = {
-                    let mut st = self.interest.lock();
-                    let cursor = st.cursors.entry(session.clone()).or_default();
-                    *cursor = (*cursor).max(top);
-                    *cursor
-                };
-                // What the stream still holds up to `top` would come after
-                // the hole: the reset stands for all of it.
-                let gap = Frame {
-                    id: at,
-                    bytes: bytes::Bytes::new(),
-                };
-                (self.handler)(Target::Gap(session), gap);
-                Ok(top)
-            }
-        }
-    }
-
-    /// Delivers what the session's stream holds after `from`, in order;
-    /// returns the newest id read (`from` if none).
-    async fn catch_up(&self, session: &SessionId, from: EventId) -> Result<EventId, CallError> {
-        let mut reach = from;
-        let mut next = from.successor();
-        while let Some(start) = next.take() {
-            let reply = self.range(session, start, PAGE).await.inspect_err(|e| {
-                tracing::warn!(backend = "redis", session = %session, error = %e, "catch-up read failed");
-            })?;
-            for entry in &reply.ids {
-                // On past every entry, even one that does not decode.
-                if let Ok(id) = entry.id.parse::<EventId>() {
-                    next = id.successor();
-                    reach = id;
-                }
-                if let Some(e) = self.entry(entry) {
-                    if self.deliver(session, e.node == self.settings.node_id, e.held, e.frame) {
-                        self.counters.caught_up.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
-            }
-            if reply.ids.len() < PAGE {
-                break;
-            }
-        }
-        Ok(reach)
     }
 
     /// Reads messages until the connection ends (false) or shutdown (true),
@@ -824,7 +537,7 @@ impl Inner {
     /// lost it before the echo went out, or while this connection was
     /// down). A subscriber here never misses an event its own instance
     /// published, whatever arrives first.
-    fn deliver(&self, session: &SessionId, own: bool, held: bool, frame: Frame) -> bool {
+    pub(super) fn deliver(&self, session: &SessionId, own: bool, held: bool, frame: Frame) -> bool {
         let mut unechoed = Vec::new();
         let mut blind_until = None;
         let delivered_already;
