@@ -35,11 +35,13 @@
 //!   instance that accepted it. (With Redis up, an instance keeps a
 //!   session's events only while no other instance publishes it through
 //!   Redis; with Redis away, while it has not learned that one does.)
-//! - [`Rule::OutboxOfStoppedInstance`]: "An instance that stops while Redis
-//!   is still down loses its outbox." An event accepted with a local id
-//!   (the instance could not reach Redis) by an instance that was then
-//!   stopped (SIGKILL or SIGTERM) before Redis was back and its outbox had
-//!   a moment to flush may be absent.
+//! - [`Rule::OutboxOfStoppedInstance`]: "An instance that stops ... or dies
+//!   before its outbox reached Redis loses what is left of it — Redis down
+//!   or already back." An event accepted with a local id (the instance
+//!   could not reach Redis) by an instance that was then stopped (SIGKILL
+//!   or SIGTERM) before Redis was back and its outbox had a moment to flush
+//!   may be absent; so may one stopped later, while the instance's client
+//!   was still reconnecting, if no other instance ever delivered it.
 //! - [`Rule::ConnectedWhileRedisUnreadable`]: "Connecting while Redis
 //!   cannot be read": the first position is the newest event the
 //!   instance holds, so events accepted before the client's first
@@ -82,6 +84,10 @@ const REDIS_BACK_MARGIN: u64 = 2_000;
 /// After Redis is back, an outbox is flushed (and a stopping instance gets
 /// its last attempt) within this long.
 const OUTBOX_FLUSH_MARGIN: u64 = 3_000;
+/// How long after an outage an instance may still hold its outbox: its
+/// shared Redis client reconnects on its own schedule (seconds, under
+/// load), and only then does the outbox flush.
+const OUTBOX_RECONNECT_MARGIN: u64 = 10_000;
 /// Events published through an outage can arrive late (outbox flush,
 /// subscriber backoff up to 5 s) this long after Redis is back.
 const LATE_MARGIN: u64 = 10_000;
@@ -137,7 +143,9 @@ impl Rule {
     pub fn name(self) -> &'static str {
         match self {
             Rule::FlagOffOnItsInstance => "flag-off event of an instance the client was not on",
-            Rule::OutboxOfStoppedInstance => "outbox of an instance stopped while Redis was down",
+            Rule::OutboxOfStoppedInstance => {
+                "outbox of an instance stopped before it reached Redis"
+            }
             Rule::ConnectedWhileRedisUnreadable => {
                 "accepted before a connect that could not read Redis"
             }
@@ -313,6 +321,24 @@ pub fn check(run: &RunLog) -> Report {
         }
     }
 
+    // Events some client received from another instance than the one
+    // that accepted them: they reached Redis.
+    let mut reached_redis: std::collections::HashSet<&str> = std::collections::HashSet::new();
+    for client in &run.clients {
+        for c in client.conns.iter().filter(|c| c.ok()) {
+            for it in &c.items {
+                if let ItemKind::Event { label, .. } = &it.kind {
+                    if by_label
+                        .get(label.as_str())
+                        .is_some_and(|p| p.instance.is_some() && p.instance != c.instance)
+                    {
+                        reached_redis.insert(label.as_str());
+                    }
+                }
+            }
+        }
+    }
+
     for client in &run.clients {
         check_client(
             run,
@@ -321,6 +347,7 @@ pub fn check(run: &RunLog) -> Report {
             &accepted,
             &by_label,
             &shared_excused,
+            &reached_redis,
             &mut report,
         );
     }
@@ -457,6 +484,7 @@ fn check_client(
     accepted: &[&Publish],
     by_label: &HashMap<&str, &Publish>,
     shared_excused: &[&str],
+    reached_redis: &std::collections::HashSet<&str>,
     report: &mut Report,
 ) {
     let name = client.name();
@@ -627,18 +655,25 @@ fn check_client(
         });
         if is_local(e) {
             if let Some(instance) = &p.instance {
-                let until =
-                    faults.outage_at(p.done).map_or(p.done, |(_, back)| back) + OUTBOX_FLUSH_MARGIN;
+                let back = faults.outage_at(p.done).map_or(p.done, |(_, back)| back);
                 // The process that answered stopped before `until`: its
                 // stop began by then and ended (the restart) after the
                 // publish was sent. A SIGTERM can come before the publish:
-                // a draining instance still answers until it exits.
-                let stopped = run.faults.iter().any(|f| {
-                    f.kind.stops_instance()
-                        && f.target == *instance
-                        && f.start <= until
-                        && f.repaired >= p.sent
-                });
+                // a draining instance still answers until it exits. Later,
+                // while its client is still reconnecting ("Redis down or
+                // already back: the outbox is in memory"), only for an
+                // event no other instance ever delivered: it never left.
+                let stopped_by = |until: u64| {
+                    run.faults.iter().any(|f| {
+                        f.kind.stops_instance()
+                            && f.target == *instance
+                            && f.start <= until
+                            && f.repaired >= p.sent
+                    })
+                };
+                let stopped = stopped_by(back + OUTBOX_FLUSH_MARGIN)
+                    || (!reached_redis.contains(p.label.as_str())
+                        && stopped_by(back + OUTBOX_RECONNECT_MARGIN));
                 if stopped {
                     excuse(Rule::OutboxOfStoppedInstance, st);
                     continue;
@@ -1294,6 +1329,51 @@ mod tests {
         );
         // Without the kill the same absence is a loss.
         log.faults.pop();
+        let r = check(&log);
+        assert_eq!(kinds(&r), vec![VKind::Lost], "{}", render(&log, &r, 1));
+    }
+
+    #[test]
+    fn an_outbox_event_of_an_instance_killed_while_its_client_still_reconnected_may_be_absent() {
+        // Redis was back at 60, but app1 still held e3 (a local id) in its
+        // outbox when it was killed at 4,000, its client still reconnecting:
+        // no other instance ever delivered e3, so it never left app1.
+        let mut log = local_e3_missing_on_app2();
+        log.faults = vec![
+            FaultRecord {
+                index: 0,
+                kind: Kind::RedisHang,
+                target: "redis".into(),
+                start: 20,
+                repaired: 60,
+            },
+            FaultRecord {
+                index: 1,
+                kind: Kind::Kill,
+                target: "app1".into(),
+                start: 4_000,
+                repaired: 5_000,
+            },
+        ];
+        let r = check(&log);
+        assert!(r.violations.is_empty(), "{}", render(&log, &r, 1));
+        assert_eq!(
+            r.stats.excused.get(Rule::OutboxOfStoppedInstance.name()),
+            Some(&1)
+        );
+        // Had another instance delivered e3, it reached Redis: this
+        // client's absence is a loss.
+        let mut other = log.clients[0].clone();
+        other.client = 1;
+        other.conns[0].instance = Some("app3".into());
+        other.conns[0].items.insert(2, ev(31, 103, "e3"));
+        log.clients.push(other);
+        let r = check(&log);
+        assert_eq!(kinds(&r), vec![VKind::Lost], "{}", render(&log, &r, 1));
+        // And a kill long after the outage excuses nothing.
+        log.clients.pop();
+        log.faults[1].start = 20_000;
+        log.faults[1].repaired = 21_000;
         let r = check(&log);
         assert_eq!(kinds(&r), vec![VKind::Lost], "{}", render(&log, &r, 1));
     }
