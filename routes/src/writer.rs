@@ -280,3 +280,106 @@ impl Wake for Park {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicU64;
+    use std::time::Duration;
+
+    use axum::http::StatusCode;
+    use tokio::io::AsyncReadExt;
+    use tokio::net::{TcpListener, TcpStream};
+    use tokio::sync::mpsc;
+    use tokio_util::task::TaskTracker;
+
+    use super::*;
+    use crate::socket::Socket;
+
+    fn stream_response(frames: mpsc::Receiver<bytes::Bytes>) -> Response<Body> {
+        let body = futures::stream::unfold(frames, |mut rx| async move {
+            rx.recv()
+                .await
+                .map(|b| (Ok::<_, std::convert::Infallible>(b), rx))
+        });
+        Response::builder()
+            .status(StatusCode::OK)
+            .header(header::CONTENT_TYPE, "text/event-stream")
+            .header(header::TRANSFER_ENCODING, "chunked")
+            .body(Body::from_stream(body))
+            .unwrap()
+    }
+
+    /// Reads from `client` until `needle` arrived; everything read.
+    async fn read_until(client: &mut TcpStream, got: &mut String, needle: &str) {
+        let mut buf = [0u8; 1024];
+        while !got.contains(needle) {
+            let n = tokio::time::timeout(Duration::from_secs(5), client.read(&mut buf))
+                .await
+                .expect("in time")
+                .unwrap();
+            assert!(n > 0, "closed before {needle:?}: {got:?}");
+            got.push_str(&String::from_utf8_lossy(&buf[..n]));
+        }
+    }
+
+    #[test]
+    fn a_stream_s_head_closes_the_connection_and_carries_a_date() {
+        let (_tx, rx) = mpsc::channel(1);
+        let (head, streaming, _) = response_head(stream_response(rx));
+        let head = String::from_utf8(head).unwrap();
+        assert!(streaming);
+        assert!(head.starts_with("HTTP/1.1 200 OK\r\n"), "{head}");
+        assert!(head.contains("connection: close\r\n"), "{head}");
+        assert!(head.contains("date: "), "{head}");
+        // Close-delimited: no framing of its own.
+        assert!(!head.contains("transfer-encoding"), "{head}");
+        assert!(!head.contains("content-length"), "{head}");
+    }
+
+    /// The writer parks (no task) when its body has nothing; a frame sent
+    /// then wakes it, is written, and it parks again; the body's end closes
+    /// the connection; the tracker waits for the parked stream meanwhile.
+    #[tokio::test]
+    async fn a_parked_stream_wakes_for_each_frame_and_its_end() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        let io = sse_scale::stall::StallGuard::new(
+            Socket::new(server),
+            Duration::from_secs(5),
+            Arc::new(AtomicU64::new(0)),
+        );
+        let (tx, rx) = mpsc::channel(4);
+        let tracker = TaskTracker::new();
+        let tasks = || Handle::current().metrics().num_alive_tasks();
+        let before = tasks();
+        tokio::spawn(respond(io, stream_response(rx), tracker.token()));
+        let mut got = String::new();
+        read_until(&mut client, &mut got, "\r\n\r\n").await;
+        tracker.close();
+        for n in 0..3 {
+            // Parked: no task of its own while it waits.
+            let parked = tokio::time::timeout(Duration::from_secs(5), async {
+                while tasks() > before {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            })
+            .await;
+            assert!(parked.is_ok(), "the stream kept a task while waiting");
+            assert!(!tracker.is_empty(), "a parked stream holds its token");
+            let frame = format!("data: {n}\n\n");
+            tx.send(bytes::Bytes::from(frame.clone())).await.unwrap();
+            read_until(&mut client, &mut got, &frame).await;
+        }
+        drop(tx);
+        let mut rest = Vec::new();
+        let closed =
+            tokio::time::timeout(Duration::from_secs(5), client.read_to_end(&mut rest)).await;
+        assert!(closed.is_ok(), "the body's end closes the connection");
+        tokio::time::timeout(Duration::from_secs(5), tracker.wait())
+            .await
+            .expect("the token goes with the stream");
+    }
+}
