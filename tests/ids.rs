@@ -367,12 +367,17 @@ async fn ids_pinned_an_hour_ahead_stay_distinct_and_lose_nothing_silently() {
 }
 
 fn kill_pubsub(conn: &mut redis::Connection) -> i64 {
-    redis::cmd("CLIENT")
-        .arg("KILL")
-        .arg("TYPE")
-        .arg("pubsub")
-        .query(conn)
-        .unwrap()
+    kill_pubsub_of(conn, None)
+}
+
+/// Ends the Pub/Sub connections Redis holds (of `user` only, if given).
+fn kill_pubsub_of(conn: &mut redis::Connection, user: Option<&str>) -> i64 {
+    let mut cmd = redis::cmd("CLIENT");
+    cmd.arg("KILL").arg("TYPE").arg("pubsub");
+    if let Some(user) = user {
+        cmd.arg("USER").arg(user);
+    }
+    cmd.query(conn).unwrap()
 }
 
 /// Deletes every key of the session (its stream and bookkeeping): the
@@ -1895,17 +1900,6 @@ async fn a_resume_while_the_previous_streams_channel_is_still_held_is_reset_past
     .await;
 }
 
-fn kill_user_pubsub(conn: &mut redis::Connection, user: &str) -> i64 {
-    redis::cmd("CLIENT")
-        .arg("KILL")
-        .arg("TYPE")
-        .arg("pubsub")
-        .arg("USER")
-        .arg(user)
-        .query(conn)
-        .unwrap_or(0)
-}
-
 // The instance's catch-up read was refused, so its next event of the
 // session must come behind a reset; before one arrives, the session's last
 // stream there closes and a client resumes at once, while the subscriber
@@ -1920,8 +1914,8 @@ async fn a_hole_the_catch_up_could_not_read_is_reset_for_streams_that_resume_bef
     const PASSWORD: &str = "instance-b-password";
     let redis = RedisServer::start();
     let link = link::Link::start(redis.port).await;
-    let direct = user_without_stream_reads(&redis, USER, PASSWORD);
-    let b_url = direct.replace(&format!(":{}/", redis.port), &format!(":{}/", link.port));
+    user_without_stream_reads(&redis, USER, PASSWORD);
+    let b_url = format!("redis://{USER}:{PASSWORD}@127.0.0.1:{}/", link.port);
     let a = instance(&redis.url(), "a", true);
     let b = instance(&b_url, "b", true);
     let (session, token, old, e1) = watched_on(&a, &b, "e1").await;
@@ -1937,7 +1931,7 @@ async fn a_hole_the_catch_up_could_not_read_is_reset_for_streams_that_resume_bef
         .arg("off")
         .query(&mut admin)
         .unwrap();
-    assert!(kill_user_pubsub(&mut admin, USER) >= 1);
+    assert!(kill_pubsub_of(&mut admin, Some(USER)) >= 1);
     let mut owed = accept_many(&a, &session, &token, "away", 3).await;
     let _: () = redis::cmd("ACL")
         .arg("SETUSER")

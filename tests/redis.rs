@@ -561,6 +561,20 @@ fn unready_for_long(redis: &RedisServer) -> Server {
     ])
 }
 
+/// SIGTERM, then waits until `/readyz` says the instance is unready.
+async fn term_until_unready(a: &Server) {
+    a.signal("TERM");
+    let unready = eventually(T, || async {
+        client()
+            .get(a.url("/readyz"))
+            .send()
+            .await
+            .is_ok_and(|r| r.status() == 503)
+    })
+    .await;
+    assert!(unready, "{}", a.log.lock().unwrap());
+}
+
 /// What the exit warning says was still in the outbox (`left=N`), if the
 /// server logged it.
 fn outbox_left_at_exit(server: &Server) -> Option<u64> {
@@ -738,16 +752,7 @@ async fn a_stopping_instance_refuses_a_publish_it_could_only_hold() {
     .await;
     assert!(flushed, "{}", a.stats().await);
 
-    a.signal("TERM");
-    let unready = eventually(T, || async {
-        client()
-            .get(a.url("/readyz"))
-            .send()
-            .await
-            .is_ok_and(|r| r.status() == 503)
-    })
-    .await;
-    assert!(unready, "{}", a.log.lock().unwrap());
+    term_until_unready(&a).await;
     publish(&a, &id, &token, "through", json!({ "n": 1 })).await;
 
     redis.stop();
@@ -786,16 +791,7 @@ async fn a_stopping_instance_says_when_a_refused_publish_may_still_arrive() {
     // Redis has the publish script from here on (a first publish may send
     // it by hash only, which a server without it refuses).
     publish(&a, &id, &token, "first", json!({ "n": 0 })).await;
-    a.signal("TERM");
-    let unready = eventually(T, || async {
-        client()
-            .get(a.url("/readyz"))
-            .send()
-            .await
-            .is_ok_and(|r| r.status() == 503)
-    })
-    .await;
-    assert!(unready, "{}", a.log.lock().unwrap());
+    term_until_unready(&a).await;
     redis.pause();
     let res = client()
         .post(a.url(&format!("/sessions/{id}/events")))

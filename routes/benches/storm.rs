@@ -97,8 +97,6 @@ struct App {
     history_unreadable: Arc<AtomicU64>,
     /// Other WARN/ERROR lines.
     warnings: Arc<AtomicU64>,
-    pid: u32,
-    addr: SocketAddr,
 }
 
 impl App {
@@ -140,8 +138,6 @@ impl App {
             }),
         );
         App {
-            pid: server.pid(),
-            addr: server.addr,
             server,
             late_subscribes,
             history_unreadable,
@@ -160,8 +156,6 @@ impl App {
 /// lb-config/README.md documents (`tests/support/balancer.rs`).
 struct Haproxy {
     lb: Balancer,
-    pid: u32,
-    addr: SocketAddr,
 }
 
 impl Haproxy {
@@ -173,11 +167,11 @@ impl Haproxy {
             &[],
         )
         .await;
-        Haproxy {
-            pid: lb.pid(),
-            addr: lb.addr.parse().expect("balancer address"),
-            lb,
-        }
+        Haproxy { lb }
+    }
+
+    fn addr(&self) -> SocketAddr {
+        self.lb.addr.parse().expect("balancer address")
     }
 
     fn log(&self) -> String {
@@ -875,7 +869,11 @@ fn run(opts: &Options, run_no: usize) -> Value {
         App::start("app2", &redis, opts.retry_ms),
         App::start("app3", &redis, opts.retry_ms),
     ];
-    let addrs = [apps[0].addr, apps[1].addr, apps[2].addr];
+    let addrs = [
+        apps[0].server.addr,
+        apps[1].server.addr,
+        apps[2].server.addr,
+    ];
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -903,7 +901,7 @@ fn run(opts: &Options, run_no: usize) -> Value {
     let streams = per_session * opts.sessions;
     let ctx = Arc::new(Ctx {
         base: Instant::now(),
-        lbs: lbs.iter().map(|l| l.addr).collect(),
+        lbs: lbs.iter().map(Haproxy::addr).collect(),
         session_of: (0..streams).map(|i| i / per_session).collect(),
         sessions: sessions.clone(),
         clients: (0..streams).map(|_| Client::default()).collect(),
@@ -963,13 +961,13 @@ fn run(opts: &Options, run_no: usize) -> Value {
     // Index: 0 app2, 1 app3, 2 redis, 3 lb0, 4 lb1, 5 this process, 6
     // app1 (until killed); then the machine's busy and total jiffies.
     let mut sampler = Sampler::start(vec![
-        apps[1].pid,
-        apps[2].pid,
+        apps[1].server.pid(),
+        apps[2].server.pid(),
         redis.pid(),
-        lbs[0].pid,
-        lbs[1].pid,
+        lbs[0].lb.pid(),
+        lbs[1].lb.pid(),
         std::process::id(),
-        apps[0].pid,
+        apps[0].server.pid(),
     ]);
     let stop = Arc::new(AtomicBool::new(false));
     let publisher = rt.spawn(publish(
@@ -993,8 +991,8 @@ fn run(opts: &Options, run_no: usize) -> Value {
     let watch_stop = Arc::new(AtomicBool::new(false));
     let watcher = watch_listeners(
         vec![
-            ("lb0".to_owned(), lbs[0].addr.port()),
-            ("lb1".to_owned(), lbs[1].addr.port()),
+            ("lb0".to_owned(), lbs[0].addr().port()),
+            ("lb1".to_owned(), lbs[1].addr().port()),
             ("app2".to_owned(), addrs[1].port()),
             ("app3".to_owned(), addrs[2].port()),
             ("redis".to_owned(), redis.port),
