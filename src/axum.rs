@@ -369,7 +369,7 @@ pub struct PeerAddr(pub SocketAddr);
 
 /// A listener for `axum::serve` (a `TcpListener` unless said otherwise)
 /// whose connections fail a write that stays blocked longer than `limit`
-/// (see [`crate::stall`]). The request's peer address is
+/// (see [`StallGuard`]). The request's peer address is
 /// `ConnectInfo<PeerAddr>` with
 /// `into_make_service_with_connect_info::<PeerAddr>()`.
 pub struct StallListener<L = TcpListener> {

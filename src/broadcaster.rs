@@ -44,10 +44,10 @@ pub struct BroadcasterStats {
     /// Events published through this instance.
     pub published: u64,
     /// Late events answered with a `reset` instead of being delivered out
-    /// of order (see [`crate::hub`]).
+    /// of order (see `docs/architecture.md`).
     pub order_resets: u64,
     /// Late events dropped because a reset already stood for them (one
-    /// reset per episode, see [`crate::hub`]).
+    /// reset per episode, see `docs/architecture.md`).
     pub covered_by_reset: u64,
     /// Events handed to this instance's subscriptions, one per subscriber.
     pub deliveries: u64,

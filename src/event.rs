@@ -13,6 +13,11 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 
+/// The bytes a payload's `data:` lines take on the wire: what a size limit
+/// on events should count (a payload of many short lines grows by a `data: `
+/// prefix per line).
+pub use crate::sse::data_len;
+
 /// Longest session id accepted. Ids end up in Redis channel names and log
 /// lines, so they are kept short and printable.
 pub const MAX_SESSION_ID_LEN: usize = 64;

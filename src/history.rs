@@ -123,7 +123,8 @@ fn min_some(a: Option<EventId>, b: Option<EventId>) -> Option<EventId> {
     }
 }
 
-/// Limits of a [`History`].
+/// Limits of the in-process history of each session (the memory broker's,
+/// and the Redis broker's fallback while Redis is away).
 #[derive(Debug, Clone, Copy)]
 pub struct HistoryLimits {
     /// Events kept per session.

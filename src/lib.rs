@@ -7,7 +7,7 @@
 //! object-safe trait, [`Broadcaster`], held as `Arc<dyn Broadcaster>`; its
 //! implementation, [`Fanout`], is made of three parts:
 //!
-//! - the [`Hub`](hub::Hub) — the in-process connection map: session →
+//! - the hub — the in-process connection map: session →
 //!   subscribers connected here;
 //! - [brokers](broker::Broker) — where an event gets its id, where history
 //!   lives, and how events of other instances arrive: the
@@ -35,42 +35,55 @@
 //!
 //! Without them the crate is the hub, the memory broker and the SSE stream.
 
+// The modules a user names: each is documented in `docs/library.md`.
 #[cfg(feature = "axum")]
 pub mod axum;
-pub mod broadcaster;
 pub mod broker;
 pub mod control;
 pub mod event;
-pub mod fanout;
 pub mod flags;
-pub mod history;
-pub mod hub;
 pub mod metrics;
 pub mod ratelimit;
 #[cfg(feature = "redis")]
 pub mod redis_client;
-pub mod resume;
-pub mod retry;
-pub mod scale;
-pub mod sink;
-pub mod sse;
-pub mod stall;
-pub mod stream;
 pub mod token;
 #[cfg(feature = "unleash")]
 pub mod unleash;
 
-pub use broadcaster::{BroadcastError, Broadcaster, BroadcasterStats, Subscription};
+// Internals: what a user needs of them is re-exported below.
+mod broadcaster;
+mod fanout;
+mod history;
+mod hub;
+mod resume;
+mod retry;
+mod scale;
+mod sse;
+mod stall;
+mod stream;
+
+// The reference server's lean stream writer (`routes/src/writer.rs`)
+// attaches its socket to a stream's queue here. It is tied to owning the
+// accept loop, so it is not offered to applications and may change in any
+// release; it is public only because that server is a crate of its own.
+#[doc(hidden)]
+pub mod sink;
+
+pub use broadcaster::{
+    BroadcastError, Broadcaster, BroadcasterStats, Subscription, SubscriptionError,
+};
 #[cfg(feature = "redis")]
 pub use broker::redis::{RedisBroker, RedisSettings};
 pub use control::{ControlBus, LoopbackBus};
 pub use event::{EventId, EventType, Frame, OutgoingEvent, SessionId};
 pub use fanout::{Fanout, FanoutSettings};
+pub use history::HistoryLimits;
 #[cfg(feature = "redis")]
 pub use redis_client::SharedRedis;
 pub use resume::{open_stream, ResumeOutcome, StreamOptions};
 pub use scale::{BuildError, Builder, SseScale};
-pub use stream::SseStream;
+pub use stall::StallGuard;
+pub use stream::{CloseSignal, SseStream, StreamEnd};
 pub use token::TokenSigner;
 /// Re-exported: the shutdown signal and task tracker some signatures take.
 pub use tokio_util::sync::CancellationToken;

@@ -37,7 +37,7 @@ fn histograms() -> &'static Histograms {
 /// read from its id (`<ms>-<seq>`, the publisher's or Redis' clock, so a
 /// clock difference between hosts adds to it). Replayed events are not
 /// counted: their age is the client's absence, not the server's latency.
-pub fn written(id: EventId) {
+pub(crate) fn written(id: EventId) {
     // Announcements and order resets carry no id: nothing to time.
     if id == EventId::ZERO {
         return;
@@ -51,7 +51,7 @@ pub fn written(id: EventId) {
 }
 
 /// One Redis command (or pipeline, or script) took `elapsed`.
-pub fn redis_call(elapsed: Duration) {
+pub(crate) fn redis_call(elapsed: Duration) {
     histograms().redis_round_trip.observe(elapsed.as_secs_f64());
 }
 

@@ -32,7 +32,7 @@ pub struct StreamOptions {
     /// random part of up to half of it again, or of up to `open streams /
     /// resume_rate` seconds when that is more: the clients of an instance
     /// that dies then do not all come back in the same instant
-    /// ([`crate::retry`]).
+    /// (`docs/delivery.md`, the drain).
     pub retry: std::time::Duration,
     /// Resumes per second a herd is spread to (`None`: half the base).
     pub resume_rate: Option<std::num::NonZeroU32>,

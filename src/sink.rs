@@ -26,6 +26,10 @@
 //! write that fails (the peer reset the connection) ends the subscriber too
 //! ([`Ended::Gone`]).
 
+// A hidden module (see lib.rs): its docs are for maintainers and name the
+// crate-private queue they describe.
+#![allow(rustdoc::private_intra_doc_links)]
+
 use std::collections::VecDeque;
 use std::io;
 use std::sync::{Arc, Mutex, MutexGuard};

@@ -61,15 +61,6 @@ pub fn gap_reset(newest: EventId) -> Frame {
     }
 }
 
-/// The length [`encode_event`] would produce for an event with an id,
-/// without building it: what a size limit on events must count (a payload
-/// of many short lines grows by a `data: ` prefix per line).
-pub fn encoded_len(event_type: &EventType, data: &str) -> usize {
-    // "id: " + up to 20 + "-" + up to 20 + "\n"
-    const ID_LINE_MAX: usize = 4 + 20 + 1 + 20 + 1;
-    ID_LINE_MAX + 8 + event_type.as_str().len() + data_len(data) + 1
-}
-
 /// The bytes of a payload's `data:` lines as sent: the payload plus
 /// `data: ` and a line end per line.
 pub fn data_len(data: &str) -> usize {
@@ -168,16 +159,12 @@ mod tests {
     }
 
     #[test]
-    fn encoded_len_bounds_the_frame() {
+    fn data_len_counts_the_data_lines_as_sent() {
         let t = ty("section_draft");
-        for data in ["", "x", "a\nb\r\nc", &"0,\n".repeat(1000)] {
-            let id = EventId {
-                ms: u64::MAX,
-                seq: u64::MAX,
-            };
-            let real = frame(id, &t, data).bytes.len();
-            assert!(encoded_len(&t, data) >= real, "{data:?}");
-            assert!(encoded_len(&t, data) <= real + 8, "{data:?}");
+        for data in ["", "x", "a\nb\r\nc", "a\rb", &"0,\n".repeat(1000)] {
+            let head = "event: section_draft\n".len();
+            let sent = encode_event(None, &t, data).len();
+            assert_eq!(head + data_len(data) + 1, sent, "{data:?}");
         }
     }
 

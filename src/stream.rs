@@ -120,7 +120,7 @@ impl SseStream {
 
     /// The prelude's `retry:` hint was drawn by `policy` under `spread`: a
     /// heartbeat sends a fresh one instead of its comment when the herd's
-    /// spread has moved on ([`RetryPolicy::stale`]).
+    /// spread has moved on (`RetryPolicy::stale`).
     pub fn hinted(mut self, policy: RetryPolicy, spread: Duration) -> Self {
         self.hint = Some((policy, spread));
         self

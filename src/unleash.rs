@@ -13,7 +13,7 @@
 //!   loop as a task owned by the server's [`TaskTracker`] that ends on its
 //!   [`CancellationToken`];
 //! - its default HTTP transport has no timeout and ignores the status code:
-//!   [`HttpTransport`] has both, so a hung or refusing server counts as a
+//!   `HttpTransport` has both, so a hung or refusing server counts as a
 //!   failed poll instead of stalling the loop or being parsed as flags;
 //! - it retries at the same pace whatever the answer: failed polls back off
 //!   exponentially (up to [`MAX_BACKOFF`]) and are logged once per outage;

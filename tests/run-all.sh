@@ -85,6 +85,9 @@ if ! command -v cargo >/dev/null; then
     exit 1
 fi
 
+# The library's documentation builds without a broken or private link: what
+# docs.rs would show a user is what docs/library.md describes.
+RUSTDOCFLAGS="-D warnings" cargo doc -p sse-scale --no-deps --locked -q
 # Streams and test processes need many descriptors; take what the hard limit allows.
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 

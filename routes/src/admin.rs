@@ -124,7 +124,7 @@ pub async fn announce(
         || "null".to_owned(),
         |raw| String::from(Box::<str>::from(raw)),
     );
-    if sse_scale::sse::data_len(&data) > state.settings.max_event_bytes {
+    if sse_scale::event::data_len(&data) > state.settings.max_event_bytes {
         return Err(AppError::too_large(state.settings.max_event_bytes));
     }
     state

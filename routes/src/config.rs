@@ -7,9 +7,9 @@
 use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
-use sse_scale::history::HistoryLimits;
 use sse_scale::redis_client::{redact_url, SharedRedis, Topology};
 use sse_scale::FanoutSettings;
+use sse_scale::HistoryLimits;
 
 /// Which broadcaster the server uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

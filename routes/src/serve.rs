@@ -56,7 +56,7 @@ use tokio_util::task::TaskTracker;
 use tower::ServiceExt;
 
 use sse_scale::axum::PeerAddr;
-use sse_scale::stall::StallGuard;
+use sse_scale::StallGuard;
 
 use crate::head::{classify, First, MAX_HEAD};
 use crate::socket::{Guarded, Socket};

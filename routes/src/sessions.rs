@@ -15,8 +15,8 @@ use serde::Deserialize;
 use serde_json::{json, value::RawValue};
 use sse_scale::axum::LastEventId;
 use sse_scale::event::InvalidInput;
-use sse_scale::stream::StreamEnd;
 use sse_scale::token::Scope;
+use sse_scale::StreamEnd;
 use sse_scale::{EventId, EventType, OutgoingEvent, ResumeOutcome, SessionId};
 
 use crate::error::AppError;

@@ -28,7 +28,7 @@ use tokio::net::TcpStream;
 pub struct Socket(Arc<TcpStream>);
 
 /// A connection as it is served: its socket, with the write-stall cut-off.
-pub(crate) type Guarded = sse_scale::stall::StallGuard<Socket>;
+pub(crate) type Guarded = sse_scale::StallGuard<Socket>;
 
 impl Socket {
     pub fn new(tcp: TcpStream) -> Self {

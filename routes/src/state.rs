@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use sse_scale::flags::FlagSource;
 use sse_scale::ratelimit::{Decision, Limit, RateLimiter};
-use sse_scale::stream::StreamEnd;
+use sse_scale::StreamEnd;
 use sse_scale::{
     Broadcaster, ControlBus, EventId, OutgoingEvent, SessionId, SseScale, TokenSigner,
 };
@@ -273,7 +273,7 @@ impl AppState {
         session: &SessionId,
         event: OutgoingEvent,
     ) -> Result<EventId, AppError> {
-        if sse_scale::sse::data_len(&event.data) > self.settings.max_event_bytes {
+        if sse_scale::event::data_len(&event.data) > self.settings.max_event_bytes {
             return Err(AppError::too_large(self.settings.max_event_bytes));
         }
         Ok(self.broadcaster.publish(session, event).await?)

@@ -346,7 +346,7 @@ mod tests {
             .await
             .unwrap();
         let (server, _) = listener.accept().await.unwrap();
-        let io = sse_scale::stall::StallGuard::new(
+        let io = sse_scale::StallGuard::new(
             Socket::new(server),
             Duration::from_secs(5),
             Arc::new(AtomicU64::new(0)),

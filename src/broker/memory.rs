@@ -1,5 +1,5 @@
 //! [`MemoryBroker`]: the broker of one process. Ids come from this
-//! process's [`IdGenerator`], history is the in-process [`History`] ring per
+//! process's [`IdGenerator`], history is the in-process history ring per
 //! session, and "other instances" do not exist: every publish goes straight
 //! to the handler.
 //!
@@ -105,13 +105,14 @@ impl MemoryBroker {
         self.history.newest(session)
     }
 
-    /// See [`History::newest_sequenced`].
+    /// The newest event with a sequence number of this process (see the
+    /// in-process history ring).
     pub fn newest_sequenced(&self, session: &SessionId) -> Option<EventId> {
         self.history.newest_sequenced(session)
     }
 
     /// Where a new subscriber of `session` starts here (see
-    /// [`History::anchor`]).
+    /// the in-process history ring).
     pub fn anchor(&self, session: &SessionId) -> EventId {
         self.history.anchor(session)
     }

@@ -5,8 +5,8 @@
 //! in its history before anything is delivered. Delivery to this instance's
 //! subscribers goes through one [`Handler`] the broker is given when it is
 //! built, for its own events and for those of other instances alike, in id
-//! order per session; the [`Fanout`](crate::fanout::Fanout) hands those
-//! frames to the [`Hub`](crate::hub::Hub).
+//! order per session; the [`Fanout`](crate::Fanout) hands those
+//! frames to the hub, the in-process connection map.
 //!
 //! - [`memory`] — ids from this process, an in-process ring per session
 //!   (phase 1, and the flag-off path of phase 2).
@@ -89,7 +89,7 @@ pub trait Broker: Send + Sync + 'static {
     /// on are sure to arrive (or with an error if the backend does not
     /// confirm in time — the broker keeps trying and catches up).
     /// `generation` orders this against [`Broker::unsubscribe`] calls made
-    /// from other tasks: see [`Hub`](crate::hub::Hub).
+    /// from other tasks (the hub's `on_vacated` and a later subscribe race).
     fn subscribe(
         &self,
         session: &SessionId,

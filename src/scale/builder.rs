@@ -126,7 +126,7 @@ impl Builder {
     /// they all reconnect at once (default 2,000): a stream's `retry:`
     /// extra is drawn from up to `open streams / rate` seconds, and at
     /// least half the base. `None`: half the base, whatever the number of
-    /// streams. See [`crate::retry`].
+    /// streams. `docs/delivery.md` says how streams come back after a drain.
     pub fn resume_rate(mut self, rate: Option<std::num::NonZeroU32>) -> Self {
         self.retry.resume_rate = rate;
         self

@@ -1,4 +1,4 @@
-//! The environment variables [`SseScale::from_env`](super::SseScale::from_env)
+//! The environment variables [`SseScale::from_env`](crate::SseScale::from_env)(super::SseScale::from_env)
 //! reads, turned into a [`Builder`].
 
 use std::time::Duration;
@@ -8,7 +8,7 @@ use crate::flags::REDIS_SSE_BROADCAST;
 use crate::history::HistoryLimits;
 
 impl Builder {
-    /// Reads the settings [`SseScale::from_env`] documents.
+    /// Reads the settings [`SseScale::from_env`](crate::SseScale::from_env) documents.
     pub fn from_env() -> Result<Builder, BuildError> {
         Self::from_lookup(|name| std::env::var(name).ok())
     }
