@@ -33,6 +33,10 @@ pub async fn stats(_: Admin, State(state): State<Arc<AppState>>) -> Json<serde_j
         "slow_consumers_cut": state.counters.slow_consumers_cut.load(Ordering::Relaxed),
         "stalled_writes_cut": state.counters.stalled_writes_cut.load(Ordering::Relaxed),
         "heads_refused": state.counters.heads_refused.load(Ordering::Relaxed),
+        "connections_refused": {
+            "per_address": state.admission.refused_per_address.load(Ordering::Relaxed),
+            "instance_full": state.admission.refused_full.load(Ordering::Relaxed),
+        },
         "stream_opens": state.counters.stream_opens.load(Ordering::Relaxed),
         "stream_opens_first_request": state.counters.stream_opens_first_request.load(Ordering::Relaxed),
         "resumes": state.counters.resumes.load(Ordering::Relaxed),

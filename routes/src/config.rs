@@ -88,6 +88,29 @@ pub struct Config {
           value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
     pub max_pending_heads: u64,
 
+    /// Seconds a request has, after its head, to send its whole body and
+    /// get its answer (408 beyond it); for an event stream, until the
+    /// stream starts. A connection with no request open is closed after
+    /// `REQUEST_HEAD_TIMEOUT_SECS`, HTTP/1 and HTTP/2 alike.
+    #[arg(long, env = "REQUEST_TIMEOUT_SECS", default_value_t = 10,
+          value_parser = clap::value_parser!(u64).range(1..=300))]
+    pub request_timeout_secs: u64,
+
+    /// Connections one client address (IPv6: one /64) may hold open on this
+    /// instance, requests and streams alike; more are answered 429 and
+    /// closed. Connections from `TRUSTED_PROXIES` count only against
+    /// `MAX_CONNECTIONS`.
+    #[arg(long, env = "MAX_CONNECTIONS_PER_ADDRESS", default_value_t = 256,
+          value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
+    pub max_connections_per_address: u64,
+
+    /// Connections this instance holds open; more are answered 503 (health
+    /// checks still answered) and closed. Default: the open-file limit
+    /// less 128 descriptors for Redis, files and those answers.
+    #[arg(long, env = "MAX_CONNECTIONS",
+          value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
+    pub max_connections: Option<u64>,
+
     /// Origins allowed to call the API from a browser (comma-separated,
     /// e.g. `https://app.example.com`); none by default.
     #[arg(long, env = "CORS_ALLOWED_ORIGINS", value_delimiter = ',')]
@@ -454,6 +477,18 @@ impl Config {
         Duration::from_secs(self.request_head_timeout_secs)
     }
 
+    pub fn request_timeout(&self) -> Duration {
+        Duration::from_secs(self.request_timeout_secs)
+    }
+
+    /// `MAX_CONNECTIONS`, or what the open-file limit `nofile` leaves.
+    pub fn max_connections(&self, nofile: u64) -> usize {
+        let derived = nofile
+            .saturating_sub(crate::admission::SPARE_DESCRIPTORS)
+            .max(16);
+        self.max_connections.unwrap_or(derived) as usize
+    }
+
     pub fn shutdown_grace(&self) -> Duration {
         Duration::from_secs(self.shutdown_grace_secs)
     }
@@ -512,6 +547,12 @@ impl std::fmt::Debug for Config {
             .field("sse_client_queue", &self.sse_client_queue)
             .field("sse_write_timeout_secs", &self.sse_write_timeout_secs)
             .field("max_event_bytes", &self.max_event_bytes)
+            .field("request_timeout_secs", &self.request_timeout_secs)
+            .field(
+                "max_connections_per_address",
+                &self.max_connections_per_address,
+            )
+            .field("max_connections", &self.max_connections)
             .field("sse_adapter", &self.sse_adapter)
             .field("redis_url", &self.redis_url.as_deref().map(redact_url))
             .field(

@@ -57,6 +57,17 @@ impl AppError {
         }
     }
 
+    pub fn request_timeout(limit: std::time::Duration) -> Self {
+        Self::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "request_timeout",
+            format!(
+                "the request was not complete within REQUEST_TIMEOUT_SECS ({} s)",
+                limit.as_secs()
+            ),
+        )
+    }
+
     pub fn unavailable(message: impl Into<String>, retry_after: u64) -> Self {
         Self {
             retry_after: Some(retry_after),

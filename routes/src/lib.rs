@@ -20,8 +20,10 @@
 //! [`app`] builds the router, so tests and embedding applications reuse it.
 
 pub mod admin;
+pub mod admission;
 pub mod affinity;
 pub mod config;
+mod deadline;
 pub mod doctor;
 pub mod error;
 pub mod extract;
@@ -121,6 +123,10 @@ pub fn app(state: Arc<AppState>) -> Result<Router, axum::http::header::InvalidHe
             instance,
         ))
         .option_layer(cors)
+        .layer(axum::middleware::from_fn_with_state(
+            state.settings.request_timeout,
+            deadline::request_deadline,
+        ))
         .layer(DefaultBodyLimit::max(body_limit))
         .service(routes);
     let app = Router::new().fallback_service(stack);
@@ -129,6 +135,37 @@ pub fn app(state: Arc<AppState>) -> Result<Router, axum::http::header::InvalidHe
         Some(trace) => app.layer(trace),
         None => app,
     })
+}
+
+/// What a connection refused by [`admission`] gets: health checks answered
+/// as usual (a full instance still tells its balancer it is alive), every
+/// other request the refusal, and the connection closed after it.
+pub fn refusal_app(state: Arc<AppState>, why: admission::Refusal) -> Router {
+    let refusal = move || async move {
+        let mut res = axum::response::IntoResponse::into_response(match why {
+            admission::Refusal::PerAddress => AppError {
+                retry_after: Some(1),
+                ..AppError::new(
+                    axum::http::StatusCode::TOO_MANY_REQUESTS,
+                    "too_many_connections",
+                    "this address holds MAX_CONNECTIONS_PER_ADDRESS connections already",
+                )
+            },
+            admission::Refusal::Full => AppError::new(
+                axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                "over_capacity",
+                "this instance holds MAX_CONNECTIONS connections already",
+            ),
+        });
+        res.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        res
+    };
+    Router::new()
+        .route("/healthz", get(health::healthz))
+        .route("/readyz", get(health::readyz))
+        .fallback(refusal)
+        .with_state(state)
 }
 
 /// Whether the request spans or tower-http's request and response events

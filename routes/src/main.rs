@@ -12,6 +12,7 @@ use clap::Parser;
 use sse_scale::ratelimit::RateLimiter;
 use sse_scale::unleash::UnleashSettings;
 use sse_scale::{SseScale, TokenSigner};
+use sse_scale_server::admission::Refusal;
 use sse_scale_server::config::{Adapter, Command, Config, LogFormat};
 use sse_scale_server::state::{AppState, Services};
 use tokio::net::TcpListener;
@@ -235,6 +236,9 @@ async fn run(config: Config) -> anyhow::Result<()> {
         stalled: state.counters.stalled_writes_cut.clone(),
         heads_refused: state.counters.heads_refused.clone(),
         first_request_streams: state.counters.stream_opens_first_request.clone(),
+        admission: state.admission.clone(),
+        over_address: sse_scale_server::refusal_app(state.clone(), Refusal::PerAddress),
+        over_instance: sse_scale_server::refusal_app(state.clone(), Refusal::Full),
     };
     let serve = sse_scale_server::serve::serve(listener, app, limits, state.drain.shutdown.clone());
     let grace = config.shutdown_grace();

@@ -198,6 +198,16 @@ impl Collector for StateCollector {
             "Connections closed at once (MAX_PENDING_HEADS)",
             load(&s.counters.heads_refused),
         )?;
+        counters(
+            &mut e,
+            "sse_connections_refused",
+            "Connections refused (MAX_CONNECTIONS_PER_ADDRESS, MAX_CONNECTIONS)",
+            "limit",
+            &[
+                ("per_address", load(&s.admission.refused_per_address)),
+                ("instance", load(&s.admission.refused_full)),
+            ],
+        )?;
         counter(
             &mut e,
             "sse_resumes",

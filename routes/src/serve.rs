@@ -30,8 +30,15 @@
 //! read are handed to hyper in front of the socket when the request is not
 //! a stream. At most `MAX_PENDING_HEADS` connections may be waiting for a
 //! complete first head; more are closed at once. hyper runs with a timer:
-//! every later request head must also arrive within the deadline, which
-//! also closes a keep-alive connection left idle that long.
+//! every later request head must also arrive within the deadline.
+//! `deadline.rs` bounds the rest of a request and closes a connection,
+//! HTTP/1 or HTTP/2, that has had no request open for the deadline.
+//!
+//! **Who gets in** (`admission.rs`): before each accept a place in the
+//! reserve is taken, so that a refused connection can be answered; then
+//! the connection is served, refused (429 per address, 503 when the
+//! instance is full; health checks answered as usual) or, for an address
+//! over its limit that holds its share of the reserve, closed.
 
 use std::io;
 use std::net::SocketAddr;
@@ -47,7 +54,6 @@ use axum::http::Request;
 use axum::Router;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::service::TowerToHyperService;
 use tokio::io::{AsyncRead, AsyncReadExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
@@ -58,11 +64,16 @@ use tower::ServiceExt;
 use sse_scale::axum::PeerAddr;
 use sse_scale::StallGuard;
 
+use crate::admission::{Admission, Admit, Refusal};
+use crate::deadline::{self, Activity, Watched};
 use crate::head::{classify, First, MAX_HEAD};
 use crate::socket::{Guarded, Socket};
 
+/// A refused connection's request head must arrive within this.
+const REFUSAL_HEAD_TIMEOUT: Duration = Duration::from_secs(1);
+
 /// How connections are bounded.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Limits {
     /// A write blocked this long closes the connection (the client stopped
     /// reading).
@@ -79,6 +90,12 @@ pub struct Limits {
     /// Counts streams opened as their connection's first request (served
     /// by the stream writer, without hyper's buffers).
     pub first_request_streams: Arc<AtomicU64>,
+    /// Connections per address and in all.
+    pub admission: Arc<Admission>,
+    /// What refused connections get: health checks as usual, everything
+    /// else the refusal (`crate::refusal_app`).
+    pub over_address: Router,
+    pub over_instance: Router,
 }
 
 /// Serves `app` on `listener` until `shutdown` fires, then waits for open
@@ -91,7 +108,6 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) -> io::Result<()> {
     let conns = TaskTracker::new();
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -104,7 +120,16 @@ pub async fn serve(
         .keep_alive_timeout(limits.head_timeout);
     let builder = Arc::new(builder);
     let pending = Arc::new(Semaphore::new(limits.max_pending_heads));
+    // Refused connections are answered by hyper too, with a short head
+    // deadline: a client refused at once sends its request at once.
+    let mut refusing = (*builder).clone();
+    refusing.http1().header_read_timeout(REFUSAL_HEAD_TIMEOUT);
+    let refusing = Arc::new(refusing);
     loop {
+        let spare = tokio::select! {
+            () = shutdown.cancelled() => break,
+            spare = limits.admission.spare() => spare,
+        };
         let (tcp, peer) = tokio::select! {
             () = shutdown.cancelled() => break,
             accepted = listener.accept() => match accepted {
@@ -116,6 +141,25 @@ pub async fn serve(
                     continue;
                 }
             },
+        };
+        let ticket = match limits.admission.admit(peer.ip(), spare) {
+            Admit::Served(ticket) => ticket,
+            Admit::Refused(ticket, why) => {
+                let app = match why {
+                    Refusal::PerAddress => limits.over_address.clone(),
+                    Refusal::Full => limits.over_instance.clone(),
+                };
+                let mut conn = Conn::new(app, &conns, peer, &limits, &shutdown);
+                // HTTP/2 too: an idle refused connection goes as soon.
+                conn.head_timeout = REFUSAL_HEAD_TIMEOUT;
+                let builder = refusing.clone();
+                conns.spawn(async move {
+                    let _ticket = ticket;
+                    Box::pin(conn.serve_hyper(tcp, bytes::Bytes::new(), &builder)).await;
+                });
+                continue;
+            }
+            Admit::Closed => continue,
         };
         let Ok(waiting) = pending.clone().try_acquire_owned() else {
             // Too many connections are still sending their first head: a
@@ -133,35 +177,23 @@ pub async fn serve(
         if let Err(e) = tcp.set_nodelay(true) {
             tracing::debug!(error = %e, "cannot set TCP_NODELAY");
         }
-        let conn = Conn {
-            app: app.clone(),
-            tracker: conns.clone(),
-            peer,
-            write_timeout: limits.write_timeout,
-            head_timeout: limits.head_timeout,
-            stalled: limits.stalled.clone(),
-            first_request_streams: limits.first_request_streams.clone(),
-        };
+        let conn = Conn::new(app.clone(), &conns, peer, &limits, &shutdown);
         let builder = builder.clone();
-        let watcher = graceful.watcher();
-        let stop = shutdown.clone();
         conns.spawn(async move {
+            let _ticket = ticket;
             // Boxed: a task is as large as its largest state, and a stream
             // lives far longer than the sniff or a hyper connection's setup.
             let mut tcp = tcp;
-            let sniffed = Box::pin(conn.sniff(&mut tcp, &stop)).await;
+            let sniffed = Box::pin(conn.sniff(&mut tcp)).await;
             drop(waiting);
             match sniffed {
                 Sniff::Stream(req) => conn.serve_stream(conn.guard(tcp), *req).await,
-                Sniff::Other(read) => {
-                    Box::pin(conn.serve_hyper(tcp, read, &builder, watcher)).await
-                }
+                Sniff::Other(read) => Box::pin(conn.serve_hyper(tcp, read, &builder)).await,
                 Sniff::Gone => {}
             }
         });
     }
     drop(listener);
-    graceful.shutdown().await;
     conns.close();
     conns.wait().await;
     Ok(())
@@ -186,15 +218,36 @@ struct Conn {
     head_timeout: Duration,
     stalled: Arc<AtomicU64>,
     first_request_streams: Arc<AtomicU64>,
+    /// The server stops.
+    stop: CancellationToken,
 }
 
 impl Conn {
+    fn new(
+        app: Router,
+        conns: &TaskTracker,
+        peer: SocketAddr,
+        limits: &Limits,
+        stop: &CancellationToken,
+    ) -> Self {
+        Self {
+            app,
+            tracker: conns.clone(),
+            peer,
+            write_timeout: limits.write_timeout,
+            head_timeout: limits.head_timeout,
+            stalled: limits.stalled.clone(),
+            first_request_streams: limits.first_request_streams.clone(),
+            stop: stop.clone(),
+        }
+    }
+
     fn guard(&self, tcp: TcpStream) -> Guarded {
         StallGuard::new(Socket::new(tcp), self.write_timeout, self.stalled.clone())
     }
 
     /// Reads the first request head, all of it within the head timeout.
-    async fn sniff(&self, tcp: &mut TcpStream, stop: &CancellationToken) -> Sniff {
+    async fn sniff(&self, tcp: &mut TcpStream) -> Sniff {
         // Read into spare capacity: nothing is zeroed first.
         let mut buf = Vec::with_capacity(MAX_HEAD);
         let deadline = tokio::time::Instant::now() + self.head_timeout;
@@ -202,7 +255,7 @@ impl Conn {
             let room = MAX_HEAD - buf.len();
             let mut spare = bytes::BufMut::limit(&mut buf, room);
             tokio::select! {
-                () = stop.cancelled() => return Sniff::Gone,
+                () = self.stop.cancelled() => return Sniff::Gone,
                 // Waits on readiness: a head arriving in pieces costs one
                 // wake-up per piece, and the deadline is the whole head's.
                 r = tokio::time::timeout_at(deadline, tcp.read_buf(&mut spare)) => match r {
@@ -226,23 +279,30 @@ impl Conn {
         tcp: TcpStream,
         read: bytes::Bytes,
         builder: &auto::Builder<TokioExecutor>,
-        watcher: hyper_util::server::graceful::Watcher,
     ) {
         let peer = self.peer;
         let io = TokioIo::new(Rewind {
             read,
             io: self.guard(tcp),
         });
-        let svc = TowerToHyperService::new(self.app.clone().map_request(
-            move |mut req: Request<hyper::body::Incoming>| {
-                req.extensions_mut().insert(ConnectInfo(PeerAddr(peer)));
-                req.map(Body::new)
-            },
-        ));
+        let activity = Activity::new();
+        let app = self.app.clone();
+        let requests = activity.clone();
+        let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+            let open = requests.enter();
+            let mut req = req.map(Body::new);
+            req.extensions_mut().insert(ConnectInfo(PeerAddr(peer)));
+            let res = app.clone().oneshot(req);
+            async move {
+                let Ok(res) = res.await;
+                Ok::<_, std::convert::Infallible>(deadline::hold_open(res, open))
+            }
+        });
         let served = builder.serve_connection_with_upgrades(io, svc);
+        let served = Watched::new(served, self.stop.clone(), &activity, self.head_timeout);
         // Folded: hyper's request body wakes this task from inside its own
         // poll (`self_wake.rs`).
-        let served = crate::self_wake::Folded::new(Box::pin(watcher.watch(served.into_owned())));
+        let served = crate::self_wake::Folded::new(Box::pin(served));
         if let Err(e) = served.await {
             tracing::debug!(error = %e, "connection ended with an error");
         }

@@ -29,11 +29,15 @@ pub async fn create(
     ClientIp(ip): ClientIp,
     jar: CookieJar,
     headers: HeaderMap,
-    // Read (and ignored): a body left unread would make hyper close the
-    // keep-alive connection, and a balancer reusing it would fail.
-    _body: axum::body::Bytes,
+    body: axum::body::Body,
 ) -> Result<Response, AppError> {
+    // The limit first: a refused client's body is never read.
     state.limit_session_create(ip).await?;
+    // Then the body, read and ignored: a body left unread would make hyper
+    // close the keep-alive connection, and a balancer reusing it would fail.
+    axum::body::to_bytes(body, usize::MAX)
+        .await
+        .map_err(|e| AppError::bad_request("invalid_body", e.to_string()))?;
     let raw = uuid::Uuid::new_v4().simple().to_string();
     // A simple UUID is 32 hex digits, always a valid session id.
     let Ok(id) = SessionId::parse(&raw) else {

@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::admission::Admission;
 use sse_scale::flags::FlagSource;
 use sse_scale::ratelimit::{Decision, Limit, RateLimiter};
 use sse_scale::StreamEnd;
@@ -51,6 +52,9 @@ pub struct AppState {
     /// Open streams per client address (IPv6 per /64), for
     /// `MAX_STREAMS_PER_ADDRESS`.
     pub streams_by_address: std::sync::Mutex<std::collections::HashMap<IpAddr, usize>>,
+    /// Connections per address and in all (`MAX_CONNECTIONS_PER_ADDRESS`,
+    /// `MAX_CONNECTIONS`).
+    pub admission: Arc<Admission>,
     /// What the configuration fixed at start-up.
     pub settings: Settings,
     /// What `/stats` and `/metrics` count.
@@ -83,6 +87,8 @@ pub struct Settings {
     pub node_id: String,
     pub affinity: Affinity,
     pub max_event_bytes: usize,
+    /// A request's body and answer (see `deadline.rs`).
+    pub request_timeout: Duration,
 }
 
 /// Shutdown, in its steps: unready (new streams and stray publishes
@@ -185,6 +191,13 @@ impl AppState {
             signer,
             tasks,
             streams_by_address: Default::default(),
+            admission: Admission::new(
+                config.max_connections(
+                    rlimit::getrlimit(rlimit::Resource::NOFILE).map_or(1024, |(soft, _)| soft),
+                ),
+                u32::try_from(config.max_connections_per_address).unwrap_or(u32::MAX),
+                config.trusted_proxies.clone(),
+            ),
             settings: Settings {
                 publish_limit: Limit::per_second(config.rate_limit_publish_per_sec),
                 stream_limit: Limit::per_minute(config.rate_limit_streams_per_min),
@@ -205,6 +218,7 @@ impl AppState {
                 instance_id,
                 node_id,
                 max_event_bytes: config.max_event_bytes as usize,
+                request_timeout: config.request_timeout(),
             },
             counters: Counters::default(),
             drain: Drain {

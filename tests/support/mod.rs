@@ -28,16 +28,22 @@ pub struct Server {
 
 impl Server {
     pub fn start(env: &[(&str, &str)]) -> Server {
-        Self::spawn(env, true)
+        Self::spawn(env, true, None)
+    }
+
+    /// As [`Server::start`], with the process's open-file limit (soft and
+    /// hard) at `limit`, as a container or a systemd unit would set it.
+    pub fn start_with_open_files(env: &[(&str, &str)], limit: u64) -> Server {
+        Self::spawn(env, true, Some(limit))
     }
 
     /// As [`Server::start`], but stderr's reader goes away once the server
     /// has said where it listens: every later log line meets a closed pipe.
     pub fn start_then_close_stderr(env: &[(&str, &str)]) -> Server {
-        Self::spawn(env, false)
+        Self::spawn(env, false, None)
     }
 
-    fn spawn(env: &[(&str, &str)], keep_reading: bool) -> Server {
+    fn spawn(env: &[(&str, &str)], keep_reading: bool, open_files: Option<u64>) -> Server {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_sse-scale"));
         cmd.env_clear()
             .env("HOST", "127.0.0.1")
@@ -49,6 +55,23 @@ impl Server {
             .stderr(Stdio::piped());
         for (k, v) in env {
             cmd.env(k, v);
+        }
+        if let Some(limit) = open_files {
+            let limit = libc::rlimit {
+                rlim_cur: limit,
+                rlim_max: limit,
+            };
+            // SAFETY: setrlimit is async-signal-safe, and nothing else runs
+            // in the child between fork and exec.
+            unsafe {
+                std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) == 0 {
+                        Ok(())
+                    } else {
+                        Err(std::io::Error::last_os_error())
+                    }
+                });
+            }
         }
         let mut child = cmd.spawn().expect("spawn sse-scale");
         let stderr = child.stderr.take().expect("stderr");

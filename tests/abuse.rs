@@ -1,0 +1,268 @@
+//! Fair shares under abuse: what one anonymous client can hold of what every
+//! client shares — connections, descriptors, time — over real TCP against
+//! real `sse-scale` processes, at a scale that shows it in seconds (limits
+//! lowered by their settings).
+
+mod support;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::StreamExt;
+use serde_json::Value;
+use support::raw::*;
+use support::*;
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpSocket, TcpStream};
+
+const T: Duration = Duration::from_secs(5);
+
+/// A connection to `server` from `source` (any 127.0.0.0/8 address is this
+/// machine: each stands for another client).
+async fn connect_from(server: &Server, source: &str) -> TcpStream {
+    let socket = TcpSocket::new_v4().unwrap();
+    socket.bind(format!("{source}:0").parse().unwrap()).unwrap();
+    let addr: SocketAddr = server.addr.parse().unwrap();
+    socket.connect(addr).await.unwrap()
+}
+
+/// A `POST /sessions` that announces `length` bytes of body and sends
+/// `sent` of them.
+async fn partial_body(conn: &mut TcpStream, length: usize, sent: usize) {
+    let head = format!(
+        "POST /sessions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {length}\r\n\r\n"
+    );
+    conn.write_all(head.as_bytes()).await.unwrap();
+    conn.write_all(&vec![b' '; sent]).await.unwrap();
+}
+
+fn code(body: &str) -> String {
+    let v: Value = serde_json::from_str(body).unwrap_or_else(|_| panic!("JSON: {body}"));
+    v["error"]["code"].as_str().unwrap_or_default().to_owned()
+}
+
+// Fails before: only the head had a deadline; 400 connections that sent
+// 65,000 of 69,000 body bytes were all open after 36 s.
+#[tokio::test]
+async fn a_body_that_never_completes_is_answered_408_and_its_connection_closed() {
+    let server = Server::start(&[("REQUEST_TIMEOUT_SECS", "1")]);
+    let (session, token) = new_session(&server).await;
+    let mut stalled = Vec::new();
+    for _ in 0..10 {
+        let mut conn = connect(&server).await;
+        partial_body(&mut conn, 69_000, 65_000).await;
+        stalled.push(conn);
+    }
+    // A publish trickling its body a byte every 100 ms: each byte is in
+    // time, the whole body is not.
+    let mut trickle = connect(&server).await;
+    let head = format!(
+        "POST /sessions/{session}/events HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\nContent-Length: 100\r\n\r\n"
+    );
+    trickle.write_all(head.as_bytes()).await.unwrap();
+    let trickling = tokio::spawn(async move {
+        for _ in 0..100 {
+            if trickle.write_all(b" ").await.is_err() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        trickle
+    });
+    for conn in &mut stalled {
+        let (status, body) = read_response(conn).await;
+        assert_eq!(
+            (status, code(&body).as_str()),
+            (408, "request_timeout"),
+            "{body}"
+        );
+        let took = closed_within(conn, T).await;
+        assert!(
+            took.is_some(),
+            "a connection with an unread body stayed open"
+        );
+    }
+    let mut trickle = trickling.await.unwrap();
+    let (status, body) = read_response(&mut trickle).await;
+    assert_eq!(
+        (status, code(&body).as_str()),
+        (408, "request_timeout"),
+        "{body}"
+    );
+    // Whole requests are served as before.
+    let res = client().get(server.url("/healthz")).send().await.unwrap();
+    assert_eq!(res.status(), 200);
+}
+
+/// An h2c connection with prior knowledge, driven by hyper's client.
+async fn h2c(
+    server: &Server,
+) -> (
+    hyper::client::conn::http2::SendRequest<BoxBody>,
+    tokio::task::JoinHandle<()>,
+) {
+    let tcp = connect(server).await;
+    let (send, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await
+    .unwrap();
+    // Ends when the server closes the connection (hyper answers the
+    // server's pings meanwhile, as any client does).
+    let driven = tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    (send, driven)
+}
+
+type BoxBody = http_body_util::combinators::BoxBody<Bytes, std::convert::Infallible>;
+
+// Fails before: hyper has no idle timeout for HTTP/2; 50 h2c connections
+// that only answered pings were held 25 s, and streams that never ended
+// their request 30 s.
+#[tokio::test]
+async fn h2c_connections_without_a_request_and_requests_that_never_end_are_closed() {
+    use http_body_util::BodyExt;
+    let server = Server::start(&[
+        ("REQUEST_HEAD_TIMEOUT_SECS", "1"),
+        ("REQUEST_TIMEOUT_SECS", "1"),
+    ]);
+    // Idle: the preface and SETTINGS, then nothing.
+    let (_idle, idle_conn) = h2c(&server).await;
+    // Busy for a while: a request whose body never ends.
+    let (mut send, busy_conn) = h2c(&server).await;
+    let body = http_body_util::StreamBody::new(
+        futures::stream::once(async {
+            Ok::<_, std::convert::Infallible>(hyper::body::Frame::data(Bytes::from_static(b"{")))
+        })
+        .chain(futures::stream::pending()),
+    );
+    let req = hyper::Request::post(server.url("/sessions"))
+        .body(BoxBody::new(body))
+        .unwrap();
+    let started = std::time::Instant::now();
+    let res = tokio::time::timeout(T, send.send_request(req))
+        .await
+        .expect("an answer in time")
+        .unwrap();
+    assert_eq!(res.status(), 408);
+    let body = res.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(code(&String::from_utf8_lossy(&body)), "request_timeout");
+    assert!(started.elapsed() < Duration::from_secs(3));
+    // Both connections are closed once no request is open for the deadline.
+    tokio::time::timeout(T, idle_conn)
+        .await
+        .expect("the idle h2c connection was closed")
+        .unwrap();
+    tokio::time::timeout(T, busy_conn)
+        .await
+        .expect("the h2c connection was closed after its last request")
+        .unwrap();
+}
+
+// Fails before: there was no limit on connections per address.
+#[tokio::test]
+async fn one_address_holds_at_most_its_share_of_connections() {
+    let server = Server::start(&[("MAX_CONNECTIONS_PER_ADDRESS", "8")]);
+    let mut held = Vec::new();
+    for _ in 0..8 {
+        let mut conn = connect_from(&server, "127.0.0.1").await;
+        partial_body(&mut conn, 100, 1).await;
+        held.push(conn);
+    }
+    // The ninth is answered, clearly, and closed.
+    let mut ninth = connect_from(&server, "127.0.0.1").await;
+    ninth
+        .write_all(b"POST /sessions HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n")
+        .await
+        .unwrap();
+    let (status, body) = read_response(&mut ninth).await;
+    assert_eq!(
+        (status, code(&body).as_str()),
+        (429, "too_many_connections"),
+        "{body}"
+    );
+    assert!(closed_within(&mut ninth, T).await.is_some());
+    // Another address is served as usual.
+    let mut other = connect_from(&server, "127.0.0.2").await;
+    other
+        .write_all(b"POST /sessions HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n")
+        .await
+        .unwrap();
+    let (status, body) = read_response(&mut other).await;
+    assert_eq!(status, 201, "{body}");
+    // A closed connection gives its place back.
+    drop(held.pop());
+    assert!(
+        eventually(T, || async {
+            let mut conn = connect_from(&server, "127.0.0.1").await;
+            conn.write_all(b"GET /readyz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                .await
+                .unwrap();
+            read_response(&mut conn).await.0 == 200
+        })
+        .await
+    );
+    let stats = server.stats().await;
+    assert!(
+        stats["connections_refused"]["per_address"].as_u64() >= Some(1),
+        "{stats}"
+    );
+}
+
+// Fails before: 620 connections of one byte each against an open-file
+// limit of 600 made /healthz time out and filled the log with "accept
+// failed ... Too many open files".
+#[tokio::test]
+async fn a_descriptor_flood_leaves_health_checks_answering() {
+    // 300 descriptors: MAX_CONNECTIONS defaults to 172 of them.
+    let server = Server::start_with_open_files(&[], 300);
+    let mut flood = Vec::new();
+    // From many addresses, as a botnet would: no per-address limit helps.
+    for i in 0..400u32 {
+        let source = format!("127.0.{}.{}", 1 + i / 200, 10 + i % 200);
+        let mut conn = connect_from(&server, &source).await;
+        if partial_body_tolerant(&mut conn).await {
+            flood.push(conn);
+        }
+    }
+    for _ in 0..5 {
+        let res = tokio::time::timeout(
+            Duration::from_secs(2),
+            client().get(server.url("/healthz")).send(),
+        )
+        .await
+        .expect("/healthz in time during the flood")
+        .unwrap();
+        assert_eq!(res.status(), 200);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // What the instance refused got a 503 it can read.
+    let mut late = connect_from(&server, "127.0.3.1").await;
+    late.write_all(b"POST /sessions HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n")
+        .await
+        .unwrap();
+    let (status, body) = read_response(&mut late).await;
+    assert_eq!(
+        (status, code(&body).as_str()),
+        (503, "over_capacity"),
+        "{body}"
+    );
+    let log = server.log.lock().unwrap().clone();
+    assert!(!log.contains("accept failed"), "{log}");
+    drop(flood);
+    let stats = server.stats().await;
+    assert!(
+        stats["connections_refused"]["instance_full"].as_u64() >= Some(1),
+        "{stats}"
+    );
+}
+
+/// As [`partial_body`], but a connection the server already refused (and
+/// closed) is not an error: `false`.
+async fn partial_body_tolerant(conn: &mut TcpStream) -> bool {
+    let head = b"POST /sessions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n ";
+    conn.write_all(head).await.is_ok()
+}
