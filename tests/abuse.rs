@@ -37,6 +37,14 @@ async fn partial_body(conn: &mut TcpStream, length: usize, sent: usize) {
     conn.write_all(&vec![b' '; sent]).await.unwrap();
 }
 
+/// `POST /sessions` with an empty body; the answer.
+async fn create_session(conn: &mut TcpStream) -> (u16, String) {
+    conn.write_all(b"POST /sessions HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n")
+        .await
+        .unwrap();
+    read_response(conn).await
+}
+
 fn code(body: &str) -> String {
     let v: Value = serde_json::from_str(body).unwrap_or_else(|_| panic!("JSON: {body}"));
     v["error"]["code"].as_str().unwrap_or_default().to_owned()
@@ -174,11 +182,7 @@ async fn one_address_holds_at_most_its_share_of_connections() {
     }
     // The ninth is answered, clearly, and closed.
     let mut ninth = connect_from(&server, "127.0.0.1").await;
-    ninth
-        .write_all(b"POST /sessions HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n")
-        .await
-        .unwrap();
-    let (status, body) = read_response(&mut ninth).await;
+    let (status, body) = create_session(&mut ninth).await;
     assert_eq!(
         (status, code(&body).as_str()),
         (429, "too_many_connections"),
@@ -187,11 +191,7 @@ async fn one_address_holds_at_most_its_share_of_connections() {
     assert!(closed_within(&mut ninth, T).await.is_some());
     // Another address is served as usual.
     let mut other = connect_from(&server, "127.0.0.2").await;
-    other
-        .write_all(b"POST /sessions HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n")
-        .await
-        .unwrap();
-    let (status, body) = read_response(&mut other).await;
+    let (status, body) = create_session(&mut other).await;
     assert_eq!(status, 201, "{body}");
     // A closed connection gives its place back.
     drop(held.pop());
@@ -241,10 +241,7 @@ async fn a_descriptor_flood_leaves_health_checks_answering() {
     }
     // What the instance refused got a 503 it can read.
     let mut late = connect_from(&server, "127.0.3.1").await;
-    late.write_all(b"POST /sessions HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n")
-        .await
-        .unwrap();
-    let (status, body) = read_response(&mut late).await;
+    let (status, body) = create_session(&mut late).await;
     assert_eq!(
         (status, code(&body).as_str()),
         (503, "over_capacity"),
