@@ -304,6 +304,20 @@ impl SseScale {
         let (body, outcome) = self.open_stream(session, last_event_id).await?;
         Ok((SseResponse::new(body), outcome))
     }
+
+    /// As [`SseScale::respond_with_outcome`], the replay charged to
+    /// `budget` (see [`SseScale::open_stream_within`]).
+    pub async fn respond_within(
+        &self,
+        session: &SessionId,
+        last_event_id: Option<EventId>,
+        budget: crate::ReplayBudget,
+    ) -> Result<(SseResponse, ResumeOutcome), BroadcastError> {
+        let (body, outcome) = self
+            .open_stream_within(session, last_event_id, budget)
+            .await?;
+        Ok((SseResponse::new(body), outcome))
+    }
 }
 
 /// Resolves when the process should stop serving: on SIGTERM or SIGINT it

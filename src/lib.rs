@@ -52,6 +52,7 @@ pub mod unleash;
 
 // Internals: what a user needs of them is re-exported below.
 mod broadcaster;
+mod budget;
 mod fanout;
 mod history;
 mod hub;
@@ -74,6 +75,7 @@ pub use broadcaster::{
 };
 #[cfg(feature = "redis")]
 pub use broker::redis::{RedisBroker, RedisSettings};
+pub use budget::{ReplayBudget, ReplayHold};
 pub use control::{ControlBus, LoopbackBus};
 pub use event::{EventId, EventType, Frame, OutgoingEvent, SessionId};
 pub use fanout::{Fanout, FanoutSettings};

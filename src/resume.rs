@@ -17,6 +17,7 @@ use bytes::BytesMut;
 use serde_json::{json, Map, Value};
 
 use crate::broadcaster::{BroadcastError, Broadcaster};
+use crate::budget::ReplayBudget;
 use crate::event::{EventId, EventType, OutgoingEvent, SessionId};
 use crate::retry::RetryPolicy;
 use crate::sse::{encode_event, encode_retry};
@@ -40,6 +41,9 @@ pub struct StreamOptions {
     pub close: CloseSignal,
     /// Extra fields of the `connected` event (besides `session_id`).
     pub connected: Map<String, Value>,
+    /// What the replay may hold until the client has read it; a replay
+    /// that does not fit is answered `reset` (`None`: no bound).
+    pub replay_budget: Option<ReplayBudget>,
 }
 
 impl StreamOptions {
@@ -50,6 +54,7 @@ impl StreamOptions {
             resume_rate: RetryPolicy::DEFAULT.resume_rate,
             close,
             connected: Map::new(),
+            replay_budget: None,
         }
     }
 }
@@ -69,6 +74,9 @@ pub enum ResumeOutcome {
         oldest: Option<EventId>,
         /// The id the `reset` carries: where the client stands now.
         position: EventId,
+        /// History held everything, but the replay did not fit the
+        /// stream's [`ReplayBudget`].
+        over_budget: bool,
     },
 }
 
@@ -119,12 +127,24 @@ pub async fn open_stream(
     let Some(replay) = replay else {
         return Ok((body.opened(true), ResumeOutcome::Fresh { position }));
     };
+    let mut replay = replay;
+    let mut over_budget = false;
     if replay.complete() {
-        let replayed = replay.frames.len();
-        return Ok((
-            body.resume(replay.frames).opened(false),
-            ResumeOutcome::Resumed { replayed },
-        ));
+        let bytes = replay.frames.iter().map(|f| f.bytes.len()).sum();
+        match options.replay_budget.map(|budget| budget.take(bytes)) {
+            // Over budget: as if larger than one resume may replay.
+            Some(None) => {
+                replay.too_large = true;
+                over_budget = true;
+            }
+            hold => {
+                let replayed = replay.frames.len();
+                return Ok((
+                    body.resume(replay.frames, hold.flatten()).opened(false),
+                    ResumeOutcome::Resumed { replayed },
+                ));
+            }
+        }
     }
     // The reset moves the client to the newest id held, so its next
     // reconnect resumes from a point history can vouch for. Not back,
@@ -165,6 +185,7 @@ pub async fn open_stream(
             last_event_id: position,
             oldest: replay.oldest,
             position: now,
+            over_budget,
         },
     ))
 }

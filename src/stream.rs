@@ -35,6 +35,7 @@ use futures::Stream;
 use tokio::time::{Instant, Interval, MissedTickBehavior};
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
+use crate::budget::ReplayHold;
 use crate::event::{EventId, Frame};
 use crate::hub::{Subscription, SubscriptionError};
 use crate::retry::RetryPolicy;
@@ -74,6 +75,8 @@ pub struct SseStream {
     beat_events: bool,
     close: Closing,
     on_end: Option<Box<dyn FnOnce(StreamEnd) + Send + Sync>>,
+    /// The replay's share of a budget, given back once `ahead` is sent.
+    replay_hold: Option<ReplayHold>,
 }
 
 /// When and how streams end on shutdown.
@@ -115,6 +118,7 @@ impl SseStream {
             beat_events: false,
             close: Closing::Waiting(Box::pin(close.token.clone().cancelled_owned()), close),
             on_end: None,
+            replay_hold: None,
         }
     }
 
@@ -192,12 +196,15 @@ impl SseStream {
 
     /// Sends `frames` (history after the client's `Last-Event-ID`, in id
     /// order) after the prelude and before live frames, and drops live
-    /// frames that repeat them.
-    pub fn resume(mut self, frames: Vec<Frame>) -> Self {
+    /// frames that repeat them. `hold`, the frames' share of a
+    /// [`ReplayBudget`](crate::ReplayBudget), is given back once they are
+    /// sent.
+    pub fn resume(mut self, frames: Vec<Frame>, hold: Option<ReplayHold>) -> Self {
         if let Some(last) = frames.last() {
             self.subscription.raise_position(last.id);
         }
         self.ahead.extend(frames.into_iter().map(|f| f.bytes));
+        self.replay_hold = hold;
         self
     }
 
@@ -249,6 +256,7 @@ impl Stream for SseStream {
         if let Some(bytes) = this.ahead.pop_front() {
             if this.ahead.is_empty() {
                 this.ahead = VecDeque::new();
+                this.replay_hold = None;
             }
             return Poll::Ready(Some(Ok(bytes)));
         }

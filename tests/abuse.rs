@@ -13,6 +13,10 @@ use futures::StreamExt;
 use serde_json::Value;
 use support::raw::*;
 use support::*;
+
+#[path = "support/redis_server.rs"]
+mod redis_server;
+use redis_server::RedisServer;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpSocket, TcpStream};
 
@@ -262,4 +266,91 @@ async fn a_descriptor_flood_leaves_health_checks_answering() {
 async fn partial_body_tolerant(conn: &mut TcpStream) -> bool {
     let head = b"POST /sessions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n ";
     conn.write_all(head).await.is_ok()
+}
+
+/// A stream of `session` from `source` resuming after `last`, whose client
+/// reads nothing: its receive buffer is 4 KiB.
+async fn unread_resume(
+    server: &Server,
+    source: &str,
+    session: &str,
+    token: &str,
+    last: &str,
+) -> TcpStream {
+    let socket = TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    socket.bind(format!("{source}:0").parse().unwrap()).unwrap();
+    let mut conn = socket.connect(server.addr.parse().unwrap()).await.unwrap();
+    let head = format!(
+        "GET /sessions/{session}/events HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\nLast-Event-ID: {last}\r\n\r\n"
+    );
+    conn.write_all(head.as_bytes()).await.unwrap();
+    conn
+}
+
+// Fails before: every resume read its own copy of the replay from Redis and
+// held it until its client read it: 40 unread resumes of a ~4 MB history
+// took the server from 30 to 76 MiB, at 200 streams per address ~800 MB.
+#[tokio::test]
+async fn unread_replays_hold_no_more_than_the_replay_budget() {
+    let redis = RedisServer::start();
+    let url = redis.url();
+    let server = Server::start(&[
+        ("SSE_ADAPTER", "redis"),
+        ("REDIS_URL", &url),
+        ("FF_REDIS_SSE_BROADCAST", "true"),
+        ("RATE_LIMIT_PUBLISH_PER_SEC", "1000"),
+    ]);
+    let (session, token) = new_session(&server).await;
+    let draft = "x".repeat(60_000);
+    let mut ids = Vec::new();
+    for _ in 0..62 {
+        ids.push(
+            publish(
+                &server,
+                &session,
+                &token,
+                "section_draft",
+                draft.clone().into(),
+            )
+            .await,
+        );
+    }
+    let before = server.rss();
+    let mut unread = Vec::new();
+    for _ in 0..40 {
+        unread.push(unread_resume(&server, "127.0.0.1", &session, &token, &ids[0]).await);
+    }
+    // Every one answered: with its replay, or with a reset.
+    assert!(
+        eventually(T, || async {
+            let stats = server.stats().await;
+            stats["resumes"].as_u64().unwrap_or(0) + stats["resets"].as_u64().unwrap_or(0) >= 40
+        })
+        .await
+    );
+    let stats = server.stats().await;
+    let held = stats["replay_bytes_held"].as_u64().unwrap();
+    assert!(
+        held <= 8 << 20,
+        "held {held} bytes past REPLAY_BUDGET_PER_ADDRESS_MB"
+    );
+    assert!(
+        stats["replays_over_budget"].as_u64() >= Some(35),
+        "{stats}\n{}",
+        server.log.lock().unwrap()
+    );
+    let grown = server.rss().saturating_sub(before);
+    assert!(grown < 32 << 20, "RSS grew by {} MiB", grown >> 20);
+    // Another address resumes as usual, replay and all.
+    let mut other = connect_from(&server, "127.0.0.2").await;
+    let head = format!(
+        "GET /sessions/{session}/events HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\nLast-Event-ID: {}\r\n\r\n",
+        ids[59]
+    );
+    other.write_all(head.as_bytes()).await.unwrap();
+    let got = read_until(&mut other, &format!("id: {}\n", ids[61])).await;
+    assert!(got.contains(&format!("id: {}\n", ids[60])), "the replay");
+    assert!(!got.contains("event: reset"), "a reset for another address");
+    drop(unread);
 }

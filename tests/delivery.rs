@@ -199,14 +199,6 @@ async fn a_redis_outage_delays_cross_instance_events_but_loses_none() {
     assert_eq!(stats["redis"]["outbox_dropped"], 0, "{stats}");
 }
 
-/// VmRSS of a process, in bytes.
-fn rss(server: &Server) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{}/status", server.pid())).unwrap();
-    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
-    let kb: u64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
-    kb * 1024
-}
-
 #[tokio::test]
 async fn a_client_that_stops_reading_is_cut_and_memory_stays_bounded() {
     let server = Server::start(&[
@@ -232,7 +224,7 @@ async fn a_client_that_stops_reading_is_cut_and_memory_stays_bounded() {
     let ok = eventually(T, || async { server.stats().await["open_streams"] == 2 }).await;
     assert!(ok);
 
-    let before = rss(&server);
+    let before = server.rss();
     let payload = "x".repeat(32 * 1024);
     let events = 1500; // ~48 MiB in all
     let mut peak = before;
@@ -255,13 +247,13 @@ async fn a_client_that_stops_reading_is_cut_and_memory_stays_bounded() {
         .await;
         assert_eq!(res.status(), 202, "publish {n}");
         if n % 100 == 0 {
-            peak = peak.max(rss(&server));
+            peak = peak.max(server.rss());
         }
     }
     // The reading client got everything, unaffected by the stalled one.
     let (got, _healthy) = reader.await.unwrap();
     assert_eq!(got, events);
-    peak = peak.max(rss(&server));
+    peak = peak.max(server.rss());
     let growth = peak.saturating_sub(before);
     assert!(
         growth < 24 << 20,

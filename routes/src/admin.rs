@@ -41,6 +41,8 @@ pub async fn stats(_: Admin, State(state): State<Arc<AppState>>) -> Json<serde_j
         "stream_opens_first_request": state.counters.stream_opens_first_request.load(Ordering::Relaxed),
         "resumes": state.counters.resumes.load(Ordering::Relaxed),
         "resets": state.counters.resets.load(Ordering::Relaxed),
+        "replays_over_budget": state.counters.replays_over_budget.load(Ordering::Relaxed),
+        "replay_bytes_held": state.scale.replay_budget().held(),
         "order_resets": b.order_resets,
         "covered_by_reset": b.covered_by_reset,
         "history": { "sessions": b.history_sessions, "bytes": b.history_bytes },

@@ -139,7 +139,7 @@ impl Admission {
 
     /// Decides for a connection from `peer`; `spare` answers it if refused.
     pub fn admit(self: &Arc<Self>, peer: IpAddr, spare: Spare) -> Admit {
-        let ip = crate::extract::client_address(peer, std::iter::empty(), &[]);
+        let ip = crate::address::client_address(peer, std::iter::empty(), &[]);
         let slot = if self.trusted.iter().any(|net| net.contains(&ip)) {
             None
         } else {

@@ -301,6 +301,19 @@ pub struct Config {
           value_parser = clap::value_parser!(u64).range(1024..=1 << 30))]
     pub replay_max_bytes: u64,
 
+    /// MiB of replayed history this instance's streams may hold before
+    /// their clients have read it; a resume whose replay does not fit gets
+    /// a `reset` instead.
+    #[arg(long, env = "REPLAY_BUDGET_MB", default_value_t = 64,
+          value_parser = clap::value_parser!(u64).range(1..=1 << 20))]
+    pub replay_budget_mb: u64,
+
+    /// Of `REPLAY_BUDGET_MB`, what the streams of one client address (IPv6:
+    /// one /64) may hold.
+    #[arg(long, env = "REPLAY_BUDGET_PER_ADDRESS_MB", default_value_t = 8,
+          value_parser = clap::value_parser!(u64).range(1..=1 << 20))]
+    pub replay_budget_per_address_mb: u64,
+
     /// Unleash client API URL (e.g. `http://unleash:4242/api`). When set,
     /// `FF_REDIS_SSE_BROADCAST` follows Unleash (see docs/flags.md) and
     /// the environment value only applies until Unleash first answers.
@@ -584,6 +597,11 @@ impl std::fmt::Debug for Config {
             .field("max_streams", &self.max_streams)
             .field("outbox_max", &self.outbox_max)
             .field("replay_max_bytes", &self.replay_max_bytes)
+            .field("replay_budget_mb", &self.replay_budget_mb)
+            .field(
+                "replay_budget_per_address_mb",
+                &self.replay_budget_per_address_mb,
+            )
             .field("unleash_url", &self.unleash_url)
             .field(
                 "unleash_api_token",

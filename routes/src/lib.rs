@@ -19,6 +19,7 @@
 //!
 //! [`app`] builds the router, so tests and embedding applications reuse it.
 
+mod address;
 pub mod admin;
 pub mod admission;
 pub mod affinity;

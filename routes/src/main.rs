@@ -133,6 +133,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
         .queue(config.sse_client_queue as usize)
         .history(config.history())
         .replay_max_bytes(config.replay_max_bytes as usize)
+        .replay_budget((config.replay_budget_mb as usize) << 20)
         .heartbeat(config.heartbeat())
         .retry(config.retry())
         .resume_rate(config.resume_rate())

@@ -119,6 +119,12 @@ impl Collector for StateCollector {
         )?;
         gauge(
             &mut e,
+            "sse_replay_bytes_held",
+            "Bytes of replayed history streams hold unsent (REPLAY_BUDGET_MB)",
+            s.scale.replay_budget().held() as i64,
+        )?;
+        gauge(
+            &mut e,
             "sse_max_streams",
             "MAX_STREAMS",
             s.settings.max_streams as i64,
@@ -219,6 +225,12 @@ impl Collector for StateCollector {
             "sse_resets",
             "Resumes answered with reset",
             load(&s.counters.resets),
+        )?;
+        counter(
+            &mut e,
+            "sse_replays_over_budget",
+            "Resumes answered with reset because their replay did not fit a replay budget",
+            load(&s.counters.replays_over_budget),
         )?;
         counter(
             &mut e,

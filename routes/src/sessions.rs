@@ -17,7 +17,7 @@ use sse_scale::axum::LastEventId;
 use sse_scale::event::InvalidInput;
 use sse_scale::token::Scope;
 use sse_scale::StreamEnd;
-use sse_scale::{EventId, EventType, OutgoingEvent, ResumeOutcome, SessionId};
+use sse_scale::{EventId, EventType, OutgoingEvent, ReplayBudget, ResumeOutcome, SessionId};
 
 use crate::error::AppError;
 use crate::extract::{AuthedSession, ClientIp, HeartbeatEvents, JsonBody, StreamSession};
@@ -106,7 +106,7 @@ pub async fn stream(
     }
     let (mut response, outcome) = state
         .scale
-        .respond_with_outcome(&session, resume_from)
+        .respond_within(&session, resume_from, per_address.budget())
         .await?;
     if heartbeat_events {
         response = response.heartbeat_events();
@@ -118,10 +118,19 @@ pub async fn stream(
         ResumeOutcome::Reset {
             last_event_id,
             oldest,
+            over_budget,
             ..
         } => {
             state.counters.resets.fetch_add(1, Ordering::Relaxed);
-            tracing::info!(session = %session, %last_event_id, ?oldest, "resume beyond history: reset");
+            if over_budget {
+                state
+                    .counters
+                    .replays_over_budget
+                    .fetch_add(1, Ordering::Relaxed);
+                tracing::info!(session = %session, %last_event_id, %ip, "replay over REPLAY_BUDGET_MB or REPLAY_BUDGET_PER_ADDRESS_MB: reset");
+            } else {
+                tracing::info!(session = %session, %last_event_id, ?oldest, "resume beyond history: reset");
+            }
         }
         _ => {}
     }
@@ -171,17 +180,21 @@ impl Drop for OpenStream {
     }
 }
 
-/// Holds one of a client address's `MAX_STREAMS_PER_ADDRESS` slots.
-struct AddressSlot(Arc<AppState>, std::net::IpAddr);
+/// Holds one of a client address's `MAX_STREAMS_PER_ADDRESS` slots, and
+/// the address's replay budget while it has streams open.
+struct AddressSlot(Arc<AppState>, std::net::IpAddr, ReplayBudget);
 
 impl AddressSlot {
     fn try_new(state: Arc<AppState>, ip: std::net::IpAddr) -> Result<Self, AppError> {
-        {
+        let budget = {
             let mut open = state
                 .streams_by_address
                 .lock()
                 .unwrap_or_else(|e| e.into_inner());
-            let n = open.entry(ip).or_insert(0);
+            let (n, budget) = open.entry(ip).or_insert_with(|| {
+                let share = state.settings.replay_budget_per_address;
+                (0, state.scale.replay_budget().within(share))
+            });
             if *n >= state.settings.max_streams_per_address {
                 return Err(AppError::new(
                     StatusCode::TOO_MANY_REQUESTS,
@@ -190,8 +203,13 @@ impl AddressSlot {
                 ));
             }
             *n += 1;
-        }
-        Ok(Self(state, ip))
+            budget.clone()
+        };
+        Ok(Self(state, ip, budget))
+    }
+
+    fn budget(&self) -> ReplayBudget {
+        self.2.clone()
     }
 }
 
@@ -202,7 +220,7 @@ impl Drop for AddressSlot {
             .streams_by_address
             .lock()
             .unwrap_or_else(|e| e.into_inner());
-        if let Some(n) = open.get_mut(&self.1) {
+        if let Some((n, _)) = open.get_mut(&self.1) {
             *n -= 1;
             if *n == 0 {
                 open.remove(&self.1);

@@ -51,7 +51,9 @@ pub struct AppState {
     pub tasks: TaskTracker,
     /// Open streams per client address (IPv6 per /64), for
     /// `MAX_STREAMS_PER_ADDRESS`.
-    pub streams_by_address: std::sync::Mutex<std::collections::HashMap<IpAddr, usize>>,
+    /// Their replays share the address's budget (`REPLAY_BUDGET_PER_ADDRESS_MB`).
+    pub streams_by_address:
+        std::sync::Mutex<std::collections::HashMap<IpAddr, (usize, sse_scale::ReplayBudget)>>,
     /// Connections per address and in all (`MAX_CONNECTIONS_PER_ADDRESS`,
     /// `MAX_CONNECTIONS`).
     pub admission: Arc<Admission>,
@@ -89,6 +91,8 @@ pub struct Settings {
     pub max_event_bytes: usize,
     /// A request's body and answer (see `deadline.rs`).
     pub request_timeout: Duration,
+    /// Bytes of unsent replay one client address's streams may hold.
+    pub replay_budget_per_address: usize,
 }
 
 /// Shutdown, in its steps: unready (new streams and stray publishes
@@ -123,6 +127,8 @@ pub struct Counters {
     pub resumes: AtomicU64,
     /// Resumes whose id was older than the history (answered with `reset`).
     pub resets: AtomicU64,
+    /// Of those, resumes whose replay did not fit a replay budget.
+    pub replays_over_budget: AtomicU64,
     /// Streams opened (answered 200).
     pub stream_opens: AtomicU64,
     /// Of those, streams opened as their connection's first request: the
@@ -219,6 +225,7 @@ impl AppState {
                 node_id,
                 max_event_bytes: config.max_event_bytes as usize,
                 request_timeout: config.request_timeout(),
+                replay_budget_per_address: (config.replay_budget_per_address_mb as usize) << 20,
             },
             counters: Counters::default(),
             drain: Drain {

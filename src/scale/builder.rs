@@ -21,6 +21,9 @@ type LastKnownStore = (crate::redis_client::SharedRedis, String);
 #[cfg(not(feature = "redis"))]
 type LastKnownStore = ();
 
+/// [`Builder::replay_budget`]'s default: 16 replays of `REPLAY_MAX_BYTES`.
+pub const DEFAULT_REPLAY_BUDGET: usize = 64 << 20;
+
 /// Settings of an [`SseScale`]; every one has a default for one instance.
 #[derive(Clone)]
 #[must_use]
@@ -32,6 +35,7 @@ pub struct Builder {
     heartbeat: Duration,
     retry: crate::retry::RetryPolicy,
     drain_window: Duration,
+    replay_budget: usize,
     #[cfg(feature = "redis")]
     redis: Option<RedisOptions>,
     #[cfg(feature = "unleash")]
@@ -59,6 +63,7 @@ impl Default for Builder {
             heartbeat: Duration::from_secs(15),
             retry: crate::retry::RetryPolicy::DEFAULT,
             drain_window: Duration::from_secs(10),
+            replay_budget: DEFAULT_REPLAY_BUDGET,
             #[cfg(feature = "redis")]
             redis: None,
             #[cfg(feature = "unleash")]
@@ -84,6 +89,14 @@ impl Builder {
     /// Encoded bytes one resume may replay (beyond: `reset`).
     pub fn replay_max_bytes(mut self, bytes: usize) -> Self {
         self.fanout.replay_max_bytes = bytes;
+        self
+    }
+
+    /// Bytes of replayed history this instance's streams may hold unsent at
+    /// once (default 64 MiB); a resume whose replay does not fit is
+    /// answered `reset`. See [`ReplayBudget`](crate::ReplayBudget).
+    pub fn replay_budget(mut self, bytes: usize) -> Self {
+        self.replay_budget = bytes;
         self
     }
 
@@ -241,6 +254,7 @@ impl Builder {
             heartbeat: self.heartbeat,
             retry: self.retry,
             close,
+            replay_budget: crate::ReplayBudget::new(self.replay_budget),
             drain,
             stop,
             tasks,

@@ -56,6 +56,9 @@ impl Builder {
         if let Some(n) = num("REPLAY_MAX_BYTES")? {
             b = b.replay_max_bytes(n as usize);
         }
+        if let Some(n) = num("REPLAY_BUDGET_MB")? {
+            b = b.replay_budget((n as usize).saturating_mul(1 << 20));
+        }
         if let Some(n) = num("SSE_HEARTBEAT_SECS")? {
             b = b.heartbeat(Duration::from_secs(n.max(1)));
         }

@@ -75,6 +75,8 @@ pub struct SseScale {
     heartbeat: Duration,
     retry: crate::retry::RetryPolicy,
     close: CloseSignal,
+    /// What every stream's unsent replay shares.
+    replay_budget: crate::ReplayBudget,
     drain: CancellationToken,
     /// Stops the tasks this value started (flag polling, Redis connect and
     /// probes) — never the application's.
@@ -93,7 +95,7 @@ impl SseScale {
     /// or `REDIS_SENTINEL_NODES` with `REDIS_SENTINEL_MASTER` (Redis mode
     /// when one is set, unless `SSE_ADAPTER=memory`), `REDIS_PREFIX`, `FF_REDIS_SSE_BROADCAST`,
     /// `INSTANCE_ID`, `HISTORY_MAXLEN`, `HISTORY_TTL_SECS`,
-    /// `HISTORY_MEMORY_MB`, `SSE_CLIENT_QUEUE`, `REPLAY_MAX_BYTES`,
+    /// `HISTORY_MEMORY_MB`, `SSE_CLIENT_QUEUE`, `REPLAY_MAX_BYTES`, `REPLAY_BUDGET_MB`,
     /// `OUTBOX_MAX`, `SSE_HEARTBEAT_SECS`, `SSE_RETRY_MS`,
     /// `SHUTDOWN_DRAIN_SECS`, and `UNLEASH_URL` with `UNLEASH_API_TOKEN`,
     /// `UNLEASH_APP_NAME`, `UNLEASH_INSTANCE_ID`, `UNLEASH_REFRESH_SECS`.
@@ -149,7 +151,15 @@ impl SseScale {
         options
             .connected
             .insert("heartbeat_ms".into(), heartbeat_ms.into());
+        options.replay_budget = Some(self.replay_budget.clone());
         options
+    }
+
+    /// What every stream's unsent replay shares (`REPLAY_BUDGET_MB`): a
+    /// budget [`within`](crate::ReplayBudget::within) it bounds one client's
+    /// share ([`SseScale::open_stream_within`]).
+    pub fn replay_budget(&self) -> &crate::ReplayBudget {
+        &self.replay_budget
     }
 
     /// Opens the SSE body of `session`, resuming after `last_event_id`
@@ -166,6 +176,20 @@ impl SseScale {
             self.stream_options(),
         )
         .await
+    }
+
+    /// As [`SseScale::open_stream`], the replay charged to `budget` (one
+    /// made within [`SseScale::replay_budget`], say one per client address)
+    /// instead of the instance's alone.
+    pub async fn open_stream_within(
+        &self,
+        session: &SessionId,
+        last_event_id: Option<EventId>,
+        budget: crate::ReplayBudget,
+    ) -> Result<(SseStream, ResumeOutcome), BroadcastError> {
+        let mut options = self.stream_options();
+        options.replay_budget = Some(budget);
+        crate::resume::open_stream(self.broadcaster.as_ref(), session, last_event_id, options).await
     }
 
     /// Starts draining: open streams close spread over the drain window,

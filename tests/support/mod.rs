@@ -133,6 +133,14 @@ impl Server {
         );
     }
 
+    /// The process's resident memory (VmRSS), in bytes.
+    pub fn rss(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
+        let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+        let kb: u64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
+        kb * 1024
+    }
+
     pub async fn stats(&self) -> Value {
         client()
             .get(self.url("/stats"))

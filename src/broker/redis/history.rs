@@ -20,6 +20,14 @@ use crate::sse;
 /// Entries read per round trip.
 pub(super) const PAGE: usize = 200;
 
+/// A resume's first page, before the size of its entries is known: 16
+/// events of the largest size are 1 MiB.
+const FIRST_PAGE: usize = 16;
+
+/// About the bytes of one of a resume's later pages: no reply holds the
+/// shared connection for long (`replays.rs`).
+const PAGE_BYTES: usize = 1 << 20;
+
 /// KEYS[1] the session's lost marker, KEYS[2] its sequence's last
 /// reservation; ARGV: an id, ttl secs, a floor. Keeps the greater of the
 /// stored marker and ARGV[1], and moves the sequence past the floor: the
@@ -131,7 +139,7 @@ impl Inner {
                 .arg(start.to_string())
                 .arg("+")
                 .arg("COUNT")
-                .arg(PAGE);
+                .arg(FIRST_PAGE);
         }
         let pipe = &pipe;
         let (held, head, top, first, lost, kept, page): ResumeReads = if start.is_some() {
@@ -182,8 +190,9 @@ impl Inner {
         let mut bytes = 0;
         let mut too_large = false;
         let mut page = page;
+        let mut asked = FIRST_PAGE;
         while let Some(reply) = page.take() {
-            let full = reply.ids.len() >= PAGE;
+            let full = reply.ids.len() >= asked;
             let mut last = None;
             for entry in &reply.ids {
                 last = entry.id.parse::<EventId>().ok().or(last);
@@ -210,7 +219,9 @@ impl Inner {
                 break;
             }
             if let (true, Some(next)) = (full, last.and_then(EventId::successor)) {
-                page = Some(self.range(session, next, PAGE).await?);
+                let each = bytes / frames.len().max(1);
+                asked = (PAGE_BYTES / each.max(1)).clamp(1, PAGE);
+                page = Some(self.range(session, next, asked).await?);
             }
         }
         // Events this instance delivered here while Redis was away and still

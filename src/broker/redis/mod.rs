@@ -41,6 +41,7 @@ mod interest;
 mod outbox;
 mod publish;
 mod pubsub;
+mod replays;
 mod subscriber;
 
 /// Settings of a [`RedisBroker`].
@@ -153,6 +154,8 @@ struct Inner {
     local_order: Vec<tokio::sync::Mutex<()>>,
     outbox: outbox::Outbox,
     interest: Arc<interest::Interest>,
+    /// Resume reads in flight, shared and bounded.
+    replays: replays::Replays,
     /// Set while publishing to Redis fails, so an outage is logged once.
     publish_outage: AtomicBool,
     /// See [`Broker::stop_holding`]: the outbox takes no new event.
@@ -283,6 +286,7 @@ impl RedisBroker {
                 .map(|_| tokio::sync::Mutex::new(()))
                 .collect(),
             interest: Arc::default(),
+            replays: replays::Replays::default(),
             publish_outage: AtomicBool::new(false),
             stop_holding: AtomicBool::new(false),
             counters: Counters::default(),
@@ -407,7 +411,7 @@ impl Broker for RedisBroker {
     ) -> BoxFuture<'a, Result<Replay, BrokerError>> {
         async move {
             self.inner
-                .read_history(session, after, max_bytes)
+                .replay(session, after, max_bytes)
                 .await
                 .map_err(|e| BrokerError::Unavailable(e.to_string()))
         }
