@@ -17,16 +17,15 @@
 //! Run: `cargo bench -p sse-scale-server --bench edge`. Prints a Markdown
 //! table; results go to `docs/benchmarks.md` by hand.
 
-#[path = "../../tests/support/balancer.rs"]
-mod balancer;
-#[path = "support/procs.rs"]
-mod procs;
+#[path = "support/mod.rs"]
+mod bench;
 #[path = "../../tests/support/mod.rs"]
 mod support;
 
 use std::time::Duration;
 
-use balancer::Balancer;
+use bench::balancer::{self, Balancer};
+use bench::{knobs, procs};
 use serde_json::json;
 use support::{raw, Server};
 use tokio::io::AsyncWriteExt;
@@ -145,10 +144,7 @@ async fn measure(path: Path, streams: usize) -> Measured {
 
 #[tokio::main]
 async fn main() {
-    let streams: usize = std::env::var("EDGE_STREAMS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(2_000);
+    let streams = knobs::num("EDGE_STREAMS", 2_000.0) as usize;
     use balancer::Kind::{Caddy, Haproxy, Nginx};
     let paths = [
         Path::First,

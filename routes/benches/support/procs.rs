@@ -1,12 +1,13 @@
 //! Bench support: what the processes a benchmark starts cost — their CPU
-//! time and memory from `/proc` — and the machine a run was on. (The
-//! processes themselves: `server.rs`, and `tests/support` for Redis and the
-//! balancers.) Shared by the bench targets, each of which uses part of it.
+//! time and memory from `/proc` — the machine a run was on, and the bench's
+//! own open-file limit. (The processes themselves: `server.rs`, and
+//! `tests/support` for Redis and the balancers.) Shared by the bench
+//! targets, each of which uses part of it.
 
 #![allow(dead_code)]
 
-use std::path::PathBuf;
-
+use std::ffi::OsStr;
+use std::process::Command;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde_json::{json, Value};
@@ -16,12 +17,11 @@ pub const SECRET: &str = "bench-secret-of-at-least-32-bytes-0123456789";
 /// `ADMIN_TOKEN` of every server a bench starts (for `/stats`).
 pub const ADMIN: &str = "bench-admin-token-0123456789";
 
-/// A port that was free a moment ago.
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port()
+/// Raises this process's open-file soft limit to the hard limit and
+/// returns it: both ends of every stream live on this machine, so the load
+/// generator needs one socket per stream too.
+pub fn raise_nofile() -> u64 {
+    rlimit::increase_nofile_limit(u64::MAX).expect("raise the open-file limit")
 }
 
 /// User and system CPU time of a process (all threads), from `/proc/<pid>/stat`.
@@ -141,6 +141,23 @@ pub fn machine() -> Value {
     })
 }
 
+/// The first line `program arg` prints (`redis-server --version`,
+/// `haproxy -v`), for the results file; empty if it does not run.
+pub fn version_of(program: impl AsRef<OsStr>, arg: &str) -> String {
+    Command::new(program)
+        .arg(arg)
+        .output()
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_owned()
+        })
+        .unwrap_or_default()
+}
+
 /// Today's UTC date, `YYYY-MM-DD` (days-to-civil, proleptic Gregorian).
 pub fn today() -> String {
     let secs = SystemTime::now()
@@ -156,14 +173,4 @@ pub fn today() -> String {
     let month = if mp < 10 { mp + 3 } else { mp - 9 };
     let year = yoe + era * 400 + i64::from(month <= 2);
     format!("{year:04}-{month:02}-{day:02}")
-}
-
-/// Where results go: `BENCH_OUT`, a relative path taken from the workspace
-/// root (cargo runs benches in `routes/`), or `docs/bench`.
-pub fn bench_out() -> PathBuf {
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    match std::env::var_os("BENCH_OUT").filter(|v| !v.is_empty()) {
-        Some(out) => root.join(out),
-        None => root.join("docs/bench"),
-    }
 }

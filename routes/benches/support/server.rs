@@ -12,11 +12,28 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use crate::procs::{proc_cpu, proc_cpu_split, proc_rss_kib, ADMIN, SECRET};
+use super::procs::{proc_cpu, proc_cpu_split, proc_rss_kib, ADMIN, SECRET};
 
 /// What a server prints that a bench wants to see: called with every log
 /// line (from the log's own thread).
 pub type OnLine = Box<dyn FnMut(&str) + Send>;
+
+/// `SSE_CLIENT_QUEUE` of a bench that saturates the machine: room for a
+/// reader that falls behind, so a slow load generator shows as latency,
+/// not as streams cut for lagging.
+pub fn roomy_client_queue() -> (&'static str, String) {
+    ("SSE_CLIENT_QUEUE", "1024".to_owned())
+}
+
+/// Prints the WARN and ERROR lines of a server's log, as `[tag] line`.
+pub fn warnings_to_stderr(tag: &str) -> OnLine {
+    let tag = tag.to_owned();
+    Box::new(move |line: &str| {
+        if line.contains("WARN") || line.contains("ERROR") {
+            eprintln!("[{tag}] {line}");
+        }
+    })
+}
 
 /// A running server process; SIGTERM (then SIGKILL after 10 s) when
 /// dropped, so a profiler wrapping it writes its data.
@@ -31,16 +48,11 @@ impl BenchServer {
     /// settings on top of the bench defaults; WARN and ERROR lines are
     /// printed.
     pub fn product(name: &str, extra: &[(&str, String)]) -> BenchServer {
-        let tag = name.to_owned();
         Self::start(
             Command::new(env!("CARGO_BIN_EXE_sse-scale")),
             name,
             extra,
-            Box::new(move |line: &str| {
-                if line.contains("WARN") || line.contains("ERROR") {
-                    eprintln!("[{tag}] {line}");
-                }
-            }),
+            warnings_to_stderr(name),
         )
     }
 
