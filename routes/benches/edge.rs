@@ -96,6 +96,7 @@ async fn measure(path: Path, streams: usize) -> Measured {
         ("RATE_LIMIT_SESSIONS_PER_MIN", "0"),
         ("MAX_STREAMS", "100000"),
         ("MAX_STREAMS_PER_ADDRESS", "100000"),
+        ("MAX_CONNECTIONS_PER_ADDRESS", "100000"),
     ]);
     let apps = [server.addr.as_str(); 3];
     let lb = match path {

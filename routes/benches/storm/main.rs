@@ -142,6 +142,8 @@ fn main() {
             "retry_ms": opts.retry_ms,
             "server_env": {
                 "MAX_STREAMS_PER_ADDRESS": "10000000",
+                "MAX_CONNECTIONS_PER_ADDRESS": "10000000",
+                "REPLAY_BUDGET_PER_ADDRESS_MB": "64",
                 "RATE_LIMIT_STREAMS_PER_MIN": "0",
                 "RATE_LIMIT_SESSIONS_PER_MIN": "0",
                 "RATE_LIMIT_PUBLISH_PER_SEC": "0",

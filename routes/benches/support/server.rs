@@ -78,6 +78,9 @@ impl BenchServer {
             .env("RATE_LIMIT_STREAMS_PER_MIN", "0")
             .env("RATE_LIMIT_SESSIONS_PER_MIN", "0")
             .env("MAX_STREAMS_PER_ADDRESS", "10000000")
+            .env("MAX_CONNECTIONS_PER_ADDRESS", "10000000")
+            // Its share of the replay budget is the instance's.
+            .env("REPLAY_BUDGET_PER_ADDRESS_MB", "64")
             // End quickly when the bench is done with a server.
             .env("SHUTDOWN_UNREADY_SECS", "0")
             .env("SHUTDOWN_DRAIN_SECS", "0")
