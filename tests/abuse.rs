@@ -354,3 +354,24 @@ async fn unread_replays_hold_no_more_than_the_replay_budget() {
     assert!(!got.contains("event: reset"), "a reset for another address");
     drop(unread);
 }
+
+// Fails before: `POST /sessions` read its body before its rate limit ran,
+// so a refused client still held its connection for the whole body.
+#[tokio::test]
+async fn a_refused_session_creation_does_not_wait_for_its_body() {
+    let server = Server::start(&[
+        ("RATE_LIMIT_SESSIONS_PER_MIN", "1"),
+        ("REQUEST_TIMEOUT_SECS", "30"),
+    ]);
+    new_session(&server).await;
+    let mut conn = connect(&server).await;
+    partial_body(&mut conn, 1000, 1).await;
+    let started = std::time::Instant::now();
+    let (status, body) = read_response(&mut conn).await;
+    assert_eq!(
+        (status, code(&body).as_str()),
+        (429, "rate_limited"),
+        "{body}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(2));
+}

@@ -88,9 +88,8 @@ pub struct Config {
           value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
     pub max_pending_heads: u64,
 
-    /// Seconds a request has, after its head, to send its whole body and
-    /// get its answer (408 beyond it); for an event stream, until the
-    /// stream starts. A connection with no request open is closed after
+    /// Seconds a request has, after its head, to send its whole body (408
+    /// beyond it). A connection with no request open is closed after
     /// `REQUEST_HEAD_TIMEOUT_SECS`, HTTP/1 and HTTP/2 alike.
     #[arg(long, env = "REQUEST_TIMEOUT_SECS", default_value_t = 10,
           value_parser = clap::value_parser!(u64).range(1..=300))]

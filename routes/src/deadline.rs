@@ -1,7 +1,6 @@
-//! Time limits past the request head: a request's handler, its body read
-//! included, must finish within `REQUEST_TIMEOUT_SECS`; a connection hyper
-//! serves is closed once no request has been open on it for the idle
-//! deadline.
+//! Time limits past the request head: a request's body must end within
+//! `REQUEST_TIMEOUT_SECS` of its head; a connection hyper serves is closed
+//! once no request has been open on it for the idle deadline.
 //!
 //! Why both: hyper bounds the time to read an HTTP/1 request head and
 //! nothing else. A client that sends a head with `Content-Length: 65000`
@@ -24,26 +23,83 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::body::Body;
-use axum::extract::{Request, State};
-use axum::middleware::Next;
-use axum::response::{IntoResponse, Response};
+use axum::http::Request;
+use axum::response::Response;
 use bytes::Bytes;
 use futures::future::BoxFuture;
+use hyper::body::Incoming;
 use hyper_util::server::graceful::GracefulConnection;
 use tokio::sync::watch;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
-use crate::error::AppError;
-
-/// Middleware: answers `408 {"error":{"code":"request_timeout"}}` when the
-/// handler (reading the body included) has not answered within the
-/// deadline. An event stream's handler answers once the stream starts; the
-/// stream itself is not bounded here.
-pub async fn request_deadline(State(limit): State<Duration>, req: Request, next: Next) -> Response {
-    match tokio::time::timeout(limit, next.run(req)).await {
-        Ok(res) => res,
-        Err(_) => AppError::request_timeout(limit).into_response(),
+/// A request body that must end within its deadline; past it, the next
+/// read fails with [`BodyTimeout`], which a handler's body extractor turns
+/// into `408 {"error":{"code":"request_timeout"}}`.
+///
+/// Only the body is bounded, never the handler: a handler cancelled half-way
+/// through a publish could leave the client told 408 for an event that went
+/// out.
+pub fn bounded(req: Request<Incoming>, limit: Duration) -> Request<Body> {
+    if http_body::Body::is_end_stream(req.body()) {
+        // No body (every event stream): nothing to bound, no timer.
+        return req.map(Body::new);
     }
+    req.map(|body| {
+        Body::new(DeadlineBody {
+            body,
+            deadline: Box::pin(tokio::time::sleep(limit)),
+            limit,
+        })
+    })
+}
+
+/// The body did not end within `REQUEST_TIMEOUT_SECS`.
+#[derive(Debug, thiserror::Error)]
+#[error("the request body did not arrive within REQUEST_TIMEOUT_SECS ({} s)", .0.as_secs())]
+pub struct BodyTimeout(pub Duration);
+
+struct DeadlineBody {
+    body: Incoming,
+    deadline: Pin<Box<tokio::time::Sleep>>,
+    limit: Duration,
+}
+
+impl http_body::Body for DeadlineBody {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, axum::Error>>> {
+        if let Poll::Ready(frame) = Pin::new(&mut self.body).poll_frame(cx) {
+            return Poll::Ready(frame.map(|f| f.map_err(axum::Error::new)));
+        }
+        match self.deadline.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Some(Err(axum::Error::new(BodyTimeout(self.limit))))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
+/// The deadline, if `error` (or what caused it) is a [`BodyTimeout`].
+pub fn body_timeout(error: &(dyn std::error::Error + 'static)) -> Option<Duration> {
+    let mut cause = Some(error);
+    while let Some(e) = cause {
+        if let Some(timeout) = e.downcast_ref::<BodyTimeout>() {
+            return Some(timeout.0);
+        }
+        cause = e.source();
+    }
+    None
 }
 
 /// The requests open on one connection.

@@ -62,7 +62,7 @@ impl AppError {
             StatusCode::REQUEST_TIMEOUT,
             "request_timeout",
             format!(
-                "the request was not complete within REQUEST_TIMEOUT_SECS ({} s)",
+                "the request body did not arrive within REQUEST_TIMEOUT_SECS ({} s)",
                 limit.as_secs()
             ),
         )
@@ -102,6 +102,9 @@ impl From<InvalidInput> for AppError {
 
 impl From<BytesRejection> for AppError {
     fn from(e: BytesRejection) -> Self {
+        if let Some(limit) = crate::deadline::body_timeout(&e) {
+            return Self::request_timeout(limit);
+        }
         let code = if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
             "payload_too_large"
         } else {

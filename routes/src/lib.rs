@@ -24,7 +24,7 @@ pub mod admin;
 pub mod admission;
 pub mod affinity;
 pub mod config;
-mod deadline;
+pub(crate) mod deadline;
 pub mod doctor;
 pub mod error;
 pub mod extract;
@@ -124,10 +124,6 @@ pub fn app(state: Arc<AppState>) -> Result<Router, axum::http::header::InvalidHe
             instance,
         ))
         .option_layer(cors)
-        .layer(axum::middleware::from_fn_with_state(
-            state.settings.request_timeout,
-            deadline::request_deadline,
-        ))
         .layer(DefaultBodyLimit::max(body_limit))
         .service(routes);
     let app = Router::new().fallback_service(stack);

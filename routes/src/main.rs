@@ -233,6 +233,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let limits = sse_scale_server::serve::Limits {
         write_timeout: Duration::from_secs(config.sse_write_timeout_secs),
         head_timeout: config.request_head_timeout(),
+        request_timeout: config.request_timeout(),
         max_pending_heads: config.max_pending_heads as usize,
         stalled: state.counters.stalled_writes_cut.clone(),
         heads_refused: state.counters.heads_refused.clone(),

@@ -81,6 +81,8 @@ pub struct Limits {
     /// A whole request head must arrive within this; an idle keep-alive
     /// connection is closed after it.
     pub head_timeout: Duration,
+    /// A request body must end within this after its head (408).
+    pub request_timeout: Duration,
     /// Connections waiting for a complete first head at once.
     pub max_pending_heads: usize,
     /// Counts connections closed because a write stalled.
@@ -218,6 +220,8 @@ struct Conn {
     head_timeout: Duration,
     stalled: Arc<AtomicU64>,
     first_request_streams: Arc<AtomicU64>,
+    /// A request body must end within this.
+    request_timeout: Duration,
     /// The server stops.
     stop: CancellationToken,
 }
@@ -238,6 +242,7 @@ impl Conn {
             head_timeout: limits.head_timeout,
             stalled: limits.stalled.clone(),
             first_request_streams: limits.first_request_streams.clone(),
+            request_timeout: limits.request_timeout,
             stop: stop.clone(),
         }
     }
@@ -286,11 +291,12 @@ impl Conn {
             io: self.guard(tcp),
         });
         let activity = Activity::new();
+        let request_timeout = self.request_timeout;
         let app = self.app.clone();
         let requests = activity.clone();
         let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
             let open = requests.enter();
-            let mut req = req.map(Body::new);
+            let mut req = deadline::bounded(req, request_timeout);
             req.extensions_mut().insert(ConnectInfo(PeerAddr(peer)));
             let res = app.clone().oneshot(req);
             async move {

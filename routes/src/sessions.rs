@@ -35,9 +35,12 @@ pub async fn create(
     state.limit_session_create(ip).await?;
     // Then the body, read and ignored: a body left unread would make hyper
     // close the keep-alive connection, and a balancer reusing it would fail.
-    axum::body::to_bytes(body, usize::MAX)
-        .await
-        .map_err(|e| AppError::bad_request("invalid_body", e.to_string()))?;
+    axum::body::to_bytes(body, usize::MAX).await.map_err(
+        |e| match crate::deadline::body_timeout(&e) {
+            Some(limit) => AppError::request_timeout(limit),
+            None => AppError::bad_request("invalid_body", e.to_string()),
+        },
+    )?;
     let raw = uuid::Uuid::new_v4().simple().to_string();
     // A simple UUID is 32 hex digits, always a valid session id.
     let Ok(id) = SessionId::parse(&raw) else {

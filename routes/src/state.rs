@@ -89,8 +89,6 @@ pub struct Settings {
     pub node_id: String,
     pub affinity: Affinity,
     pub max_event_bytes: usize,
-    /// A request's body and answer (see `deadline.rs`).
-    pub request_timeout: Duration,
     /// Bytes of unsent replay one client address's streams may hold.
     pub replay_budget_per_address: usize,
 }
@@ -224,7 +222,6 @@ impl AppState {
                 instance_id,
                 node_id,
                 max_event_bytes: config.max_event_bytes as usize,
-                request_timeout: config.request_timeout(),
                 replay_budget_per_address: (config.replay_budget_per_address_mb as usize) << 20,
             },
             counters: Counters::default(),
