@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures::StreamExt;
-use serde_json::Value;
+use serde_json::{json, Value};
 use support::raw::*;
 use support::*;
 
@@ -374,4 +374,64 @@ async fn a_refused_session_creation_does_not_wait_for_its_body() {
         "{body}"
     );
     assert!(started.elapsed() < Duration::from_secs(2));
+}
+
+// Fails before: run slots were limited per session and per instance only;
+// from three addresses, 258 sessions x 4 runs took all 1,024 in 0.9 s.
+#[tokio::test]
+async fn one_address_cannot_take_every_run_slot() {
+    let server = Server::start(&[("MAX_RUNS_PER_ADDRESS", "3")]);
+    let long = json!({ "stages": ["a"], "sections_per_stage": 10, "step_ms": 1000 });
+    let (s1, t1) = new_session(&server).await;
+    let (s2, t2) = new_session(&server).await;
+    for (s, t) in [(&s1, &t1), (&s1, &t1), (&s2, &t2)] {
+        assert_eq!(start_run(&server, s, t, long.clone()).await.status(), 202);
+    }
+    // The address's fourth run, on a session with room to spare.
+    let res = start_run(&server, &s2, &t2, long.clone()).await;
+    assert_eq!(res.status(), 429);
+    let body = res.text().await.unwrap();
+    assert_eq!(code(&body), "too_many_runs", "{body}");
+    assert!(body.contains("MAX_RUNS_PER_ADDRESS"), "{body}");
+    // Another address starts its own.
+    let other = reqwest::Client::builder()
+        .local_address("127.0.0.2".parse::<std::net::IpAddr>().unwrap())
+        .build()
+        .unwrap();
+    let res = other
+        .post(server.url(&format!("/sessions/{s2}/pipeline")))
+        .bearer_auth(&t2)
+        .json(&long)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 202);
+}
+
+// Fails before: a run could ask for 20 stages x 100 sections x 60 s (about
+// 33 h), and a gated run waited there for half an hour.
+#[tokio::test]
+async fn a_run_lasts_at_most_max_run_secs() {
+    let server = Server::start(&[("MAX_RUN_SECS", "2")]);
+    let (s, t) = new_session(&server).await;
+    let slow = json!({ "stages": ["a"], "sections_per_stage": 10, "step_ms": 500 });
+    let res = start_run(&server, &s, &t, slow).await;
+    assert_eq!(res.status(), 400);
+    let body = res.text().await.unwrap();
+    assert!(body.contains("MAX_RUN_SECS"), "{body}");
+    // Short enough to ask for, but it waits at its gate past the deadline.
+    let mut events = SseClient::open(&server, &s, &t).await;
+    events.expect_connected().await;
+    let gated = json!({ "stages": ["a"], "sections_per_stage": 1, "step_ms": 10, "gate": true });
+    assert_eq!(start_run(&server, &s, &t, gated).await.status(), 202);
+    let started = std::time::Instant::now();
+    loop {
+        let event = events.next_event(T).await.expect("the run's events");
+        if event.event.as_deref() == Some("pipeline_cancelled") {
+            assert_eq!(event.json()["reason"], "run_timeout", "{}", event.raw);
+            break;
+        }
+    }
+    let took = started.elapsed();
+    assert!(took >= Duration::from_millis(1800) && took < T, "{took:?}");
 }

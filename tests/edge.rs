@@ -329,16 +329,6 @@ fn weak_secrets_stop_the_server_with_exit_code_2() {
     }
 }
 
-async fn start_run(server: &Server, session: &str, token: &str, body: Value) -> reqwest::Response {
-    post(
-        server,
-        token,
-        &format!("/sessions/{session}/pipeline"),
-        body,
-    )
-    .await
-}
-
 // Fails before the fix: creating sessions was free and unlimited, so every
 // per-session limit was, per client, no limit at all.
 #[tokio::test]

@@ -225,6 +225,18 @@ pub struct Config {
           value_parser = clap::value_parser!(u64).range(1..=1024))]
     pub max_runs_per_session: u64,
 
+    /// Pipeline runs one client address (IPv6: one /64) may have executing
+    /// at once on this instance, whatever their sessions.
+    #[arg(long, env = "MAX_RUNS_PER_ADDRESS", default_value_t = 16,
+          value_parser = clap::value_parser!(u64).range(1..=1024))]
+    pub max_runs_per_address: u64,
+
+    /// Seconds a pipeline run may last, its gate wait included: a run
+    /// asking for more steps is refused, one still going is cancelled.
+    #[arg(long, env = "MAX_RUN_SECS", default_value_t = 3600,
+          value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    pub max_run_secs: u64,
+
     /// Bytes of in-process history one session may hold (its events plus
     /// bookkeeping); past it its oldest events go, so no session can push
     /// the others' history out of `HISTORY_MEMORY_MB`.
@@ -559,6 +571,8 @@ impl std::fmt::Debug for Config {
             .field("sse_client_queue", &self.sse_client_queue)
             .field("sse_write_timeout_secs", &self.sse_write_timeout_secs)
             .field("max_event_bytes", &self.max_event_bytes)
+            .field("max_runs_per_address", &self.max_runs_per_address)
+            .field("max_run_secs", &self.max_run_secs)
             .field("request_timeout_secs", &self.request_timeout_secs)
             .field(
                 "max_connections_per_address",

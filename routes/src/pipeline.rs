@@ -8,8 +8,12 @@
 //! `pipeline_failed` or `pipeline_cancelled`.
 //!
 //! Every run is a task owned by the server's [`TaskTracker`](tokio_util::task::TaskTracker)
-//! with a child of the shutdown token, and is bounded in time: a gate left
-//! unanswered for [`GATE_TIMEOUT`] cancels the run.
+//! with a child of the shutdown token, and is bounded in time: a run asking
+//! for more steps than `MAX_RUN_SECS` allows is refused, one still going
+//! after it (waiting at its gate) is cancelled (`run_timeout`), and a gate
+//! left unanswered for [`GATE_TIMEOUT`] cancels the run. A client address
+//! may have `MAX_RUNS_PER_ADDRESS` runs executing, so no address takes
+//! every slot of the instance.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -25,7 +29,7 @@ use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
 use crate::error::AppError;
-use crate::extract::{AuthedSession, JsonBody, JsonOrDefault};
+use crate::extract::{AuthedSession, ClientIp, JsonBody, JsonOrDefault};
 use crate::runs::{Full, GateDecision, GateOutcome};
 use crate::state::AppState;
 
@@ -65,7 +69,7 @@ impl Default for PipelineRequest {
 }
 
 impl PipelineRequest {
-    fn validate(&self) -> Result<(), AppError> {
+    fn validate(&self, max_run: Duration) -> Result<(), AppError> {
         let bad = |m: String| Err(AppError::bad_request("invalid_pipeline", m));
         if self.stages.is_empty() || self.stages.len() > MAX_STAGES {
             return bad(format!("stages must hold 1-{MAX_STAGES} names"));
@@ -79,6 +83,16 @@ impl PipelineRequest {
         if !(MIN_STEP_MS..=MAX_STEP_MS).contains(&self.step_ms) {
             return bad(format!("step_ms must be {MIN_STEP_MS}-{MAX_STEP_MS}"));
         }
+        let steps = self.stages.len() as u64 * u64::from(self.sections_per_stage);
+        let lasts = Duration::from_millis(steps * self.step_ms);
+        if lasts > max_run {
+            return bad(format!(
+                "{steps} steps of {} ms last {} s, more than MAX_RUN_SECS ({} s)",
+                self.step_ms,
+                lasts.as_secs(),
+                max_run.as_secs()
+            ));
+        }
         Ok(())
     }
 }
@@ -87,9 +101,10 @@ impl PipelineRequest {
 pub async fn start(
     State(state): State<Arc<AppState>>,
     AuthedSession(session): AuthedSession,
+    ClientIp(ip): ClientIp,
     JsonOrDefault(req): JsonOrDefault<PipelineRequest>,
 ) -> Result<Response, AppError> {
-    req.validate()?;
+    req.validate(state.settings.max_run)?;
     state.limit_publish(&session).await?;
     if state.is_draining() {
         return Err(AppError::unavailable("this instance is draining", 1));
@@ -99,8 +114,9 @@ pub async fn start(
     match state.runs.insert(
         &run_id,
         &session,
+        ip,
         cancel.clone(),
-        state.settings.max_runs_per_session,
+        state.settings.run_shares,
     ) {
         Ok(()) => {}
         Err(Full::Instance) => {
@@ -114,6 +130,13 @@ pub async fn start(
                 StatusCode::TOO_MANY_REQUESTS,
                 "too_many_runs",
                 "this session already has MAX_RUNS_PER_SESSION runs executing",
+            ))
+        }
+        Err(Full::Address) => {
+            return Err(AppError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too_many_runs",
+                "this address already has MAX_RUNS_PER_ADDRESS runs executing",
             ))
         }
     }
@@ -229,6 +252,10 @@ async fn execute(
             .await
     };
     let step = Duration::from_millis(req.step_ms);
+    // Checked at each pause and at the gate, never in the middle of a
+    // publish: a run stops between its events.
+    let deadline = tokio::time::Instant::now() + state.settings.max_run;
+    let pause = |step| pause(state, step, deadline, cancel);
     let total = req.stages.len();
     let body = async {
         for (index, stage) in req.stages.iter().enumerate() {
@@ -238,7 +265,7 @@ async fn execute(
             )
             .await?;
             for section in 0..req.sections_per_stage {
-                pause(state, step, cancel).await?;
+                pause(step).await?;
                 let text = format!(
                     "{stage}: section {} of {}",
                     section + 1,
@@ -267,6 +294,7 @@ async fn execute(
                 d = rx => d.map_err(|_| Stop::Cancelled("cancelled"))?,
                 () = cancel.cancelled() => return Err(Stop::Cancelled(cancel_reason(state))),
                 () = tokio::time::sleep(GATE_TIMEOUT) => return Err(Stop::Cancelled("gate_timeout")),
+                () = tokio::time::sleep_until(deadline) => return Err(Stop::Cancelled("run_timeout")),
             };
             emit("gate_resolved", json!({ "run_id": run_id, "approved": decision.approve, "feedback": decision.feedback })).await?;
             if !decision.approve {
@@ -308,9 +336,15 @@ fn cancel_reason(state: &AppState) -> &'static str {
     }
 }
 
-async fn pause(state: &AppState, step: Duration, cancel: &CancellationToken) -> Result<(), Stop> {
+async fn pause(
+    state: &AppState,
+    step: Duration,
+    deadline: tokio::time::Instant,
+    cancel: &CancellationToken,
+) -> Result<(), Stop> {
     tokio::select! {
         () = tokio::time::sleep(step) => Ok(()),
         () = cancel.cancelled() => Err(Stop::Cancelled(cancel_reason(state))),
+        () = tokio::time::sleep_until(deadline) => Err(Stop::Cancelled("run_timeout")),
     }
 }

@@ -63,6 +63,8 @@ enum Control {
 
 struct Run {
     session: SessionId,
+    /// The client address that started it (`MAX_RUNS_PER_ADDRESS`).
+    address: std::net::IpAddr,
     /// Present while the run waits at its gate.
     gate: Option<oneshot::Sender<GateDecision>>,
     cancel: CancellationToken,
@@ -75,6 +77,15 @@ pub enum Full {
     Instance,
     /// The session has its share running.
     Session,
+    /// The client address has its share running.
+    Address,
+}
+
+/// How many runs one session and one client address may have executing.
+#[derive(Debug, Clone, Copy)]
+pub struct Shares {
+    pub per_session: usize,
+    pub per_address: usize,
 }
 
 /// The relay could not reach the other instances.
@@ -115,26 +126,31 @@ impl Runs {
         self.len() == 0
     }
 
-    /// Registers a run, unless the instance already runs [`MAX_RUNS`] or
-    /// the session `per_session` of them.
+    /// Registers a run started from `address`, unless the instance already
+    /// runs [`MAX_RUNS`], or the session or the address its share.
     pub fn insert(
         &self,
         run_id: &str,
         session: &SessionId,
+        address: std::net::IpAddr,
         cancel: CancellationToken,
-        per_session: usize,
+        shares: Shares,
     ) -> Result<(), Full> {
         let mut runs = lock(&self.runs);
         if runs.len() >= MAX_RUNS {
             return Err(Full::Instance);
         }
-        if runs.values().filter(|r| &r.session == session).count() >= per_session {
+        if runs.values().filter(|r| &r.session == session).count() >= shares.per_session {
             return Err(Full::Session);
+        }
+        if runs.values().filter(|r| r.address == address).count() >= shares.per_address {
+            return Err(Full::Address);
         }
         runs.insert(
             run_id.to_owned(),
             Run {
                 session: session.clone(),
+                address,
                 gate: None,
                 cancel,
             },

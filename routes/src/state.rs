@@ -70,8 +70,10 @@ pub struct Settings {
     pub publish_limit: Limit,
     pub stream_limit: Limit,
     pub session_limit: Limit,
-    /// Runs one session may have executing at once.
-    pub max_runs_per_session: usize,
+    /// Runs one session and one client address may have executing at once.
+    pub run_shares: crate::runs::Shares,
+    /// The longest a run may last (`MAX_RUN_SECS`).
+    pub max_run: Duration,
     /// `TRUSTED_PROXIES`: peers whose `X-Forwarded-For` is believed.
     pub trusted_proxies: Vec<ipnet::IpNet>,
     pub max_streams_per_address: usize,
@@ -206,7 +208,11 @@ impl AppState {
                 publish_limit: Limit::per_second(config.rate_limit_publish_per_sec),
                 stream_limit: Limit::per_minute(config.rate_limit_streams_per_min),
                 session_limit: Limit::per_minute(config.rate_limit_sessions_per_min),
-                max_runs_per_session: config.max_runs_per_session as usize,
+                run_shares: crate::runs::Shares {
+                    per_session: config.max_runs_per_session as usize,
+                    per_address: config.max_runs_per_address as usize,
+                },
+                max_run: Duration::from_secs(config.max_run_secs),
                 trusted_proxies: config.trusted_proxies.clone(),
                 max_streams_per_address: config.max_streams_per_address as usize,
                 max_streams: config.max_streams as usize,

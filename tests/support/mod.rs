@@ -190,6 +190,22 @@ pub async fn post(server: &Server, token: &str, path: &str, body: Value) -> reqw
         .unwrap()
 }
 
+/// Starts a pipeline run of the session (`POST /sessions/{id}/pipeline`).
+pub async fn start_run(
+    server: &Server,
+    session: &str,
+    token: &str,
+    body: Value,
+) -> reqwest::Response {
+    post(
+        server,
+        token,
+        &format!("/sessions/{session}/pipeline"),
+        body,
+    )
+    .await
+}
+
 /// Publishes a chat message `{"text": text}` to the session.
 /// Publishes `{"type": ty, "data": data}` to the session; asserts 202 and
 /// returns the event id.
