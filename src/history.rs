@@ -132,7 +132,7 @@ pub struct HistoryLimits {
     /// A session's history is dropped this long after its last event.
     pub ttl: Duration,
     /// Bytes kept over all sessions (events plus bookkeeping); past it,
-    /// the histories of the sessions idle the longest are dropped.
+    /// the largest histories are dropped first.
     pub max_bytes: usize,
     /// Bytes one session may hold; past it its oldest events are dropped,
     /// so one busy session cannot push every other out of `max_bytes`.
@@ -410,19 +410,23 @@ impl Inner {
         }
     }
 
-    /// Drops whole rings, least recently written first, until under `max`.
     /// The ring being written is kept.
+    /// Drops whole rings, the largest first (of equal ones, the idle
+    /// longest), until the sessions hold 90 % of `max`. Largest first, not
+    /// least recently written: a client that fills memory with sessions of
+    /// its own pushes out its own histories before a smaller one of anybody
+    /// else, however long that one has been idle.
     fn evict(&mut self, max: usize, keep: &SessionId) {
-        let mut by_age: Vec<(Instant, SessionId)> = self
+        let mut by_size: Vec<(std::cmp::Reverse<usize>, Instant, SessionId)> = self
             .rings
             .iter()
             .filter(|(s, _)| *s != keep)
-            .map(|(s, r)| (r.touched, s.clone()))
+            .map(|(s, r)| (std::cmp::Reverse(r.bytes), r.touched, s.clone()))
             .collect();
-        by_age.sort();
+        by_size.sort();
         // Evict down to 90 % so the sort is not repeated on every record.
         let target = max / 10 * 9;
-        for (_, session) in by_age {
+        for (_, _, session) in by_size {
             if self.bytes <= target {
                 break;
             }
@@ -561,7 +565,29 @@ mod tests {
     }
 
     #[test]
-    fn memory_cap_drops_the_oldest_sessions() {
+    fn a_flood_of_large_histories_drops_them_before_a_small_idle_one() {
+        let h = History::new(HistoryLimits {
+            maxlen: 100,
+            ttl: Duration::from_secs(60),
+            max_bytes: 8192,
+            session_max_bytes: 4096,
+        });
+        let ids = IdGenerator::new();
+        let victim = frame(&ids, "a small history, written first");
+        h.record(&session("victim"), &victim);
+        let big = "x".repeat(1000);
+        for n in 0..20 {
+            for _ in 0..3 {
+                h.record(&session(&format!("flood{n}")), &frame(&ids, &big));
+            }
+        }
+        assert!(h.usage().1 <= 8192 + 3 * (1000 + 64) + 192);
+        assert_eq!(h.newest(&session("victim")), Some(victim.id));
+        assert!(h.after(&session("victim"), victim.id, ALL).complete());
+    }
+
+    #[test]
+    fn memory_cap_drops_sessions_down_to_the_cap() {
         let h = History::new(HistoryLimits {
             maxlen: 100,
             ttl: Duration::from_secs(60),
@@ -593,11 +619,11 @@ mod tests {
         });
         let ids = IdGenerator::new();
         let s = session("s");
-        let (first, second) = (frame(&ids, "1"), frame(&ids, "2"));
+        let big = "x".repeat(1000);
+        let (first, second) = (frame(&ids, &big), frame(&ids, &big));
         h.record(&s, &first);
         h.record(&s, &second);
-        // Pushed out by other sessions' history.
-        let big = "x".repeat(1000);
+        // Pushed out by other sessions' history: the largest goes first.
         for n in 0..8 {
             h.record(&session(&format!("o{n}")), &frame(&ids, &big));
         }

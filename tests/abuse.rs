@@ -435,3 +435,43 @@ async fn a_run_lasts_at_most_max_run_secs() {
     let took = started.elapsed();
     assert!(took >= Duration::from_millis(1800) && took < T, "{took:?}");
 }
+
+// Fails before: when HISTORY_MEMORY_MB was reached, the sessions written
+// least recently lost their history first: nine sessions of one client,
+// 16 events of 60 KB each, made an idle victim's next resume a reset.
+#[tokio::test]
+async fn one_client_cannot_push_another_session_s_history_out() {
+    let server = Server::start(&[("HISTORY_MEMORY_MB", "8")]);
+    let (victim, victim_token) = new_session(&server).await;
+    let seen = publish(&server, &victim, &victim_token, "stage_start", json!("a")).await;
+    let missed = publish(
+        &server,
+        &victim,
+        &victim_token,
+        "stage_complete",
+        json!("b"),
+    )
+    .await;
+    let draft = "x".repeat(60_000);
+    for _ in 0..9 {
+        let (s, t) = new_session(&server).await;
+        for _ in 0..16 {
+            publish(&server, &s, &t, "section_draft", draft.clone().into()).await;
+        }
+    }
+    let stats = server.stats().await;
+    assert!(
+        stats["history"]["bytes"].as_u64() <= Some(8 << 20),
+        "{stats}"
+    );
+    let mut resumed = SseClient::open_from(&server, &victim, &victim_token, &seen).await;
+    resumed.expect_connected().await;
+    let event = resumed.next_event(T).await.expect("the missed event");
+    assert_eq!(
+        event.event.as_deref(),
+        Some("stage_complete"),
+        "{}",
+        event.raw
+    );
+    assert_eq!(event.id.as_deref(), Some(missed.as_str()));
+}
