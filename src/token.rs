@@ -66,7 +66,15 @@ pub struct TokenSigner {
     /// HMAC keyed once: every token costs the message's hashing only.
     key: HmacSha256,
     previous: Option<HmacSha256>,
+    /// The longest a token may still be valid for: a token whose expiry is
+    /// further out was not issued by this signer's settings (a key that
+    /// leaked minted it), and is refused.
+    max_ttl: Option<Duration>,
 }
+
+/// Clock difference allowed between the instance that issued a token and
+/// the one checking its expiry against [`TokenSigner::with_max_ttl`].
+const SKEW: u64 = 60;
 
 fn keyed(secret: &[u8]) -> HmacSha256 {
     // HMAC accepts keys of any length, so this cannot fail.
@@ -84,7 +92,17 @@ impl TokenSigner {
         Self {
             key: keyed(secret.as_ref()),
             previous: None,
+            max_ttl: None,
         }
+    }
+
+    /// Refuses tokens valid for longer than `ttl` from now (plus a minute
+    /// of clock difference): the lifetime this signer's tokens are issued
+    /// with. Without it, a token minted with a leaked key could be valid
+    /// for ever.
+    pub fn with_max_ttl(mut self, ttl: Duration) -> Self {
+        self.max_ttl = Some(ttl);
+        self
     }
 
     /// Also accepts tokens signed with `previous` (a secret being rotated
@@ -121,8 +139,24 @@ impl TokenSigner {
     }
 
     /// Checks `token` for `session` (constant time in the MAC) and returns
-    /// its scope.
+    /// its scope. A token signed with the previous secret passes.
     pub fn check(&self, session: &SessionId, token: &str) -> Result<Scope, TokenError> {
+        self.verify(session, token, true)
+    }
+
+    /// As [`TokenSigner::check`], but only a token signed with the current
+    /// secret passes: what a refresh needs, so that a key being rotated out
+    /// cannot be turned into tokens of the new one.
+    pub fn check_current(&self, session: &SessionId, token: &str) -> Result<Scope, TokenError> {
+        self.verify(session, token, false)
+    }
+
+    fn verify(
+        &self,
+        session: &SessionId,
+        token: &str,
+        previous_too: bool,
+    ) -> Result<Scope, TokenError> {
         let mut parts = token.splitn(3, '.');
         let (Some(tag), Some(exp), Some(mac)) = (parts.next(), parts.next(), parts.next()) else {
             return Err(TokenError::Malformed);
@@ -132,19 +166,33 @@ impl TokenSigner {
             "s" => Scope::Stream,
             _ => return Err(TokenError::Malformed),
         };
+        // One spelling per token, as issued: digits only, lower-case hex.
+        let canonical = |s: &str, ok: fn(&u8) -> bool| !s.is_empty() && s.as_bytes().iter().all(ok);
+        if !canonical(exp, u8::is_ascii_digit)
+            || !canonical(mac, |b| b.is_ascii_digit() || (b'a'..=b'f').contains(b))
+        {
+            return Err(TokenError::Malformed);
+        }
         let expires: u64 = exp.parse().map_err(|_| TokenError::Malformed)?;
         // An HMAC-SHA256 is 32 bytes: a MAC of any other length is not one of
         // ours, and decoding into a fixed array allocates nothing.
         let mut raw = [0u8; 32];
         hex::decode_to_slice(mac, &mut raw).map_err(|_| TokenError::Malformed)?;
+        let previous = self.previous.as_ref().filter(|_| previous_too);
         let valid = std::iter::once(&self.key)
-            .chain(self.previous.as_ref())
+            .chain(previous)
             .any(|key| Self::mac(key, session, tag, exp).verify_slice(&raw).is_ok());
         if !valid {
             return Err(TokenError::Invalid);
         }
-        if expires <= now_secs() {
+        let now = now_secs();
+        if expires <= now {
             return Err(TokenError::Expired);
+        }
+        if let Some(max) = self.max_ttl {
+            if expires > now.saturating_add(max.as_secs()).saturating_add(SKEW) {
+                return Err(TokenError::Invalid);
+            }
         }
         Ok(scope)
     }
@@ -208,6 +256,40 @@ mod tests {
             );
         }
         assert!(Scope::Full.allows(Scope::Stream) && !Scope::Stream.allows(Scope::Full));
+    }
+
+    #[test]
+    fn one_spelling_per_token_and_no_expiry_past_the_lifetime() {
+        let signer = TokenSigner::new("secret");
+        let full = signer.issue(&s("a"), Scope::Full, HOUR);
+        let (tag, rest) = full.token.split_once('.').unwrap();
+        let (exp, mac) = rest.split_once('.').unwrap();
+        for other in [
+            format!("{tag}.{exp}.{}", mac.to_uppercase()),
+            format!("{tag}.+{exp}.{mac}"),
+            format!("{tag}.0{exp}.{mac}"),
+        ] {
+            assert_ne!(signer.check(&s("a"), &other), Ok(Scope::Full), "{other}");
+        }
+        // A token valid for a year, from a leaked key.
+        let leaked = signer.issue(&s("a"), Scope::Full, HOUR * 24 * 365).token;
+        let bounded = TokenSigner::new("secret").with_max_ttl(HOUR);
+        assert_eq!(bounded.check(&s("a"), &leaked), Err(TokenError::Invalid));
+        assert_eq!(bounded.check(&s("a"), &full.token), Ok(Scope::Full));
+    }
+
+    #[test]
+    fn a_refresh_takes_only_current_secret_tokens() {
+        let old = TokenSigner::new("old-secret");
+        let token = old.issue(&s("a"), Scope::Full, HOUR).token;
+        let rotated = TokenSigner::new("new-secret").with_previous("old-secret");
+        assert_eq!(rotated.check(&s("a"), &token), Ok(Scope::Full));
+        assert_eq!(
+            rotated.check_current(&s("a"), &token),
+            Err(TokenError::Invalid)
+        );
+        let fresh = rotated.issue(&s("a"), Scope::Full, HOUR).token;
+        assert_eq!(rotated.check_current(&s("a"), &fresh), Ok(Scope::Full));
     }
 
     #[test]

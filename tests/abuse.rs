@@ -475,3 +475,68 @@ async fn one_client_cannot_push_another_session_s_history_out() {
     );
     assert_eq!(event.id.as_deref(), Some(missed.as_str()));
 }
+
+/// Publishes with `token` as given in `authorization`; the status.
+async fn publish_with(server: &Server, session: &str, authorization: &str) -> u16 {
+    client()
+        .post(server.url(&format!("/sessions/{session}/events")))
+        .header("authorization", authorization)
+        .json(&json!({ "type": "note", "data": 1 }))
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .as_u16()
+}
+
+// Fails before: a token minted with a leaked previous secret for any
+// session, expiring in 2100, published and was exchanged for a token of
+// the new secret, which outlived the rotation.
+#[tokio::test]
+async fn a_leaked_previous_secret_mints_nothing_that_outlives_the_rotation() {
+    use sse_scale::token::Scope;
+    let old = "an-old-secret-of-at-least-32-bytes-rotated-out";
+    let server = Server::start(&[("SESSION_SECRET_PREVIOUS", old)]);
+    let (session, current) = new_session(&server).await;
+    let id = sse_scale::SessionId::parse(&session).unwrap();
+    let leaked = sse_scale::TokenSigner::new(old);
+    let century = Duration::from_secs(100 * 365 * 86_400);
+    let far = leaked.issue(&id, Scope::Full, century).token;
+    assert_eq!(
+        publish_with(&server, &session, &format!("Bearer {far}")).await,
+        403
+    );
+    // An old-secret token of the usual lifetime still works during the
+    // rotation, but is not exchanged for a new-secret one.
+    let usual = leaked
+        .issue(&id, Scope::Full, Duration::from_secs(3600))
+        .token;
+    assert_eq!(
+        publish_with(&server, &session, &format!("Bearer {usual}")).await,
+        202
+    );
+    let refreshed = post(
+        &server,
+        &usual,
+        &format!("/sessions/{session}/tokens"),
+        json!({}),
+    )
+    .await;
+    assert_eq!(refreshed.status(), 403);
+    let refreshed = post(
+        &server,
+        &current,
+        &format!("/sessions/{session}/tokens"),
+        json!({}),
+    )
+    .await;
+    assert_eq!(refreshed.status(), 200);
+    // The scheme is case-insensitive; the MAC is lower-case hex only.
+    assert_eq!(
+        publish_with(&server, &session, &format!("bearer {current}")).await,
+        202
+    );
+    let (head, mac) = current.rsplit_once('.').unwrap();
+    let upper = format!("Bearer {head}.{}", mac.to_uppercase());
+    assert_eq!(publish_with(&server, &session, &upper).await, 403);
+}

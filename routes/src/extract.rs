@@ -27,6 +27,32 @@ use sse_scale::axum::PeerAddr;
 #[derive(Debug, Clone)]
 pub struct AuthedSession(pub SessionId);
 
+/// A session whose full token, signed with the current secret, the request
+/// proved it holds: what a refresh needs (a token of a secret being rotated
+/// out is not turned into one of the new secret).
+#[derive(Debug, Clone)]
+pub struct CurrentSession(pub SessionId);
+
+impl FromRequestParts<Arc<AppState>> for CurrentSession {
+    type Rejection = AppError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &Arc<AppState>,
+    ) -> Result<Self, Self::Rejection> {
+        authorize(parts, state, Needs::Current).await.map(Self)
+    }
+}
+
+/// What a request's token must be.
+#[derive(Clone, Copy)]
+enum Needs {
+    Stream,
+    Full,
+    /// Full, signed with the current secret.
+    Current,
+}
+
 /// A session whose stream the request may open: a full token, or the
 /// stream-only token meant for `EventSource`'s query string (which cannot
 /// set headers).
@@ -40,7 +66,7 @@ impl FromRequestParts<Arc<AppState>> for StreamSession {
         parts: &mut Parts,
         state: &Arc<AppState>,
     ) -> Result<Self, Self::Rejection> {
-        authorize(parts, state, Scope::Stream).await.map(Self)
+        authorize(parts, state, Needs::Stream).await.map(Self)
     }
 }
 
@@ -51,7 +77,7 @@ impl FromRequestParts<Arc<AppState>> for AuthedSession {
         parts: &mut Parts,
         state: &Arc<AppState>,
     ) -> Result<Self, Self::Rejection> {
-        authorize(parts, state, Scope::Full).await.map(Self)
+        authorize(parts, state, Needs::Full).await.map(Self)
     }
 }
 
@@ -59,7 +85,7 @@ impl FromRequestParts<Arc<AppState>> for AuthedSession {
 async fn authorize(
     parts: &mut Parts,
     state: &Arc<AppState>,
-    needed: Scope,
+    needs: Needs,
 ) -> Result<SessionId, AppError> {
     {
         // The raw parameters, not a map of owned strings: nothing to
@@ -82,7 +108,12 @@ async fn authorize(
                 "missing session token: send `Authorization: Bearer <token>` or `?token=<token>`",
             ));
         };
-        match state.signer.check(&session, &token) {
+        let (checked, needed) = match needs {
+            Needs::Stream => (state.signer.check(&session, &token), Scope::Stream),
+            Needs::Full => (state.signer.check(&session, &token), Scope::Full),
+            Needs::Current => (state.signer.check_current(&session, &token), Scope::Full),
+        };
+        match checked {
             Ok(scope) if scope.allows(needed) => Ok(session),
             Ok(_) => Err(AppError::new(
                 StatusCode::FORBIDDEN,
@@ -144,7 +175,7 @@ impl FromRequestParts<Arc<AppState>> for Admin {
                 "unauthorized",
                 "missing admin token: send `Authorization: Bearer <ADMIN_TOKEN>`",
             )),
-            Some(t) if constant_time_eq(t.as_bytes(), expected.as_bytes()) => Ok(Admin),
+            Some(t) if same_secret(t, expected) => Ok(Admin),
             Some(_) => Err(AppError::new(
                 StatusCode::FORBIDDEN,
                 "forbidden",
@@ -154,14 +185,19 @@ impl FromRequestParts<Arc<AppState>> for Admin {
     }
 }
 
-/// The `Authorization: Bearer <token>` value, if any.
+/// The `Authorization: Bearer <token>` value, if any. The scheme is
+/// case-insensitive (RFC 9110, 11.1).
 fn bearer(parts: &Parts) -> Option<&str> {
-    parts
-        .headers
-        .get(AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim)
+    let value = parts.headers.get(AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+}
+
+/// Whether `given` is `expected`, in a time that says nothing about either:
+/// both are hashed first, so not even the length shows.
+fn same_secret(given: &str, expected: &str) -> bool {
+    use sha2::{Digest, Sha256};
+    constant_time_eq(&Sha256::digest(given), &Sha256::digest(expected))
 }
 
 /// Compares without an early exit, so the time taken says nothing about

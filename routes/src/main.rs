@@ -113,7 +113,8 @@ async fn run(config: Config) -> anyhow::Result<()> {
         Some(secret) => match &config.session_secret_previous {
             Some(previous) => TokenSigner::new(secret).with_previous(previous),
             None => TokenSigner::new(secret),
-        },
+        }
+        .with_max_ttl(Duration::from_secs(config.session_token_ttl_secs)),
         None => {
             tracing::warn!(
                 "SESSION_SECRET is not set: using a random secret; every instance of a \

@@ -20,7 +20,9 @@ use sse_scale::StreamEnd;
 use sse_scale::{EventId, EventType, OutgoingEvent, ReplayBudget, ResumeOutcome, SessionId};
 
 use crate::error::AppError;
-use crate::extract::{AuthedSession, ClientIp, HeartbeatEvents, JsonBody, StreamSession};
+use crate::extract::{
+    AuthedSession, ClientIp, CurrentSession, HeartbeatEvents, JsonBody, StreamSession,
+};
 use crate::state::AppState;
 
 /// `POST /sessions` → `201 {"id", "token"}`.
@@ -68,7 +70,7 @@ fn tokens(state: &AppState, session: &SessionId) -> serde_json::Value {
 /// "expires_at"}`: fresh tokens before the old ones expire.
 pub async fn refresh(
     State(state): State<Arc<AppState>>,
-    AuthedSession(session): AuthedSession,
+    CurrentSession(session): CurrentSession,
     _body: axum::body::Bytes,
 ) -> Json<serde_json::Value> {
     Json(tokens(&state, &session))
