@@ -19,6 +19,8 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -29,7 +31,6 @@ use bytes::Bytes;
 use futures::future::BoxFuture;
 use hyper::body::Incoming;
 use hyper_util::server::graceful::GracefulConnection;
-use tokio::sync::watch;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 /// A request body that must end within its deadline; past it, the next
@@ -44,11 +45,13 @@ pub fn bounded(req: Request<Incoming>, limit: Duration) -> Request<Body> {
         // No body (every event stream): nothing to bound, no timer.
         return req.map(Body::new);
     }
+    let started = tokio::time::Instant::now();
     req.map(|body| {
         Body::new(DeadlineBody {
             body,
-            deadline: Box::pin(tokio::time::sleep(limit)),
+            started,
             limit,
+            deadline: None,
         })
     })
 }
@@ -60,8 +63,11 @@ pub struct BodyTimeout(pub Duration);
 
 struct DeadlineBody {
     body: Incoming,
-    deadline: Pin<Box<tokio::time::Sleep>>,
+    started: tokio::time::Instant,
     limit: Duration,
+    /// Armed the first time the body is not there yet: a body that came
+    /// with its head (most publishes) never costs a timer.
+    deadline: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl http_body::Body for DeadlineBody {
@@ -75,7 +81,11 @@ impl http_body::Body for DeadlineBody {
         if let Poll::Ready(frame) = Pin::new(&mut self.body).poll_frame(cx) {
             return Poll::Ready(frame.map(|f| f.map_err(axum::Error::new)));
         }
-        match self.deadline.as_mut().poll(cx) {
+        let at = self.started + self.limit;
+        let deadline = self
+            .deadline
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(at)));
+        match deadline.as_mut().poll(cx) {
             Poll::Ready(()) => Poll::Ready(Some(Err(axum::Error::new(BodyTimeout(self.limit))))),
             Poll::Pending => Poll::Pending,
         }
@@ -102,34 +112,42 @@ pub fn body_timeout(error: &(dyn std::error::Error + 'static)) -> Option<Duratio
     None
 }
 
-/// The requests open on one connection.
-#[derive(Clone)]
-pub struct Activity(watch::Sender<usize>);
+/// The requests open on one connection. Plain counters, no channel: this
+/// is paid on every request (a publish among them), the idle check once per
+/// deadline and connection.
+#[derive(Clone, Default)]
+pub struct Activity(Arc<Counts>);
+
+#[derive(Default)]
+struct Counts {
+    open: AtomicUsize,
+    /// Requests that ended so far.
+    ended: AtomicU64,
+}
 
 impl Activity {
     pub fn new() -> Self {
-        Self(watch::Sender::new(0))
+        Self::default()
     }
 
     /// A request starts; it ends when the returned guard is dropped.
     pub fn enter(&self) -> Open {
-        self.0.send_modify(|n| *n += 1);
+        self.0.open.fetch_add(1, Ordering::Relaxed);
         Open(self.0.clone())
     }
 
-    /// Resolves once no request has been open for `limit`.
+    /// Resolves once a whole `limit` went by with no request open and none
+    /// ending: between one and two deadlines after the last request ended.
     fn idle_for(&self, limit: Duration) -> BoxFuture<'static, ()> {
-        let mut open = self.0.subscribe();
+        let counts = self.0.clone();
         Box::pin(async move {
             loop {
-                if *open.borrow_and_update() == 0 {
-                    tokio::select! {
-                        () = tokio::time::sleep(limit) => return,
-                        _ = open.changed() => {}
-                    }
-                } else if open.changed().await.is_err() {
-                    // Unreachable while `Watched` holds the sender.
-                    std::future::pending::<()>().await;
+                let ended = counts.ended.load(Ordering::Acquire);
+                tokio::time::sleep(limit).await;
+                if counts.open.load(Ordering::Acquire) == 0
+                    && counts.ended.load(Ordering::Acquire) == ended
+                {
+                    return;
                 }
             }
         })
@@ -137,11 +155,14 @@ impl Activity {
 }
 
 /// One open request; see [`Activity::enter`].
-pub struct Open(watch::Sender<usize>);
+pub struct Open(Arc<Counts>);
 
 impl Drop for Open {
     fn drop(&mut self) {
-        self.0.send_modify(|n| *n -= 1);
+        // Counted as ended before it stops being open: a check in between
+        // sees it either open or ended, never idle.
+        self.0.ended.fetch_add(1, Ordering::Release);
+        self.0.open.fetch_sub(1, Ordering::Release);
     }
 }
 
@@ -215,34 +236,32 @@ mod tests {
     use super::*;
 
     #[tokio::test(start_paused = true)]
-    async fn idle_only_after_the_last_request_ended_for_the_whole_deadline() {
+    async fn idle_only_after_a_whole_deadline_without_requests() {
         let activity = Activity::new();
         let limit = Duration::from_secs(10);
         let open = activity.enter();
-        let mut idle = activity.idle_for(limit);
+        let mut idle = tokio::spawn(activity.idle_for(limit));
         // Busy for longer than the deadline: never idle.
-        tokio::time::advance(Duration::from_secs(30)).await;
-        assert!(futures::poll!(idle.as_mut()).is_pending());
+        tokio::time::sleep(Duration::from_secs(35)).await;
+        assert!(!idle.is_finished());
         drop(open);
-        // Polled after each change, as the change's wake-up would.
-        assert!(futures::poll!(idle.as_mut()).is_pending());
-        tokio::time::advance(Duration::from_secs(6)).await;
-        assert!(futures::poll!(idle.as_mut()).is_pending());
+        let ended = tokio::time::Instant::now();
         // A request in between starts the count again.
+        tokio::time::sleep(Duration::from_secs(8)).await;
         drop(activity.enter());
-        assert!(futures::poll!(idle.as_mut()).is_pending());
-        tokio::time::advance(Duration::from_secs(6)).await;
-        assert!(futures::poll!(idle.as_mut()).is_pending());
-        tokio::time::advance(Duration::from_secs(5)).await;
-        assert!(futures::poll!(idle.as_mut()).is_ready());
+        let last = tokio::time::Instant::now();
+        (&mut idle).await.unwrap();
+        let quiet = last.elapsed();
+        assert!(quiet >= limit && quiet <= limit * 2, "{quiet:?}");
+        assert!(ended.elapsed() > limit);
     }
 
     #[tokio::test]
     async fn a_held_body_keeps_its_request_open_until_dropped() {
         let activity = Activity::new();
         let res = hold_open(Response::new(Body::from("x")), activity.enter());
-        assert_eq!(*activity.0.borrow(), 1);
+        assert_eq!(activity.0.open.load(Ordering::Relaxed), 1);
         drop(res);
-        assert_eq!(*activity.0.borrow(), 0);
+        assert_eq!(activity.0.open.load(Ordering::Relaxed), 0);
     }
 }
