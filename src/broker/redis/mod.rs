@@ -2,7 +2,8 @@
 //!
 //! - **Ids and history** (`publish.rs`): one Lua script per publish appends
 //!   the event to the session's stream (`<prefix>session:<id>:history`,
-//!   `MAXLEN ~` and a TTL), takes the entry id as the event id, and
+//!   trimmed to `HISTORY_MAXLEN` entries and `HISTORY_SESSION_MAX_BYTES`,
+//!   with a TTL), takes the entry id as the event id, and
 //!   publishes the envelope on `<prefix>session:<id>` — one round trip, and
 //!   ids per session are in the order the channel carries them.
 //! - **Delivery** (`subscriber.rs`): one dedicated Pub/Sub connection holds
@@ -189,6 +190,11 @@ impl Keys {
 
     fn history(&self, session: &SessionId) -> String {
         format!("{}:history", self.channel(session))
+    }
+
+    /// The bytes the session's stream holds (see the publish script).
+    fn history_bytes(&self, session: &SessionId) -> String {
+        format!("{}:bytes", self.channel(session))
     }
 
     /// The id of the first event the session's stream ever held.

@@ -48,10 +48,17 @@ end
 /// (a stream that still holds it was never trimmed), KEYS[3] the lost
 /// marker (its life follows the stream's, so it outlives no hole), KEYS[4]
 /// the sequence's last reservation, KEYS[5] the newest event each instance
-/// kept to itself (flag off);
+/// kept to itself (flag off), KEYS[6] the bytes the history holds;
 /// ARGV: channel, node, type, data, maxlen, ttl secs, wanted id, held,
-/// and the command that sends on the channel: `PUBLISH`, or `SPUBLISH` in a
-/// cluster (where the channel shares the keys' slot).
+/// the command that sends on the channel: `PUBLISH`, or `SPUBLISH` in a
+/// cluster (where the channel shares the keys' slot), and the bytes one
+/// session's history may hold.
+///
+/// The history is trimmed here, oldest entries first, to `maxlen` entries
+/// and to the byte cap (what `XADD MAXLEN` cannot do: a count bounds
+/// nothing when events are large). The bytes are counted as entries come
+/// and go; a count that no longer matches the stream (its keys lost apart)
+/// starts again from the event just added, which is never trimmed.
 ///
 /// The wanted id is the publisher's floor (a sequence id past everything it
 /// has issued or seen), or, for an outbox event, the local id its
@@ -72,13 +79,32 @@ if ARGV[8] == '1' and id ~= ARGV[7] then
   table.insert(fields, 'a')
   table.insert(fields, ARGV[7])
 end
-local r = redis.pcall('XADD', KEYS[1], 'MAXLEN', '~', ARGV[5], id, unpack(fields))
+local r = redis.pcall('XADD', KEYS[1], id, unpack(fields))
 if type(r) == 'table' then
   -- Only if the stream's own counter is past its last entry (entries
   -- deleted by hand): Redis picks the id.
-  id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[5], '*', unpack(fields))
+  id = redis.call('XADD', KEYS[1], '*', unpack(fields))
+end
+local function cost(f)
+  local bytes = 64
+  for i = 1, #f do bytes = bytes + #f[i] end
+  return bytes
+end
+local total = redis.call('INCRBY', KEYS[6], cost(fields))
+local len = redis.call('XLEN', KEYS[1])
+while len > tonumber(ARGV[5]) or total > tonumber(ARGV[10]) do
+  local oldest = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', 1)[1]
+  if oldest == nil or oldest[1] == id then
+    total = cost(fields)
+    redis.call('SET', KEYS[6], total)
+    break
+  end
+  redis.call('XDEL', KEYS[1], oldest[1])
+  total = redis.call('DECRBY', KEYS[6], cost(oldest[2]))
+  len = len - 1
 end
 redis.call('EXPIRE', KEYS[1], ARGV[6])
+redis.call('EXPIRE', KEYS[6], ARGV[6])
 redis.call('SET', KEYS[2], id, 'NX')
 redis.call('EXPIRE', KEYS[2], ARGV[6])
 redis.call('EXPIRE', KEYS[3], ARGV[6])
@@ -294,6 +320,7 @@ impl Inner {
         call.key(self.keys.lost(session));
         call.key(self.keys.reserved(session));
         call.key(self.keys.kept_local(session));
+        call.key(self.keys.history_bytes(session));
         call.arg(self.keys.channel(session))
             .arg(&self.settings.node_id)
             .arg(event.event_type.as_str())
@@ -306,7 +333,8 @@ impl Inner {
                 "SPUBLISH"
             } else {
                 "PUBLISH"
-            });
+            })
+            .arg(self.settings.history.session_max_bytes);
         let call = &call;
         let id: String = self
             .redis
