@@ -268,6 +268,39 @@ async fn partial_body_tolerant(conn: &mut TcpStream) -> bool {
     conn.write_all(head).await.is_ok()
 }
 
+/// An instance publishing through `redis`, with room to publish fast.
+fn redis_mode(redis: &RedisServer, extra: &[(&str, &str)]) -> Server {
+    let url = redis.url();
+    let mut env = vec![
+        ("SSE_ADAPTER", "redis"),
+        ("REDIS_URL", url.as_str()),
+        ("FF_REDIS_SSE_BROADCAST", "true"),
+        ("RATE_LIMIT_PUBLISH_PER_SEC", "1000"),
+    ];
+    env.extend_from_slice(extra);
+    Server::start(&env)
+}
+
+/// A new session with `n` events of 60 KB: its id, token and event ids.
+async fn drafts(server: &Server, n: usize) -> (String, String, Vec<String>) {
+    let (session, token) = new_session(server).await;
+    let draft = "x".repeat(60_000);
+    let mut ids = Vec::new();
+    for _ in 0..n {
+        ids.push(
+            publish(
+                server,
+                &session,
+                &token,
+                "section_draft",
+                draft.clone().into(),
+            )
+            .await,
+        );
+    }
+    (session, token, ids)
+}
+
 /// A stream of `session` from `source` resuming after `last`, whose client
 /// reads nothing: its receive buffer is 4 KiB.
 async fn unread_resume(
@@ -294,28 +327,8 @@ async fn unread_resume(
 #[tokio::test]
 async fn unread_replays_hold_no_more_than_the_replay_budget() {
     let redis = RedisServer::start();
-    let url = redis.url();
-    let server = Server::start(&[
-        ("SSE_ADAPTER", "redis"),
-        ("REDIS_URL", &url),
-        ("FF_REDIS_SSE_BROADCAST", "true"),
-        ("RATE_LIMIT_PUBLISH_PER_SEC", "1000"),
-    ]);
-    let (session, token) = new_session(&server).await;
-    let draft = "x".repeat(60_000);
-    let mut ids = Vec::new();
-    for _ in 0..62 {
-        ids.push(
-            publish(
-                &server,
-                &session,
-                &token,
-                "section_draft",
-                draft.clone().into(),
-            )
-            .await,
-        );
-    }
+    let server = redis_mode(&redis, &[]);
+    let (session, token, ids) = drafts(&server, 62).await;
     let before = server.rss();
     let mut unread = Vec::new();
     for _ in 0..40 {
@@ -539,4 +552,141 @@ async fn a_leaked_previous_secret_mints_nothing_that_outlives_the_rotation() {
     let (head, mac) = current.rsplit_once('.').unwrap();
     let upper = format!("Bearer {head}.{}", mac.to_uppercase());
     assert_eq!(publish_with(&server, &session, &upper).await, 403);
+}
+
+async fn create_from_origin(server: &Server, origin: &str) -> u16 {
+    client()
+        .post(server.url("/sessions"))
+        .header("origin", origin)
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .as_u16()
+}
+
+// Fails before: any page could create sessions with its visitors'
+// browsers (a simple cross-origin POST needs no preflight), spending the
+// session budget of the visitor's address, or of everyone behind its NAT.
+#[tokio::test]
+async fn a_page_of_another_origin_cannot_create_sessions() {
+    let server = Server::start(&[("CORS_ALLOWED_ORIGINS", "https://app.example.com")]);
+    assert_eq!(
+        create_from_origin(&server, "https://evil.example").await,
+        403
+    );
+    assert_eq!(create_from_origin(&server, "null").await, 403);
+    // The server's own pages (any port of its host), a listed origin, and
+    // clients that are not browsers.
+    let port = server.addr.rsplit_once(':').unwrap().1;
+    assert_eq!(
+        create_from_origin(&server, &format!("http://127.0.0.1:{port}")).await,
+        201
+    );
+    assert_eq!(
+        create_from_origin(&server, "https://app.example.com").await,
+        201
+    );
+    assert_eq!(
+        client()
+            .post(server.url("/sessions"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        201
+    );
+}
+
+// Fails before: `/events` took data nested 30,000 deep; every other JSON
+// body stops at 128.
+#[tokio::test]
+async fn event_data_nests_no_deeper_than_other_bodies() {
+    let server = Server::start(&[]);
+    let (session, token) = new_session(&server).await;
+    let nested = |n: usize| format!("{}{}", "[".repeat(n), "]".repeat(n));
+    let send = |data: String| {
+        let body = format!(r#"{{"type":"deep","data":{data}}}"#);
+        client()
+            .post(server.url(&format!("/sessions/{session}/events")))
+            .bearer_auth(&token)
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+    };
+    assert_eq!(send(nested(128)).await.unwrap().status(), 202);
+    let res = send(nested(30_000)).await.unwrap();
+    assert_eq!(res.status(), 400);
+    assert_eq!(code(&res.text().await.unwrap()), "invalid_json");
+}
+
+// Fails before: a gate answer for a run no instance holds went to every
+// instance on the control channel, feedback and all, before its 404.
+#[tokio::test]
+async fn a_gate_answer_for_a_run_nobody_holds_is_not_broadcast() {
+    let redis = RedisServer::start();
+    let url = redis.url();
+    let server = Server::start(&[
+        ("SSE_ADAPTER", "redis"),
+        ("REDIS_URL", &url),
+        ("FF_REDIS_SSE_BROADCAST", "true"),
+    ]);
+    let mut control = redis::Client::open(url.as_str())
+        .unwrap()
+        .get_async_pubsub()
+        .await
+        .unwrap();
+    control.subscribe("sse:control").await.unwrap();
+    let (session, token) = new_session(&server).await;
+    let feedback = "FEEDBACK-".repeat(5_000);
+    for run in ["0123456789abcdef0123456789abcdef", "not-a-run-id"] {
+        let res = post(
+            &server,
+            &token,
+            &format!("/sessions/{session}/pipeline/{run}/gate"),
+            json!({ "approve": true, "feedback": feedback }),
+        )
+        .await;
+        assert_eq!(res.status(), 404);
+    }
+    // What went out: the well-formed id's question, without the feedback.
+    let mut messages = control.on_message();
+    let mut seen = Vec::new();
+    while let Ok(Some(msg)) =
+        tokio::time::timeout(Duration::from_millis(500), messages.next()).await
+    {
+        seen.push(msg.get_payload::<String>().unwrap());
+    }
+    assert!(seen.len() <= 1, "{seen:?}");
+    assert!(seen.iter().all(|m| !m.contains("FEEDBACK")), "{seen:?}");
+}
+
+// Fails before: `XADD MAXLEN` bounds entries, not bytes: 150 events of
+// 65 KB gave one session's history 9.5 MiB in Redis, heading for ~64 MB.
+#[tokio::test]
+async fn one_session_s_redis_history_stays_under_its_byte_cap() {
+    let redis = RedisServer::start();
+    let server = redis_mode(&redis, &[("HISTORY_SESSION_MAX_BYTES", "1048576")]);
+    let (session, token, ids) = drafts(&server, 40).await;
+    let held = redis.history(&session);
+    let bytes: usize = held
+        .iter()
+        .map(|(_, fields)| 64 + fields.iter().map(String::len).sum::<usize>())
+        .sum();
+    assert!(bytes <= 1 << 20, "{bytes} bytes in {} entries", held.len());
+    assert!(held.len() >= 15, "trimmed too far: {} entries", held.len());
+    assert_eq!(held.last().unwrap().0, *ids.last().unwrap());
+    // A resume from a trimmed event is told; one from a held event is not.
+    let mut old = SseClient::open_from(&server, &session, &token, &ids[0]).await;
+    old.expect_connected().await;
+    let first = old.next_event(T).await.unwrap();
+    assert_eq!(first.event.as_deref(), Some("reset"), "{}", first.raw);
+    let mut recent = SseClient::open_from(&server, &session, &token, &ids[37]).await;
+    recent.expect_connected().await;
+    for id in &ids[38..] {
+        assert_eq!(
+            recent.next_event(T).await.unwrap().id.as_deref(),
+            Some(id.as_str())
+        );
+    }
 }

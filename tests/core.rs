@@ -884,7 +884,9 @@ fn bad_configuration_exits_with_code_2_and_names_the_variable() {
 
 #[tokio::test]
 async fn affinity_cookie_names_the_instance() {
-    let server = Server::start(&[("INSTANCE_ID", "node-c")]);
+    // The test client stands for the balancer: `X-Forwarded-Proto` is
+    // believed from it only.
+    let server = Server::start(&[("INSTANCE_ID", "node-c"), ("TRUSTED_PROXIES", "127.0.0.1")]);
     let c = client();
     let res = c.post(server.url("/sessions")).send().await.unwrap();
     let cookie = res.headers()["set-cookie"].to_str().unwrap().to_owned();
@@ -912,6 +914,17 @@ async fn affinity_cookie_names_the_instance() {
         cookie.starts_with("sse_affinity=node-c") && cookie.contains("Secure"),
         "{cookie}"
     );
+
+    // From anyone else the header is anyone's to write: ignored.
+    let untrusted = Server::start(&[("INSTANCE_ID", "node-d")]);
+    let res = c
+        .post(untrusted.url("/sessions"))
+        .header("x-forwarded-proto", "https")
+        .send()
+        .await
+        .unwrap();
+    let cookie = res.headers()["set-cookie"].to_str().unwrap();
+    assert!(!cookie.contains("Secure"), "{cookie}");
 
     let off = Server::start(&[("AFFINITY_COOKIE", "")]);
     let res = c.post(off.url("/sessions")).send().await.unwrap();

@@ -574,19 +574,7 @@ async fn the_session_creation_limit_holds_across_instances() {
     // Until an instance reaches Redis it counts in process (documented);
     // the shared budget is what this checks.
     for server in [&a, &b] {
-        let up = eventually(T, || async {
-            let health: serde_json::Value = client()
-                .get(server.url("/healthz?verbose"))
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
-            health["status"] == "ok"
-        })
-        .await;
-        assert!(up, "{} never reached Redis", server.addr);
+        assert!(healthy(server).await, "{} never reached Redis", server.addr);
     }
     new_session(&a).await;
     new_session(&a).await;

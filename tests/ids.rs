@@ -1293,10 +1293,11 @@ async fn a_resume_from_between_an_outbox_events_two_ids_resets_instead_of_repeat
     );
 }
 
-// E0 went through Redis two minutes ago; L1, L2 stay on C (flag off, and
-// no other instance published the session through Redis in the last 60 s,
-// so C does not follow it as shared). Other sessions'
-// history then pushes the session's ring out of HISTORY_MEMORY_MB, and L3
+// E0 went through Redis two minutes ago; L1, L2 and three large events stay
+// on C (flag off, and no other instance published the session through
+// Redis in the last 60 s, so C does not follow it as shared). Other
+// sessions' history then pushes the session's ring, the largest, out of
+// HISTORY_MEMORY_MB, and L3
 // starts a new one: a resume on C from E0 must not be answered with L3
 // alone.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -1309,14 +1310,17 @@ async fn a_flag_off_resume_after_the_sessions_history_was_evicted_resets_instead
     let e0 = published_long_ago(&redis, &session, "E0", "a");
     let l1 = accept(&c, &session, &token, "L1").await;
     let l2 = accept(&c, &session, &token, "L2").await;
-    // About 1.4 MB of other sessions' flag-off events; the session's ring
-    // is the least recently written.
+    // Large events of the session's own: past HISTORY_MEMORY_MB the largest
+    // ring goes first, and this one is the largest.
+    let mut large = Vec::new();
+    for n in 1..=3 {
+        large.push(accept(&c, &session, &token, &format!("P{n}{}", "z".repeat(60_000))).await);
+    }
+    // About 1.2 MB of other sessions' flag-off events, one each.
     let pad = json!("z".repeat(60_000));
-    for _ in 0..4 {
+    for _ in 0..20 {
         let (other, other_token) = new_session(&c).await;
-        for _ in 0..6 {
-            publish(&c, &other, &other_token, "pad", pad.clone()).await;
-        }
+        publish(&c, &other, &other_token, "pad", pad.clone()).await;
     }
     let dropped = eventually(Duration::from_secs(5), || {
         let hit = c
@@ -1335,7 +1339,9 @@ async fn a_flag_off_resume_after_the_sessions_history_was_evicted_resets_instead
     );
     let l3 = accept(&c, &session, &token, "L3").await;
 
-    let all = [e0.clone(), l1, l2, l3];
+    let mut all = vec![e0.clone(), l1, l2];
+    all.extend(large);
+    all.push(l3);
     let result = judge_resume(
         "on C",
         &c,

@@ -690,6 +690,8 @@ async fn a_hung_redis_does_not_hold_up_shutdown_and_the_held_events_are_reported
 async fn an_outbox_reaches_a_redis_that_returns_while_the_instance_stops() {
     let redis = RedisServer::start();
     let mut a = quickly_stopped_instance(&redis, "a");
+    // Connected first: a publish before that waits in the outbox too.
+    assert!(healthy(&a).await, "{}", a.log.lock().unwrap());
     let (id, token) = new_session(&a).await;
     // The script is loaded: a first publish may send it by hash only.
     publish(&a, &id, &token, "first", json!({ "n": -1 })).await;

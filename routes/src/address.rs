@@ -34,6 +34,12 @@ pub fn client_address<'a>(
     group(client)
 }
 
+/// Whether `peer` is one of `trusted` (a balancer).
+pub fn is_trusted(peer: IpAddr, trusted: &[ipnet::IpNet]) -> bool {
+    let peer = canonical(peer);
+    trusted.iter().any(|net| net.contains(&peer))
+}
+
 /// An IPv4-mapped IPv6 address is the IPv4 address.
 fn canonical(ip: IpAddr) -> IpAddr {
     match ip {

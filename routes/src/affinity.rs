@@ -6,7 +6,6 @@
 //! carrying another instance's name (its instance died and the balancer
 //! failed it over), the cookie is rewritten: the client is re-pinned here.
 
-use axum::http::HeaderMap;
 use axum_extra::extract::cookie::{Cookie, CookieJar, SameSite};
 
 #[derive(Debug, Clone)]
@@ -27,16 +26,13 @@ impl Affinity {
         }
     }
 
-    /// Adds the cookie to `jar`. `headers` are the request's: behind a TLS
-    /// terminator (`X-Forwarded-Proto: https`) the cookie is `Secure`.
-    pub fn pin(&self, jar: CookieJar, headers: &HeaderMap) -> CookieJar {
+    /// Adds the cookie to `jar`; `Secure` when the request came `behind_tls`
+    /// (`extract::BehindTls`).
+    pub fn pin(&self, jar: CookieJar, behind_tls: bool) -> CookieJar {
         let Some(name) = &self.name else { return jar };
         if let Some(prev) = jar.get(name).filter(|c| c.value() != self.instance_id) {
             tracing::debug!(from = prev.value(), to = %self.instance_id, "re-pinning client");
         }
-        let behind_tls = headers
-            .get("x-forwarded-proto")
-            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"https"));
         let cookie = Cookie::build((name.clone(), self.instance_id.clone()))
             .path("/")
             .http_only(true)

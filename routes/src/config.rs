@@ -270,7 +270,8 @@ pub struct Config {
     pub affinity_cookie: String,
 
     /// Always mark the affinity cookie `Secure` (it is also marked when the
-    /// request arrived with `X-Forwarded-Proto: https`): true/false, on/off,
+    /// request arrived with `X-Forwarded-Proto: https` from one of
+    /// `TRUSTED_PROXIES`): true/false, on/off,
     /// yes/no, 1/0.
     #[arg(long, env = "AFFINITY_COOKIE_SECURE", default_value_t = false, action = clap::ArgAction::Set,
           value_parser = clap::builder::BoolishValueParser::new(), hide_possible_values = true)]

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use axum::body::Bytes;
 use axum::extract::{ConnectInfo, FromRequest, FromRequestParts, RawPathParams, Request};
-use axum::http::header::AUTHORIZATION;
+use axum::http::header::{AUTHORIZATION, HOST, ORIGIN};
 use axum::http::request::Parts;
 use axum::http::StatusCode;
 use serde::de::DeserializeOwned;
@@ -131,6 +131,97 @@ async fn authorize(
                 "the token does not grant access to this session",
             )),
         }
+    }
+}
+
+/// Whether the request reached the balancer over TLS: `X-Forwarded-Proto:
+/// https`, believed only from a peer in `TRUSTED_PROXIES` (anyone else can
+/// write the header).
+#[derive(Debug, Clone, Copy)]
+pub struct BehindTls(pub bool);
+
+impl FromRequestParts<Arc<AppState>> for BehindTls {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &Arc<AppState>,
+    ) -> Result<Self, Self::Rejection> {
+        let https = parts
+            .headers
+            .get("x-forwarded-proto")
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"https"));
+        let trusted = || {
+            parts
+                .extensions
+                .get::<ConnectInfo<PeerAddr>>()
+                .is_some_and(|c| {
+                    crate::address::is_trusted(c.0 .0.ip(), &state.settings.trusted_proxies)
+                })
+        };
+        Ok(Self(https && trusted()))
+    }
+}
+
+/// A request that no page of another origin made, unless that origin is in
+/// `CORS_ALLOWED_ORIGINS`: a browser names the page's origin in `Origin`
+/// on every cross-origin `POST`, and a page elsewhere must not spend its
+/// visitors' (or their network's) session budget. Requests without
+/// `Origin` (servers, workers, `curl`) and from the server's own origin
+/// pass.
+#[derive(Debug, Clone, Copy)]
+pub struct AllowedOrigin;
+
+impl FromRequestParts<Arc<AppState>> for AllowedOrigin {
+    type Rejection = AppError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &Arc<AppState>,
+    ) -> Result<Self, Self::Rejection> {
+        let Some(origin) = parts.headers.get(ORIGIN) else {
+            return Ok(Self);
+        };
+        let origin = origin.to_str().unwrap_or_default();
+        // The host names only: a balancer may pass `Host` without the
+        // port (nginx's `$host`), and another port of the same host is the
+        // same site anyway.
+        let own = parts
+            .headers
+            .get(HOST)
+            .and_then(|h| h.to_str().ok())
+            .is_some_and(|host| {
+                origin.split_once("://").is_some_and(|(_, authority)| {
+                    host_name(authority).eq_ignore_ascii_case(host_name(host))
+                })
+            });
+        if own
+            || state
+                .settings
+                .cors_allowed_origins
+                .iter()
+                .any(|o| o == origin)
+        {
+            return Ok(Self);
+        }
+        Err(AppError::new(
+            StatusCode::FORBIDDEN,
+            "origin_not_allowed",
+            "this origin may not create sessions: add it to CORS_ALLOWED_ORIGINS",
+        ))
+    }
+}
+
+/// `authority` without its port (`[::1]:80` → `[::1]`).
+fn host_name(authority: &str) -> &str {
+    match authority.rsplit_once(':') {
+        Some((host, port))
+            if port.bytes().all(|b| b.is_ascii_digit())
+                && (!host.starts_with('[') || host.ends_with(']')) =>
+        {
+            host
+        }
+        _ => authority,
     }
 }
 
@@ -273,4 +364,20 @@ impl<S: Send + Sync, T: DeserializeOwned + Default> FromRequest<S> for JsonOrDef
 fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, AppError> {
     serde_json::from_slice(bytes)
         .map_err(|e| AppError::bad_request("invalid_json", format!("invalid JSON body: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secrets_compare_whole_and_hosts_without_ports() {
+        assert!(same_secret("an-admin-token-0123", "an-admin-token-0123"));
+        assert!(!same_secret("an-admin-token-0123", "an-admin-token-012"));
+        assert!(!same_secret("", "an-admin-token-0123"));
+        assert_eq!(host_name("app.example:8080"), "app.example");
+        assert_eq!(host_name("app.example"), "app.example");
+        assert_eq!(host_name("[::1]:3000"), "[::1]");
+        assert_eq!(host_name("[::1]"), "[::1]");
+    }
 }

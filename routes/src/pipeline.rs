@@ -166,6 +166,10 @@ pub async fn gate(
     Path((_, run_id)): Path<(String, String)>,
     JsonBody(decision): JsonBody<GateDecision>,
 ) -> Result<Response, AppError> {
+    // Never issued here (ids are 32 hex digits): not worth asking anyone.
+    if run_id.len() != 32 || !run_id.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(unknown_run(&run_id));
+    }
     state.limit_publish(&session).await?;
     let outcome = match state
         .runs

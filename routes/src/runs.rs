@@ -211,8 +211,11 @@ impl Runs {
         }
     }
 
-    /// Asks every instance for the run; `apply` sends the decision, else
-    /// the owner only says it has the run.
+    /// Asks every instance for the run; `apply` then sends the decision to
+    /// the owner, else the owner only says it has the run.
+    ///
+    /// Asked first without the decision: an answer for a run no instance
+    /// holds (a made-up id) never goes to every instance with its feedback.
     pub async fn relay(
         &self,
         session: &SessionId,
@@ -223,6 +226,20 @@ impl Runs {
         if !self.bus.reaches_others() {
             return Ok(GateOutcome::Unknown);
         }
+        let owned = self.ask(session, run_id, None).await?;
+        if !apply || owned != GateOutcome::Elsewhere {
+            return Ok(owned);
+        }
+        self.ask(session, run_id, Some(decision)).await
+    }
+
+    /// One question on the control bus, and the owner's reply.
+    async fn ask(
+        &self,
+        session: &SessionId,
+        run_id: &str,
+        decision: Option<GateDecision>,
+    ) -> Result<GateOutcome, RelayError> {
         let req = uuid::Uuid::new_v4().simple().to_string();
         let (tx, rx) = oneshot::channel();
         lock(&self.pending).insert(req.clone(), tx);
@@ -232,7 +249,7 @@ impl Runs {
             from: self.node_id.clone(),
             run_id: run_id.to_owned(),
             session: session.to_string(),
-            decision: apply.then_some(decision),
+            decision,
         };
         self.send(&msg).await?;
         Ok(tokio::time::timeout(RELAY_TIMEOUT, rx)

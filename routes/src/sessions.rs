@@ -21,7 +21,8 @@ use sse_scale::{EventId, EventType, OutgoingEvent, ReplayBudget, ResumeOutcome, 
 
 use crate::error::AppError;
 use crate::extract::{
-    AuthedSession, ClientIp, CurrentSession, HeartbeatEvents, JsonBody, StreamSession,
+    AllowedOrigin, AuthedSession, BehindTls, ClientIp, CurrentSession, HeartbeatEvents, JsonBody,
+    StreamSession,
 };
 use crate::state::AppState;
 
@@ -29,8 +30,9 @@ use crate::state::AppState;
 pub async fn create(
     State(state): State<Arc<AppState>>,
     ClientIp(ip): ClientIp,
+    _from: AllowedOrigin,
+    BehindTls(behind_tls): BehindTls,
     jar: CookieJar,
-    headers: HeaderMap,
     body: axum::body::Body,
 ) -> Result<Response, AppError> {
     // The limit first: a refused client's body is never read.
@@ -48,7 +50,7 @@ pub async fn create(
     let Ok(id) = SessionId::parse(&raw) else {
         unreachable!("uuid is a valid session id")
     };
-    let jar = state.settings.affinity.pin(jar, &headers);
+    let jar = state.settings.affinity.pin(jar, behind_tls);
     let mut body = tokens(&state, &id);
     body["id"] = id.as_str().into();
     Ok((StatusCode::CREATED, jar, Json(body)).into_response())
@@ -77,12 +79,15 @@ pub async fn refresh(
 }
 
 /// `GET /sessions/{id}/events` → `text/event-stream`.
+// One extractor per thing the request says: axum's way, not a design smell.
+#[allow(clippy::too_many_arguments)]
 pub async fn stream(
     State(state): State<Arc<AppState>>,
     StreamSession(session): StreamSession,
     ClientIp(ip): ClientIp,
     LastEventId(resume_from): LastEventId,
     HeartbeatEvents(heartbeat_events): HeartbeatEvents,
+    BehindTls(behind_tls): BehindTls,
     method: Method,
     headers: HeaderMap,
 ) -> Result<Response, AppError> {
@@ -154,7 +159,7 @@ pub async fn stream(
     let jar = state
         .settings
         .affinity
-        .pin(CookieJar::from_headers(&headers), &headers);
+        .pin(CookieJar::from_headers(&headers), behind_tls);
     Ok((jar, response).into_response())
 }
 
@@ -234,6 +239,64 @@ impl Drop for AddressSlot {
     }
 }
 
+/// How deep `data` may nest: what every other JSON body here may
+/// (serde_json's own limit), so a client's `JSON.parse` never meets more.
+const MAX_DATA_DEPTH: usize = 128;
+
+/// Whether the JSON text `raw` (already valid) nests arrays and objects
+/// deeper than `limit`. `data` is passed on as sent, never parsed into a
+/// value, so its depth is counted here: brackets outside strings.
+fn nested_deeper_than(raw: &str, limit: usize) -> bool {
+    // Each level takes a byte: a shorter text cannot be that deep.
+    if raw.len() <= limit {
+        return false;
+    }
+    let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
+    for &b in raw.as_bytes() {
+        if in_string {
+            match b {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > limit {
+                    return true;
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::nested_deeper_than;
+
+    #[test]
+    fn depth_counts_brackets_outside_strings() {
+        let deep = |n: usize| format!("{}{}", "[".repeat(n), "]".repeat(n));
+        assert!(!nested_deeper_than(&deep(128), 128));
+        assert!(nested_deeper_than(&deep(129), 128));
+        let objects = format!("{}1{}", r#"{"a":"#.repeat(129), "}".repeat(129));
+        assert!(nested_deeper_than(&objects, 128));
+        // Brackets inside strings, escaped quotes included, do not count.
+        let quoted = format!(r#"["\"{}"]"#, "[".repeat(500));
+        assert!(!nested_deeper_than(&quoted, 128));
+        // Wide is not deep.
+        let wide = format!("[{}1]", "[1],".repeat(1000));
+        assert!(!nested_deeper_than(&wide, 128));
+    }
+}
+
 /// The `202 {"id": "<event id>"}` every publishing route answers with.
 pub fn accepted(id: EventId) -> Response {
     // `{"id":"<ms>-<seq>"}`: an id is digits and a dash, nothing to escape,
@@ -294,6 +357,12 @@ pub async fn publish(
         || "null".to_owned(),
         |raw| String::from(Box::<str>::from(raw)),
     );
+    if nested_deeper_than(&data, MAX_DATA_DEPTH) {
+        return Err(AppError::bad_request(
+            "invalid_json",
+            format!("data is nested deeper than {MAX_DATA_DEPTH} levels"),
+        ));
+    }
     state
         .publish(&session, OutgoingEvent::new(event_type, data))
         .await

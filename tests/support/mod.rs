@@ -190,6 +190,23 @@ pub async fn post(server: &Server, token: &str, path: &str, body: Value) -> reqw
         .unwrap()
 }
 
+/// Waits until `server` says it is healthy (`/healthz?verbose`: Redis
+/// reached, subscriber connected, nothing waiting); whether it did.
+pub async fn healthy(server: &Server) -> bool {
+    eventually(Duration::from_secs(5), || async {
+        let health: Value = client()
+            .get(server.url("/healthz?verbose"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        health["status"] == "ok"
+    })
+    .await
+}
+
 /// Starts a pipeline run of the session (`POST /sessions/{id}/pipeline`).
 pub async fn start_run(
     server: &Server,
