@@ -75,7 +75,21 @@ pub struct Unleash {
 
 impl Unleash {
     /// Starts a server on a fresh database and waits until it is healthy.
+    /// A port another process took between choosing it and listening on it
+    /// (the machine is shared) costs a retry on another port, not the test.
     pub async fn start() -> Unleash {
+        let mut failed = String::new();
+        for _ in 0..3 {
+            match Self::try_start().await {
+                Ok(server) => return server,
+                Err(log) if log.contains("EADDRINUSE") => failed = log,
+                Err(log) => panic!("Unleash did not become healthy:\n{log}"),
+            }
+        }
+        panic!("Unleash found no free port in three tries:\n{failed}");
+    }
+
+    async fn try_start() -> Result<Unleash, String> {
         let dir = install();
         let port = free_port();
         let database = format!("sse_scale_unleash_{port}");
@@ -99,7 +113,7 @@ impl Unleash {
             .stderr(log_file)
             .spawn()
             .expect("run unleash-server with the Node that setup.sh chose");
-        let server = Unleash {
+        let mut server = Unleash {
             port,
             database,
             log,
@@ -110,12 +124,16 @@ impl Unleash {
         while Instant::now() < deadline {
             if let Ok(r) = reqwest::get(&health).await {
                 if r.status().is_success() {
-                    return server;
+                    return Ok(server);
                 }
+            }
+            let exited = server.child.as_mut().map(|c| c.try_wait());
+            if let Some(Ok(Some(_))) = exited {
+                return Err(server.log());
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        panic!("Unleash did not become healthy:\n{}", server.log());
+        Err(server.log())
     }
 
     /// What the server logged.
