@@ -690,3 +690,29 @@ async fn one_session_s_redis_history_stays_under_its_byte_cap() {
         );
     }
 }
+
+// Fails before: the publishing routes read their body before their rate
+// limit ran, so a client over its limit still held a connection for its
+// whole body.
+#[tokio::test]
+async fn a_publish_over_its_rate_limit_does_not_wait_for_its_body() {
+    let server = Server::start(&[
+        ("RATE_LIMIT_PUBLISH_PER_SEC", "1"),
+        ("REQUEST_TIMEOUT_SECS", "30"),
+    ]);
+    let (session, token) = new_session(&server).await;
+    publish(&server, &session, &token, "note", json!(1)).await;
+    let mut conn = connect(&server).await;
+    let head = format!(
+        "POST /sessions/{session}/events HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\nContent-Length: 1000\r\n\r\n{{"
+    );
+    conn.write_all(head.as_bytes()).await.unwrap();
+    let started = std::time::Instant::now();
+    let (status, body) = read_response(&mut conn).await;
+    assert_eq!(
+        (status, code(&body).as_str()),
+        (429, "rate_limited"),
+        "{body}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(2));
+}

@@ -27,6 +27,26 @@ use sse_scale::axum::PeerAddr;
 #[derive(Debug, Clone)]
 pub struct AuthedSession(pub SessionId);
 
+/// An [`AuthedSession`] within its publish rate limit
+/// (`RATE_LIMIT_PUBLISH_PER_SEC`), checked before the request's body is
+/// read: a client over its limit gets its 429 without sending the body,
+/// and holds nothing while it would.
+#[derive(Debug, Clone)]
+pub struct PublishingSession(pub SessionId);
+
+impl FromRequestParts<Arc<AppState>> for PublishingSession {
+    type Rejection = AppError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &Arc<AppState>,
+    ) -> Result<Self, Self::Rejection> {
+        let session = authorize(parts, state, Needs::Full).await?;
+        state.limit_publish(&session).await?;
+        Ok(Self(session))
+    }
+}
+
 /// A session whose full token, signed with the current secret, the request
 /// proved it holds: what a refresh needs (a token of a secret being rotated
 /// out is not turned into one of the new secret).

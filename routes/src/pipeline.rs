@@ -29,7 +29,7 @@ use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
 use crate::error::AppError;
-use crate::extract::{AuthedSession, ClientIp, JsonBody, JsonOrDefault};
+use crate::extract::{AuthedSession, ClientIp, JsonBody, JsonOrDefault, PublishingSession};
 use crate::runs::{Full, GateDecision, GateOutcome};
 use crate::state::AppState;
 
@@ -100,12 +100,11 @@ impl PipelineRequest {
 /// `POST /sessions/{id}/pipeline` → `202 {"run_id"}`.
 pub async fn start(
     State(state): State<Arc<AppState>>,
-    AuthedSession(session): AuthedSession,
+    PublishingSession(session): PublishingSession,
     ClientIp(ip): ClientIp,
     JsonOrDefault(req): JsonOrDefault<PipelineRequest>,
 ) -> Result<Response, AppError> {
     req.validate(state.settings.max_run)?;
-    state.limit_publish(&session).await?;
     if state.is_draining() {
         return Err(AppError::unavailable("this instance is draining", 1));
     }
@@ -162,7 +161,7 @@ pub async fn start(
 /// balancer sent this session to the wrong instance.
 pub async fn gate(
     State(state): State<Arc<AppState>>,
-    AuthedSession(session): AuthedSession,
+    PublishingSession(session): PublishingSession,
     Path((_, run_id)): Path<(String, String)>,
     JsonBody(decision): JsonBody<GateDecision>,
 ) -> Result<Response, AppError> {
@@ -170,7 +169,6 @@ pub async fn gate(
     if run_id.len() != 32 || !run_id.bytes().all(|b| b.is_ascii_hexdigit()) {
         return Err(unknown_run(&run_id));
     }
-    state.limit_publish(&session).await?;
     let outcome = match state
         .runs
         .resolve_local(&session, &run_id, Some(decision.clone()))

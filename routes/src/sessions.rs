@@ -21,8 +21,8 @@ use sse_scale::{EventId, EventType, OutgoingEvent, ReplayBudget, ResumeOutcome, 
 
 use crate::error::AppError;
 use crate::extract::{
-    AllowedOrigin, AuthedSession, BehindTls, ClientIp, CurrentSession, HeartbeatEvents, JsonBody,
-    StreamSession,
+    AllowedOrigin, BehindTls, ClientIp, CurrentSession, HeartbeatEvents, JsonBody,
+    PublishingSession, StreamSession,
 };
 use crate::state::AppState;
 
@@ -321,10 +321,10 @@ pub struct MessageBody {
 /// `POST /sessions/{id}/messages` `{"text"}` → 202, event `chat_message`.
 pub async fn message(
     State(state): State<Arc<AppState>>,
-    AuthedSession(session): AuthedSession,
+    PublishingSession(session): PublishingSession,
     JsonBody(body): JsonBody<MessageBody>,
 ) -> Result<Response, AppError> {
-    state.limit_event_publish(&session).await?;
+    state.accept_publish(&session)?;
     let event = OutgoingEvent::json(
         EventType::from_static("chat_message"),
         &json!({ "text": body.text }),
@@ -343,10 +343,10 @@ pub struct PublishBody {
 /// used by background workers. `data` is sent exactly as given.
 pub async fn publish(
     State(state): State<Arc<AppState>>,
-    AuthedSession(session): AuthedSession,
+    PublishingSession(session): PublishingSession,
     JsonBody(body): JsonBody<PublishBody>,
 ) -> Result<Response, AppError> {
-    state.limit_event_publish(&session).await?;
+    state.accept_publish(&session)?;
     let event_type = EventType::parse(&body.event_type)?;
     // The stream's own types, EventSource's `open` and `error`, the client's
     // `*` (`RESERVED_EVENT_TYPES`): a client would misread any of them.

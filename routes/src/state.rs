@@ -303,13 +303,6 @@ impl AppState {
         Ok(self.broadcaster.publish(session, event).await?)
     }
 
-    /// The per-session limit of the publishing routes, after
-    /// [`AppState::accept_publish`].
-    pub async fn limit_event_publish(&self, session: &SessionId) -> Result<(), AppError> {
-        self.accept_publish(session)?;
-        self.limit_publish(session).await
-    }
-
     /// The per-session limit of the publishing routes.
     pub async fn limit_publish(&self, session: &SessionId) -> Result<(), AppError> {
         let key = format!("publish:{session}");

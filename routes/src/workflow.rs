@@ -10,7 +10,7 @@ use serde_json::{json, Map, Value};
 use sse_scale::{EventType, OutgoingEvent};
 
 use crate::error::AppError;
-use crate::extract::{AuthedSession, JsonBody};
+use crate::extract::{JsonBody, PublishingSession};
 use crate::sessions::accepted;
 use crate::state::AppState;
 
@@ -22,10 +22,10 @@ pub struct ReplanBody {
 /// `POST /sessions/{id}/workflow/replan` `{"reason"}` → 202, event `replan`.
 pub async fn replan(
     State(state): State<Arc<AppState>>,
-    AuthedSession(session): AuthedSession,
+    PublishingSession(session): PublishingSession,
     JsonBody(body): JsonBody<ReplanBody>,
 ) -> Result<Response, AppError> {
-    state.limit_event_publish(&session).await?;
+    state.accept_publish(&session)?;
     let event = OutgoingEvent::json(
         EventType::from_static("replan"),
         &json!({ "reason": body.reason }),
@@ -37,10 +37,10 @@ pub async fn replan(
 /// `preferences_updated` carrying the object.
 pub async fn preferences(
     State(state): State<Arc<AppState>>,
-    AuthedSession(session): AuthedSession,
+    PublishingSession(session): PublishingSession,
     JsonBody(prefs): JsonBody<Map<String, Value>>,
 ) -> Result<Response, AppError> {
-    state.limit_event_publish(&session).await?;
+    state.accept_publish(&session)?;
     let event = OutgoingEvent::json(
         EventType::from_static("preferences_updated"),
         &json!({ "preferences": prefs }),
