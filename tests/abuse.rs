@@ -354,7 +354,9 @@ async fn unread_replays_hold_no_more_than_the_replay_budget() {
         server.log.lock().unwrap()
     );
     let grown = server.rss().saturating_sub(before);
-    assert!(grown < 32 << 20, "RSS grew by {} MiB", grown >> 20);
+    // The budget holds at most 8 MiB; the rest is reads in flight (at most
+    // four at a time and one waiting, each up to REPLAY_MAX_BYTES).
+    assert!(grown < 28 << 20, "RSS grew by {} MiB", grown >> 20);
     // Another address resumes as usual, replay and all.
     let mut other = connect_from(&server, "127.0.0.2").await;
     let head = format!(

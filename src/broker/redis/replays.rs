@@ -27,7 +27,7 @@ use crate::event::{EventId, SessionId};
 use crate::redis_client::CallError;
 
 /// Resume reads running at once.
-pub(super) const READS: usize = 8;
+pub(super) const READS: usize = 4;
 
 type Read = Shared<BoxFuture<'static, Result<Replay, CallError>>>;
 
