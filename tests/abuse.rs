@@ -223,7 +223,18 @@ async fn one_address_holds_at_most_its_share_of_connections() {
 async fn a_descriptor_flood_leaves_health_checks_answering() {
     // 300 descriptors: MAX_CONNECTIONS defaults to 172 of them.
     let server = Server::start_with_open_files(&[], 300);
+    let (session, token) = new_session(&server).await;
     let mut flood = Vec::new();
+    // Event streams first: a stream waiting for its next event holds its
+    // socket without a task, and must still count.
+    for i in 0..100u32 {
+        let mut conn = connect_from(&server, &format!("127.0.4.{}", 10 + i)).await;
+        let head =
+            format!("GET /sessions/{session}/events?token={token} HTTP/1.1\r\nHost: x\r\n\r\n");
+        if conn.write_all(head.as_bytes()).await.is_ok() {
+            flood.push(conn);
+        }
+    }
     // From many addresses, as a botnet would: no per-address limit helps.
     for i in 0..400u32 {
         let source = format!("127.0.{}.{}", 1 + i / 200, 10 + i % 200);

@@ -112,9 +112,13 @@ impl Admission {
         max_per_address: u32,
         trusted: Vec<ipnet::IpNet>,
     ) -> Arc<Self> {
+        // However it is set, no address gets more than half the instance.
+        let half = u32::try_from(max_connections / 2)
+            .unwrap_or(u32::MAX)
+            .max(1);
         Arc::new(Self {
             per_address: Mutex::new(HashMap::new()),
-            max_per_address,
+            max_per_address: max_per_address.min(half),
             served: Arc::new(Semaphore::new(max_connections)),
             reserve: Arc::new(Semaphore::new(RESERVE)),
             over_address: Arc::new(Semaphore::new(RESERVE / 2)),
@@ -235,6 +239,18 @@ mod tests {
         assert!(served(&b) && served(&c));
         assert!(refused(&admit(&admission, "10.0.0.5"), Refusal::Full));
         assert_eq!(admission.addresses(), 1);
+    }
+
+    #[test]
+    fn no_address_gets_more_than_half_the_instance() {
+        let admission = Admission::new(10, 256, vec![]);
+        let held: Vec<_> = (0..5).map(|_| admit(&admission, "192.0.2.1")).collect();
+        assert!(held.iter().all(served));
+        assert!(refused(
+            &admit(&admission, "192.0.2.1"),
+            Refusal::PerAddress
+        ));
+        assert!(served(&admit(&admission, "192.0.2.2")));
     }
 
     #[test]

@@ -97,8 +97,8 @@ pub struct Config {
 
     /// Connections one client address (IPv6: one /64) may hold open on this
     /// instance, requests and streams alike; more are answered 429 and
-    /// closed. Connections from `TRUSTED_PROXIES` count only against
-    /// `MAX_CONNECTIONS`.
+    /// closed. Never more than half of `MAX_CONNECTIONS`. Connections from
+    /// `TRUSTED_PROXIES` count only against `MAX_CONNECTIONS`.
     #[arg(long, env = "MAX_CONNECTIONS_PER_ADDRESS", default_value_t = 256,
           value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
     pub max_connections_per_address: u64,

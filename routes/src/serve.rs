@@ -64,7 +64,7 @@ use tower::ServiceExt;
 use sse_scale::axum::PeerAddr;
 use sse_scale::StallGuard;
 
-use crate::admission::{Admission, Admit, Refusal};
+use crate::admission::{Admission, Admit, Refusal, Ticket};
 use crate::deadline::{self, Activity, Watched};
 use crate::head::{classify, First, MAX_HEAD};
 use crate::socket::{Guarded, Socket};
@@ -156,8 +156,7 @@ pub async fn serve(
                 conn.head_timeout = REFUSAL_HEAD_TIMEOUT;
                 let builder = refusing.clone();
                 conns.spawn(async move {
-                    let _ticket = ticket;
-                    Box::pin(conn.serve_hyper(tcp, bytes::Bytes::new(), &builder)).await;
+                    Box::pin(conn.serve_hyper(tcp, ticket, bytes::Bytes::new(), &builder)).await;
                 });
                 continue;
             }
@@ -182,15 +181,14 @@ pub async fn serve(
         let conn = Conn::new(app.clone(), &conns, peer, &limits, &shutdown);
         let builder = builder.clone();
         conns.spawn(async move {
-            let _ticket = ticket;
             // Boxed: a task is as large as its largest state, and a stream
             // lives far longer than the sniff or a hyper connection's setup.
             let mut tcp = tcp;
             let sniffed = Box::pin(conn.sniff(&mut tcp)).await;
             drop(waiting);
             match sniffed {
-                Sniff::Stream(req) => conn.serve_stream(conn.guard(tcp), *req).await,
-                Sniff::Other(read) => Box::pin(conn.serve_hyper(tcp, read, &builder)).await,
+                Sniff::Stream(req) => conn.serve_stream(conn.guard(tcp, ticket), *req).await,
+                Sniff::Other(read) => Box::pin(conn.serve_hyper(tcp, ticket, read, &builder)).await,
                 Sniff::Gone => {}
             }
         });
@@ -247,8 +245,12 @@ impl Conn {
         }
     }
 
-    fn guard(&self, tcp: TcpStream) -> Guarded {
-        StallGuard::new(Socket::new(tcp), self.write_timeout, self.stalled.clone())
+    fn guard(&self, tcp: TcpStream, ticket: Ticket) -> Guarded {
+        StallGuard::new(
+            Socket::new(tcp, Some(ticket)),
+            self.write_timeout,
+            self.stalled.clone(),
+        )
     }
 
     /// Reads the first request head, all of it within the head timeout.
@@ -282,13 +284,14 @@ impl Conn {
     async fn serve_hyper(
         &self,
         tcp: TcpStream,
+        ticket: Ticket,
         read: bytes::Bytes,
         builder: &auto::Builder<TokioExecutor>,
     ) {
         let peer = self.peer;
         let io = TokioIo::new(Rewind {
             read,
-            io: self.guard(tcp),
+            io: self.guard(tcp, ticket),
         });
         let activity = Activity::new();
         let request_timeout = self.request_timeout;

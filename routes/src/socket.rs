@@ -23,21 +23,34 @@ use sse_scale::sink::DirectWrite;
 use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 use tokio::net::TcpStream;
 
+use crate::admission::Ticket;
+
 /// See the module docs.
 #[derive(Clone)]
-pub struct Socket(Arc<TcpStream>);
+pub struct Socket(Arc<Held>);
+
+/// The socket, and the connection's place among the instance's
+/// connections (`admission.rs`), given back when the socket closes: a
+/// stream parked without a task still counts.
+struct Held {
+    tcp: TcpStream,
+    _admitted: Option<Ticket>,
+}
 
 /// A connection as it is served: its socket, with the write-stall cut-off.
 pub(crate) type Guarded = sse_scale::StallGuard<Socket>;
 
 impl Socket {
-    pub fn new(tcp: TcpStream) -> Self {
-        Self(Arc::new(tcp))
+    pub fn new(tcp: TcpStream, admitted: Option<Ticket>) -> Self {
+        Self(Arc::new(Held {
+            tcp,
+            _admitted: admitted,
+        }))
     }
 
     /// The socket, to wait for the client's side to close.
     pub fn tcp(&self) -> &TcpStream {
-        &self.0
+        &self.0.tcp
     }
 
     /// Reads into `buf`'s spare capacity (a `Vec<u8>` grows into it without
@@ -47,7 +60,7 @@ impl Socket {
         cx: &mut Context<'_>,
         buf: &mut impl bytes::BufMut,
     ) -> Poll<io::Result<usize>> {
-        let io = &self.0;
+        let io = &self.0.tcp;
         loop {
             std::task::ready!(io.poll_read_ready(cx))?;
             // A read shorter than the room it had drained the socket: the
@@ -78,7 +91,7 @@ impl Socket {
 
 impl DirectWrite for Socket {
     fn write_now(&self, bytes: &[u8]) -> io::Result<usize> {
-        socket2::SockRef::from(self.0.as_ref()).send(bytes)
+        socket2::SockRef::from(&self.0.tcp).send(bytes)
     }
 }
 
@@ -113,7 +126,7 @@ impl AsyncWrite for Socket {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        poll_write_with(&self.0, cx, |io| io.try_write(buf))
+        poll_write_with(&self.0.tcp, cx, |io| io.try_write(buf))
     }
 
     fn poll_write_vectored(
@@ -121,7 +134,7 @@ impl AsyncWrite for Socket {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        poll_write_with(&self.0, cx, |io| io.try_write_vectored(bufs))
+        poll_write_with(&self.0.tcp, cx, |io| io.try_write_vectored(bufs))
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -134,7 +147,7 @@ impl AsyncWrite for Socket {
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Poll::Ready(socket2::SockRef::from(self.0.as_ref()).shutdown(std::net::Shutdown::Write))
+        Poll::Ready(socket2::SockRef::from(&self.0.tcp).shutdown(std::net::Shutdown::Write))
     }
 }
 
@@ -150,7 +163,7 @@ mod tests {
             .await
             .unwrap();
         let (server, _) = listener.accept().await.unwrap();
-        (Socket::new(server), client)
+        (Socket::new(server, None), client)
     }
 
     /// A read that leaves room in the buffer drained the socket, so the

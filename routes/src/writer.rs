@@ -347,7 +347,7 @@ mod tests {
             .unwrap();
         let (server, _) = listener.accept().await.unwrap();
         let io = sse_scale::StallGuard::new(
-            Socket::new(server),
+            Socket::new(server, None),
             Duration::from_secs(5),
             Arc::new(AtomicU64::new(0)),
         );

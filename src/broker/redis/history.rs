@@ -61,7 +61,7 @@ type ResumeReads = (
     Option<String>,
     Option<String>,
     HashMap<String, String>,
-    Option<StreamRangeReply>,
+    Option<(StreamRangeReply, StreamRangeReply)>,
 );
 
 /// Whether a session's stream still reaches back to a subscriber's cursor.
@@ -140,12 +140,21 @@ impl Inner {
                 .arg("+")
                 .arg("COUNT")
                 .arg(FIRST_PAGE);
+            // The oldest entry once the page is read (see `reaches_back`).
+            pipe.cmd("XRANGE")
+                .arg(&key)
+                .arg("-")
+                .arg("+")
+                .arg("COUNT")
+                .arg(1);
         }
         let pipe = &pipe;
         let (held, head, top, first, lost, kept, page): ResumeReads = if start.is_some() {
-            self.redis
+            let (a, b, c, d, e, f, g, h) = self
+                .redis
                 .call(|mut conn| async move { pipe.query_async(&mut conn).await })
-                .await?
+                .await?;
+            (a, b, c, d, e, f, Some((g, h)))
         } else {
             let (a, b, c, d, e, f) = self
                 .redis
@@ -191,7 +200,15 @@ impl Inner {
         let mut too_large = false;
         let mut page = page;
         let mut asked = FIRST_PAGE;
-        while let Some(reply) = page.take() {
+        // Where the page just read starts from: `after`, then the last id of
+        // the page before.
+        let mut anchor = after;
+        let mut trimmed_while_read = false;
+        while let Some((reply, oldest_after)) = page.take() {
+            if !reaches_back(first_id(&oldest_after), oldest, anchor) {
+                trimmed_while_read = true;
+                break;
+            }
             let full = reply.ids.len() >= asked;
             let mut last = None;
             for entry in &reply.ids {
@@ -218,10 +235,12 @@ impl Inner {
                 frames.clear();
                 break;
             }
-            if let (true, Some(next)) = (full, last.and_then(EventId::successor)) {
+            if let (true, Some(last), Some(next)) = (full, last, last.and_then(EventId::successor))
+            {
                 let each = bytes / frames.len().max(1);
                 asked = (PAGE_BYTES / each.max(1)).clamp(1, PAGE);
-                page = Some(self.range(session, next, asked).await?);
+                anchor = last;
+                page = Some(self.range_reaching_back(session, next, asked).await?);
             }
         }
         // Events this instance delivered here while Redis was away and still
@@ -242,6 +261,7 @@ impl Inner {
             // A hole past `after` also stops the in-process history from
             // vouching for the merge.
             gapless: !lost_after
+                && !trimmed_while_read
                 && !kept_elsewhere
                 && !straddled
                 && !held_unseen
@@ -439,6 +459,34 @@ impl Inner {
             .await
     }
 
+    /// As [`Inner::range`], with the stream's oldest entry read right after
+    /// (see `reaches_back`).
+    async fn range_reaching_back(
+        &self,
+        session: &SessionId,
+        from: EventId,
+        count: usize,
+    ) -> Result<(StreamRangeReply, StreamRangeReply), CallError> {
+        let key = self.keys.history(session);
+        let mut pipe = redis::pipe();
+        pipe.cmd("XRANGE")
+            .arg(&key)
+            .arg(from.to_string())
+            .arg("+")
+            .arg("COUNT")
+            .arg(count)
+            .cmd("XRANGE")
+            .arg(&key)
+            .arg("-")
+            .arg("+")
+            .arg("COUNT")
+            .arg(1);
+        let pipe = &pipe;
+        self.redis
+            .call(|mut conn| async move { pipe.query_async(&mut conn).await })
+            .await
+    }
+
     /// The newest id in the session's stream, `0-0` if it has none.
     pub(super) async fn stream_top(&self, session: &SessionId) -> Result<EventId, CallError> {
         self.newest_up_to(session, None).await
@@ -484,6 +532,25 @@ impl Inner {
             tracing::warn!(backend = "redis", entry = %entry.id, "malformed history entry skipped");
         }
         parsed
+    }
+}
+
+/// Whether entries after `anchor` can have been trimmed while a resume
+/// read its pages: the history's oldest entry, read right after a page, is
+/// still the one it was when the read began (nothing was trimmed), or at
+/// or before `anchor` (what was trimmed came before it). Pages are separate
+/// round trips, and a publish in between may trim many entries at once (a
+/// large event under the byte cap): a page that starts after a trimmed
+/// stretch would otherwise look continuous.
+fn reaches_back(
+    oldest_now: Option<EventId>,
+    oldest_then: Option<EventId>,
+    anchor: EventId,
+) -> bool {
+    match oldest_now {
+        Some(now) => Some(now) == oldest_then || now <= anchor,
+        // Emptied meanwhile (expired, deleted): nothing vouches for the page.
+        None => oldest_then.is_none(),
     }
 }
 
