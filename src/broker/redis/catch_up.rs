@@ -7,7 +7,7 @@ use std::sync::atomic::Ordering;
 
 use futures::StreamExt;
 
-use super::history::{Continuity, PAGE};
+use super::history::{first_id, reaches_back, Continuity, PAGE};
 use super::Inner;
 use crate::broker::Target;
 use crate::event::{EventId, Frame, SessionId};
@@ -173,36 +173,60 @@ impl Inner {
         estimated: bool,
     ) -> Result<EventId, CallError> {
         match self.check_lost(session, from, estimated).await? {
-            Continuity::Whole => self.catch_up(session, from).await,
-            Continuity::Gap { top } => {
-                self.counters.catch_up_gaps.fetch_add(1, Ordering::Relaxed);
-                let at = {
-                    let mut st = self.interest.lock();
-                    let cursor = st.cursors.entry(session.clone()).or_default();
-                    *cursor = (*cursor).max(top);
-                    *cursor
-                };
-                // What the stream still holds up to `top` would come after
-                // the hole: the reset stands for all of it.
-                let gap = Frame {
-                    id: at,
-                    bytes: bytes::Bytes::new(),
-                };
-                (self.handler)(Target::Gap(session), gap);
-                Ok(top)
-            }
+            Continuity::Whole { oldest } => match self.catch_up(session, from, oldest).await? {
+                Some(reach) => Ok(reach),
+                None => {
+                    let top = self.stream_top(session).await?;
+                    Ok(self.reset_to(session, top))
+                }
+            },
+            Continuity::Gap { top } => Ok(self.reset_to(session, top)),
         }
     }
 
+    /// The session's streams here get a `reset` to `top` and the cursor
+    /// moves there: what the stream still holds up to `top` would come
+    /// after a hole, and the reset stands for all of it.
+    fn reset_to(&self, session: &SessionId, top: EventId) -> EventId {
+        self.counters.catch_up_gaps.fetch_add(1, Ordering::Relaxed);
+        let at = {
+            let mut st = self.interest.lock();
+            let cursor = st.cursors.entry(session.clone()).or_default();
+            *cursor = (*cursor).max(top);
+            *cursor
+        };
+        let gap = Frame {
+            id: at,
+            bytes: bytes::Bytes::new(),
+        };
+        (self.handler)(Target::Gap(session), gap);
+        top
+    }
+
     /// Delivers what the session's stream holds after `from`, in order;
-    /// returns the newest id read (`from` if none).
-    async fn catch_up(&self, session: &SessionId, from: EventId) -> Result<EventId, CallError> {
+    /// returns the newest id read (`from` if none), or `None` when the
+    /// stream was trimmed past what was read between two pages (then
+    /// nothing after it may be delivered without a `reset`).
+    async fn catch_up(
+        &self,
+        session: &SessionId,
+        from: EventId,
+        oldest: Option<EventId>,
+    ) -> Result<Option<EventId>, CallError> {
         let mut reach = from;
         let mut next = from.successor();
         while let Some(start) = next.take() {
-            let reply = self.range(session, start, PAGE).await.inspect_err(|e| {
-                tracing::warn!(backend = "redis", session = %session, error = %e, "catch-up read failed");
-            })?;
+            let (reply, oldest_now) = self
+                .range_reaching_back(session, start, PAGE)
+                .await
+                .inspect_err(|e| {
+                    tracing::warn!(backend = "redis", session = %session, error = %e, "catch-up read failed");
+                })?;
+            if !reaches_back(first_id(&oldest_now), oldest, reach) {
+                tracing::warn!(backend = "redis", session = %session, through = %reach,
+                    "the session's stream was trimmed past the catch-up while it read; its streams here get reset");
+                return Ok(None);
+            }
             for entry in &reply.ids {
                 // On past every entry, even one that does not decode.
                 if let Ok(id) = entry.id.parse::<EventId>() {
@@ -219,6 +243,6 @@ impl Inner {
                 break;
             }
         }
-        Ok(reach)
+        Ok(Some(reach))
     }
 }

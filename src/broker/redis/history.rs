@@ -66,13 +66,13 @@ type ResumeReads = (
 
 /// Whether a session's stream still reaches back to a subscriber's cursor.
 pub(super) enum Continuity {
-    Whole,
+    /// The stream reaches back to the cursor; `oldest` is its oldest entry
+    /// then, for the catch-up's own check between pages (`reaches_back`).
+    Whole { oldest: Option<EventId> },
     /// Events after the cursor are gone: the session's streams here get a
     /// `reset` to `top`, the stream's newest entry, and live delivery goes
     /// on past it.
-    Gap {
-        top: EventId,
-    },
+    Gap { top: EventId },
 }
 
 /// One stream entry, decoded.
@@ -339,13 +339,13 @@ impl Inner {
             .redis
             .call(|mut conn| async move { pipe.query_async(&mut conn).await })
             .await?;
+        let oldest = first_id(&head);
         if !held.ids.is_empty() && cursor != EventId::ZERO {
             // Trimming drops the oldest first: all after it is there too.
-            return Ok(Continuity::Whole);
+            return Ok(Continuity::Whole { oldest });
         }
         let first: Option<EventId> = first.and_then(|f| f.parse().ok());
         let top = first_id(&top).unwrap_or_default();
-        let oldest = first_id(&head);
         let trimmed = match oldest {
             Some(oldest) if oldest > cursor => {
                 // Began at or before the cursor: what went is the cursor
@@ -363,7 +363,7 @@ impl Inner {
         if estimated || cursor == EventId::ZERO {
             // Nothing this instance delivered can be missing: an estimate
             // or the empty start is no id the stream held.
-            return Ok(Continuity::Whole);
+            return Ok(Continuity::Whole { oldest });
         }
         if oldest.is_none() && first.is_none() {
             // Nothing left, bookkeeping included: the session's history
@@ -374,7 +374,7 @@ impl Inner {
                 .map_or(0, |d| d.as_millis() as u64);
             let ttl = self.settings.history.ttl.as_millis() as u64;
             if now.saturating_sub(cursor.ms) >= ttl {
-                return Ok(Continuity::Whole);
+                return Ok(Continuity::Whole { oldest });
             }
         }
         let mut call = self.mark_lost.key(self.keys.lost(session));
@@ -440,28 +440,9 @@ impl Inner {
         })
     }
 
-    /// Up to `count` entries from `from` (inclusive).
-    pub(super) async fn range(
-        &self,
-        session: &SessionId,
-        from: EventId,
-        count: usize,
-    ) -> Result<StreamRangeReply, CallError> {
-        let mut cmd = redis::cmd("XRANGE");
-        cmd.arg(self.keys.history(session))
-            .arg(from.to_string())
-            .arg("+")
-            .arg("COUNT")
-            .arg(count);
-        let cmd = &cmd;
-        self.redis
-            .call(|mut conn| async move { cmd.query_async(&mut conn).await })
-            .await
-    }
-
-    /// As [`Inner::range`], with the stream's oldest entry read right after
-    /// (see `reaches_back`).
-    async fn range_reaching_back(
+    /// Up to `count` entries from `from` (inclusive), and the stream's
+    /// oldest entry read right after them (see `reaches_back`).
+    pub(super) async fn range_reaching_back(
         &self,
         session: &SessionId,
         from: EventId,
@@ -542,7 +523,7 @@ impl Inner {
 /// round trips, and a publish in between may trim many entries at once (a
 /// large event under the byte cap): a page that starts after a trimmed
 /// stretch would otherwise look continuous.
-fn reaches_back(
+pub(super) fn reaches_back(
     oldest_now: Option<EventId>,
     oldest_then: Option<EventId>,
     anchor: EventId,
@@ -554,6 +535,31 @@ fn reaches_back(
     }
 }
 
-fn first_id(reply: &StreamRangeReply) -> Option<EventId> {
+pub(super) fn first_id(reply: &StreamRangeReply) -> Option<EventId> {
     reply.ids.first().and_then(|e| e.id.parse().ok())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::reaches_back;
+    use crate::event::EventId;
+
+    fn id(ms: u64) -> EventId {
+        EventId { ms, seq: 0 }
+    }
+
+    #[test]
+    fn a_page_reaches_back_unless_a_trim_passed_its_anchor_meanwhile() {
+        // Nothing trimmed while reading.
+        assert!(reaches_back(Some(id(5)), Some(id(5)), id(9)));
+        // Trimmed, but not past the anchor.
+        assert!(reaches_back(Some(id(9)), Some(id(5)), id(9)));
+        // Trimmed past it: the page may start after a hole.
+        assert!(!reaches_back(Some(id(10)), Some(id(5)), id(9)));
+        // A stream that began after the anchor and lost nothing meanwhile.
+        assert!(reaches_back(Some(id(20)), Some(id(20)), id(9)));
+        // Emptied while reading.
+        assert!(!reaches_back(None, Some(id(5)), id(9)));
+        assert!(reaches_back(None, None, id(9)));
+    }
 }
