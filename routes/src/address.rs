@@ -12,9 +12,8 @@ pub fn client_address<'a>(
     forwarded: impl Iterator<Item = &'a str>,
     trusted: &[ipnet::IpNet],
 ) -> IpAddr {
-    let is_trusted = |ip: &IpAddr| trusted.iter().any(|net| net.contains(ip));
     let mut client = canonical(peer);
-    if !is_trusted(&client) {
+    if !is_trusted(client, trusted) {
         return group(client);
     }
     let hops: Vec<&str> = forwarded.flat_map(|v| v.split(',')).collect();
@@ -22,7 +21,7 @@ pub fn client_address<'a>(
         match hop.trim().parse::<IpAddr>() {
             Ok(ip) => {
                 client = canonical(ip);
-                if !is_trusted(&client) {
+                if !is_trusted(client, trusted) {
                     break;
                 }
             }

@@ -143,10 +143,12 @@ impl Admission {
 
     /// Decides for a connection from `peer`; `spare` answers it if refused.
     pub fn admit(self: &Arc<Self>, peer: IpAddr, spare: Spare) -> Admit {
-        let ip = crate::address::client_address(peer, std::iter::empty(), &[]);
-        let slot = if self.trusted.iter().any(|net| net.contains(&ip)) {
+        // The proxy's own address, not its /64 group: a trusted IPv6
+        // balancer is listed by its address.
+        let slot = if crate::address::is_trusted(peer, &self.trusted) {
             None
         } else {
+            let ip = crate::address::client_address(peer, std::iter::empty(), &[]);
             match self.take_address(ip) {
                 Some(slot) => Some(slot),
                 None => {
@@ -185,7 +187,8 @@ impl Admission {
     }
 
     /// Addresses with connections open (bounded by the connections).
-    pub fn addresses(&self) -> usize {
+    #[cfg(test)]
+    fn addresses(&self) -> usize {
         self.lock().len()
     }
 }
@@ -234,6 +237,10 @@ mod tests {
             &admit(&admission, "2001:db8::2"),
             Refusal::PerAddress
         ));
+        // An IPv6 balancer listed by its own address, not its /64.
+        let trusted_v6 = Admission::new(3, 1, vec!["2001:db8::5/128".parse().unwrap()]);
+        assert!(served(&admit(&trusted_v6, "2001:db8::5")));
+        assert!(served(&admit(&trusted_v6, "2001:db8::5")));
         let b = admit(&admission, "10.0.0.5");
         let c = admit(&admission, "10.0.0.5");
         assert!(served(&b) && served(&c));

@@ -134,19 +134,7 @@ impl Inner {
             .cmd("HGETALL")
             .arg(self.keys.kept_local(session));
         if let Some(start) = start {
-            pipe.cmd("XRANGE")
-                .arg(&key)
-                .arg(start.to_string())
-                .arg("+")
-                .arg("COUNT")
-                .arg(FIRST_PAGE);
-            // The oldest entry once the page is read (see `reaches_back`).
-            pipe.cmd("XRANGE")
-                .arg(&key)
-                .arg("-")
-                .arg("+")
-                .arg("COUNT")
-                .arg(1);
+            page_reaching_back(&mut pipe, &key, start, FIRST_PAGE);
         }
         let pipe = &pipe;
         let (held, head, top, first, lost, kept, page): ResumeReads = if start.is_some() {
@@ -448,20 +436,8 @@ impl Inner {
         from: EventId,
         count: usize,
     ) -> Result<(StreamRangeReply, StreamRangeReply), CallError> {
-        let key = self.keys.history(session);
         let mut pipe = redis::pipe();
-        pipe.cmd("XRANGE")
-            .arg(&key)
-            .arg(from.to_string())
-            .arg("+")
-            .arg("COUNT")
-            .arg(count)
-            .cmd("XRANGE")
-            .arg(&key)
-            .arg("-")
-            .arg("+")
-            .arg("COUNT")
-            .arg(1);
+        page_reaching_back(&mut pipe, &self.keys.history(session), from, count);
         let pipe = &pipe;
         self.redis
             .call(|mut conn| async move { pipe.query_async(&mut conn).await })
@@ -523,6 +499,23 @@ impl Inner {
 /// round trips, and a publish in between may trim many entries at once (a
 /// large event under the byte cap): a page that starts after a trimmed
 /// stretch would otherwise look continuous.
+/// Adds to `pipe` up to `count` entries of `key` from `from`, then the
+/// stream's oldest entry read right after them (see `reaches_back`).
+fn page_reaching_back(pipe: &mut redis::Pipeline, key: &str, from: EventId, count: usize) {
+    pipe.cmd("XRANGE")
+        .arg(key)
+        .arg(from.to_string())
+        .arg("+")
+        .arg("COUNT")
+        .arg(count)
+        .cmd("XRANGE")
+        .arg(key)
+        .arg("-")
+        .arg("+")
+        .arg("COUNT")
+        .arg(1);
+}
+
 pub(super) fn reaches_back(
     oldest_now: Option<EventId>,
     oldest_then: Option<EventId>,
